@@ -1,0 +1,358 @@
+"""The `aiayn` command. Thin: it parses arguments and calls library functions.
+
+Every user mistake (a bad path, a bad argument, corrupt data) ends in one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+DEFAULT_TRANSLATION_MODEL = "en-de"
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us; printed as one line."""
+
+
+def _default_model_dir(name: str) -> Path:
+    from aiayn.data.corpus import ASSETS
+
+    return ASSETS / "models" / name
+
+
+# -------------------------------------------------------------------------------------- train
+def _train_config(args, **defaults):
+    from aiayn.config import TrainConfig
+
+    fields = {f: getattr(args, f) for f in (
+        "max_steps", "max_epochs", "max_minutes", "lr", "warmup", "precision", "max_tokens", "update_freq",
+        "clip_norm", "label_smoothing", "eval_every", "seed", "device", "keep_last", "batch_size", "context",
+        "weight_decay", "log_every") if getattr(args, f, None) is not None}
+    merged = {**defaults, **fields}
+    if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
+        merged["max_epochs"] = defaults.get("max_epochs", 1)
+    return TrainConfig(**merged)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+
+
+def _resume_settings(args) -> dict | None:
+    """On --resume, the run's own settings win, except its stopping point, which may be moved."""
+    if not args.resume:
+        return None
+    run_json = Path(args.out) / "run.json"
+    if not run_json.is_file():
+        raise UserError(f"{args.out}: nothing to resume (no run.json)")
+    return json.loads(run_json.read_text())
+
+
+def cmd_train_translation(args) -> int:
+    from aiayn.config import ModelConfig, TrainConfig, preset
+    from aiayn.data.corpus import multi30k, read_parallel
+    from aiayn.data.tokenizer import BPETokenizer
+    from aiayn.model import build_model
+    from aiayn.tasks.translation import TranslationTask
+    from aiayn.train.loop import Trainer
+
+    _check_device(args.device)
+    if bool(args.train_src) != bool(args.train_tgt) or bool(args.val_src) != bool(args.val_tgt):
+        raise UserError("give both --train-src and --train-tgt (and both --val-src and --val-tgt)")
+    if args.train_src:
+        train = read_parallel(args.train_src, args.train_tgt)
+        if not args.val_src:
+            raise UserError("with your own training data, also give --val-src and --val-tgt")
+        val = read_parallel(args.val_src, args.val_tgt)
+    else:
+        train, val = multi30k("train", args.src, args.tgt), multi30k("val", args.src, args.tgt)
+    out = Path(args.out)
+    previous = _resume_settings(args)
+    if previous:
+        mcfg = ModelConfig.from_dict(previous["model"])
+        stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+        tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
+        from aiayn.data.tokenizer import load_tokenizer
+        from aiayn.train.loop import checkpoints
+
+        found = checkpoints(out)
+        if not found:
+            raise UserError(f"{out}: nothing to resume (no checkpoint)")
+        tokenizer = load_tokenizer(found[-1])
+    else:
+        tcfg = _train_config(args, lr=1e-3, warmup=1000, precision="bf16", max_tokens=4096,
+                             eval_every=500, log_every=50)
+        print(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs",
+              file=sys.stderr)
+        tokenizer = BPETokenizer.train([x for pair in train for x in pair], args.vocab_size)
+        overrides = {k: v for k, v in (("dropout", args.dropout), ("norm_first", args.norm_first or None))
+                     if v is not None}
+        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
+    import torch
+
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg)
+    task = TranslationTask(tokenizer, train, val, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; "
+          f"run directory {out}", file=sys.stderr)
+    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"src": args.src, "tgt": args.tgt})
+    summary = trainer.run(resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- translate
+def _read_inputs(args) -> list[str]:
+    if args.sentences:
+        lines = list(args.sentences)
+    elif args.input and args.input != "-":
+        from aiayn.data.corpus import read_lines
+
+        lines = read_lines(args.input)
+    else:
+        if sys.stdin.isatty():
+            raise UserError("give sentences as arguments, --input FILE, or text on standard input")
+        data = sys.stdin.buffer.read()
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise UserError(f"standard input, line {line}: invalid UTF-8") from None
+    if not any(line.strip() for line in lines):
+        raise UserError("nothing to translate: the input is empty")
+    return lines
+
+
+def _load(model_dir, device: str, want_task: str):
+    from aiayn.checkpoint import load_model_dir
+
+    model, tokenizer, task, extra = load_model_dir(model_dir, device)
+    if task != want_task:
+        raise UserError(f"{model_dir} holds a {task} model, not a {want_task} model")
+    return model, tokenizer, extra
+
+
+def _translation_model_dir(arg: str | None) -> Path:
+    if arg:
+        return _resolve_model(Path(arg))
+    path = _default_model_dir(DEFAULT_TRANSLATION_MODEL)
+    if not path.is_dir():
+        raise UserError("no shipped translation model in this install; train one (aiayn train translation) "
+                        "and pass --model RUN_DIR")
+    return path
+
+
+def _resolve_model(path: Path) -> Path:
+    """A model directory, or a run directory (its best checkpoint)."""
+    from aiayn.train.loop import best_checkpoint
+
+    if not path.exists():
+        raise UserError(f"{path}: no such model or run directory")
+    if (path / "model.safetensors").is_file():
+        return path
+    best = best_checkpoint(path)
+    if best is None:
+        raise UserError(f"{path}: neither a model directory nor a run directory with checkpoints")
+    return best
+
+
+def cmd_translate(args) -> int:
+    from aiayn.translate import translate
+
+    if args.beam < 1:
+        raise UserError("--beam must be >= 1")
+    _check_device(args.device)
+    lines = _read_inputs(args)
+    model, tokenizer, _ = _load(_translation_model_dir(args.model), args.device, "translation")
+    empty = [i for i, line in enumerate(lines) if not line.strip()]
+    outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=args.alpha,
+                        device=args.device, precision=args.precision, n_best=args.n_best)
+    for i, out in enumerate(outputs):
+        if args.n_best > 1:
+            for text, score in out:
+                print(f"{i}\t{score:.4f}\t{'' if i in empty else text}")
+        else:
+            print("" if i in empty else out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
+    import time
+
+    from aiayn.evaluate import bleu, bleu_signature, chrf, lc_tok_bleu
+    from aiayn.translate import translate
+
+    _check_device(args.device)
+    model_dir = _translation_model_dir(args.model)
+    model, tokenizer, extra = _load(model_dir, args.device, "translation")
+    src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
+    if args.src_file:
+        if not args.ref_file:
+            raise UserError("--src-file needs --ref-file")
+        pairs = read_parallel(args.src_file, args.ref_file)
+        tok_ref = None
+    else:
+        pairs = multi30k(args.split, src_lang, tgt_lang)
+        tok_ref = multi30k_tok_reference(args.split, tgt_lang) if args.split != "train" else None
+    sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+    t0 = time.perf_counter()
+    hyps = translate(model, tokenizer, sources, beam=args.beam, alpha=args.alpha, device=args.device,
+                     precision=args.precision)
+    seconds = time.perf_counter() - t0
+    score = bleu(hyps, refs)
+    result = {"model": str(model_dir), "split": args.split if not args.src_file else args.src_file,
+              "beam": args.beam, "alpha": args.alpha, "sacrebleu": round(score.score, 2),
+              "chrf": round(chrf(hyps, refs), 2), "signature": bleu_signature(hyps, refs),
+              "seconds": round(seconds, 1)}
+    if tok_ref is not None:
+        result["lc_tok_bleu"] = round(lc_tok_bleu(hyps, tok_ref, tgt_lang), 2)
+    if args.hyp_out:
+        Path(args.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ average
+def cmd_average(args) -> int:
+    from aiayn.average import average_checkpoints
+
+    out = average_checkpoints(Path(args.run_dir), args.last, Path(args.out))
+    print(f"averaged {args.last} checkpoints into {out}")
+    return 0
+
+
+def not_built(name: str):
+    def run(args) -> int:
+        print(f"aiayn {name}: not built yet", file=sys.stderr)
+        return EXIT_USAGE
+    return run
+
+
+# ------------------------------------------------------------------------------------- parser
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="bf16 autocast (CPU/CUDA), fp16 (CUDA)")
+    g.add_argument("--max-steps", type=int, help="stop after this many updates")
+    g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
+    g.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    g.add_argument("--lr", type=float, help="peak learning rate (end of warm-up)")
+    g.add_argument("--warmup", type=int, help="warm-up updates (§5.3)")
+    g.add_argument("--update-freq", type=int, help="accumulate gradients over N batches per update")
+    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--eval-every", type=int, help="validate and save every N updates")
+    g.add_argument("--keep-last", type=int, help="checkpoints to keep besides the best (default 5)")
+    g.add_argument("--log-every", type=int, help="log metrics every N updates")
+    g.add_argument("--seed", type=int, help="random seed (default 1)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiayn", description="The Transformer of 'Attention Is All You Need': train, translate, "
+        "generate, evaluate, explain.",
+        epilog="Try: aiayn translate \"A man is riding a bicycle down the street.\"")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (translation or language model)")
+    tsub = train.add_subparsers(dest="task", metavar="TASK")
+    tr = tsub.add_parser("translation", help="encoder-decoder translation (default: Multi30k en->de)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--src", default="en", help="source language (Multi30k: en, de, fr)")
+    tr.add_argument("--tgt", default="de", help="target language (Multi30k: en, de, fr)")
+    tr.add_argument("--train-src", help="your own training source file (plain or .gz, one sentence a line)")
+    tr.add_argument("--train-tgt", help="your own training target file, aligned with --train-src")
+    tr.add_argument("--val-src", help="your own validation source file")
+    tr.add_argument("--val-tgt", help="your own validation target file")
+    tr.add_argument("--preset", default="small", help="model preset: small, base, big, tiny")
+    tr.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size")
+    tr.add_argument("--max-tokens", type=int, help="padded tokens per batch (default 4096)")
+    tr.add_argument("--label-smoothing", type=float, help="default 0.1 (§5.4)")
+    tr.add_argument("--dropout", type=float, help="override the preset's dropout")
+    tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
+    _add_train_options(tr)
+    tr.set_defaults(func=cmd_train_translation)
+    lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)")
+    lm.set_defaults(func=not_built("train lm"))
+
+    t = sub.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
+    t.add_argument("sentences", nargs="*", help="sentences to translate")
+    t.add_argument("--input", "-i", help="a file with one sentence a line ('-' = stdin)")
+    t.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
+    t.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
+    t.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default 0.6, §6.1)")
+    t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    t.set_defaults(func=cmd_translate)
+
+    g = sub.add_parser("generate", help="generate text from a prompt with a language model")
+    g.set_defaults(func=not_built("generate"))
+
+    e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
+    e.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
+    e.add_argument("--split", default="test_2016_flickr", help="Multi30k split (default test_2016_flickr)")
+    e.add_argument("--src-file", help="your own test source file")
+    e.add_argument("--ref-file", help="your own test reference file")
+    e.add_argument("--beam", type=int, default=4)
+    e.add_argument("--alpha", type=float, default=0.6)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--hyp-out", help="write the translations to this file")
+    e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("average", help="average the last N checkpoints of a run (§6.1)")
+    a.add_argument("run_dir")
+    a.add_argument("--last", type=int, default=5)
+    a.add_argument("--out", required=True, help="directory for the averaged model")
+    a.set_defaults(func=cmd_average)
+
+    x = sub.add_parser("explain", help="show what the model does with a sentence (attention maps, ...)")
+    x.set_defaults(func=not_built("explain"))
+    s = sub.add_parser("serve", help="serve a model over HTTP")
+    s.set_defaults(func=not_built("serve"))
+    b = sub.add_parser("bench", help="speed benchmarks against peers")
+    b.set_defaults(func=not_built("bench"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        (parser if args.command is None else parser._subparsers._group_actions[0].choices[args.command]).print_help()
+        return EXIT_USAGE
+    from aiayn.checkpoint import CheckpointError
+    from aiayn.data.corpus import DataError
+    from aiayn.train.loop import TrainingError
+
+    try:
+        return args.func(args)
+    except (UserError, DataError, CheckpointError, TrainingError, ValueError) as e:
+        print(f"aiayn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, UserError) else EXIT_ERROR
+    except OSError as e:
+        print(f"aiayn: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("aiayn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

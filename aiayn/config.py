@@ -1,0 +1,130 @@
+"""Frozen, typed configuration for models, training and decoding, with the paper's named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Transformer. Defaults are the paper's base model (Table 3)."""
+
+    vocab_size: int = 37000          # source vocabulary (and target when shared)
+    tgt_vocab_size: int | None = None  # None = shared with the source
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6        # 0 = decoder-only language model
+    n_decoder_layers: int = 6
+    dropout: float = 0.1             # §5.4: residual and embedding dropout
+    attn_dropout: float = 0.0        # dropout on attention weights (not in the paper)
+    max_len: int = 512
+    norm_first: bool = False         # False = the paper's post-norm
+    activation: Literal["relu", "gelu"] = "relu"
+    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    tie_embeddings: bool = True      # §3.4: share source, target and output embeddings
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.n_heads < 1 or self.d_model < 1 or self.d_ff < 1:
+            raise ValueError("d_model, n_heads and d_ff must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.tie_embeddings and self.n_encoder_layers and not self.shared_vocab:
+            raise ValueError("tie_embeddings needs a shared source/target vocabulary")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.positional not in ("sinusoidal", "learned"):
+            raise ValueError(f"unknown positional encoding {self.positional!r}")
+
+    @property
+    def shared_vocab(self) -> bool:
+        return self.tgt_vocab_size is None or self.tgt_vocab_size == self.vocab_size
+
+    @property
+    def target_vocab(self) -> int:
+        return self.tgt_vocab_size or self.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# Table 3 of the paper.
+PRESETS: dict[str, ModelConfig] = {
+    "base": ModelConfig(),
+    "big": ModelConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
+    # What fits a laptop: the small Multi30k model (same shape as the HF Marian peer).
+    "small": ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024,
+                         n_encoder_layers=3, n_decoder_layers=3, dropout=0.3, attn_dropout=0.1),
+    "tiny": ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64,
+                        n_encoder_layers=2, n_decoder_layers=2, dropout=0.0, max_len=128),
+}
+
+
+def preset(name: str, **changes) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the recipe of §5 by default (Adam 0.9/0.98/1e-9, warm-up + inverse sqrt)."""
+
+    max_steps: int | None = None       # optimizer updates; None = until max_epochs / max_minutes
+    max_epochs: int | None = None
+    max_minutes: float | None = None   # wall-clock budget
+    lr: float = 1e-3                   # peak learning rate (end of warm-up)
+    min_lr: float = 0.0                # floor of the cosine schedule
+    warmup: int = 4000                 # §5.3: warmup_steps
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    optimizer: Literal["adam", "adamw"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1       # §5.4
+    clip_norm: float | None = None
+    update_freq: int = 1               # gradient accumulation: micro-batches per update
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_tokens: int = 4096             # translation: padded positions per batch
+    batch_size: int = 12               # language models: sequences per batch
+    context: int = 64                  # language models: tokens per sequence
+    eval_every: int = 1000
+    save_every: int | None = None      # None = at every evaluation
+    keep_last: int = 5                 # checkpoints kept (besides the best)
+    log_every: int = 50
+    eval_bleu: bool = True             # translation: greedy BLEU on the validation set
+    max_nonfinite: int = 10            # consecutive non-finite losses before the run stops
+    seed: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision {self.precision!r}")
+        if self.update_freq < 1:
+            raise ValueError("update_freq must be >= 1")
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
+            raise ValueError("give at least one of max_steps, max_epochs, max_minutes")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

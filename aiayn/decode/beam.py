@@ -1,0 +1,127 @@
+"""Batched beam search (§6.1: beam size 4, length penalty alpha = 0.6), over the KV-cache interface.
+
+As in fairseq, the search strategy -- `beam_step`, which picks the best extensions of the beams -- is
+kept apart from the loop that calls the model and collects finished hypotheses (`search`), so each can
+be tested on its own, `search` on a fake decoder.
+
+Shape legend: B sentences, b sentences still decoding, k beam size, V vocabulary, t tokens so far.
+The cache holds b * k rows, sentence-major: rows i*k .. i*k + k-1 are the beams of sentence i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from aiayn.decode.greedy import evaluating, max_output_lengths
+
+Hypothesis = tuple[list[int], float]  # tokens without BOS and EOS, length-normalised log-probability
+
+
+def length_penalty(length, alpha: float):
+    """lp(Y) = ((5 + |Y|) / 6) ** alpha, of GNMT (Wu et al., 2016), which §6.1 uses with alpha = 0.6."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_step(lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The search strategy: the 2k best one-token extensions of k beams.
+
+    lprobs (b, k, V): log-probabilities of the next token; scores (b, k): log-probabilities of the
+    beams so far. Returns the candidates' scores, tokens and beams, each (b, 2k), best first. Twice the
+    beam is kept so that k candidates remain even when k of them end with EOS.
+    """
+    b, k, V = lprobs.shape
+    cand = (scores[:, :, None] + lprobs).view(b, k * V)  # (b, k*V)
+    top, idx = cand.topk(min(2 * k, k * V), dim=1)  # (b, 2k)
+    return top, idx % V, idx // V
+
+
+def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
+           max_lens: Tensor, beam_size: int = 4, alpha: float = 0.6, n_best: int = 1,
+           forbid: Sequence[int] = ()) -> list[list[Hypothesis]]:
+    """Beam search over any `decode_step(tokens (N, 1), cache) -> logits (N, 1, V)`.
+
+    cache: empty, with B * beam_size rows (each source repeated beam_size times) and a `reorder`.
+    max_lens (B,): the longest output of each sentence, EOS not counted; beams still alive at that
+    length are ended with EOS. Token ids in `forbid` are never generated.
+
+    A hypothesis ends when EOS is among the k best candidates of its sentence, and a sentence ends
+    once it holds k finished hypotheses (fairseq's rule) or reaches its maximum length; it then leaves
+    the batch. Hypotheses are ranked by log P(Y) / lp(|Y|), |Y| counting EOS (§6.1). Returns, for each
+    sentence, its n_best hypotheses, best first.
+    """
+    k, B, device = beam_size, max_lens.numel(), max_lens.device
+    scores = torch.zeros(B, k, device=device)
+    scores[:, 1:] = float("-inf")  # the k beams start identical: only the first may be extended
+    hyps = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (b, k, t)
+    last = torch.full((B, k), bos_id, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)  # (b,) sentence of each group of k cache rows
+    n_finished = torch.zeros(B, dtype=torch.long, device=device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    forbid = list(forbid)
+    for step in range(int(max_lens.max()) + 1):
+        lprobs = decode_step(last.view(-1, 1), cache)[:, -1].float().log_softmax(-1)  # (b*k, V)
+        V = lprobs.size(-1)
+        lprobs = lprobs.view(-1, k, V)  # (b, k, V)
+        if forbid:
+            lprobs[..., forbid] = float("-inf")
+        at_limit = max_lens[alive] == step  # (b,) beams that must end now
+        not_eos = torch.arange(V, device=device) != eos_id
+        lprobs = lprobs.masked_fill(at_limit[:, None, None] & not_eos, float("-inf"))
+
+        cand_scores, cand_tokens, cand_beams = beam_step(lprobs, scores)  # (b, 2k)
+
+        # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
+        is_eos = cand_tokens == eos_id
+        ends = is_eos[:, :k] & cand_scores[:, :k].isfinite()
+        if ends.any():
+            rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
+            final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
+            tokens = hyps[rows, cand_beams[rows, cols]].tolist()
+            for s, toks, score in zip(alive[rows].tolist(), tokens, final):
+                if len(finished[s]) < k:
+                    finished[s].append((toks, score))
+            n_finished.index_add_(0, alive, ends.sum(1))
+
+        # the k best candidates that do not end with EOS go on (EOS ones pushed behind by + 2k)
+        order = torch.arange(is_eos.size(1), device=device) + is_eos * is_eos.size(1)
+        pick = order.topk(k, dim=1, largest=False).indices  # (b, k), in rank order
+        beams, last = cand_beams.gather(1, pick), cand_tokens.gather(1, pick)  # (b, k)
+        scores = cand_scores.gather(1, pick)
+
+        done = at_limit | (n_finished[alive] >= k) | ~scores.isfinite().any(1)  # (b,)
+        keep = (~done).nonzero().squeeze(1)  # (b',)
+        if keep.numel() == 0:
+            break
+        # one reorder per step both follows the chosen beams and drops finished sentences
+        cache.reorder((keep[:, None] * k + beams[keep]).view(-1))
+        hyps = torch.cat([hyps[keep[:, None], beams[keep]], last[keep, :, None]], dim=2)  # (b', k, t+1)
+        scores, last, alive = scores[keep], last[keep], alive[keep]
+    return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]
+
+
+@torch.no_grad()
+def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4, alpha: float = 0.6,
+                n_best: int = 1, max_extra: int = 50) -> list[list[Hypothesis]]:
+    """Beam search for the encoder-decoder: a padded batch of sources (B, S) -> for each sentence
+    its n_best (tokens, score) pairs, best first; tokens without BOS and EOS.
+
+    Outputs are at most source length + max_extra tokens (§6.1), capped by the model's max_len. The
+    pad id is never generated.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    cfg = model.cfg
+    max_lens = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
+    with evaluating(model):
+        memory, memory_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+        memory = memory.repeat_interleave(beam_size, 0)  # (B*k, S, D): the cache cannot grow later
+        if memory_mask is not None:
+            memory_mask = memory_mask.repeat_interleave(beam_size, 0)
+        cache = model.init_cache(memory, memory_mask, int(max_lens.max()) + 1)  # + 1: the final EOS
+        return search(model.decode_step, cache, bos_id, eos_id, max_lens, beam_size, alpha, n_best,
+                      forbid=(cfg.pad_id,))

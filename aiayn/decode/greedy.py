@@ -1,0 +1,73 @@
+"""Batched greedy search for the encoder-decoder, over `encode` / `init_cache` / `decode_step`.
+
+Shape legend: B sentences, b sentences still decoding, S source length, L longest output, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def evaluating(model) -> Iterator[None]:
+    """Run the block with `model` in eval mode (no dropout) and restore its mode afterwards."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def max_output_lengths(src: Tensor, pad_id: int, max_extra: int, max_len: int) -> Tensor:
+    """(B, S) source -> (B,) longest output per sentence, EOS not counted.
+
+    §6.1: "maximum output length to input length + 50". It is capped at max_len - 1 because the
+    decoder reads BOS + y, as in training, where |y| + 1 <= max_len.
+    """
+    if max_extra < 0:
+        raise ValueError(f"max_extra must be >= 0, got {max_extra}")
+    return ((src != pad_id).sum(1) + max_extra).clamp(1, max_len - 1)
+
+
+@torch.no_grad()
+def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50) -> list[list[int]]:
+    """Greedy decoding of a padded batch of sources (B, S) -> B token lists, without BOS and EOS.
+
+    Each sentence ends at EOS or after `max_output_lengths` tokens. Finished sentences leave the
+    batch (cache.reorder), so later steps only compute the sentences still going. The pad id is
+    never generated.
+    """
+    cfg = model.cfg
+    B = src.size(0)
+    limits = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
+    L = int(limits.max())
+    with evaluating(model):
+        memory, memory_mask = model.encode(src)
+        cache = model.init_cache(memory, memory_mask, L)
+        out = torch.full((B, L), eos_id, dtype=torch.long, device=src.device)  # EOS-filled: cut there
+        alive = torch.arange(B, device=src.device)  # (b,) sentence of each cache row
+        tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
+        pad = torch.tensor([cfg.pad_id], device=src.device)
+        for t in range(L):
+            logits = model.decode_step(tokens, cache)[:, -1]  # (b, V)
+            nxt = logits.index_fill(-1, pad, float("-inf")).argmax(-1)  # (b,)
+            out[alive, t] = nxt
+            done = (nxt == eos_id) | (limits[alive] <= t + 1)  # (b,)
+            if done.all():
+                break
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                cache.reorder(keep)
+                alive, nxt = alive[keep], nxt[keep]
+            tokens = nxt[:, None]  # (b, 1)
+    results = []
+    for row in out.tolist():
+        results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return results

@@ -1,0 +1,141 @@
+"""Multi-head scaled dot-product attention (§3.2), its masks, and the KV cache.
+
+Shape legend: B batch, T query length, S key length, D d_model, H heads, Dh = D // H.
+Mask convention, everywhere in aiayn: a boolean tensor broadcastable to (B, H, T, S),
+True = may attend. Masks are built here, once per batch, and never inside layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aiayn.model.dropout import dropout as dropout_fn
+
+
+# ---------------------------------------------------------------------------------------- masks
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """(B, S) token ids -> (B, 1, 1, S): True at real tokens, so no query attends to padding."""
+    return (tokens != pad_id)[:, None, None, :]
+
+
+def causal_mask(length: int, device=None, offset: int = 0) -> Tensor:
+    """(1, 1, T, offset + T): query t (at absolute position offset + t) may attend keys <= offset + t."""
+    q = torch.arange(offset, offset + length, device=device)[:, None]
+    k = torch.arange(offset + length, device=device)[None, :]
+    return (k <= q)[None, None]
+
+
+# ------------------------------------------------------------------------------------ attention
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
+           need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh).
+
+    The fast path is PyTorch's fused kernel; the explicit path also returns the weights (B, H, T, S).
+    On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
+    fwd+bwd, torch 2.13: benchmarks/attention.py), so the fused kernel is used only where it wins.
+    """
+    if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if mask is not None:  # a row with nothing to attend to (an all-padding source): zeros, as SDPA gives
+        weights = weights.masked_fill(~mask, 0.0)
+    out = dropout_fn(weights, dropout) @ v if dropout else weights @ v
+    return out, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """§3.2.2. Projections are fused: one (3D, D) matrix in the layout of nn.MultiheadAttention."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)   # rows: W_q, W_k, W_v
+        self.out_proj = nn.Linear(d_model, d_model)      # W_o
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, T, D) -> (B, H, T, Dh)
+
+    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a source (B, S, D): what cross-attention computes once per sentence."""
+        D = self.d_model
+        k, v = F.linear(source, self.in_proj.weight[D:], self.in_proj.bias[D:]).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *,
+                kv: tuple[Tensor, Tensor] | None = None,
+                cache: tuple[Tensor, Tensor, int] | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Self-attention over x (B, T, D), or cross-attention to precomputed keys/values `kv`.
+
+        cache=(k_buf, v_buf, start) for incremental self-attention: this call's keys and values are
+        written at positions start..start+T of the (B, H, L, Dh) buffers and the queries attend to
+        everything up to there.
+        """
+        D = self.d_model
+        if kv is None:
+            q, k, v = (self._heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
+            if cache is not None:
+                k_buf, v_buf, start = cache
+                end = start + x.size(1)
+                k_buf[:, :, start:end] = k
+                v_buf[:, :, start:end] = v
+                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        else:
+            q = self._heads(F.linear(x, self.in_proj.weight[:D], self.in_proj.bias[:D]))
+            k, v = kv
+        out, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)
+        B, H, T, Dh = out.shape
+        out = out.transpose(1, 2).reshape(B, T, H * Dh)  # (B, H, T, Dh) -> (B, T, D)
+        return self.out_proj(out), weights
+
+
+# ------------------------------------------------------------------------------------ KV cache
+@dataclass
+class KVCache:
+    """Everything incremental decoding keeps between steps, as explicit tensors (one per layer).
+
+    self_k, self_v: (B, H, L, Dh) buffers allocated once for the longest output, filled up to `length`.
+    cross_k, cross_v: (B, H, S, Dh) keys/values of the encoder output, computed once per source
+    (empty lists for a decoder-only model). memory_mask: (B, 1, 1, S) or None.
+    """
+
+    self_k: list[Tensor]
+    self_v: list[Tensor]
+    cross_k: list[Tensor]
+    cross_v: list[Tensor]
+    memory_mask: Tensor | None = None
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.self_k[0].size(2)
+
+    @property
+    def batch_size(self) -> int:
+        return self.self_k[0].size(0)
+
+    def reorder(self, indices: Tensor) -> None:
+        """Keep rows `indices` of the batch, in that order (beam search's one hook).
+
+        It may also shrink the batch (finished sentences dropped). Only the filled part of the
+        self-attention buffers is copied.
+        """
+        n, L = indices.numel(), self.length
+        for bufs in (self.self_k, self.self_v):
+            for i, buf in enumerate(bufs):
+                buf[:n, :, :L] = buf[indices, :, :L]  # the gather copies first, so overlap is safe
+                bufs[i] = buf[:n]
+        for bufs in (self.cross_k, self.cross_v):
+            for i, t in enumerate(bufs):
+                bufs[i] = t.index_select(0, indices)
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, indices)

@@ -1,0 +1,136 @@
+"""The building blocks of §3: embeddings, positional encoding, feed-forward, and the layer itself.
+
+Shape legend: B batch, T length, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aiayn.config import ModelConfig
+from aiayn.model.attention import MultiHeadAttention
+from aiayn.model.dropout import Dropout
+
+
+def sinusoidal_encoding(max_len: int, d_model: int) -> Tensor:
+    """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)). (L, D)"""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])
+    return pe.float()
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model) (§3.4) plus positions (§3.5), then dropout (§5.4)."""
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: nn.Embedding | None = None):
+        super().__init__()
+        self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model)
+        if cfg.positional == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_encoding(cfg.max_len, cfg.d_model), persistent=False)
+            self.learned = None
+        else:
+            self.learned = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.dropout = Dropout(cfg.dropout)
+        self.max_len = cfg.max_len
+
+    def positions(self, start: int, length: int) -> Tensor:
+        if start + length > self.max_len:
+            raise ValueError(f"sequence of {start + length} positions is longer than the model's "
+                             f"maximum length {self.max_len}")
+        if self.learned is not None:
+            return self.learned.weight[start:start + length]
+        return self.pe[start:start + length]
+
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
+        x = self.tokens(tokens) * self.scale  # (B, T, D)
+        return self.dropout(x + self.positions(start, tokens.size(1)).to(x.dtype))
+
+
+class FeedForward(nn.Module):
+    """§3.3: FFN(x) = max(0, x W1 + b1) W2 + b2 (or GELU)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.act(self.w1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """One layer of §3.1: self-attention, optional cross-attention, feed-forward.
+
+    Each sub-layer is wrapped as LayerNorm(x + Dropout(Sublayer(x))) -- the paper's post-norm -- or,
+    with cfg.norm_first, x + Dropout(Sublayer(LayerNorm(x))). Without cross-attention this is an
+    encoder layer (or, with a causal mask, a GPT block); with it, a decoder layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
+        self.self_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross_attention else None
+        self.cross_norm = nn.LayerNorm(cfg.d_model) if cross_attention else None
+        self.ff = FeedForward(cfg)
+        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = Dropout(cfg.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer) -> tuple[Tensor, Tensor | None]:
+        if self.norm_first:
+            y, w = sublayer(norm(x))
+            return x + self.dropout(y), w
+        y, w = sublayer(x)
+        return norm(x + self.dropout(y)), w
+
+    def forward(self, x: Tensor, mask: Tensor | None, *,
+                memory_kv: tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None,
+                cache: tuple[Tensor, Tensor, int] | None = None,
+                need_weights: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """x (B, T, D) -> (B, T, D), and the attention weights {"self": ..., "cross": ...} if asked."""
+        weights = {}
+        x, weights["self"] = self._residual(
+            x, self.self_norm, lambda h: self.self_attn(h, mask, cache=cache, need_weights=need_weights))
+        if self.cross_attn is not None:
+            x, weights["cross"] = self._residual(
+                x, self.cross_norm,
+                lambda h: self.cross_attn(h, memory_mask, kv=memory_kv, need_weights=need_weights))
+        x, _ = self._residual(x, self.ff_norm, lambda h: (self.ff(h), None))
+        return x, weights
+
+
+class Stack(nn.Module):
+    """N identical layers (§3.1), with a final LayerNorm when the layers are pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, cross_attention: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None, *, memory: Tensor | None = None,
+                memory_mask: Tensor | None = None, cache=None,
+                need_weights: bool = False) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """cache: a KVCache for incremental decoding; without one, `memory` is the encoder output."""
+        all_weights = []
+        for i, layer in enumerate(self.layers):
+            memory_kv = layer_cache = None
+            if cache is not None:
+                layer_cache = (cache.self_k[i], cache.self_v[i], cache.length)
+                if layer.cross_attn is not None:
+                    memory_kv = (cache.cross_k[i], cache.cross_v[i])
+            elif layer.cross_attn is not None:
+                memory_kv = layer.cross_attn.project_kv(memory)
+            x, weights = layer(x, mask, memory_kv=memory_kv, memory_mask=memory_mask,
+                               cache=layer_cache, need_weights=need_weights)
+            all_weights.append(weights)
+        return self.norm(x), all_weights

@@ -1,0 +1,1 @@
+"""Tasks: what differs between translation, language modelling and vision -- data, loss, validation."""

@@ -1,0 +1,75 @@
+"""Translation: sentence pairs -> token-budget batches -> label-smoothed cross-entropy; BLEU on val."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aiayn.config import TrainConfig
+from aiayn.data.batching import Batch, collate, token_batches
+from aiayn.data.tokenizer import BOS, EOS, PAD
+from aiayn.evaluate import bleu
+
+
+def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Label-smoothed cross-entropy (§5.4) over the real target tokens only.
+
+    The output projection runs on the non-padding positions alone: no work is spent on padding.
+    """
+    memory, memory_mask = model.encode(batch.src)
+    h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
+    keep = batch.tgt_out != PAD
+    logits = model.logits(h[keep])                          # (N, V)
+    return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing,
+                           reduction=reduction)
+
+
+class TranslationTask:
+    name = "translation"
+
+    def __init__(self, tokenizer, train_pairs: list[tuple[str, str]], val_pairs: list[tuple[str, str]],
+                 max_tokens: int, max_len: int, device: str = "cpu", eval_bleu: bool = True):
+        self.tokenizer, self.max_tokens, self.device = tokenizer, max_tokens, device
+        self.train = self._encode(train_pairs, max_len)
+        self.val = self._encode(val_pairs, max_len)
+        self.val_refs = [t for _, t in val_pairs]
+        self.val_src = [s for s, _ in val_pairs]
+        self.eval_bleu = eval_bleu
+        self.best_metric = ("val_bleu", "max") if eval_bleu else ("val_loss", "min")
+        self._padding = [0, 0]  # target padding positions, all target positions
+
+    def _encode(self, pairs, max_len):
+        src = self.tokenizer.encode_batch([s for s, _ in pairs])
+        tgt = self.tokenizer.encode_batch([t for _, t in pairs])
+        return [(s, t) for s, t in zip(src, tgt) if s and t and len(s) <= max_len and len(t) < max_len]
+
+    def epoch_batches(self, epoch: int, seed: int) -> list[Batch]:
+        return [collate([self.train[i] for i in idx])
+                for idx in token_batches(self.train, self.max_tokens, seed=seed, epoch=epoch)]
+
+    def loss(self, model, batch: Batch, cfg: TrainConfig):
+        batch = batch.to(self.device)
+        n = batch.n_tokens
+        self._padding[0] += batch.tgt_out.numel() - n
+        self._padding[1] += batch.tgt_out.numel()
+        return translation_loss(model, batch, cfg.label_smoothing), n
+
+    def log_extra(self) -> dict:
+        pad, total = self._padding
+        self._padding = [0, 0]
+        return {"padding": round(pad / max(total, 1), 4)}
+
+    @torch.no_grad()
+    def validate(self, model, cfg: TrainConfig) -> dict[str, float]:
+        nll, n = 0.0, 0
+        for idx in token_batches(self.val, self.max_tokens, shuffle=False):
+            batch = collate([self.val[i] for i in idx]).to(self.device)
+            nll += translation_loss(model, batch, reduction="sum").item()
+            n += batch.n_tokens
+        result = {"val_loss": nll / n}
+        if self.eval_bleu:
+            from aiayn.translate import translate
+
+            hyps = translate(model, self.tokenizer, self.val_src, beam=1, device=self.device)
+            result["val_bleu"] = bleu(hyps, self.val_refs).score
+        return result

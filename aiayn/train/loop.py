@@ -1,0 +1,247 @@
+"""The one training loop, for every task (translation, language modelling, vision).
+
+A task supplies its batches, its loss and its validation; the loop supplies the rest: the
+optimizer and learning-rate schedule, mixed precision, gradient accumulation and clipping,
+non-finite-loss guards, periodic validation, atomic checkpoints, exact resume, a progress bar,
+metrics in `metrics.jsonl` and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from aiayn.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, recover, save_checkpoint
+from aiayn.config import TrainConfig
+from aiayn.train.schedule import learning_rate
+
+CKPT_PREFIX = "step-"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. repeated non-finite losses): the message says why."""
+
+
+class Task(Protocol):
+    name: str
+    best_metric: tuple[str, str]  # ("val_bleu", "max") or ("val_loss", "min")
+
+    def epoch_batches(self, epoch: int, seed: int) -> list[Any]: ...
+
+    def loss(self, model, batch, cfg: TrainConfig) -> tuple[torch.Tensor, int]:
+        """-> (mean loss to minimize, number of target tokens in the batch)."""
+
+    def validate(self, model, cfg: TrainConfig) -> dict[str, float]: ...
+
+
+def autocast(cfg: TrainConfig):
+    """bf16 autocast on CPU and CUDA (fp32 master weights), fp16 on CUDA."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(cfg.device).type
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    if dtype == torch.float16 and device_type != "cuda":
+        raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":  # no weight decay on biases, norms and embeddings' 1-d params
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, fused=True)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return sorted(p for p in Path(run_dir).glob(CKPT_PREFIX + "*") if p.is_dir() and p.suffix == "")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "best.json"
+    if pointer.is_file():
+        path = Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
+        if path.is_dir():
+            return path
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+class Trainer:
+    def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
+                 extra_meta: dict | None = None):
+        self.task, self.model, self.tokenizer, self.cfg = task, model.to(cfg.device), tokenizer, cfg
+        self.run_dir = Path(run_dir)
+        self.extra_meta = extra_meta or {}
+        self.optimizer = make_optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "best": None, "tokens": 0}
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------------------- run directory
+    def prepare(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        recover(self.run_dir)
+        found = checkpoints(self.run_dir)
+        if resume:
+            if not found:
+                raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
+            self.state = load_checkpoint(found[-1], self.model, self.optimizer)
+            self._truncate_metrics(self.state["step"])
+        elif found:
+            raise CheckpointError(f"{self.run_dir} already holds a run; use --resume to continue it "
+                                  "or choose another --out")
+        atomic_write_text(self.run_dir / "run.json", json.dumps(
+            {"task": self.task.name, "model": self.model.cfg.to_dict(), "train": self.cfg.to_dict(),
+             **self.extra_meta}, indent=2))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint we resume from: they will be logged again."""
+        if self.metrics_path.is_file():
+            rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            atomic_write_text(self.metrics_path, "".join(r + "\n" for r in rows))
+
+    def log(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save(self) -> Path:
+        step = self.state["step"]
+        path = self.run_dir / f"{CKPT_PREFIX}{step:08d}"
+        save_checkpoint(path, self.model, self.tokenizer, self.task.name, self.optimizer, self.state,
+                        extra=self.extra_meta)
+        best = self.state["best"]
+        keep = {p.name for p in checkpoints(self.run_dir)[-self.cfg.keep_last:]}
+        if best is not None:
+            keep.add(best["checkpoint"])
+        for old in checkpoints(self.run_dir):
+            if old.name not in keep:
+                shutil.rmtree(old)
+        return path
+
+    # -------------------------------------------------------------------------------- the loop
+    def _next_batch(self):
+        if self.state["batch"] >= len(self._epoch):
+            self.state["epoch"] += 1
+            self.state["batch"] = 0
+            self._epoch = self.task.epoch_batches(self.state["epoch"], self.cfg.seed)
+        batch = self._epoch[self.state["batch"]]
+        self.state["batch"] += 1
+        return batch
+
+    def _done(self) -> bool:
+        cfg, s = self.cfg, self.state
+        return ((cfg.max_steps is not None and s["step"] >= cfg.max_steps)
+                or (cfg.max_epochs is not None and s["epoch"] >= cfg.max_epochs)
+                or (cfg.max_minutes is not None and s["elapsed"] >= 60 * cfg.max_minutes))
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
+        cfg, model = self.cfg, self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(cfg.update_freq):
+            batch = self._next_batch()
+            with autocast(cfg):
+                loss, n_tokens = self.task.loss(model, batch, cfg)
+            self.scaler.scale(loss / cfg.update_freq).backward()
+            total_loss += loss.item() / cfg.update_freq
+            total_tokens += n_tokens
+        if cfg.clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            total_loss = total_loss if torch.isfinite(norm) else math.nan
+        if not math.isfinite(total_loss):
+            self.state["nonfinite"] = self.state.get("nonfinite", 0) + 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.state["nonfinite"] >= cfg.max_nonfinite:
+                raise TrainingError(f"{self.state['nonfinite']} non-finite losses in a row at step "
+                                    f"{self.state['step']}: lower --lr or use fp32")
+            warnings.warn(f"non-finite loss at step {self.state['step'] + 1}: update skipped")
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            return total_loss, total_tokens
+        self.state["nonfinite"] = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total_loss, total_tokens
+
+    def validate(self) -> dict:
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.cfg):
+                result = self.task.validate(self.model, self.cfg)
+        finally:
+            self.model.train()
+        name, mode = self.task.best_metric
+        best = self.state["best"]
+        value = result[name]
+        if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+            self.state["best"] = {"step": self.state["step"], "value": value,
+                                  "checkpoint": f"{CKPT_PREFIX}{self.state['step']:08d}"}
+        return result
+
+    def run(self, resume: bool = False, progress: bool = True) -> dict:
+        self.prepare(resume)
+        cfg, s = self.cfg, self.state
+        total = cfg.max_steps
+        self._epoch = self.task.epoch_batches(s["epoch"], cfg.seed)
+        self.model.train()
+        bar = tqdm(total=total, initial=s["step"], disable=not progress, unit="step", dynamic_ncols=True,
+                   desc=f"train {self.task.name}")
+        window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.perf_counter()
+        result: dict = {}
+        t_last = time.perf_counter()
+        while not self._done():
+            lr = learning_rate(cfg, s["step"] + 1, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, n_tokens = self.train_step()
+            s["step"] += 1
+            s["tokens"] += n_tokens
+            now = time.perf_counter()
+            s["elapsed"] += now - t_last  # wall time of the run, validation and saving included
+            t_last = now
+            if math.isfinite(loss):
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+            window_tokens += n_tokens
+            bar.update(1)
+            if s["step"] % cfg.log_every == 0 or self._done():
+                dt = time.perf_counter() - t_window
+                row = {"step": s["step"], "epoch": s["epoch"], "loss": window_loss / max(window_steps, 1),
+                       "lr": lr, "tok_s": window_tokens / dt, "elapsed_s": round(s["elapsed"], 1)}
+                row.update(getattr(self.task, "log_extra", lambda: {})())
+                self.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}",
+                                ep=s["epoch"])
+                window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.perf_counter()
+            evaluate = s["step"] % cfg.eval_every == 0 or self._done()
+            if evaluate or (cfg.save_every and s["step"] % cfg.save_every == 0):
+                t_pause = time.perf_counter()
+                if evaluate:
+                    result = self.validate()
+                    self.log({"step": s["step"], "epoch": s["epoch"], **result,
+                              "eval_s": round(time.perf_counter() - t_pause, 1)})
+                    bar.write(f"step {s['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                self.save()  # every evaluation is saved, so the best checkpoint always exists
+                self.plot()
+                t_window += time.perf_counter() - t_pause  # tokens/s measures training alone
+        bar.close()
+        return {"step": s["step"], "epoch": s["epoch"], "elapsed_s": s["elapsed"], "best": s["best"], **result}
+
+    def plot(self) -> None:
+        from aiayn.plots import plot_metrics
+
+        plot_metrics(self.metrics_path, self.run_dir / "curves.png")

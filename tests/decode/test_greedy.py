@@ -1,0 +1,120 @@
+"""Greedy search: equal to a from-scratch full-forward greedy, batch-independent, shrinking its batch."""
+
+import pytest
+import torch
+
+from aiayn.config import preset
+from aiayn.decode import greedy, max_output_lengths
+from aiayn.model import Transformer
+
+PAD, BOS = 0, 1
+
+
+def tiny_model(seed: int = 0, **changes) -> Transformer:
+    torch.manual_seed(seed)
+    # untied embeddings: a random tied model mostly copies its input token, which would test little
+    cfg = preset("tiny", vocab_size=16, tie_embeddings=False, **changes)
+    return Transformer(cfg).eval()
+
+
+def sources() -> torch.Tensor:
+    torch.manual_seed(1)
+    src = torch.randint(3, 16, (6, 8))
+    for row, n in enumerate([8, 4, 2, 8, 5, 7]):
+        src[row, n:] = PAD
+    return src
+
+
+def reference_greedy(model, src_row: torch.Tensor, eos_id: int, limit: int) -> list[int]:
+    """One unpadded sentence, the whole decoder re-run on the full prefix at every step."""
+    src = src_row[src_row != PAD][None]  # (1, S)
+    out = [BOS]
+    with torch.no_grad():
+        while len(out) - 1 < limit:
+            logits = model(src, torch.tensor([out]))[0, -1]
+            logits[PAD] = float("-inf")
+            token = int(logits.argmax())
+            if token == eos_id:
+                break
+            out.append(token)
+    return out[1:]
+
+
+def pick_eos(model, src, max_extra) -> int:
+    """The token that, as EOS, makes greedy outputs the most varied in length (so that sentences end
+    at different steps)."""
+    probe = greedy(model, src, BOS, eos_id=-1, max_extra=max_extra)  # -1: never ends
+
+    def n_lengths(tok):
+        return len({out.index(tok) if tok in out else len(out) for out in probe})
+
+    return max(sorted(set(sum(probe, []))), key=n_lengths)
+
+
+def test_max_output_lengths_follow_source_length_and_model_cap():
+    src = torch.tensor([[5, 6, 7, PAD], [5, PAD, PAD, PAD], [5, 6, 7, 8]])
+    assert max_output_lengths(src, PAD, 50, 512).tolist() == [53, 51, 54]
+    assert max_output_lengths(src, PAD, 2, 5).tolist() == [4, 3, 4]  # |y| + 1 <= max_len
+    with pytest.raises(ValueError, match="max_extra"):
+        max_output_lengths(src, PAD, -1, 512)
+
+
+def test_greedy_equals_full_forward_reference():
+    model, src = tiny_model(), sources()
+    eos = pick_eos(model, src, max_extra=6)
+    out = greedy(model, src, BOS, eos, max_extra=6)
+    limits = max_output_lengths(src, PAD, 6, model.cfg.max_len).tolist()
+    expected = [reference_greedy(model, row, eos, lim) for row, lim in zip(src, limits)]
+    assert out == expected
+    lengths = {len(o) for o in out}
+    assert len(lengths) > 2  # sentences really ended at different steps
+    assert any(len(o) < lim for o, lim in zip(out, limits))  # and some by EOS, not by the limit
+    assert all(eos not in o and PAD not in o for o in out)
+
+
+def test_batched_equals_one_sentence_at_a_time():
+    model, src = tiny_model(seed=2), sources()
+    eos = pick_eos(model, src, max_extra=6)
+    batched = greedy(model, src, BOS, eos, max_extra=6)
+    alone = [greedy(model, row[row != PAD][None], BOS, eos, max_extra=6)[0] for row in src]
+    assert batched == alone
+    assert len({len(o) for o in batched}) > 2
+
+
+def test_finished_sentences_leave_the_batch():
+    model, src = tiny_model(), sources()
+    eos = pick_eos(model, src, max_extra=6)
+    sizes = []
+    step = model.decode_step
+
+    def recording_step(tokens, cache):
+        sizes.append(tokens.size(0))
+        return step(tokens, cache)
+
+    model.decode_step = recording_step
+    out = greedy(model, src, BOS, eos, max_extra=6)
+    del model.decode_step
+    assert out == greedy(model, src, BOS, eos, max_extra=6)  # recording changed nothing
+    assert sizes[0] == len(src) and sizes[-1] < sizes[0]
+    # step t feeds exactly the sentences still going: those that produce a token or EOS at step t
+    limits = max_output_lengths(src, PAD, 6, model.cfg.max_len).tolist()
+    expected = [sum(t <= len(o) if len(o) < lim else t < len(o) for o, lim in zip(out, limits))
+                for t in range(len(sizes))]
+    assert sizes == expected
+
+
+def test_length_is_capped_by_the_model_max_len():
+    model = tiny_model(max_len=10)
+    src = sources()
+    out = greedy(model, src, BOS, eos_id=-1, max_extra=50)  # never ends: every output hits its cap
+    assert [len(o) for o in out] == [9] * len(src)
+    assert out == [reference_greedy(model, row, -1, 9) for row in src]
+
+
+def test_training_mode_is_restored_and_dropout_off():
+    model = tiny_model(dropout=0.5)
+    src = sources()
+    expected = greedy(model, src, BOS, 5, max_extra=4)
+    model.train()
+    assert greedy(model, src, BOS, 5, max_extra=4) == expected
+    assert model.training
