@@ -1,0 +1,41 @@
+"""Checkpoint averaging (§6.1: "averaging the last 5 checkpoints, written at 10-minute intervals")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, write_model
+from aiayn.train.loop import checkpoints
+
+
+def average_checkpoints(run_dir: Path, last: int, out: Path) -> Path:
+    """Average the weights of the `last` newest checkpoints of `run_dir` into a model directory `out`."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoints to average")
+    if last < 1:
+        raise CheckpointError("--last must be >= 1")
+    chosen = found[-last:]
+    model, tokenizer, task, extra = load_model_dir(chosen[-1])
+    total: dict[str, torch.Tensor] = {}
+    for path in chosen:
+        for name, t in load_file(str(path / MODEL_FILE)).items():
+            total[name] = total.get(name, 0) + t.double()
+    state = model.state_dict()
+    for name, t in total.items():
+        if name not in state or state[name].shape != t.shape:
+            raise CheckpointError(f"{path}: checkpoints of different models cannot be averaged ({name})")
+        state[name].copy_(t / len(chosen))
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model(tmp, model, tokenizer, task, {**extra, "averaged": [p.name for p in chosen]})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
