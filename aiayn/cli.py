@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
@@ -52,9 +53,12 @@ def _resume_settings(args) -> dict | None:
     """On --resume, the run's own settings win, except its stopping point, which may be moved."""
     if not args.resume:
         return None
+    from aiayn.checkpoint import recover
+
     run_json = Path(args.out) / "run.json"
     if not run_json.is_file():
         raise UserError(f"{args.out}: nothing to resume (no run.json)")
+    recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
     return json.loads(run_json.read_text())
 
 
@@ -109,6 +113,98 @@ def cmd_train_translation(args) -> int:
     trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"src": args.src, "tgt": args.tgt})
     summary = trainer.run(resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+def cmd_train_lm(args) -> int:
+    import torch
+
+    from aiayn.config import ModelConfig, TrainConfig
+    from aiayn.data.corpus import SHAKESPEARE, read_text
+    from aiayn.data.tokenizer import load_tokenizer
+    from aiayn.model import build_model
+    from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
+    from aiayn.train.loop import Trainer, checkpoints
+
+    _check_device(args.device)
+    out = Path(args.out)
+    previous = _resume_settings(args)
+    if previous:
+        found = checkpoints(out)
+        if not found:
+            raise UserError(f"{out}: nothing to resume (no checkpoint)")
+        mcfg = ModelConfig.from_dict(previous["model"])
+        stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+        tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
+        data, kind = previous["data"], previous["tokenizer"]
+        text = read_text(data)
+        tokenizer = load_tokenizer(found[-1])
+    else:
+        model_preset, train_preset = PRESETS[args.preset]
+        tcfg = _train_config(args, **train_preset.to_dict())
+        data, kind = str(args.data or SHAKESPEARE), args.tokenizer
+        text = read_text(data)
+        if kind == "bpe":
+            print(f"training a {args.vocab_size}-token BPE vocabulary on {data}", file=sys.stderr)
+        tokenizer = train_tokenizer(kind, text, args.vocab_size)
+        shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
+                                   ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout),
+                                   ("attn_dropout", args.dropout), ("positional", args.positional)) if v is not None}
+        if args.d_model is not None and args.d_ff is None:
+            shape["d_ff"] = 4 * args.d_model
+        if args.post_norm:
+            shape["norm_first"] = False
+        mcfg = model_preset.replace(vocab_size=tokenizer.vocab_size, max_len=tcfg.context, **shape)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg)
+    task = LMTask.from_text(text, tokenizer, tcfg.batch_size, tcfg.context, tcfg.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
+          f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}", file=sys.stderr)
+    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"data": data, "tokenizer": kind})
+    summary = trainer.run(resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    import torch
+
+    from aiayn.tasks.lm import stream_text
+
+    for bad, message in ((args.max_new_tokens < 0, "--max-new-tokens must be >= 0"),
+                         (args.temperature < 0, "--temperature must be >= 0 (0 = greedy)"),
+                         (args.top_k is not None and args.top_k < 1, "--top-k must be >= 1"),
+                         (args.top_p is not None and not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                         (args.num_samples < 1, "--num-samples must be >= 1")):
+        if bad:
+            raise UserError(message)
+    _check_device(args.device)
+    if args.model:
+        model_dir = _resolve_model(Path(args.model))
+    else:
+        model_dir = _default_model_dir("shakespeare-char")
+        if not model_dir.is_dir():
+            raise UserError("no shipped language model in this install; train one (aiayn train lm --out RUN_DIR) "
+                            "and pass --model RUN_DIR")
+    model, tokenizer, _ = _load(model_dir, args.device, "lm")
+    tokenizer.encode(args.prompt)  # characters outside the vocabulary: an error before any output
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    for i in range(args.num_samples):
+        if i:
+            print("-" * 15)
+        sys.stdout.write(args.prompt)
+        text = args.prompt
+        for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                 args.top_k, args.top_p, args.stop):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            text = text[-1:] + piece
+        if text and not text.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -234,6 +330,34 @@ def cmd_average(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ explain
+def cmd_explain(args) -> int:
+    from aiayn.checkpoint import load_model_dir
+    from aiayn.explain import explain_lm, explain_translation, save_figures, summary
+
+    text = " ".join(args.sentence)
+    if not text.strip():
+        raise UserError("nothing to explain: give a sentence (or, for a language model, a prompt)")
+    if args.top_k < 1:
+        raise UserError("--top-k must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    _check_device(args.device)
+    model_dir = _translation_model_dir(args.model)
+    model, tokenizer, task, _ = load_model_dir(model_dir, args.device)
+    if task == "translation":
+        ex = explain_translation(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    elif task == "lm":
+        ex = explain_lm(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens or 10)
+    else:
+        raise UserError(f"{model_dir} holds a {task} model; explain knows translation and lm models")
+    paths = save_figures(ex, Path(args.out))
+    print(f"model: {model_dir} ({task})")
+    print(summary(ex))
+    print(f"wrote {len(paths)} images to {args.out}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
 def not_built(name: str):
     def run(args) -> int:
         print(f"aiayn {name}: not built yet", file=sys.stderr)
@@ -287,8 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
     _add_train_options(tr)
     tr.set_defaults(func=cmd_train_translation)
-    lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)")
-    lm.set_defaults(func=not_built("train lm"))
+    lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)",
+                         description="Train a GPT-style decoder-only model (pre-norm, GELU, learned positions, "
+                         "tied embeddings) on a text: the first 90% trains, the last 10% validates (loss and "
+                         "perplexity). Presets: shakespeare-cpu = nanoGPT's CPU configuration (4 layers, 128 "
+                         "wide, context 64, batch 12, 2000 steps); shakespeare = its GPU configuration (6 "
+                         "layers, 384 wide, context 256, batch 64, dropout 0.2, 5000 steps). Both: AdamW, lr "
+                         "1e-3 cosine-decayed to 1e-4, bf16 autocast. Options override the preset.")
+    lm.add_argument("--data", help="a UTF-8 text file, plain or .gz (default: the shipped Tiny Shakespeare)")
+    lm.add_argument("--preset", default="shakespeare-cpu", choices=("shakespeare-cpu", "shakespeare"),
+                    help="model and recipe (default shakespeare-cpu)")
+    lm.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
+                    help="char: one token per character (default); bpe: sentencepiece BPE")
+    lm.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size (default 2000)")
+    lm.add_argument("--context", type=int, help="tokens per window, and the model's maximum length")
+    lm.add_argument("--batch-size", type=int, help="windows per batch")
+    lm.add_argument("--n-layers", type=int, help="decoder layers")
+    lm.add_argument("--n-heads", type=int, help="attention heads")
+    lm.add_argument("--d-model", type=int, help="model width (d_ff follows as 4 x d_model unless given)")
+    lm.add_argument("--d-ff", type=int, help="feed-forward width")
+    lm.add_argument("--dropout", type=float, help="residual, embedding and attention dropout")
+    lm.add_argument("--positional", choices=("learned", "sinusoidal"), help="position encoding (default learned)")
+    lm.add_argument("--post-norm", action="store_true", help="the paper's post-norm layers instead of pre-norm")
+    lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    _add_train_options(lm)
+    lm.set_defaults(func=cmd_train_lm)
 
     t = sub.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     t.add_argument("sentences", nargs="*", help="sentences to translate")
@@ -301,8 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     t.set_defaults(func=cmd_translate)
 
-    g = sub.add_parser("generate", help="generate text from a prompt with a language model")
-    g.set_defaults(func=not_built("generate"))
+    g = sub.add_parser("generate", help="generate text from a prompt with a language model",
+                       description="Print the prompt and stream its continuation as it is generated. "
+                       "Each step costs one token thanks to the KV cache. The model sees at most its "
+                       "context (its maximum length): past that, the window slides, and the cache is "
+                       "rebuilt from the last half-context every half-context tokens. An empty prompt "
+                       "starts from a newline, as at the start of a line of the training text.")
+    g.add_argument("--prompt", "-p", default="", help="text to continue (default: empty)")
+    g.add_argument("--model", "-m", help="model or run directory (default: the shipped Shakespeare model)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=500, help="tokens to generate (default 500)")
+    g.add_argument("--temperature", "-t", type=float, default=0.8,
+                   help="below 1 sharpens, above 1 flattens; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens up to mass p")
+    g.add_argument("--seed", type=int, help="same seed, same text (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
     e.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
@@ -322,13 +486,28 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="directory for the averaged model")
     a.set_defaults(func=cmd_average)
 
-    x = sub.add_parser("explain", help="show what the model does with a sentence (attention maps, ...)")
-    x.set_defaults(func=not_built("explain"))
+    x = sub.add_parser("explain", help="show what the model does with a sentence (attention maps, ...)",
+                       description="Attention maps (every layer and head), the positional encoding and the "
+                       "next-token distributions of one input, as PNGs in --out and a text summary.")
+    x.add_argument("sentence", nargs="*", help="the sentence to translate (or the prompt, for a language model)")
+    x.add_argument("--model", "-m", help="model or run directory, translation or lm (default: the shipped "
+                   "en->de model)")
+    x.add_argument("--out", "-o", default="explain", help="directory for the PNGs (default ./explain)")
+    x.add_argument("--top-k", type=int, default=5, help="next tokens shown per step (default 5)")
+    x.add_argument("--max-new-tokens", type=int, help="output tokens at most (translation default: source "
+                   "length + 50; language model default: 10)")
+    x.add_argument("--device", default="cpu")
+    x.set_defaults(func=cmd_explain)
     s = sub.add_parser("serve", help="serve a model over HTTP")
     s.set_defaults(func=not_built("serve"))
     b = sub.add_parser("bench", help="speed benchmarks against peers")
     b.set_defaults(func=not_built("bench"))
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a truncated input, a skipped update) as one line: `aiayn: warning: ...`."""
+    print(f"aiayn: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     from aiayn.train.loop import TrainingError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except (UserError, DataError, CheckpointError, TrainingError, ValueError) as e:
         print(f"aiayn: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UserError) else EXIT_ERROR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -17,7 +18,12 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
     from aiayn.decode import beam_search, greedy
 
     max_src = model.cfg.max_len - 1
-    ids = [tokenizer.encode(s)[:max_src] or [tokenizer.unk_id] for s in sentences]
+    ids = [tokenizer.encode(s) for s in sentences]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_src]
+    if too_long:
+        warnings.warn(f"{len(too_long)} input(s) longer than the model's maximum of {max_src} tokens were "
+                      f"truncated (the first is input {too_long[0] + 1})", stacklevel=2)
+    ids = [x[:max_src] or [tokenizer.unk_id] for x in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list = [None] * len(ids)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -15,7 +15,8 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 class BPETokenizer:
-    """Sentencepiece BPE with byte fallback: any Unicode text round-trips losslessly."""
+    """Sentencepiece BPE with byte fallback: any Unicode text round-trips losslessly, whitespace
+    included, except U+2581 (sentencepiece's own space mark), which comes back as a space."""
 
     filename = "tokenizer.model"
     pad_id, unk_id, bos_id, eos_id = PAD, UNK, BOS, EOS
@@ -31,11 +32,16 @@ class BPETokenizer:
         import sentencepiece as spm
 
         out = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=out, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, minloglevel=2, num_threads=2,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=out, model_type="bpe", vocab_size=vocab_size,
+                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, minloglevel=2, num_threads=2,
+                input_sentence_size=2_000_000, shuffle_input_sentence=True)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 294."
+            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]
+            raise ValueError(f"cannot build a {vocab_size}-token BPE vocabulary from this text: {reason}") from None
         return cls(out.getvalue())
 
     @property

@@ -33,19 +33,23 @@ def beam_step(lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     beam is kept so that k candidates remain even when k of them end with EOS.
     """
     b, k, V = lprobs.shape
-    cand = (scores[:, :, None] + lprobs).view(b, k * V)  # (b, k*V)
-    top, idx = cand.topk(min(2 * k, k * V), dim=1)  # (b, 2k)
-    return top, idx % V, idx // V
+    n = min(2 * k, V)
+    # a beam contributes at most its own n best tokens, so rank those k * n instead of all k * V
+    best, tokens = lprobs.topk(n, dim=2)  # (b, k, n)
+    cand = (scores[:, :, None] + best).view(b, k * n)  # (b, k*n)
+    top, idx = cand.topk(min(2 * k, k * n), dim=1)  # (b, 2k)
+    return top, tokens.view(b, k * n).gather(1, idx), idx // n
 
 
 def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
            max_lens: Tensor, beam_size: int = 4, alpha: float = 0.6, n_best: int = 1,
-           forbid: Sequence[int] = ()) -> list[list[Hypothesis]]:
+           forbid: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
     """Beam search over any `decode_step(tokens (N, 1), cache) -> logits (N, 1, V)`.
 
     cache: empty, with B * beam_size rows (each source repeated beam_size times) and a `reorder`.
     max_lens (B,): the longest output of each sentence, EOS not counted; beams still alive at that
-    length are ended with EOS. Token ids in `forbid` are never generated.
+    length are ended with EOS. Token ids in `forbid` are never generated, nor EOS before min_len
+    tokens (unless max_lens ends the beam first).
 
     A hypothesis ends when EOS is among the k best candidates of its sentence, and a sentence ends
     once it holds k finished hypotheses (fairseq's rule) or reaches its maximum length; it then leaves
@@ -69,7 +73,10 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
             lprobs[..., forbid] = float("-inf")
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
         not_eos = torch.arange(V, device=device) != eos_id
-        lprobs = lprobs.masked_fill(at_limit[:, None, None] & not_eos, float("-inf"))
+        if at_limit.any():  # (a full (b, k, V) pass, so only on the steps that need it)
+            lprobs = lprobs.masked_fill(at_limit[:, None, None] & not_eos, float("-inf"))
+        if step < min_len:  # no EOS yet, except where the length limit forces it
+            lprobs[..., eos_id].masked_fill_(~at_limit[:, None], float("-inf"))
 
         cand_scores, cand_tokens, cand_beams = beam_step(lprobs, scores)  # (b, 2k)
 
@@ -104,12 +111,12 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
 
 @torch.no_grad()
 def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4, alpha: float = 0.6,
-                n_best: int = 1, max_extra: int = 50) -> list[list[Hypothesis]]:
+                n_best: int = 1, max_extra: int = 50, min_len: int = 0) -> list[list[Hypothesis]]:
     """Beam search for the encoder-decoder: a padded batch of sources (B, S) -> for each sentence
     its n_best (tokens, score) pairs, best first; tokens without BOS and EOS.
 
     Outputs are at most source length + max_extra tokens (§6.1), capped by the model's max_len. The
-    pad id is never generated.
+    pad id is never generated, nor EOS before min_len tokens.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -123,5 +130,6 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
         if memory_mask is not None:
             memory_mask = memory_mask.repeat_interleave(beam_size, 0)
         cache = model.init_cache(memory, memory_mask, int(max_lens.max()) + 1)  # + 1: the final EOS
+        cache.rows_per_source = beam_size  # beams of one sentence share its cross-attention keys/values
         return search(model.decode_step, cache, bos_id, eos_id, max_lens, beam_size, alpha, n_best,
-                      forbid=(cfg.pad_id,))
+                      forbid=(cfg.pad_id,), min_len=min_len)

@@ -37,12 +37,13 @@ def max_output_lengths(src: Tensor, pad_id: int, max_extra: int, max_len: int) -
 
 
 @torch.no_grad()
-def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50) -> list[list[int]]:
+def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
+           min_len: int = 0) -> list[list[int]]:
     """Greedy decoding of a padded batch of sources (B, S) -> B token lists, without BOS and EOS.
 
     Each sentence ends at EOS or after `max_output_lengths` tokens. Finished sentences leave the
     batch (cache.reorder), so later steps only compute the sentences still going. The pad id is
-    never generated.
+    never generated, nor EOS before min_len tokens (benchmarks force output lengths with it).
     """
     cfg = model.cfg
     B = src.size(0)
@@ -55,9 +56,11 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50) ->
         alive = torch.arange(B, device=src.device)  # (b,) sentence of each cache row
         tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         pad = torch.tensor([cfg.pad_id], device=src.device)
+        pad_eos = torch.tensor([cfg.pad_id, eos_id], device=src.device)
         for t in range(L):
             logits = model.decode_step(tokens, cache)[:, -1]  # (b, V)
-            nxt = logits.index_fill(-1, pad, float("-inf")).argmax(-1)  # (b,)
+            banned = pad_eos if t < min_len else pad
+            nxt = logits.index_fill(-1, banned, float("-inf")).argmax(-1)  # (b,)
             out[alive, t] = nxt
             done = (nxt == eos_id) | (limits[alive] <= t + 1)  # (b,)
             if done.all():

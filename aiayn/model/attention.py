@@ -42,10 +42,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:  # a -inf bias at the mask's own (broadcast) size: cheaper than masked_fill on scores
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        scores = scores + bias
     weights = scores.softmax(dim=-1)
-    if mask is not None:  # a row with nothing to attend to (an all-padding source): zeros, as SDPA gives
+    if mask is not None and not bool(mask.any(dim=-1).all()):
+        # a row with nothing to attend to (an all-padding source): zeros, as SDPA gives
         weights = weights.masked_fill(~mask, 0.0)
     out = dropout_fn(weights, dropout) @ v if dropout else weights @ v
     return out, weights
@@ -106,6 +108,7 @@ class KVCache:
     self_k, self_v: (B, H, L, Dh) buffers allocated once for the longest output, filled up to `length`.
     cross_k, cross_v: (B, H, S, Dh) keys/values of the encoder output, computed once per source
     (empty lists for a decoder-only model). memory_mask: (B, 1, 1, S) or None.
+    rows_per_source: how many consecutive rows share one source (beam search sets its beam size).
     """
 
     self_k: list[Tensor]
@@ -114,6 +117,7 @@ class KVCache:
     cross_v: list[Tensor]
     memory_mask: Tensor | None = None
     length: int = 0
+    rows_per_source: int = 1
 
     @property
     def capacity(self) -> int:
@@ -127,13 +131,19 @@ class KVCache:
         """Keep rows `indices` of the batch, in that order (beam search's one hook).
 
         It may also shrink the batch (finished sentences dropped). Only the filled part of the
-        self-attention buffers is copied.
+        self-attention buffers is copied, and the source's keys, values and mask only when a row
+        changes source: not when beams are merely reordered among the rows of their sentence.
         """
         n, L = indices.numel(), self.length
+        g = self.rows_per_source
+        same_sources = n == self.batch_size and g > 1 and torch.equal(
+            indices // g, torch.arange(n, device=indices.device) // g)
         for bufs in (self.self_k, self.self_v):
             for i, buf in enumerate(bufs):
                 buf[:n, :, :L] = buf[indices, :, :L]  # the gather copies first, so overlap is safe
                 bufs[i] = buf[:n]
+        if same_sources:
+            return
         for bufs in (self.cross_k, self.cross_v):
             for i, t in enumerate(bufs):
                 bufs[i] = t.index_select(0, indices)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from aiayn.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, recover, save_checkpoint
+from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
+                              remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
 from aiayn.train.schedule import learning_rate
 
@@ -65,18 +65,38 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    return sorted(p for p in Path(run_dir).glob(CKPT_PREFIX + "*") if p.is_dir() and p.suffix == "")
+    """Complete checkpoints of a run, oldest first (a partial one is never under its final name)."""
+    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
+             if p.is_dir() and p.suffix == "" and p.name[len(CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "best.json"
-    if pointer.is_file():
-        path = Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
-        if path.is_dir():
-            return path
+    """The checkpoint with the best validation score, as the newest checkpoint records it.
+
+    The record lives in the newest checkpoint's trainer.json (no separate pointer file that a crash
+    could leave out of step); without one, the newest checkpoint.
+    """
     found = checkpoints(run_dir)
-    return found[-1] if found else None
+    if not found:
+        return None
+    try:
+        best = json.loads((found[-1] / TRAINER_JSON).read_text()).get("best")
+    except (OSError, ValueError, AttributeError):
+        best = None
+    if isinstance(best, dict) and (Path(run_dir) / str(best.get("checkpoint"))).is_dir():
+        return Path(run_dir) / best["checkpoint"]
+    return found[-1]
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of all gradients together (inf or nan if any gradient is)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 class Trainer:
@@ -87,8 +107,10 @@ class Trainer:
         self.extra_meta = extra_meta or {}
         self.optimizer = make_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "best": None, "tokens": 0}
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "best": None, "tokens": 0,
+                      "nonfinite": 0}
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._epoch: list | None = None  # the current epoch's batches
 
     # ---------------------------------------------------------------------------- run directory
     def prepare(self, resume: bool) -> None:
@@ -98,19 +120,28 @@ class Trainer:
         if resume:
             if not found:
                 raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
-            self.state = load_checkpoint(found[-1], self.model, self.optimizer)
+            self.state = {**self.state, **load_checkpoint(found[-1], self.model, self.optimizer, self.scaler)}
             self._truncate_metrics(self.state["step"])
         elif found:
             raise CheckpointError(f"{self.run_dir} already holds a run; use --resume to continue it "
                                   "or choose another --out")
+        else:  # a run killed before its first checkpoint left nothing worth keeping
+            self.metrics_path.unlink(missing_ok=True)
         atomic_write_text(self.run_dir / "run.json", json.dumps(
             {"task": self.task.name, "model": self.model.cfg.to_dict(), "train": self.cfg.to_dict(),
              **self.extra_meta}, indent=2))
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint we resume from: they will be logged again."""
+        """Drop metrics logged after the checkpoint we resume from (they will be logged again), and
+        a last line that a kill cut short."""
         if self.metrics_path.is_file():
-            rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            rows = []
+            for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        rows.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
             atomic_write_text(self.metrics_path, "".join(r + "\n" for r in rows))
 
     def log(self, row: dict) -> None:
@@ -121,24 +152,35 @@ class Trainer:
         step = self.state["step"]
         path = self.run_dir / f"{CKPT_PREFIX}{step:08d}"
         save_checkpoint(path, self.model, self.tokenizer, self.task.name, self.optimizer, self.state,
-                        extra=self.extra_meta)
-        best = self.state["best"]
-        keep = {p.name for p in checkpoints(self.run_dir)[-self.cfg.keep_last:]}
-        if best is not None:
-            keep.add(best["checkpoint"])
-        for old in checkpoints(self.run_dir):
-            if old.name not in keep:
-                shutil.rmtree(old)
+                        extra=self.extra_meta, scaler=self.scaler)
+        self.prune(newest=path)
         return path
+
+    def prune(self, newest: Path) -> None:
+        """Keep the last cfg.keep_last checkpoints; never delete the newest or the best one."""
+        found = checkpoints(self.run_dir)
+        keep = {p.name for p in found[-max(self.cfg.keep_last, 1):]} | {newest.name}
+        if self.state["best"] is not None:
+            keep.add(self.state["best"]["checkpoint"])
+        for old in found:
+            if old.name not in keep:
+                remove_tree(old)
 
     # -------------------------------------------------------------------------------- the loop
     def _next_batch(self):
-        if self.state["batch"] >= len(self._epoch):
-            self.state["epoch"] += 1
-            self.state["batch"] = 0
-            self._epoch = self.task.epoch_batches(self.state["epoch"], self.cfg.seed)
-        batch = self._epoch[self.state["batch"]]
-        self.state["batch"] += 1
+        s = self.state
+        if self._epoch is None:
+            self._epoch = self.task.epoch_batches(s["epoch"], self.cfg.seed)
+            if not self._epoch:
+                raise TrainingError(f"{self.task.name}: no training batches (is every example empty or "
+                                    "longer than the model's maximum length?)")
+        if s["batch"] >= len(self._epoch):  # a checkpoint of an older version, saved at an epoch's end
+            s["epoch"], s["batch"], self._epoch = s["epoch"] + 1, 0, None
+            return self._next_batch()
+        batch = self._epoch[s["batch"]]
+        s["batch"] += 1
+        if s["batch"] == len(self._epoch):  # the epoch is over as soon as its last batch is taken
+            s["epoch"], s["batch"], self._epoch = s["epoch"] + 1, 0, None
         return batch
 
     def _done(self) -> bool:
@@ -159,29 +201,39 @@ class Trainer:
             self.scaler.scale(loss / cfg.update_freq).backward()
             total_loss += loss.item() / cfg.update_freq
             total_tokens += n_tokens
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if cfg.clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            total_loss = total_loss if torch.isfinite(norm) else math.nan
-        if not math.isfinite(total_loss):
-            self.state["nonfinite"] = self.state.get("nonfinite", 0) + 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.state["nonfinite"] >= cfg.max_nonfinite:
-                raise TrainingError(f"{self.state['nonfinite']} non-finite losses in a row at step "
-                                    f"{self.state['step']}: lower --lr or use fp32")
-            warnings.warn(f"non-finite loss at step {self.state['step'] + 1}: update skipped")
-            if self.scaler.is_enabled():
-                self.scaler.update()
-            return total_loss, total_tokens
+        else:  # a finite loss can still overflow in the backward pass
+            norm = _grad_norm(model)
+        if not (math.isfinite(total_loss) and torch.isfinite(norm)):
+            return self._skip_update(total_loss)
         self.state["nonfinite"] = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total_loss, total_tokens
 
+    def _skip_update(self, loss: float) -> tuple[float, int]:
+        """A non-finite loss or gradient: no update. Too many in a row stop the run."""
+        s, what = self.state, "loss" if not math.isfinite(loss) else "gradient"
+        s["nonfinite"] = s.get("nonfinite", 0) + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # fp16: a smaller loss scale for the next step
+        if s["nonfinite"] >= self.cfg.max_nonfinite:
+            raise TrainingError(f"{s['nonfinite']} non-finite losses or gradients in a row (last at step "
+                                f"{s['step'] + 1}); stopping, the last checkpoint is intact: lower --lr, "
+                                "set --clip-norm or use fp32")
+        warnings.warn(f"non-finite {what} at step {s['step'] + 1}: update skipped", RuntimeWarning, stacklevel=3)
+        return math.nan, 0
+
     def validate(self) -> dict:
+        device, cuda = torch.device(self.cfg.device), []
+        if device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
         self.model.eval()
-        try:
-            with torch.no_grad(), autocast(self.cfg):
+        try:  # validation never draws from training's random stream: when it runs cannot change the run
+            with torch.no_grad(), autocast(self.cfg), torch.random.fork_rng(devices=cuda):
                 result = self.task.validate(self.model, self.cfg)
         finally:
             self.model.train()
@@ -197,11 +249,12 @@ class Trainer:
         self.prepare(resume)
         cfg, s = self.cfg, self.state
         total = cfg.max_steps
-        self._epoch = self.task.epoch_batches(s["epoch"], cfg.seed)
+        self._epoch = None
         self.model.train()
         bar = tqdm(total=total, initial=s["step"], disable=not progress, unit="step", dynamic_ncols=True,
                    desc=f"train {self.task.name}")
-        window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.perf_counter()
+        window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
+        t_window = time.perf_counter()
         result: dict = {}
         t_last = time.perf_counter()
         while not self._done():
@@ -217,18 +270,25 @@ class Trainer:
             if math.isfinite(loss):
                 window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens += n_tokens
+            window_skipped += not math.isfinite(loss)
             bar.update(1)
-            if s["step"] % cfg.log_every == 0 or self._done():
+            evaluate = s["step"] % cfg.eval_every == 0 or self._done()
+            save = evaluate or (cfg.save_every and s["step"] % cfg.save_every == 0)
+            # the window is also closed at every checkpoint, so a resumed run logs exactly the same rows
+            if s["step"] % cfg.log_every == 0 or save:
                 dt = time.perf_counter() - t_window
-                row = {"step": s["step"], "epoch": s["epoch"], "loss": window_loss / max(window_steps, 1),
+                row = {"step": s["step"], "epoch": s["epoch"],
+                       "loss": window_loss / window_steps if window_steps else None,
                        "lr": lr, "tok_s": window_tokens / dt, "elapsed_s": round(s["elapsed"], 1)}
+                if window_skipped:
+                    row["skipped"] = window_skipped
                 row.update(getattr(self.task, "log_extra", lambda: {})())
                 self.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}",
-                                ep=s["epoch"])
-                window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.perf_counter()
-            evaluate = s["step"] % cfg.eval_every == 0 or self._done()
-            if evaluate or (cfg.save_every and s["step"] % cfg.save_every == 0):
+                shown = math.nan if row["loss"] is None else row["loss"]
+                bar.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}", ep=s["epoch"])
+                window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
+                t_window = time.perf_counter()
+            if save:
                 t_pause = time.perf_counter()
                 if evaluate:
                     result = self.validate()

@@ -1,0 +1,271 @@
+"""What the speed benchmarks (benchmarks/*.py) share, and the runner behind `aiayn bench`.
+
+Every benchmark compares aiayn with its peers in one run, side by side, because these machines are
+noisy (±10–20% from one step to the next). Each measured cell runs in a fresh process (`run_cell`), so
+that its peak memory is its own and no engine inherits another's thread pools or allocator state.
+Only torch is needed here; the peers (transformers, ctranslate2) are imported by the scripts.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+PARTS = {"train": ["train_throughput.py"], "decode": ["decode_throughput.py"],
+         "lm": ["lm_train.py", "lm_generate.py"]}
+CELL_FLAG = "--cell"
+
+
+# ------------------------------------------------------------------------------- the machine
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: CPU, cores, torch and its thread count, the load when we started."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average {load:.2f} at start")
+
+
+def header(title: str) -> str:
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return f"# {title}\n{now} | {machine()}\ncommand: {cmd}"
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` (n, n) @ (n, n) products: the peak that MFU is measured against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# --------------------------------------------------------------------------------- the data
+def multi30k_like_pairs(n: int, vocab: int, seed: int = 0, first_id: int = 4,
+                        avg_src: float = 13.0, avg_tgt: float = 15.0) -> list[tuple[list[int], list[int]]]:
+    """n random sentence pairs with Multi30k's shape under an 8k joint BPE: sources ~13 tokens, targets
+    ~15 (spread ~4), 3 to 60 tokens. Ids are drawn from [first_id, vocab - 1): the specials (ids below
+    first_id) and the last id (a peer's padding) never occur."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        s = min(60, max(3, round(rng.gauss(avg_src, 4.0))))
+        t = min(60, max(3, round(s * avg_tgt / avg_src + rng.gauss(0.0, 1.5))))
+        pairs.append(([rng.randrange(first_id, vocab - 1) for _ in range(s)],
+                      [rng.randrange(first_id, vocab - 1) for _ in range(t)]))
+    return pairs
+
+
+def random_sources(n: int, length: int, vocab: int, seed: int = 0, first_id: int = 4) -> Tensor:
+    """(n, length) random source ids in [first_id, vocab - 1), no padding."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(first_id, vocab - 1, (n, length), generator=g)
+
+
+# ------------------------------------------------------------------------------- int8 models
+class _SplitCrossAttention(nn.Module):
+    """Cross-attention of an int8 copy: aiayn's fused in_proj is cut into a query and a key/value
+    projection, because a quantized Linear cannot be sliced by rows the way MultiHeadAttention slices
+    its float weight (queries use rows :D, keys and values rows D:)."""
+
+    def __init__(self, mha):
+        super().__init__()
+        D = mha.d_model
+        self.d_model, self.n_heads, self.dropout = D, mha.n_heads, 0.0
+        w = mha.in_proj.weight
+        self.q_proj = nn.Linear(D, D, device=w.device, dtype=w.dtype)
+        self.kv_proj = nn.Linear(D, 2 * D, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(mha.in_proj.weight[:D])
+            self.q_proj.bias.copy_(mha.in_proj.bias[:D])
+            self.kv_proj.weight.copy_(mha.in_proj.weight[D:])
+            self.kv_proj.bias.copy_(mha.in_proj.bias[D:])
+        self.out_proj = mha.out_proj
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, T, D) -> (B, H, T, Dh)
+
+    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv_proj(source).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x, mask=None, *, kv=None, cache=None, need_weights=False):
+        from aiayn.model.attention import attend
+
+        if kv is None:
+            kv = self.project_kv(x)
+        out, weights = attend(self._heads(self.q_proj(x)), *kv, mask, 0.0, need_weights)
+        B, H, T, Dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh)), weights
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """An inference-only copy of an aiayn model with every nn.Linear dynamically quantized to int8
+    (torch.ao.quantization.quantize_dynamic: int8 weights, activations quantized per call).
+
+    A tied generator needs nothing special: only nn.Linear modules are swapped, so the generator gets
+    an int8 copy of the shared matrix and the embeddings keep the float one. The fused in_proj of
+    cross-attention does need care: MultiHeadAttention slices its float weight by rows, which a
+    quantized Linear cannot do (TypeError: 'method' object is not subscriptable), so the copy gets
+    split projections (_SplitCrossAttention). Self-attention uses in_proj whole and quantizes as is.
+    """
+    q = _split_cross_attention(copy.deepcopy(model).eval())
+    with warnings.catch_warnings():  # torch 2.13 marks the quantized dtypes deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose forward runs oneDNN's fp32 (or bf16) GEMM instead of the BLAS that torch's CPU
+    build uses for fp32 (MKL). On AMD CPUs MKL takes an AVX2 path: ~100 GFLOP/s a core on the Zen 5
+    these benchmarks run on, against ~230 for oneDNN at the same shapes, same IEEE fp32 arithmetic.
+    Inference only: the op has no autograd formula. Weights stay ordinary Parameters, so ties and
+    row slices (cross-attention's in_proj.weight[:D]) keep working.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def onednn_linears(model: nn.Module) -> nn.Module:
+    """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
+    _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
+    torch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    q = _split_cross_attention(copy.deepcopy(model).eval())
+    for m in q.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return q
+
+
+def _split_cross_attention(model: nn.Module) -> nn.Module:
+    from aiayn.model.attention import MultiHeadAttention
+
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
+        if isinstance(layer.cross_attn, MultiHeadAttention):
+            layer.cross_attn = _SplitCrossAttention(layer.cross_attn)
+    return model
+
+
+# ------------------------------------------------------------------------------ cells, tables
+def run_cell(script: str | Path, spec: dict, timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh process: `python script --cell JSON` must print one JSON line
+    (its last line of output). A failure is returned as {"error": ...}, not raised, so one broken
+    peer does not lose the other rows."""
+    cmd = [sys.executable, str(script), CELL_FLAG, json.dumps(spec)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def cell_spec(argv: Sequence[str] | None = None) -> dict | None:
+    """The spec if this process was started by run_cell, else None."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if CELL_FLAG in argv:
+        return json.loads(argv[argv.index(CELL_FLAG) + 1])
+    return None
+
+
+def emit(result: dict) -> None:
+    """A cell's result: the last line of its output."""
+    print(json.dumps(result), flush=True)
+
+
+def best_of(results: list[dict], key: str) -> dict:
+    """Of repeated measurements of one cell, the one with the highest `key` (the least disturbed)."""
+    ok = [r for r in results if "error" not in r]
+    return max(ok, key=lambda r: r[key]) if ok else results[-1]
+
+
+def table(columns: list[str], rows: list[list]) -> str:
+    """A Markdown table; numbers are formatted by the caller."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Label-smoothed cross-entropy over positions whose label is not -100 (HF's convention)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------------- the suite
+def scripts_for(part: str) -> list[Path]:
+    if part not in (*PARTS, "all"):
+        raise ValueError(f"unknown benchmark {part!r}; choose from {', '.join([*PARTS, 'all'])}")
+    names = [n for p in PARTS for n in PARTS[p]] if part == "all" else PARTS[part]
+    return [BENCH_DIR / n for n in names]
+
+
+def run_suite(part: str, quick: bool = False, extra: Sequence[str] = (), lm_extra: Sequence[str] = ()) -> int:
+    """Run benchmarks/ scripts one after another, their tables going straight to stdout.
+
+    extra: options for the translation scripts (train, decode); lm_extra: for the LM scripts. A script
+    that does not exist (yet) is reported and skipped. Returns the worst exit status.
+    """
+    if not BENCH_DIR.is_dir():
+        raise FileNotFoundError(f"{BENCH_DIR}: no benchmarks directory (run from a source checkout)")
+    worst = 0
+    for script in scripts_for(part):
+        if not script.is_file():
+            print(f"({script.name}: not written yet, skipped)", flush=True)
+            continue
+        args = [*(["--quick"] if quick else []), *(lm_extra if script.name.startswith("lm_") else extra)]
+        print(f"\n$ python benchmarks/{script.name} {' '.join(args)}".rstrip(), flush=True)
+        worst = max(worst, subprocess.run([sys.executable, str(script), *args]).returncode)
+    return worst

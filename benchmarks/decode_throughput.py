@@ -1,0 +1,200 @@
+"""Decoding throughput: aiayn (fp32, bf16, int8) against HF generate and CTranslate2, one run.
+
+    python benchmarks/decode_throughput.py                    # small and base, greedy and beam 4
+    python benchmarks/decode_throughput.py --configs small --rounds 3
+    python benchmarks/decode_throughput.py --quick            # a tiny model, seconds: checks it works
+
+The task (PEERS.md): 512 random source sentences of 20 tokens, batches of 64, every output forced to
+exactly 20 tokens (EOS banned before then, the length capped there), so that random weights decode
+as much as trained ones would. Each engine gets a model of the same shape with its own random
+weights. Time covers encoding and decoding of all 512 sentences after one warm-up batch; outputs are
+checked to be 20 tokens long.
+
+  aiayn fp32    greedy / beam_search (aiayn.decode) under torch.inference_mode, as translate() runs them
+  aiayn bf16    the same with the model's weights cast to bfloat16
+  aiayn int8    aiayn.bench.quantize_int8: every nn.Linear dynamically quantized (torch.ao)
+  HF fp32/bf16  MarianMTModel.generate(min_new_tokens=20, max_new_tokens=20), bf16 = weights cast
+  CT2 f32/int8  the same Marian model converted offline; translate_batch over all 512 sentences with
+                max_batch_size=64, inter_threads=2, intra_threads=1 (fastest here, PEERS.md)
+
+Counting: target tokens = 20 per sentence (EOS not counted). aiayn's beam search also runs the step
+that scores the final EOS (21 decoder steps); HF and CTranslate2 stop at 20 without scoring it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from aiayn import bench
+from aiayn.config import ModelConfig, preset
+from aiayn.data.tokenizer import BOS, EOS
+
+CONFIGS = {"small": dict(vocab_size=8000), "base": dict(vocab_size=8000), "tiny": dict(vocab_size=64)}
+ENGINES = ("aiayn-fp32", "aiayn-bf16", "aiayn-int8", "hf-fp32", "hf-bf16", "ct2-float32", "ct2-int8")
+NAMES = {"aiayn-fp32": "aiayn fp32", "aiayn-bf16": "aiayn bf16", "aiayn-int8": "aiayn int8",
+         "hf-fp32": "HF generate fp32", "hf-bf16": "HF generate bf16", "ct2-float32": "CTranslate2 float32",
+         "ct2-int8": "CTranslate2 int8"}
+
+
+def model_config(name: str) -> ModelConfig:
+    return preset(name, **CONFIGS[name])
+
+
+# ------------------------------------------------------------------------------- the engines
+def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
+    """-> decode(src (B, S), beam) -> list of output lengths."""
+    from aiayn.decode import beam_search, greedy
+    from aiayn.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    elif precision == "int8":
+        model = bench.quantize_int8(model)
+
+    def decode(src, beam: int) -> list[int]:
+        with torch.inference_mode():
+            if beam == 1:
+                out = greedy(model, src, BOS, EOS, max_extra=length - src.size(1), min_len=length)
+            else:
+                hyps = beam_search(model, src, BOS, EOS, beam_size=beam, max_extra=length - src.size(1),
+                                   min_len=length)
+                out = [h[0][0] for h in hyps]
+        return [len(o) for o in out]
+
+    return decode, None
+
+
+def hf_engine(cfg: ModelConfig, precision: str, length: int):
+    import peers
+
+    model = peers.hf_marian(cfg).eval()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+
+    def decode(src, beam: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(input_ids=src, attention_mask=torch.ones_like(src), num_beams=beam,
+                                 do_sample=False, min_new_tokens=length, max_new_tokens=length)
+        return [out.size(1) - 1] * out.size(0)  # minus the decoder start token
+
+    return decode, None
+
+
+def ct2_engine(cfg: ModelConfig, compute_type: str, length: int, batch: int, tmp: Path):
+    import peers
+
+    translator = peers.ct2_translator(peers.hf_marian(cfg).eval(), tmp, compute_type)
+
+    def decode_all(src, beam: int) -> list[int]:
+        tokens = [[peers.token(i) for i in row] for row in src.tolist()]
+        res = translator.translate_batch(tokens, max_batch_size=batch, beam_size=beam,
+                                         max_decoding_length=length, min_decoding_length=length)
+        return [len(r.hypotheses[0]) for r in res]
+
+    return None, decode_all
+
+
+def run_cell(spec: dict) -> dict:
+    """One engine, every search: {"greedy": {...}, "beam4": {...}}."""
+    bench.set_threads(spec.get("threads"))
+    cfg = model_config(spec["config"])
+    L, B, n = spec["length"], spec["batch"], spec["sentences"]
+    src = bench.random_sources(n, L, cfg.vocab_size, spec["seed"])
+    kind, precision = spec["engine"].split("-")
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "aiayn":
+            per_batch, whole = aiayn_engine(cfg, precision, L)
+        elif kind == "hf":
+            per_batch, whole = hf_engine(cfg, precision, L)
+        else:
+            per_batch, whole = ct2_engine(cfg, precision, L, B, Path(tmp))
+        if whole is None:  # our loop over batches of B
+            def whole(s, beam):
+                return [x for i in range(0, s.size(0), B) for x in per_batch(s[i:i + B], beam)]
+        result = {}
+        for beam in spec["beams"]:
+            whole(src[:B], beam)  # warm-up
+            t0 = time.perf_counter()
+            lengths = whole(src, beam)
+            seconds = time.perf_counter() - t0
+            result[f"beam{beam}"] = {"sent_s": n / seconds, "tok_s": sum(lengths) / seconds,
+                                     "seconds": seconds, "forced": all(x == L for x in lengths)}
+    result["rss_gib"] = bench.peak_rss_gib()
+    return result
+
+
+# ------------------------------------------------------------------------------------ driver
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default="small,base", help="comma-separated: small, base, tiny")
+    p.add_argument("--engines", default=",".join(ENGINES), help=", ".join(ENGINES))
+    p.add_argument("--beams", default="1,4", help="beam sizes; 1 = greedy")
+    p.add_argument("--sentences", type=int, default=512)
+    p.add_argument("--length", type=int, default=20, help="source and (forced) output length")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, keep the fastest")
+    p.add_argument("--threads", type=int, help="torch threads for aiayn and HF (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny model, few sentences: a check that it runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.configs, args.sentences, args.length, args.batch = "tiny", 16, 6, 8
+    configs, engines = args.configs.split(","), args.engines.split(",")
+    beams = [int(b) for b in args.beams.split(",")]
+    for name in configs:
+        if name not in CONFIGS:
+            p.error(f"unknown config {name!r}")
+    for e in engines:
+        if e not in ENGINES:
+            p.error(f"unknown engine {e!r}")
+
+    print(bench.header("Decoding throughput: aiayn vs HF generate and CTranslate2"))
+    print(f"{args.sentences} sentences x {args.length} source tokens, outputs forced to {args.length} "
+          f"tokens, batches of {args.batch}")
+    cells = [(c, e) for c in configs for e in engines]
+    results: dict[tuple, list[dict]] = {}
+    script = Path(__file__).resolve()
+    for r in range(args.rounds):
+        for c, e in (cells if r % 2 == 0 else cells[::-1]):
+            spec = {"config": c, "engine": e, "beams": beams, "length": args.length, "batch": args.batch,
+                    "sentences": args.sentences, "seed": args.seed, "threads": args.threads}
+            results.setdefault((c, e), []).append(bench.run_cell(script, spec))
+
+    rows = []
+    for c in configs:
+        cfg = model_config(c)
+        for beam in beams:
+            key = f"beam{beam}"
+            per = {e: bench.best_of([x.get(key, x) for x in results[(c, e)]], "tok_s") for e in engines}
+            ct2 = {e: per[e]["tok_s"] for e in ("ct2-float32", "ct2-int8") if e in per and "error" not in per[e]}
+            for e in engines:
+                res = per[e]
+                search = "greedy" if beam == 1 else f"beam {beam}"
+                name = f"{c} (d{cfg.d_model}, {cfg.n_encoder_layers}+{cfg.n_decoder_layers})"
+                if "error" in res:
+                    rows.append([name, search, NAMES[e], "failed: " + res["error"], "", "", ""])
+                    continue
+                vs = [f"{res['tok_s'] / ct2[p]:.2f}x" if p in ct2 and not e.startswith("ct2") else ""
+                      for p in ("ct2-float32", "ct2-int8")]
+                engine = NAMES[e] + ("" if res["forced"] else " (output lengths NOT forced)")
+                rows.append([name, search, engine, bench.fmt(res["sent_s"], 1), bench.fmt(res["tok_s"]), *vs])
+    print()
+    print(bench.table(["config", "search", "engine", "sentences/s", "target tok/s", "vs CT2 f32",
+                       "vs CT2 int8"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    spec = bench.cell_spec()
+    if spec is not None:
+        bench.emit(run_cell(spec))
+    else:
+        sys.exit(main())
