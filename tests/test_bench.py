@@ -1,0 +1,185 @@
+"""The benchmark suite: each script runs in its --quick mode (a tiny model) and prints the table it
+promises; the fast inference forms of a model decode like the model; the FLOP count is right.
+
+Peers (transformers, ctranslate2) are used where installed; their rows are skipped otherwise.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aiayn import bench
+from aiayn.config import preset
+from aiayn.decode import beam_search, greedy
+from aiayn.model import Transformer
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+HAVE_HF = importlib.util.find_spec("transformers") is not None
+HAVE_CT2 = HAVE_HF and importlib.util.find_spec("ctranslate2") is not None
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--quick", *args], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The body rows of the Markdown table in a script's output."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, out
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%x"))
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def train_table():
+    engines = "aiayn,hf" if HAVE_HF else "aiayn"
+    return table_rows(run_script("train_throughput.py", "--engines", engines))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_table_has_our_rows(train_table, precision):
+    row = next(r for r in train_table if r[:3] == ["tiny", precision, "aiayn"])
+    tok_s, mfu, rss = number(row[3]), number(row[5]), number(row[6])
+    assert tok_s > 0 and mfu > 0 and rss > 0.05
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_table_compares_with_hf(train_table, precision):
+    pytest.importorskip("transformers")
+    hf = next(r for r in train_table if r[:3] == ["tiny", precision, "HF Marian"])
+    ours = next(r for r in train_table if r[:3] == ["tiny", precision, "aiayn"])
+    assert number(hf[3]) > 0 and hf[7] == "1.00x"
+    assert number(ours[7]) == pytest.approx(number(ours[3]) / number(hf[3]), rel=0.02)
+
+
+def test_train_flops_match_torch_flop_counter():
+    """The analytic count is 3x torch's own count of the forward pass's matmuls, plus attention
+    (which torch's counter does not see on a CPU: its flash kernel is not registered), here counted
+    by hand: q k^T and (attention) v over the keys each query sees."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from train_throughput import make_batches, train_flops
+    finally:
+        sys.path.remove(str(BENCH))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aiayn.data.batching import collate
+
+    cfg = preset("tiny", vocab_size=64)
+    model = Transformer(cfg).eval()
+    src, tgt = [5, 6, 7, 8, 9], [10, 11, 12]  # one sentence: no padding for the counter to count
+    batch = collate([(src, tgt)])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        memory, mask = model.encode(batch.src)
+        model.logits(model.decode(batch.tgt_in, memory, None))
+    s, n, D = len(src), len(tgt) + 1, cfg.d_model
+    attention = (cfg.n_encoder_layers * 4 * s * s * D
+                 + cfg.n_decoder_layers * (4 * D * n * (n + 1) // 2 + 4 * n * s * D))
+    assert train_flops(cfg, batch) == 3 * (counter.get_total_flops() + attention)
+    assert make_batches(cfg, 200, 256, 3, seed=0)  # the batch maker runs at this size
+
+
+# ------------------------------------------------------------------------------ decoding
+DECODE_ENGINES = ["aiayn-plain", "aiayn-fp32", "aiayn-bf16", "aiayn-int8"]
+
+
+@pytest.fixture(scope="module")
+def decode_table():
+    engines = DECODE_ENGINES + (["hf-fp32", "hf-bf16"] if HAVE_HF else []) + (
+        ["ct2-float32", "ct2-int8"] if HAVE_CT2 else [])
+    return table_rows(run_script("decode_throughput.py", "--engines", ",".join(engines)))
+
+
+def _decode_rows(table, engine_prefix: str):
+    rows = [r for r in table if r[2].startswith(engine_prefix)]
+    assert {r[1] for r in rows} == {"greedy", "beam 4"}, table
+    for r in rows:
+        assert not r[3].startswith("failed"), r
+        assert "NOT forced" not in r[2], r
+        assert number(r[3]) > 0 and number(r[4]) > 0
+    return rows
+
+
+def test_decode_table_has_our_rows(decode_table):
+    rows = _decode_rows(decode_table, "aiayn")
+    assert len(rows) == 2 * len(DECODE_ENGINES)
+
+
+def test_decode_table_has_hf_rows(decode_table):
+    pytest.importorskip("transformers")
+    assert len(_decode_rows(decode_table, "HF generate")) == 4
+
+
+def test_decode_table_has_ctranslate2_rows(decode_table):
+    pytest.importorskip("transformers")
+    pytest.importorskip("ctranslate2")
+    assert len(_decode_rows(decode_table, "CTranslate2")) == 4
+    ours = next(r for r in decode_table if r[2] == "aiayn fp32" and r[1] == "greedy")
+    assert ours[5].endswith("x") and ours[6].endswith("x")  # compared with both CT2 rows
+
+
+# ------------------------------------------------------------------ fast inference models
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    # untied: a random tied model mostly copies its input token, which would test little
+    return Transformer(preset("tiny", vocab_size=32, tie_embeddings=False)).eval()
+
+
+def sources() -> torch.Tensor:
+    src = bench.random_sources(6, 7, 32, seed=3)
+    src[1, 4:] = 0  # some padding
+    return src
+
+
+def test_fp32_inference_model_decodes_like_the_model():
+    model = tiny_model()
+    fast = bench.inference_model(model, "fp32")
+    src = sources()
+    assert greedy(fast, src, 2, 3, max_extra=5) == greedy(model, src, 2, 3, max_extra=5)
+    ours, theirs = (beam_search(m, src, 2, 3, beam_size=3, max_extra=5) for m in (fast, model))
+    assert [h[0][0] for h in ours] == [h[0][0] for h in theirs]
+    assert [h[0][1] for h in ours] == pytest.approx([h[0][1] for h in theirs], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_models_decode_forced_lengths_and_leave_the_model_alone(precision):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = bench.inference_model(model, precision)
+    src = sources()
+    with torch.inference_mode():
+        out = greedy(fast, src, 2, 3, max_extra=0, min_len=7)
+        hyps = beam_search(fast, src, 2, 3, beam_size=2, max_extra=0, min_len=7)
+    lengths = (src != 0).sum(1).tolist()
+    assert [len(o) for o in out] == lengths  # EOS banned until the (source-length) limit
+    assert [len(h[0][0]) for h in hyps] == lengths
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_int8_keeps_a_tied_generator_working():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=32)).eval()  # tied embeddings
+    q = bench.quantize_int8(model)
+    assert model.generator.weight is model.src_embed.tokens.weight  # the original keeps its tie
+    logits = q(sources(), torch.full((6, 1), 2))
+    assert logits.shape == (6, 1, 32) and torch.isfinite(logits).all()
+
+
+def test_run_suite_rejects_unknown_parts_and_skips_missing_scripts(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        bench.scripts_for("nope")
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
+    assert bench.run_suite("lm") == 0
+    assert "not written yet" in capsys.readouterr().out
