@@ -158,11 +158,14 @@ class OneDNNLinear(nn.Linear):
     row slices (cross-attention's in_proj.weight[:D]) keep working.
     """
 
+    packed: Tensor | None = None  # the weight in oneDNN's blocked layout (set by onednn_linears)
+
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        w = self.packed if self.packed is not None else self.weight
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 
 
-def onednn_linears(model: nn.Module) -> nn.Module:
+def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
     """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
     _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
     torch was built without oneDNN."""
@@ -172,6 +175,8 @@ def onednn_linears(model: nn.Module) -> nn.Module:
     for m in q.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
+            if pack:  # 4-10% faster GEMMs at decoding shapes; the batch-size hint hardly matters
+                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
     return q
 
 
