@@ -96,11 +96,11 @@ def random_sources(n: int, length: int, vocab: int, seed: int = 0, first_id: int
     return torch.randint(first_id, vocab - 1, (n, length), generator=g)
 
 
-# ------------------------------------------------------------------------------- int8 models
+# --------------------------------------------------------------------- fast inference copies
 class _SplitCrossAttention(nn.Module):
-    """Cross-attention of an int8 copy: aiayn's fused in_proj is cut into a query and a key/value
-    projection, because a quantized Linear cannot be sliced by rows the way MultiHeadAttention slices
-    its float weight (queries use rows :D, keys and values rows D:)."""
+    """Cross-attention of an inference copy (int8, oneDNN): aiayn's fused in_proj is cut into a query
+    and a key/value projection, because a quantized or packed Linear cannot be sliced by rows the way
+    MultiHeadAttention slices its float weight (queries use rows :D, keys and values rows D:)."""
 
     def __init__(self, mha):
         super().__init__()
@@ -168,9 +168,9 @@ class OneDNNLinear(nn.Linear):
 def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
     """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
     _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
-    torch was built without oneDNN."""
-    if not torch.backends.mkldnn.is_available():
-        return model
+    torch was built without oneDNN or the model is not on a CPU."""
+    if not torch.backends.mkldnn.is_available() or any(p.device.type != "cpu" for p in model.parameters()):
+        return model.eval()
     q = _split_cross_attention(copy.deepcopy(model).eval())
     for m in q.modules():
         if type(m) is nn.Linear:
@@ -191,8 +191,8 @@ def _split_cross_attention(model: nn.Module) -> nn.Module:
 
 def inference_model(model: nn.Module, precision: str) -> nn.Module:
     """The fastest CPU inference form of `model` found so far, for a precision:
-    plain (the model as it is), fp32 (oneDNN linears), bf16 (weights cast, oneDNN linears) or int8
-    (dynamic quantization). Each is a copy; the model itself is left alone."""
+    plain (the model itself, in eval mode), fp32 (oneDNN linears), bf16 (weights cast, oneDNN
+    linears) or int8 (dynamic quantization). The last three are copies: the model is left alone."""
     if precision == "plain":
         return model.eval()
     if precision == "fp32":

@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in configs:
         if name not in CONFIGS:
             p.error(f"unknown config {name!r}")
+    for pr in precisions:
+        if pr not in ("fp32", "bf16"):
+            p.error(f"unknown precision {pr!r}")
+    for e in engines:
+        if e not in ENGINES:
+            p.error(f"unknown engine {e!r}")
 
     bench.set_threads(args.threads)
     print(bench.header("Training throughput: aiayn vs HF MarianMTModel"))
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 ratio = f"{res['tok_s'] / hf['tok_s']:.2f}x" if "error" not in hf else ""
                 rows.append([c, pr, ENGINE_NAMES[e], bench.fmt(res["tok_s"]), bench.fmt(res["flops_s"] / 1e9),
-                             f"{res['flops_s'] / peak[pr]:.1%}", f"{res['rss_gib']:.2f}", ratio])
+                             f"{100 * res['flops_s'] / peak[pr]:.3g}%", f"{res['rss_gib']:.2f}", ratio])
     print()
     print(bench.table(["config", "precision", "engine", "target tok/s", "GFLOP/s", "MFU", "peak RSS GiB",
                        "vs HF"], rows))
