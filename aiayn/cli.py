@@ -62,8 +62,22 @@ def _resume_settings(args) -> dict | None:
     return json.loads(run_json.read_text())
 
 
+def _resumed_run(args, previous: dict):
+    """-> (ModelConfig, TrainConfig with the new stopping point, tokenizer) of the run to resume."""
+    from aiayn.config import ModelConfig, TrainConfig
+    from aiayn.data.tokenizer import load_tokenizer
+    from aiayn.train.loop import checkpoints
+
+    found = checkpoints(Path(args.out))
+    if not found:
+        raise UserError(f"{args.out}: nothing to resume (no checkpoint)")
+    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
+    return ModelConfig.from_dict(previous["model"]), tcfg, load_tokenizer(found[-1])
+
+
 def cmd_train_translation(args) -> int:
-    from aiayn.config import ModelConfig, TrainConfig, preset
+    from aiayn.config import preset
     from aiayn.data.corpus import multi30k, read_parallel
     from aiayn.data.tokenizer import BPETokenizer
     from aiayn.model import build_model
@@ -83,16 +97,7 @@ def cmd_train_translation(args) -> int:
     out = Path(args.out)
     previous = _resume_settings(args)
     if previous:
-        mcfg = ModelConfig.from_dict(previous["model"])
-        stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
-        tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-        from aiayn.data.tokenizer import load_tokenizer
-        from aiayn.train.loop import checkpoints
-
-        found = checkpoints(out)
-        if not found:
-            raise UserError(f"{out}: nothing to resume (no checkpoint)")
-        tokenizer = load_tokenizer(found[-1])
+        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
     else:
         tcfg = _train_config(args, lr=1e-3, warmup=1000, precision="bf16", max_tokens=4096,
                              eval_every=500, log_every=50)
@@ -119,26 +124,18 @@ def cmd_train_translation(args) -> int:
 def cmd_train_lm(args) -> int:
     import torch
 
-    from aiayn.config import ModelConfig, TrainConfig
     from aiayn.data.corpus import SHAKESPEARE, read_text
-    from aiayn.data.tokenizer import load_tokenizer
     from aiayn.model import build_model
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
-    from aiayn.train.loop import Trainer, checkpoints
+    from aiayn.train.loop import Trainer
 
     _check_device(args.device)
     out = Path(args.out)
     previous = _resume_settings(args)
     if previous:
-        found = checkpoints(out)
-        if not found:
-            raise UserError(f"{out}: nothing to resume (no checkpoint)")
-        mcfg = ModelConfig.from_dict(previous["model"])
-        stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
-        tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
+        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
         data, kind = previous["data"], previous["tokenizer"]
         text = read_text(data)
-        tokenizer = load_tokenizer(found[-1])
     else:
         model_preset, train_preset = PRESETS[args.preset]
         tcfg = _train_config(args, **train_preset.to_dict())

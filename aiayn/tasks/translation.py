@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from aiayn.config import TrainConfig
 from aiayn.data.batching import Batch, collate, token_batches
-from aiayn.data.tokenizer import BOS, EOS, PAD
+from aiayn.data.tokenizer import PAD
 from aiayn.evaluate import bleu
 
 
