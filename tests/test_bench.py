@@ -60,7 +60,8 @@ def test_train_table_compares_with_hf(train_table, precision):
     hf = next(r for r in train_table if r[:3] == ["tiny", precision, "HF Marian"])
     ours = next(r for r in train_table if r[:3] == ["tiny", precision, "aiayn"])
     assert number(hf[3]) > 0 and hf[7] == "1.00x"
-    assert number(ours[7]) == pytest.approx(number(ours[3]) / number(hf[3]), rel=0.02)
+    # the ratio is printed to 2 decimals and the rates to whole tokens: compare at that precision
+    assert number(ours[7]) == pytest.approx(number(ours[3]) / number(hf[3]), rel=0.02, abs=0.006)
 
 
 def test_train_flops_match_torch_flop_counter():
