@@ -13,12 +13,7 @@ TINY = ["--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--context", "16
         "--quiet", "--precision", "fp32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

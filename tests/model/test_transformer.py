@@ -13,13 +13,7 @@ PAD = 0
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64: equal up to summation order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not slow to a crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _seq2seq(seed=0) -> Transformer:

@@ -16,13 +16,7 @@ from aiayn.tasks.lm import PRESETS, LMTask, lm_config, lm_loss, prompt_ids, spli
 from aiayn.train.loop import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not slow to a crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _task(n_train=1000, n_val=200, batch_size=4, context=8) -> LMTask:
