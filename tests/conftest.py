@@ -1,5 +1,12 @@
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time: a failure found once is found again (and a fluke can't
+# fail a submission). `pytest --hypothesis-profile=explore` searches new examples.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="module")

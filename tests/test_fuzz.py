@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import aiayn.checkpoint as ckpt
@@ -84,12 +84,14 @@ def test_translate_command_never_crashes(model_dirs, capsys, sentences):
 
 @FUZZ_CLI
 @given(TEXT, st.integers(0, 40))
+@example("-:", 0)  # a prompt that looks like an option
 def test_generate_command_never_crashes(model_dirs, capsys, prompt, n):
     parser = build_parser()
     if "generate" not in parser._subparsers._group_actions[0].choices:
         pytest.skip("aiayn generate is not built")
     prompt = prompt.replace("\x00", "")
-    rc = main(["generate", "--model", str(model_dirs["lm"]), "--prompt", prompt, "-n", str(n), "--seed", "0"])
+    # --prompt=TEXT: a prompt may start with "-" (as the --prompt help says)
+    rc = main(["generate", "--model", str(model_dirs["lm"]), f"--prompt={prompt}", "-n", str(n), "--seed", "0"])
     captured = capsys.readouterr()
     _assert_no_crash(rc, captured.err)
     if rc == 0:
