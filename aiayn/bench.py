@@ -8,7 +8,6 @@ Only torch is needed here; the peers (transformers, ctranslate2) are imported by
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
@@ -18,13 +17,12 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PARTS = {"train": ["train_throughput.py"], "decode": ["decode_throughput.py"],
@@ -94,114 +92,6 @@ def random_sources(n: int, length: int, vocab: int, seed: int = 0, first_id: int
     """(n, length) random source ids in [first_id, vocab - 1), no padding."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(first_id, vocab - 1, (n, length), generator=g)
-
-
-# --------------------------------------------------------------------- fast inference copies
-class _SplitCrossAttention(nn.Module):
-    """Cross-attention of an inference copy (int8, oneDNN): aiayn's fused in_proj is cut into a query
-    and a key/value projection, because a quantized or packed Linear cannot be sliced by rows the way
-    MultiHeadAttention slices its float weight (queries use rows :D, keys and values rows D:)."""
-
-    def __init__(self, mha):
-        super().__init__()
-        D = mha.d_model
-        self.d_model, self.n_heads, self.dropout = D, mha.n_heads, 0.0
-        w = mha.in_proj.weight
-        self.q_proj = nn.Linear(D, D, device=w.device, dtype=w.dtype)
-        self.kv_proj = nn.Linear(D, 2 * D, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.q_proj.weight.copy_(mha.in_proj.weight[:D])
-            self.q_proj.bias.copy_(mha.in_proj.bias[:D])
-            self.kv_proj.weight.copy_(mha.in_proj.weight[D:])
-            self.kv_proj.bias.copy_(mha.in_proj.bias[D:])
-        self.out_proj = mha.out_proj
-
-    def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, T, D) -> (B, H, T, Dh)
-
-    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.kv_proj(source).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
-
-    def forward(self, x, mask=None, *, kv=None, cache=None, need_weights=False):
-        from aiayn.model.attention import attend
-
-        if kv is None:
-            kv = self.project_kv(x)
-        out, weights = attend(self._heads(self.q_proj(x)), *kv, mask, 0.0, need_weights)
-        B, H, T, Dh = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh)), weights
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """An inference-only copy of an aiayn model with every nn.Linear dynamically quantized to int8
-    (torch.ao.quantization.quantize_dynamic: int8 weights, activations quantized per call).
-
-    A tied generator needs nothing special: only nn.Linear modules are swapped, so the generator gets
-    an int8 copy of the shared matrix and the embeddings keep the float one. The fused in_proj of
-    cross-attention does need care: MultiHeadAttention slices its float weight by rows, which a
-    quantized Linear cannot do (TypeError: 'method' object is not subscriptable), so the copy gets
-    split projections (_SplitCrossAttention). Self-attention uses in_proj whole and quantizes as is.
-    """
-    q = _split_cross_attention(copy.deepcopy(model).eval())
-    with warnings.catch_warnings():  # torch 2.13 marks torch.ao quantization deprecated
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
-
-
-class OneDNNLinear(nn.Linear):
-    """nn.Linear whose forward runs oneDNN's fp32 (or bf16) GEMM instead of the BLAS that torch's CPU
-    build uses for fp32 (MKL). On AMD CPUs MKL takes an AVX2 path: ~100 GFLOP/s a core on the Zen 5
-    these benchmarks run on, against ~230 for oneDNN at the same shapes, same IEEE fp32 arithmetic.
-    Inference only: the op has no autograd formula. Weights stay ordinary Parameters, so ties and
-    row slices (cross-attention's in_proj.weight[:D]) keep working.
-    """
-
-    packed: Tensor | None = None  # the weight in oneDNN's blocked layout (set by onednn_linears)
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.packed if self.packed is not None else self.weight
-        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-
-
-def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
-    """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
-    _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
-    torch was built without oneDNN or the model is not on a CPU."""
-    if not torch.backends.mkldnn.is_available() or any(p.device.type != "cpu" for p in model.parameters()):
-        return model.eval()
-    q = _split_cross_attention(copy.deepcopy(model).eval())
-    for m in q.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = OneDNNLinear
-            if pack:  # 4-10% faster GEMMs at decoding shapes; the batch-size hint hardly matters
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
-    return q
-
-
-def _split_cross_attention(model: nn.Module) -> nn.Module:
-    from aiayn.model.attention import MultiHeadAttention
-
-    for layer in getattr(getattr(model, "decoder", None), "layers", []):
-        if isinstance(layer.cross_attn, MultiHeadAttention):
-            layer.cross_attn = _SplitCrossAttention(layer.cross_attn)
-    return model
-
-
-def inference_model(model: nn.Module, precision: str) -> nn.Module:
-    """The fastest CPU inference form of `model` found so far, for a precision:
-    plain (the model itself, in eval mode), fp32 (oneDNN linears), bf16 (weights cast, oneDNN
-    linears) or int8 (dynamic quantization). The last three are copies: the model is left alone."""
-    if precision == "plain":
-        return model.eval()
-    if precision == "fp32":
-        return onednn_linears(model)
-    if precision == "bf16":
-        return onednn_linears(copy.deepcopy(model).to(torch.bfloat16))
-    if precision == "int8":
-        return quantize_int8(model)
-    raise ValueError(f"unknown precision {precision!r}: plain, fp32, bf16 or int8")
 
 
 # ------------------------------------------------------------------------------ cells, tables

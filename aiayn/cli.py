@@ -260,12 +260,21 @@ def _resolve_model(path: Path) -> Path:
     return best
 
 
+def _check_precision(args) -> None:
+    gpu = args.device.startswith("cuda")
+    if args.precision == "fp16" and not gpu:
+        raise UserError("--precision fp16 needs --device cuda; on a CPU use bf16 or int8")
+    if args.precision == "int8" and gpu:
+        raise UserError("--precision int8 runs on a CPU only; on a GPU use bf16 or fp16")
+
+
 def cmd_translate(args) -> int:
     from aiayn.translate import translate
 
     if args.beam < 1:
         raise UserError("--beam must be >= 1")
     _check_device(args.device)
+    _check_precision(args)
     lines = _read_inputs(args)
     model, tokenizer, _ = _load(_translation_model_dir(args.model), args.device, "translation")
     empty = [i for i, line in enumerate(lines) if not line.strip()]
@@ -289,6 +298,7 @@ def cmd_evaluate(args) -> int:
     from aiayn.translate import translate
 
     _check_device(args.device)
+    _check_precision(args)
     model_dir = _translation_model_dir(args.model)
     model, tokenizer, extra = _load(model_dir, args.device, "translation")
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
@@ -454,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default 0.6, §6.1)")
     t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
     t.set_defaults(func=cmd_translate)
 
     g = sub.add_parser("generate", help="generate text from a prompt with a language model",
@@ -485,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam", type=int, default=4)
     e.add_argument("--alpha", type=float, default=0.6)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
     e.add_argument("--hyp-out", help="write the translations to this file")
     e.set_defaults(func=cmd_evaluate)
 

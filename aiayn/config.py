@@ -73,6 +73,10 @@ PRESETS: dict[str, ModelConfig] = {
     # What fits a laptop: the small Multi30k model (same shape as the HF Marian peer).
     "small": ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024,
                          n_encoder_layers=3, n_decoder_layers=3, dropout=0.3, attn_dropout=0.1),
+    # The "Transformer-Tiny" of Wu et al. (ACL 2021), the best published small text-only model on
+    # Multi30k (41.02 BLEU): narrow and deep, heavily regularized. Trained with lr 5e-3, warm-up 2000.
+    "multi30k": ModelConfig(vocab_size=8000, d_model=128, n_heads=4, d_ff=256,
+                            n_encoder_layers=4, n_decoder_layers=4, dropout=0.3, attn_dropout=0.0),
     "tiny": ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64,
                         n_encoder_layers=2, n_decoder_layers=2, dropout=0.0, max_len=128),
 }

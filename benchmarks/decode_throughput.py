@@ -10,8 +10,9 @@ as much as trained ones would. Each engine gets a model of the same shape with i
 weights. Time covers encoding and decoding of all 512 sentences after one warm-up batch; outputs are
 checked to be 20 tokens long.
 
-  aiayn plain   greedy / beam_search (aiayn.decode) under torch.inference_mode, as translate() runs them
-  aiayn fp32    the same on aiayn.bench.inference_model(model, "fp32"): linears on oneDNN, not MKL
+  aiayn plain   greedy / beam_search (aiayn.decode) on the model itself, under torch.inference_mode
+  aiayn fp32    the same on aiayn.inference.inference_model(model, "fp32") (what translate() runs):
+                linears on oneDNN, not MKL
   aiayn bf16    weights cast to bfloat16, linears on oneDNN
   aiayn int8    every nn.Linear dynamically quantized to int8 (torch.ao quantize_dynamic)
   --workers 2   aiayn's batches split between 2 Python threads of 1 torch thread each (CT2's
@@ -59,10 +60,11 @@ def model_config(name: str) -> ModelConfig:
 def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
     """-> decode(src (B, S), beam) -> list of output lengths."""
     from aiayn.decode import beam_search, greedy
+    from aiayn.inference import inference_model
     from aiayn.model import build_model
 
     torch.manual_seed(0)
-    model = bench.inference_model(build_model(cfg), precision)
+    model = inference_model(build_model(cfg), precision)
 
     def decode(src, beam: int) -> list[int]:
         with torch.inference_mode():

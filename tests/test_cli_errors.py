@@ -253,3 +253,9 @@ def test_input_longer_than_the_model_is_truncated_with_a_warning(capsys, model_d
     assert rc == 0 and len(out.splitlines()) == 2
     assert err.splitlines() == ["aiayn: warning: 1 input(s) longer than the model's maximum of 127 tokens "
                                 "were truncated (the first is input 1)"]
+
+
+def test_fp16_translation_is_refused_on_a_cpu(capsys):
+    assert main(["translate", "A dog.", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --device cuda" in err and "Traceback" not in err

@@ -11,12 +11,12 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aiayn.config import ModelConfig, TrainConfig
 from aiayn.data.corpus import DataError
 from aiayn.data.tokenizer import BPETokenizer, CharTokenizer
+from aiayn.train.loss import label_smoothed_cross_entropy
 
 TRAIN_FRACTION = 0.9     # the first 90% of the text trains, the last 10% validates (nanoGPT's split)
 MAX_VAL_BATCHES = 200    # validation reads at most this many batches of windows
@@ -85,7 +85,7 @@ def split_ids(ids: Tensor, train_fraction: float = TRAIN_FRACTION) -> tuple[Tens
 def lm_loss(model, x: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy of next-token prediction: inputs x (B, T), targets y = x shifted by one (B, T)."""
     logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+    return label_smoothed_cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
 
 
 class LMTask:

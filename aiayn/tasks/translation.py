@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from aiayn.config import TrainConfig
 from aiayn.data.batching import Batch, collate, token_batches
 from aiayn.data.tokenizer import PAD
 from aiayn.evaluate import bleu
+from aiayn.train.loss import label_smoothed_cross_entropy
 
 
 def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reduction: str = "mean"):
@@ -20,8 +20,7 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
     keep = batch.tgt_out != PAD
     logits = model.logits(h[keep])                          # (N, V)
-    return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing,
-                           reduction=reduction)
+    return label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
 
 
 class TranslationTask:

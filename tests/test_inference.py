@@ -1,0 +1,94 @@
+"""Inference copies (aiayn.inference) decode like the model and leave it alone; translate() uses them."""
+
+import pytest
+import torch
+
+from aiayn.config import preset
+from aiayn.decode import beam_search, greedy
+from aiayn.inference import inference_model, quantize_int8
+from aiayn.model import Transformer
+from aiayn.translate import translate
+
+from train import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    # untied: a random tied model mostly copies its input token, which would test little
+    return Transformer(preset("tiny", vocab_size=32, tie_embeddings=False)).eval()
+
+
+def sources() -> torch.Tensor:
+    src = random_sources(6, 7, 32, seed=3)
+    src[1, 4:] = 0  # some padding
+    return src
+
+
+def test_fp32_inference_model_decodes_like_the_model():
+    model = tiny_model()
+    fast = inference_model(model, "fp32")
+    src = sources()
+    assert greedy(fast, src, 2, 3, max_extra=5) == greedy(model, src, 2, 3, max_extra=5)
+    ours, theirs = (beam_search(m, src, 2, 3, beam_size=3, max_extra=5) for m in (fast, model))
+    assert [h[0][0] for h in ours] == [h[0][0] for h in theirs]
+    assert [h[0][1] for h in ours] == pytest.approx([h[0][1] for h in theirs], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_models_decode_forced_lengths_and_leave_the_model_alone(precision):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_model(model, precision)
+    src = sources()
+    with torch.inference_mode():
+        out = greedy(fast, src, 2, 3, max_extra=0, min_len=7)
+        hyps = beam_search(fast, src, 2, 3, beam_size=2, max_extra=0, min_len=7)
+    lengths = (src != 0).sum(1).tolist()
+    assert [len(o) for o in out] == lengths  # EOS banned until the (source-length) limit
+    assert [len(h[0][0]) for h in hyps] == lengths
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_int8_keeps_a_tied_generator_working():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=32)).eval()  # tied embeddings
+    q = quantize_int8(model)
+    assert model.generator.weight is model.src_embed.tokens.weight  # the original keeps its tie
+    logits = q(sources(), torch.full((6, 1), 2))
+    assert logits.shape == (6, 1, 32) and torch.isfinite(logits).all()
+
+
+def random_sources(n: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, vocab - 1, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_translate_decodes_on_a_copy_and_keeps_training_mode(precision):
+    torch.manual_seed(0)
+    model = Transformer(tiny.model_config()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sentences = ["a b c", "hello world", "x"]
+    out = translate(model, tiny.tokenizer(), sentences, beam=2, precision=precision)
+    assert len(out) == 3 and model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    if precision == "fp32":  # the same arithmetic as the plain model
+        assert out == translate(model, tiny.tokenizer(), sentences, beam=2, precision="plain")
+
+
+def test_unknown_precision_and_fp16_on_a_cpu_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown precision"):
+        inference_model(model, "fp8")
+    with pytest.raises(ValueError, match="GPU"):
+        inference_model(model, "fp16")
+
+
+def test_translate_inside_an_autocast_region():
+    """A training run validates under bf16 autocast: the oneDNN copy must not see bf16 activations."""
+    torch.manual_seed(0)
+    model = Transformer(tiny.model_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = translate(model, tiny.tokenizer(), ["a b c", "hello"], beam=1)
+    assert len(out) == 2

@@ -1,0 +1,49 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aiayn.train import loss as loss_mod
+from aiayn.train.loss import label_smoothed_cross_entropy
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_equals_torch_cross_entropy_in_float64(monkeypatch, eps, reduction):
+    monkeypatch.setattr(loss_mod, "ROWS", 7)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(30, 11, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, 11, (30,))
+    ours = label_smoothed_cross_entropy(logits, target, eps, reduction)
+    ref = F.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    (got,) = torch.autograd.grad(ours, logits, g)
+    (want,) = torch.autograd.grad(ref, logits, g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 5, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda z: label_smoothed_cross_entropy(z, target, 0.1, "none"), (logits,))
+
+
+def test_bf16_logits_get_bf16_gradients_close_to_fp32():
+    torch.manual_seed(1)
+    logits = torch.randn(300, 50).bfloat16().requires_grad_()
+    target = torch.randint(0, 50, (300,))
+    ours = label_smoothed_cross_entropy(logits, target, 0.1)
+    ours.backward()
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_logits, target, label_smoothing=0.1)
+    ref.backward()
+    assert ours.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=1e-2, atol=1e-5)
+
+
+def test_bad_shapes_and_reduction():
+    with pytest.raises(ValueError, match="expected"):
+        label_smoothed_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        label_smoothed_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="max")
