@@ -126,6 +126,15 @@ def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+def script_main(main, run_cell) -> None:
+    """A benchmark script's entry point: one measured cell when run_cell started it, else the table."""
+    spec = cell_spec()
+    if spec is not None:
+        emit(run_cell(spec))
+    else:
+        sys.exit(main())
+
+
 def best_of(results: list[dict], key: str) -> dict:
     """Of repeated measurements of one cell, the one with the highest `key` (the least disturbed)."""
     ok = [r for r in results if "error" not in r]

@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     a = sub.add_parser("average", help="average the last N checkpoints of a run (§6.1)")
-    a.add_argument("run_dir")
-    a.add_argument("--last", type=int, default=5)
+    a.add_argument("run_dir", help="a training run directory (aiayn train ... --out RUN_DIR)")
+    a.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default 5)")
     a.add_argument("--out", required=True, help="directory for the averaged model")
     a.set_defaults(func=cmd_average)
 

@@ -32,7 +32,6 @@ that scores the final EOS (21 decoder steps); HF and CTranslate2 stop at 20 with
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -226,8 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    spec = bench.cell_spec()
-    if spec is not None:
-        bench.emit(run_cell(spec))
-    else:
-        sys.exit(main())
+    bench.script_main(main, run_cell)

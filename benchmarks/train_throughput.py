@@ -37,7 +37,6 @@ i.e. 6 x (parameters a token passes through) x tokens, plus attention. Embedding
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -223,8 +222,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    spec = bench.cell_spec()
-    if spec is not None:
-        bench.emit(run_cell(spec))
-    else:
-        sys.exit(main())
+    bench.script_main(main, run_cell)

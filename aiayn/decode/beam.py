@@ -5,7 +5,9 @@ kept apart from the loop that calls the model and collects finished hypotheses (
 be tested on its own, `search` on a fake decoder.
 
 Shape legend: B sentences, b sentences still decoding, k beam size, V vocabulary, t tokens so far.
-The cache holds b * k rows, sentence-major: rows i*k .. i*k + k-1 are the beams of sentence i.
+The cache holds b * k rows, sentence-major: rows i*k .. i*k + k-1 are the beams of sentence i -- after
+the first step. Before it, the k beams of a sentence would all be the same BOS, so the first step
+runs one row per sentence (b * 1) and its 2k best tokens start the k beams (as CTranslate2 does).
 """
 
 from __future__ import annotations
@@ -25,16 +27,21 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def beam_step(lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def beam_step(lprobs: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The search strategy: the 2k best one-token extensions of k beams.
 
-    lprobs (b, k, V): log-probabilities of the next token; scores (b, k): log-probabilities of the
-    beams so far. Returns the candidates' scores, tokens and beams, each (b, 2k), best first. Twice the
-    beam is kept so that k candidates remain even when k of them end with EOS.
+    lprobs (b, r, V): log-probabilities of the next token after each of r beams (r = 1 on the first
+    step, then k); scores (b, r): log-probabilities of the beams so far. Returns the candidates'
+    scores, tokens and beams, each (b, 2k), best first. Twice the beam is kept so that k candidates
+    remain even when k of them end with EOS; where r * V < 2k, the missing ones are -inf (dead).
     """
-    b, k, V = lprobs.shape
-    cand = (scores[:, :, None] + lprobs).view(b, k * V)  # (b, k*V)
-    top, idx = cand.topk(min(2 * k, k * V), dim=1)  # (b, 2k)
+    b, r, V = lprobs.shape
+    cand = (scores[:, :, None] + lprobs).view(b, r * V)  # (b, r*V)
+    top, idx = cand.topk(min(2 * k, r * V), dim=1)  # (b, 2k)
+    if top.size(1) < 2 * k:
+        missing = 2 * k - top.size(1)
+        top = torch.cat([top, top.new_full((b, missing), float("-inf"))], dim=1)
+        idx = torch.cat([idx, idx.new_zeros(b, missing)], dim=1)
     return top, idx % V, idx // V
 
 
@@ -43,7 +50,7 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
            forbid: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
     """Beam search over any `decode_step(tokens (N, 1), cache) -> logits (N, 1, V)`.
 
-    cache: empty, with B * beam_size rows (each source repeated beam_size times) and a `reorder`.
+    cache: empty, with one row per sentence (B rows), and a `reorder` that may grow it.
     max_lens (B,): the longest output of each sentence, EOS not counted; beams still alive at that
     length are ended with EOS. Token ids in `forbid` are never generated, nor EOS before min_len
     tokens (unless max_lens ends the beam first).
@@ -54,28 +61,35 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     sentence, its n_best hypotheses, best first.
     """
     k, B, device = beam_size, max_lens.numel(), max_lens.device
-    scores = torch.zeros(B, k, device=device)
-    scores[:, 1:] = float("-inf")  # the k beams start identical: only the first may be extended
-    hyps = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (b, k, t)
-    last = torch.full((B, k), bos_id, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # (b,) sentence of each group of k cache rows
+    width = 1  # cache rows per sentence: one until the first step has chosen k different beams
+    scores = torch.zeros(B, width, device=device)
+    hyps = torch.empty(B, width, 0, dtype=torch.long, device=device)  # (b, width, t)
+    last = torch.full((B, width), bos_id, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)  # (b,) sentence of each group of cache rows
     n_finished = torch.zeros(B, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     forbid = list(forbid)
     for step in range(int(max_lens.max()) + 1):
-        lprobs = decode_step(last.view(-1, 1), cache)[:, -1].float().log_softmax(-1)  # (b*k, V)
-        V = lprobs.size(-1)
-        lprobs = lprobs.view(-1, k, V)  # (b, k, V)
+        logits = decode_step(last.view(-1, 1), cache)[:, -1].float()  # (b*width, V)
+        V = logits.size(-1)
+        # log p = logit - logsumexp. Only each row's 2k best tokens can be among its sentence's 2k
+        # best candidates, so they are picked from the logits: no (b*width, V) log-softmax is written.
+        lse = logits.logsumexp(-1)  # (b*width,), before the bans below: they do not renormalize
         if forbid:
-            lprobs[..., forbid] = float("-inf")
+            logits[:, forbid] = float("-inf")
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
-        not_eos = torch.arange(V, device=device) != eos_id
-        if at_limit.any():  # (a full (b, k, V) pass, so only on the steps that need it)
-            lprobs = lprobs.masked_fill(at_limit[:, None, None] & not_eos, float("-inf"))
+        if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
+            eos_logit = logits[:, eos_id].clone()
+            logits.masked_fill_(at_limit.repeat_interleave(width)[:, None], float("-inf"))
+            logits[:, eos_id] = eos_logit
         if step < min_len:  # no EOS yet, except where the length limit forces it
-            lprobs[..., eos_id].masked_fill_(~at_limit[:, None], float("-inf"))
+            logits[:, eos_id].masked_fill_(~at_limit.repeat_interleave(width), float("-inf"))
+        top, top_ids = logits.topk(min(2 * k, V), dim=-1)  # (b*width, c)
+        c = top.size(-1)
+        lprobs = (top - lse[:, None]).view(-1, width, c)  # (b, width, c)
 
-        cand_scores, cand_tokens, cand_beams = beam_step(lprobs, scores)  # (b, 2k)
+        cand_scores, cand_j, cand_beams = beam_step(lprobs, scores, k)  # (b, 2k)
+        cand_tokens = top_ids.view(-1, width * c).gather(1, cand_beams * c + cand_j)
 
         # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
         is_eos = cand_tokens == eos_id
@@ -100,7 +114,8 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
         if keep.numel() == 0:
             break
         # one reorder per step both follows the chosen beams and drops finished sentences
-        cache.reorder((keep[:, None] * k + beams[keep]).view(-1))
+        cache.reorder((keep[:, None] * width + beams[keep]).view(-1))
+        width = k
         hyps = torch.cat([hyps[keep[:, None], beams[keep]], last[keep, :, None]], dim=2)  # (b', k, t+1)
         scores, last, alive = scores[keep], last[keep], alive[keep]
     return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]
@@ -123,9 +138,8 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
     max_lens = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
     with evaluating(model):
         memory, memory_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
-        # cross-attention keys/values computed once per sentence, then each row repeated for k beams
+        # one row per sentence (cross-attention keys/values computed once); search grows it to k beams
         cache = model.init_cache(memory, memory_mask, int(max_lens.max()) + 1)  # + 1: the final EOS
-        cache.reorder(torch.arange(src.size(0), device=src.device).repeat_interleave(beam_size))
         cache.rows_per_source = beam_size  # beams of one sentence share its cross-attention keys/values
         return search(model.decode_step, cache, bos_id, eos_id, max_lens, beam_size, alpha, n_best,
                       forbid=(cfg.pad_id,), min_len=min_len)

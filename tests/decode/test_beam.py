@@ -96,10 +96,17 @@ def test_length_penalty_is_gnmt():
 def test_beam_step_picks_the_2k_best_extensions():
     lprobs = torch.tensor([[[-1.0, -2.0, -3.0], [-0.5, -4.0, -0.1]]])  # (b=1, k=2, V=3)
     scores = torch.tensor([[0.0, -1.0]])
-    top, tokens, beams = beam_step(lprobs, scores)
+    top, tokens, beams = beam_step(lprobs, scores, 2)
     # candidate totals: beam 0: -1, -2, -3; beam 1: -1.5, -5, -1.1
     assert top.tolist() == [[-1.0, -1.100000023841858, -1.5, -2.0]]
     assert tokens.tolist() == [[0, 2, 0, 1]] and beams.tolist() == [[0, 1, 1, 0]]
+
+
+def test_first_beam_step_from_one_row_pads_missing_candidates_as_dead():
+    lprobs = torch.tensor([[[-1.0, -0.5, -3.0]]])  # (b=1, one row: the first step, V=3)
+    top, tokens, beams = beam_step(lprobs, torch.zeros(1, 1), 2)  # 2k = 4 > 3 candidates
+    assert top.tolist() == [[-0.5, -1.0, -3.0, float("-inf")]]
+    assert tokens[0, :3].tolist() == [1, 0, 2] and beams.tolist() == [[0, 0, 0, 0]]
 
 
 def test_fake_decoder_exact_hypotheses():
@@ -128,7 +135,7 @@ def test_maximum_length_ends_beams_with_the_models_eos_probability():
     # AA+EOS .1375 * .1 end; the first completes the 2 hypotheses.
     (hyps,), cache = run_fake([fake_source(2, 1)], beam_size=2, alpha=0.0, n_best=2, max_extra=1)
     assert close(hyps, [([A], math.log(.3025)), ([B, B], math.log(.36 * .04))])
-    assert cache.capacity == 3 and cache.batch_sizes == [2, 2, 2]
+    assert cache.capacity == 3 and cache.batch_sizes == [1, 2, 2]  # the first step: one row
 
 
 def test_fake_batch_drops_finished_sentences_without_changing_results():
@@ -136,8 +143,9 @@ def test_fake_batch_drops_finished_sentences_without_changing_results():
     batched, cache = run_fake(rows, beam_size=2, alpha=0.6, n_best=2, max_extra=1)
     alone = [run_fake([r], beam_size=2, alpha=0.6, n_best=2, max_extra=1)[0][0] for r in rows]
     assert all(close(b, a) for b, a in zip(batched, alone))
-    # sentence 1 ends at step 2, sentence 2 at its limit at step 2, sentence 0 at step 3
-    assert cache.batch_sizes == [6, 6, 6, 2]
+    # one row per sentence on the first step; then sentence 1 ends at step 2, sentence 2 at its limit
+    # at step 2, sentence 0 at step 3
+    assert cache.batch_sizes == [3, 6, 6, 2]
 
 
 def test_beam_arguments_are_checked():
