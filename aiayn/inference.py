@@ -9,10 +9,12 @@ a copy: the model itself is left as it is, so a training run can decode its vali
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
 from torch import Tensor, nn
+
 
 class _SplitCrossAttention(nn.Module):
     """Cross-attention of an inference copy (int8, oneDNN): aiayn's fused in_proj is cut into a query
@@ -97,20 +99,15 @@ def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
     return q
 
 
-_ONEDNN: bool | None = None
-
-
+@functools.cache
 def _onednn_works() -> bool:
     """Whether this torch build runs oneDNN linears (probed once: an internal op, absent on some builds)."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        try:
-            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 4)
-            _ONEDNN = torch.backends.mkldnn.is_available() and bool(
-                torch.ops.mkldnn._linear_pointwise(torch.ones(4, 3), w, torch.zeros(2), "none", [], "").eq(3).all())
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _ONEDNN = False
-    return _ONEDNN
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 4)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(4, 3), w, torch.zeros(2), "none", [], "")
+        return torch.backends.mkldnn.is_available() and bool(y.eq(3).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def _split_cross_attention(model: nn.Module) -> nn.Module:
