@@ -63,7 +63,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     quantized Linear cannot do (TypeError: 'method' object is not subscriptable), so the copy gets
     split projections (_SplitCrossAttention). Self-attention uses in_proj whole and quantizes as is.
     """
-    q = _split_cross_attention(copy.deepcopy(model).eval())
+    q = _inference_copy(model)
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao quantization deprecated
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
@@ -90,7 +90,7 @@ def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
     torch was built without oneDNN or the model is not on a CPU."""
     if not _onednn_works() or any(p.device.type != "cpu" for p in model.parameters()):
         return model.eval()
-    q = _split_cross_attention(copy.deepcopy(model).eval())
+    q = _inference_copy(model)
     for m in q.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
@@ -108,6 +108,16 @@ def _onednn_works() -> bool:
         return torch.backends.mkldnn.is_available() and bool(y.eq(3).all())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode whose linear layers are plain nn.Linear (a model being trained in fp32 has
+    aiayn.train.onednn's subclass) and whose cross-attention projections are split."""
+    q = copy.deepcopy(model).eval()
+    for m in q.modules():
+        if isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear
+    return _split_cross_attention(q)
 
 
 def _split_cross_attention(model: nn.Module) -> nn.Module:

@@ -78,10 +78,11 @@ def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.model import build_model
     from aiayn.tasks.translation import translation_loss
     from aiayn.train.loop import autocast, make_optimizer
+    from aiayn.train.onednn import use_onednn_linears
 
     tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = use_onednn_linears(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
     optimizer = make_optimizer(model, tcfg)
 
     def step(batch: Batch) -> float:  # as Trainer.train_step, for one micro-batch

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
+from aiayn.train.onednn import use_onednn_linears
 from aiayn.train.schedule import learning_rate
 
 CKPT_PREFIX = "step-"
@@ -102,7 +103,8 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 class Trainer:
     def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
                  extra_meta: dict | None = None):
-        self.task, self.model, self.tokenizer, self.cfg = task, model.to(cfg.device), tokenizer, cfg
+        model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
+        self.task, self.model, self.tokenizer, self.cfg = task, model, tokenizer, cfg
         self.run_dir = Path(run_dir)
         self.extra_meta = extra_meta or {}
         self.optimizer = make_optimizer(model, cfg)
