@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "context (its maximum length): past that, the window slides, and the cache is "
                        "rebuilt from the last half-context every half-context tokens. An empty prompt "
                        "starts from a newline, as at the start of a line of the training text.")
-    g.add_argument("--prompt", "-p", default="", help="text to continue (default: empty); one that starts with '-' is written --prompt=-TEXT")
+    g.add_argument("--prompt", "-p", default="",
+                   help="text to continue (default: empty); one that starts with '-' is written --prompt=-TEXT")
     g.add_argument("--model", "-m", help="model or run directory (default: the shipped Shakespeare model)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=500, help="tokens to generate (default 500)")
     g.add_argument("--temperature", "-t", type=float, default=0.8,
