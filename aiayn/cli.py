@@ -134,7 +134,10 @@ def cmd_train_lm(args) -> int:
     previous = _resume_settings(args)
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
-        data, kind = previous["data"], previous["tokenizer"]
+        # the run's own text, unless --data says where it is now (the same text, moved)
+        data, kind = str(args.data or previous["data"]), previous["tokenizer"]
+        if not args.data and not Path(data).is_file():
+            raise UserError(f"{data}: this run's training text is gone; give its new place with --data")
         text = read_text(data)
     else:
         model_preset, train_preset = PRESETS[args.preset]
@@ -437,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "wide, context 64, batch 12, 2000 steps); shakespeare = its GPU configuration (6 "
                          "layers, 384 wide, context 256, batch 64, dropout 0.2, 5000 steps). Both: AdamW, lr "
                          "1e-3 cosine-decayed to 1e-4, bf16 autocast. Options override the preset.")
-    lm.add_argument("--data", help="a UTF-8 text file, plain or .gz (default: the shipped Tiny Shakespeare)")
+    lm.add_argument("--data", help="a UTF-8 text file, plain or .gz (default: the shipped Tiny Shakespeare); "
+                    "with --resume: where the run's text is now, if it moved")
     lm.add_argument("--preset", default="shakespeare-cpu", choices=("shakespeare-cpu", "shakespeare"),
                     help="model and recipe (default shakespeare-cpu)")
     lm.add_argument("--tokenizer", default="char", choices=("char", "bpe"),

@@ -72,6 +72,21 @@ def test_resume_is_exact(data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_finds_moved_text_with_data(data, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "lm", "--data", str(text), "--max-steps", "5", "--eval-every", "5", "--out", str(run),
+                 *TINY]) == 0
+    moved = text.rename(tmp_path / "moved.txt")
+    capsys.readouterr()
+    assert main(["train", "lm", "--resume", "--max-steps", "10", "--out", str(run), "--quiet"]) == 2
+    assert "give its new place with --data" in capsys.readouterr().err
+    assert main(["train", "lm", "--resume", "--data", str(moved), "--max-steps", "10", "--out", str(run),
+                 "--quiet"]) == 0
+    assert (run / "step-00000010").is_dir()
+
+
 def test_bpe_tokenizer(data, tmp_path, capsys):
     out = tmp_path / "bpe"
     assert main(["train", "lm", "--data", str(data), "--tokenizer", "bpe", "--vocab-size", "300",
