@@ -85,6 +85,13 @@ def cmd_train_translation(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    previous = _resume_settings(args)
+    files = ("train_src", "train_tgt", "val_src", "val_tgt")
+    if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
+        for name in files:
+            if getattr(args, name) is None:
+                setattr(args, name, previous.get(name))
+        args.src, args.tgt = previous.get("src", args.src), previous.get("tgt", args.tgt)
     if bool(args.train_src) != bool(args.train_tgt) or bool(args.val_src) != bool(args.val_tgt):
         raise UserError("give both --train-src and --train-tgt (and both --val-src and --val-tgt)")
     if args.train_src:
@@ -95,7 +102,6 @@ def cmd_train_translation(args) -> int:
     else:
         train, val = multi30k("train", args.src, args.tgt), multi30k("val", args.src, args.tgt)
     out = Path(args.out)
-    previous = _resume_settings(args)
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
     else:
@@ -115,7 +121,8 @@ def cmd_train_translation(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; "
           f"run directory {out}", file=sys.stderr)
-    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"src": args.src, "tgt": args.tgt})
+    paths = {name: str(Path(getattr(args, name)).resolve()) for name in files if getattr(args, name)}
+    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"src": args.src, "tgt": args.tgt, **paths})
     summary = trainer.run(resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
