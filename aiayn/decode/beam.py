@@ -78,12 +78,13 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
         if forbid:
             logits[:, forbid] = float("-inf")
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
+        row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
         if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
             eos_logit = logits[:, eos_id].clone()
-            logits.masked_fill_(at_limit.repeat_interleave(width)[:, None], float("-inf"))
+            logits.masked_fill_(row_at_limit[:, None], float("-inf"))
             logits[:, eos_id] = eos_logit
         if step < min_len:  # no EOS yet, except where the length limit forces it
-            logits[:, eos_id].masked_fill_(~at_limit.repeat_interleave(width), float("-inf"))
+            logits[:, eos_id].masked_fill_(~row_at_limit, float("-inf"))
         top, top_ids = logits.topk(min(2 * k, V), dim=-1)  # (b*width, c)
         c = top.size(-1)
         lprobs = (top - lse[:, None]).view(-1, width, c)  # (b, width, c)
