@@ -271,11 +271,12 @@ def _resolve_model(path: Path) -> Path:
 
 
 def _check_precision(args) -> None:
-    gpu = args.device.startswith("cuda")
-    if args.precision == "fp16" and not gpu:
-        raise UserError("--precision fp16 needs --device cuda; on a CPU use bf16 or int8")
-    if args.precision == "int8" and gpu:
-        raise UserError("--precision int8 runs on a CPU only; on a GPU use bf16 or fp16")
+    from aiayn.inference import check_precision
+
+    try:
+        check_precision(args.precision, args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def cmd_translate(args) -> int:

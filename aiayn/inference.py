@@ -88,7 +88,7 @@ def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
     """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
     _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
     torch was built without oneDNN or the model is not on a CPU."""
-    if not _onednn_works() or any(p.device.type != "cpu" for p in model.parameters()):
+    if not onednn_available() or any(p.device.type != "cpu" for p in model.parameters()):
         return model.eval()
     q = _inference_copy(model)
     for m in q.modules():
@@ -100,7 +100,7 @@ def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
 
 
 @functools.cache
-def _onednn_works() -> bool:
+def onednn_available() -> bool:
     """Whether this torch build runs oneDNN linears (probed once: an internal op, absent on some builds)."""
     try:
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 4)
@@ -129,6 +129,21 @@ def _split_cross_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+PRECISIONS = ("plain", "fp32", "bf16", "fp16", "int8")
+
+
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """Refuse a precision that cannot decode on `device` (ValueError, one line): the CLI asks before
+    it loads a model, inference_model when it makes the copy."""
+    gpu = torch.device(device).type == "cuda"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and not gpu:
+        raise ValueError("precision fp16 needs a GPU (--device cuda); on a CPU use bf16 or int8")
+    if precision == "int8" and gpu:
+        raise ValueError("precision int8 runs on a CPU only; on a GPU use bf16 or fp16")
+
+
 def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """The fastest inference form of `model` for a precision, in eval mode:
 
@@ -138,17 +153,12 @@ def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     - int8: a copy with dynamically quantized linears (CPU only).
     The model itself is never changed (except for eval mode)."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    check_precision(precision, "cpu" if on_cpu else "cuda")
     if precision == "plain" or (precision == "fp32" and not on_cpu):
         return model.eval()
     if precision == "fp32":
         return onednn_linears(model)
     if precision in ("bf16", "fp16"):
-        if precision == "fp16" and on_cpu:
-            raise ValueError("fp16 inference needs a GPU; on a CPU use bf16")
         cast = copy.deepcopy(model).to(torch.bfloat16 if precision == "bf16" else torch.float16)
         return onednn_linears(cast) if on_cpu else cast.eval()
-    if precision == "int8":
-        if not on_cpu:
-            raise ValueError("int8 inference runs on a CPU only; on a GPU use bf16 or fp16")
-        return quantize_int8(model)
-    raise ValueError(f"unknown precision {precision!r}: plain, fp32, bf16, fp16 or int8")
+    return quantize_int8(model)  # int8

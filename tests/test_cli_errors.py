@@ -258,4 +258,4 @@ def test_input_longer_than_the_model_is_truncated_with_a_warning(capsys, model_d
 def test_fp16_translation_is_refused_on_a_cpu(capsys):
     assert main(["translate", "A dog.", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
-    assert "needs --device cuda" in err and "Traceback" not in err
+    assert "needs a GPU (--device cuda)" in err and "Traceback" not in err

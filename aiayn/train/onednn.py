@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aiayn.inference import _onednn_works
+from aiayn.inference import onednn_available
 
 _gemm = torch.ops.mkldnn._linear_pointwise  # (x (N, in), w (out, in), b) -> x wᵀ + b
 
@@ -50,7 +50,7 @@ class OneDNNTrainingLinear(nn.Linear):
 def use_onednn_linears(model: nn.Module, precision: str, device: str) -> nn.Module:
     """In place: on a CPU in fp32, every nn.Linear of `model` becomes a OneDNNTrainingLinear (where
     this torch build has oneDNN). Other precisions and devices: the model as it is."""
-    if precision == "fp32" and torch.device(device).type == "cpu" and _onednn_works():
+    if precision == "fp32" and torch.device(device).type == "cpu" and onednn_available():
         for m in model.modules():
             if type(m) is nn.Linear:
                 m.__class__ = OneDNNTrainingLinear

@@ -3,11 +3,11 @@ import torch
 from torch import nn
 
 from aiayn.config import preset
-from aiayn.inference import _onednn_works, inference_model, quantize_int8
+from aiayn.inference import onednn_available, inference_model, quantize_int8
 from aiayn.model import Transformer
 from aiayn.train.onednn import OneDNNTrainingLinear, use_onednn_linears
 
-pytestmark = pytest.mark.skipif(not _onednn_works(), reason="this torch build has no oneDNN linears")
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")
 
 
 @pytest.mark.parametrize("bias", [True, False])
