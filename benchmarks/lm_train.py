@@ -60,14 +60,13 @@ def nanogpt_val_loss(model, task: LMTask, cfg, eval_iters: int, seed: int = 1337
     return losses.mean().item(), (losses.std() / len(losses) ** 0.5).item() if len(losses) > 1 else 0.0
 
 
-def run(seed: int, steps: int, precision: str | None, eval_iters: int) -> dict:
+def run(text: str, seed: int, steps: int, precision: str | None, eval_iters: int) -> dict:
     """One training run at the preset: its wall and CPU time, tokens/s and validation losses."""
     model_cfg, train_cfg = PRESETS["shakespeare-cpu"]
     changes = {"max_steps": steps, "eval_every": steps, "seed": seed}
     if precision:
         changes["precision"] = precision
     train_cfg = train_cfg.replace(**changes)
-    text = read_text(SHAKESPEARE)
     tokenizer = train_tokenizer("char", text)
     model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, max_len=train_cfg.context)
     task = LMTask.from_text(text, tokenizer, train_cfg.batch_size, train_cfg.context)
@@ -100,9 +99,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    runs = []
+    text, runs = read_text(SHAKESPEARE), []
     for seed in seeds:
-        runs.append(run(seed, args.steps, args.precision, args.eval_iters))
+        runs.append(run(text, seed, args.steps, args.precision, args.eval_iters))
         if len(runs) == 1:
             print(f"aiayn shakespeare-cpu: {runs[0]['params'] / 1e6:.2f}M parameters, {runs[0]['precision']}, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
