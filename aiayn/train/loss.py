@@ -23,15 +23,18 @@ class _LabelSmoothedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, eps: float) -> Tensor:
         compute = torch.promote_types(logits.dtype, torch.float32)
-        n = logits.shape[0]
+        n, vocab = logits.shape
         losses = torch.empty(n, dtype=compute, device=logits.device)
         lse = torch.empty(n, dtype=compute, device=logits.device)
         for i in range(0, n, ROWS):
-            z = logits[i:i + ROWS].to(compute)
-            lse[i:i + ROWS] = z.logsumexp(dim=1)
+            z = logits[i:i + ROWS]
+            # logsumexp in fp32 without an fp32 copy of the block: z - max promotes on the fly
+            m = z.amax(dim=1).to(compute)
+            lse[i:i + ROWS] = (z - m[:, None]).exp_().sum(dim=1).log_().add_(m)
             # -(1 - eps) log p_t - eps * mean_j log p_j  =  lse - (1 - eps) z_t - eps * mean_j z_j
-            z_t = z.gather(1, target[i:i + ROWS, None]).squeeze(1)
-            losses[i:i + ROWS] = lse[i:i + ROWS] - (1 - eps) * z_t - eps * z.mean(dim=1)
+            z_t = z.gather(1, target[i:i + ROWS, None]).squeeze(1).to(compute)
+            z_mean = z.sum(dim=1, dtype=compute) / vocab
+            losses[i:i + ROWS] = lse[i:i + ROWS] - (1 - eps) * z_t - eps * z_mean
         ctx.save_for_backward(logits, target, lse)
         ctx.eps = eps
         return losses
@@ -43,11 +46,11 @@ class _LabelSmoothedCE(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], ROWS):
             rows = slice(i, i + ROWS)
-            p = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_()   # softmax
-            if eps:
-                p.sub_(eps / vocab)
+            p = (logits[rows] - lse[rows, None]).exp_()  # softmax, in fp32
             p.scatter_add_(1, target[rows, None], p.new_full((p.shape[0], 1), eps - 1.0))
-            grad[rows] = p.mul_(grad_losses[rows, None])
+            g = grad_losses[rows, None].to(p.dtype)
+            # (p - eps / V) * g, written straight in the logits' dtype: one pass
+            torch.addcmul(g * (-eps / vocab), p, g, out=grad[rows])
         return grad, None, None
 
 
