@@ -4,6 +4,8 @@
     python benchmarks/train_throughput.py --configs small --precisions bf16 --rounds 3
     python benchmarks/train_throughput.py --quick             # a tiny model, seconds: checks it works
     python benchmarks/train_throughput.py --threads 1 --clock cpu   # per CPU-second, on a busy machine
+    python benchmarks/train_throughput.py --configs small --precisions bf16 --engines aiayn --profile
+                                                              # + where the time goes, op by op
 
 Batches: random sentence pairs of Multi30k's shape (aiayn.bench.multi30k_like_pairs: ~13 source and
 ~15 target tokens), length-bucketed into ~4k-token batches by aiayn's own token_batches, the same
@@ -143,8 +145,14 @@ def run_cell(spec: dict) -> dict:
     seconds = clock() - t0
     tokens = sum(batches[i % len(batches)].n_tokens for i in timed)
     flops = sum(train_flops(cfg, batches[i % len(batches)]) for i in timed)
-    return {"tok_s": tokens / seconds, "flops_s": flops / seconds, "seconds": seconds, "tokens": tokens,
-            "loss": loss, "rss_gib": bench.peak_rss_gib()}
+    result = {"tok_s": tokens / seconds, "flops_s": flops / seconds, "seconds": seconds, "tokens": tokens,
+              "loss": loss, "rss_gib": bench.peak_rss_gib()}
+    if spec.get("profile"):  # the same steps again, under torch.profiler: self time per op
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for i in timed:
+                step(inputs[i % len(inputs)])
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return result
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: per second of process CPU time (all threads), for a busy machine with --threads 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="after the table, each cell's ops by self CPU time (torch.profiler, the timed steps again)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a check that it runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for cell in (cells if r % 2 == 0 else cells[::-1]):  # alternate the order against drift
             spec = {**cell, "steps": args.steps, "warmup": args.warmup, "max_tokens": args.max_tokens,
-                    "pairs": args.pairs, "seed": args.seed, "threads": args.threads, "clock": args.clock}
+                    "pairs": args.pairs, "seed": args.seed, "threads": args.threads, "clock": args.clock,
+                    "profile": args.profile}
             results.setdefault(tuple(cell.values()), []).append(bench.run_cell(script, spec))
 
     rows = []
@@ -219,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(bench.table(["config", "precision", "engine", "target tok/s", "GFLOP/s", "MFU", "peak RSS GiB",
                        "vs HF"], rows))
+    for cell, runs in results.items():
+        res = bench.best_of(runs, "tok_s")
+        if "profile" in res:
+            print(f"\nprofile of {' '.join(map(str, cell))} ({args.steps} steps):\n{res['profile']}")
     return 0
 
 

@@ -53,6 +53,11 @@ def test_train_table_has_our_rows(train_table, precision):
     assert tok_s > 0 and mfu > 0 and rss > 0.05
 
 
+def test_train_profile_names_the_ops():
+    out = run_script("train_throughput.py", "--engines", "aiayn", "--precisions", "bf16", "--profile")
+    assert "profile of tiny bf16 aiayn" in out and "aten::" in out
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_table_compares_with_hf(train_table, precision):
     pytest.importorskip("transformers")
