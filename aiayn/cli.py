@@ -270,6 +270,11 @@ def _resolve_model(path: Path) -> Path:
     return best
 
 
+def _check_workers(args) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be >= 1")
+
+
 def _check_precision(args) -> None:
     from aiayn.inference import check_precision
 
@@ -286,11 +291,12 @@ def cmd_translate(args) -> int:
         raise UserError("--beam must be >= 1")
     _check_device(args.device)
     _check_precision(args)
+    _check_workers(args)
     lines = _read_inputs(args)
     model, tokenizer, _ = _load(_translation_model_dir(args.model), args.device, "translation")
     empty = [i for i, line in enumerate(lines) if not line.strip()]
     outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=args.alpha,
-                        device=args.device, precision=args.precision, n_best=args.n_best)
+                        device=args.device, precision=args.precision, n_best=args.n_best, workers=args.workers)
     for i, out in enumerate(outputs):
         if args.n_best > 1:
             for text, score in out:
@@ -310,6 +316,7 @@ def cmd_evaluate(args) -> int:
 
     _check_device(args.device)
     _check_precision(args)
+    _check_workers(args)
     model_dir = _translation_model_dir(args.model)
     model, tokenizer, extra = _load(model_dir, args.device, "translation")
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
@@ -324,7 +331,7 @@ def cmd_evaluate(args) -> int:
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     t0 = time.perf_counter()
     hyps = translate(model, tokenizer, sources, beam=args.beam, alpha=args.alpha, device=args.device,
-                     precision=args.precision)
+                     precision=args.precision, workers=args.workers)
     seconds = time.perf_counter() - t0
     score = bleu(hyps, refs)
     result = {"model": str(model_dir), "split": args.split if not args.src_file else args.src_file,
@@ -478,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
+    t.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
+                   "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     t.set_defaults(func=cmd_translate)
 
     g = sub.add_parser("generate", help="generate text from a prompt with a language model",
@@ -511,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
+    e.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
+                   "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     e.add_argument("--hyp-out", help="write the translations to this file")
     e.set_defaults(func=cmd_evaluate)
 

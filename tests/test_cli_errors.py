@@ -259,3 +259,14 @@ def test_fp16_translation_is_refused_on_a_cpu(capsys):
     assert main(["translate", "A dog.", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
     assert "needs a GPU (--device cuda)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_zero_decoding_workers_are_refused(capsys, command):
+    args = ["A dog."] if command == "translate" else []
+    assert_one_line_error(run(capsys, command, *args, "--workers", "0"), "--workers must be >= 1")
+
+
+def test_translate_with_two_workers(capsys, model_dir):
+    rc, out, _ = run(capsys, "translate", "--model", model_dir, "--beam", "1", "--workers", "2", "a cat", "the dog")
+    assert rc == 0 and len(out.splitlines()) == 2

@@ -92,3 +92,18 @@ def test_translate_inside_an_autocast_region():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = translate(model, tiny.tokenizer(), ["a b c", "hello"], beam=1)
     assert len(out) == 2
+
+
+@pytest.mark.parametrize("beam, n_best", [(1, 1), (3, 2)])
+def test_decoding_workers_give_the_same_translations_in_order(beam, n_best):
+    """Batches decoded by 2 worker threads (translate's default on 2 cores) come back in input order,
+    the same as decoded one by one; the caller's thread setting is left as it was."""
+    torch.manual_seed(0)
+    model = Transformer(tiny.model_config())
+    sentences = ["a b c", "hello world", "x", "the cat sat on the mat", "b", "a a a a", "hello", "c b a"]
+    threads = torch.get_num_threads()
+    # a small token budget: several batches, so that both workers get some
+    one = translate(model, tiny.tokenizer(), sentences, beam=beam, n_best=n_best, max_tokens=200, workers=1)
+    two = translate(model, tiny.tokenizer(), sentences, beam=beam, n_best=n_best, max_tokens=200, workers=2)
+    assert two == one and len(one) == len(sentences)
+    assert torch.get_num_threads() == threads
