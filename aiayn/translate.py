@@ -18,6 +18,22 @@ def default_workers(device: str = "cpu") -> int:
     return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
 
 
+def _length_sorted_batches(ids: list[list[int]], beam: int, max_tokens: int) -> list[list[int]]:
+    """Indices of `ids`, sorted by length and cut into batches of as many sentences as fit in the
+    token budget, counting each output at its longest (source + 50) and beam hypotheses as sentences."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches, start = [], 0
+    while start < len(order):
+        longest, end = 0, start
+        while end < len(order) and max(longest, len(ids[order[end]]) + 50) * (end - start + 1) * beam <= max_tokens:
+            longest = max(longest, len(ids[order[end]]) + 50)
+            end += 1
+        end = max(end, start + 1)
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: float = 0.6,
               max_tokens: int = 8192, device: str = "cpu", precision: str = "fp32",
               n_best: int = 1, workers: int | None = None) -> list[str] | list[list[tuple[str, float]]]:
@@ -38,18 +54,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
         warnings.warn(f"{len(too_long)} input(s) longer than the model's maximum of {max_src} tokens were "
                       f"truncated (the first is input {too_long[0] + 1})", stacklevel=2)
     ids = [x[:max_src] or [tokenizer.unk_id] for x in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks, start = [], 0
-    while start < len(order):
-        # as many sentences as fit in the token budget (beam hypotheses count as sentences)
-        longest, end = 0, start
-        while end < len(order) and max(longest, len(ids[order[end]]) + 50) * (end - start + 1) * beam <= max_tokens:
-            longest = max(longest, len(ids[order[end]]) + 50)
-            end += 1
-        end = max(end, start + 1)
-        chunks.append(order[start:end])
-        start = end
-
+    chunks = _length_sorted_batches(ids, beam, max_tokens)
     was_training = model.training
     fast = inference_model(model, precision)
 
