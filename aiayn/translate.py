@@ -18,6 +18,18 @@ def default_workers(device: str = "cpu") -> int:
     return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
 
 
+def map_in_workers(fn, items: list, workers: int) -> list:
+    """[fn(item) for item in items], in `workers` threads of one torch thread each: torch ops release
+    the GIL, so the threads overlap except in the Python between ops. The caller's thread setting is
+    restored (a worker's torch.set_num_threads also becomes the default of threads started later)."""
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _length_sorted_batches(ids: list[list[int]], beam: int, max_tokens: int) -> list[list[int]]:
     """Indices of `ids`, sorted by length and cut into batches of as many sentences as fit in the
     token budget, counting each output at its longest (source + 50) and beam hypotheses as sentences."""
@@ -70,10 +82,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
 
     workers = min(default_workers(device) if workers is None else workers, len(chunks))
     if workers > 1 and torch.device(device).type == "cpu":
-        threads = torch.get_num_threads()
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            outs = list(pool.map(decode, chunks))
-        torch.set_num_threads(threads)  # the workers' setting also became the default of new threads
+        outs = map_in_workers(decode, chunks, workers)
     else:
         outs = [decode(chunk) for chunk in chunks]
     results: list = [None] * len(ids)

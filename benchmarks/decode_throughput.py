@@ -110,14 +110,11 @@ def ct2_engine(cfg: ModelConfig, compute_type: str, length: int, batch: int, tmp
 
 
 def _in_threads(per_batch, B: int, workers: int):
-    """Batches shared out to `workers` Python threads of one torch thread each (torch ops release
-    the GIL, so the threads overlap except in the Python between ops)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    """Batches shared out to `workers` threads of one torch thread each (what translate() does)."""
+    from aiayn.translate import map_in_workers
 
     def whole(s, beam):
-        parts = pool.map(lambda i: per_batch(s[i:i + B], beam), range(0, s.size(0), B))
+        parts = map_in_workers(lambda i: per_batch(s[i:i + B], beam), range(0, s.size(0), B), workers)
         return [x for part in parts for x in part]
 
     return whole
