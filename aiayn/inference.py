@@ -84,13 +84,15 @@ class OneDNNLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 
 
-def onednn_linears(model: nn.Module, pack: bool = True) -> nn.Module:
-    """An inference copy of `model` whose nn.Linear layers (cross-attention's split in two, see
-    _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Falls back to the model itself where
-    torch was built without oneDNN or the model is not on a CPU."""
+def onednn_linears(model: nn.Module, pack: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """An inference copy of `model` (cast to `dtype` if given) whose nn.Linear layers (cross-attention's
+    split in two, see _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Where torch was built
+    without oneDNN or the model is not on a CPU: the model itself, or a cast copy for a `dtype`."""
     if not onednn_available() or any(p.device.type != "cpu" for p in model.parameters()):
-        return model.eval()
+        return copy.deepcopy(model).to(dtype).eval() if dtype else model.eval()
     q = _inference_copy(model)
+    if dtype:
+        q.to(dtype)  # in place
     for m in q.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
@@ -158,7 +160,6 @@ def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
         return model.eval()
     if precision == "fp32":
         return onednn_linears(model)
-    if precision in ("bf16", "fp16"):
-        cast = copy.deepcopy(model).to(torch.bfloat16 if precision == "bf16" else torch.float16)
-        return onednn_linears(cast) if on_cpu else cast.eval()
+    if precision in ("bf16", "fp16"):  # one copy, cast (with oneDNN linears on a CPU)
+        return onednn_linears(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return quantize_int8(model)  # int8
