@@ -408,7 +408,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="bf16 autocast (CPU/CUDA), fp16 (CUDA)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "bf16-model", "fp16"],
+                   help="bf16: autocast (CPU/CUDA); bf16-model: the model itself in bf16, fp32 master "
+                        "weights in the optimizer (faster on a CPU); fp16: CUDA, with a loss scaler")
     g.add_argument("--max-steps", type=int, help="stop after this many updates")
     g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
     g.add_argument("--max-minutes", type=float, help="stop after this much wall time")

@@ -106,7 +106,7 @@ class TrainConfig:
     label_smoothing: float = 0.1       # §5.4
     clip_norm: float | None = None
     update_freq: int = 1               # gradient accumulation: micro-batches per update
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16-model", "fp16"] = "fp32"
     max_tokens: int = 4096             # translation: padded positions per batch
     batch_size: int = 12               # language models: sequences per batch
     context: int = 64                  # language models: tokens per sequence
@@ -120,7 +120,7 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
+        if self.precision not in ("fp32", "bf16", "bf16-model", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}")
         if self.update_freq < 1:
             raise ValueError("update_freq must be >= 1")

@@ -12,7 +12,9 @@ Batches: random sentence pairs of Multi30k's shape (aiayn.bench.multi30k_like_pa
 batches for both engines (Marian gets them re-padded with its pad id, labels -100 at padding).
 
 aiayn runs its real training step: translation_loss with label smoothing 0.1, the fused Adam of
-make_optimizer, aiayn's autocast for bf16 (fp32 master weights). HF runs what its Trainer runs:
+make_optimizer, aiayn's autocast for bf16 (fp32 master weights); bf16-model is the Trainer's bf16
+copy of the model with fp32 masters in the optimizer (aiayn.train.loop.Bf16Twin), compared with
+HF's bf16 cell. HF runs what its Trainer runs:
 MarianMTModel forward under the same autocast, the label-smoothed loss on its logits (Trainer's
 LabelSmoother, here F.cross_entropy(label_smoothing=0.1)), fused AdamW (Trainer's default for
 torch >= 2.8), weight decay 1e-4.
@@ -49,7 +51,10 @@ from aiayn.config import ModelConfig, TrainConfig, preset
 from aiayn.data.batching import Batch, collate, token_batches
 from aiayn.data.tokenizer import PAD
 
-CONFIGS = {"small": dict(vocab_size=8000), "base": dict(vocab_size=8000), "tiny": dict(vocab_size=64)}
+CONFIGS = {"small": dict(vocab_size=8000), "base": dict(vocab_size=8000), "multi30k": dict(vocab_size=8000),
+           "tiny": dict(vocab_size=64)}
+PRECISIONS = ("fp32", "bf16", "bf16-model")
+HF_PRECISION = {"bf16-model": "bf16"}  # the HF cell a bf16-model row is compared with
 ENGINES = ("aiayn", "hf")
 ENGINE_NAMES = {"aiayn": "aiayn", "hf": "HF Marian"}
 
@@ -79,21 +84,29 @@ def train_flops(cfg: ModelConfig, batch: Batch) -> float:
 def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.model import build_model
     from aiayn.tasks.translation import translation_loss
-    from aiayn.train.loop import autocast, make_optimizer
+    from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
     from aiayn.train.onednn import use_onednn_linears
 
     tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
     torch.manual_seed(0)
     model = use_onednn_linears(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
     optimizer = make_optimizer(model, tcfg)
+    twin = Bf16Twin(model) if precision == "bf16-model" else None
 
     def step(batch: Batch) -> float:  # as Trainer.train_step, for one micro-batch
         optimizer.zero_grad(set_to_none=True)
-        with autocast(tcfg):
-            loss = translation_loss(model, batch, tcfg.label_smoothing)
+        if twin is None:
+            with autocast(tcfg):
+                loss = translation_loss(model, batch, tcfg.label_smoothing)
+        else:
+            loss = translation_loss(twin.model, batch, tcfg.label_smoothing)
         loss.backward()
+        if twin is not None:
+            twin.collect_grads()
         value = loss.item()
         optimizer.step()
+        if twin is not None:
+            twin.sync()
         return value
 
     return step, lambda b: b
@@ -158,7 +171,7 @@ def run_cell(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------ driver
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default="small,base", help="comma-separated: small, base, tiny")
+    p.add_argument("--configs", default="small,base", help="comma-separated: small, base, multi30k, tiny")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--engines", default=",".join(ENGINES), help="aiayn, hf")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per cell")
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in CONFIGS:
             p.error(f"unknown config {name!r}")
     for pr in precisions:
-        if pr not in ("fp32", "bf16"):
+        if pr not in PRECISIONS:
             p.error(f"unknown precision {pr!r}")
     for e in engines:
         if e not in ENGINES:
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 256 if args.quick else 2048
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     peak = {p: bench.matmul_peak(dt, n, clock=clock) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak["bf16-model"] = peak["bf16"]
     print(f"rates per {args.clock} second; matmul peak ({n}x{n}): fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s")
     for name in configs:
         cfg = model_config(name)
@@ -205,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{tok:,.0f} target tokens, {sum(b.src.size(0) for b in bs) / len(bs):.0f} sentences, "
               f"{src:.1f} source tokens a sentence, {pad:.1%} target padding")
 
-    cells = [dict(config=c, precision=pr, engine=e) for c in configs for pr in precisions for e in engines]
+    # HF has no bf16-model mode: those rows compare with HF's bf16 (autocast) cell
+    cells = [dict(config=c, precision=HF_PRECISION.get(pr, pr) if e == "hf" else pr, engine=e)
+             for c in configs for pr in precisions for e in engines]
+    cells = [dict(t) for t in dict.fromkeys(tuple(cell.items()) for cell in cells)]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
     for r in range(args.rounds):
@@ -218,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in configs:
         for pr in precisions:
-            hf = bench.best_of(results.get((c, pr, "hf"), [{"error": "not run"}]), "tok_s")
+            hf = bench.best_of(results.get((c, HF_PRECISION.get(pr, pr), "hf"), [{"error": "not run"}]), "tok_s")
             for e in engines:
+                if (c, pr, e) not in results:  # HF in a bf16-model row
+                    continue
                 res = bench.best_of(results[(c, pr, e)], "tok_s")
                 if "error" in res:
                     rows.append([c, pr, ENGINE_NAMES[e], "failed: " + res["error"], "", "", "", ""])

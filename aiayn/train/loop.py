@@ -9,6 +9,7 @@ metrics in `metrics.jsonl` and a PNG of the curves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -45,14 +46,53 @@ class Task(Protocol):
 
 
 def autocast(cfg: TrainConfig):
-    """bf16 autocast on CPU and CUDA (fp32 master weights), fp16 on CUDA."""
+    """bf16 autocast on CPU and CUDA (fp32 master weights), fp16 on CUDA. ("bf16-model" trains a bf16
+    copy of the model without autocast, see Bf16Twin; its validation runs the fp32 model under bf16
+    autocast, as "bf16" does.)"""
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
     device_type = torch.device(cfg.device).type
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
     if dtype == torch.float16 and device_type != "cuda":
         raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
+
+
+class Bf16Twin:
+    """The "bf16-model" precision: a bf16 copy of an fp32 model runs the forward and backward passes.
+
+    Under autocast every linear layer casts its fp32 weight to bf16 at every call, and the residual
+    stream, layer norms and dropout stay in fp32. Here weights, activations and gradients are bf16
+    throughout; the fp32 model keeps the master weights, which the optimizer updates, checkpoints
+    save, averaging averages and validation runs. Per update: the bf16 gradients are added into fp32
+    ones after each micro-batch (so accumulation is in fp32), the optimizer steps on the masters,
+    and one `_foreach_copy_` rounds them back into the copy. Buffers (the sinusoidal positions) stay
+    fp32 and are cast where they are used.
+    """
+
+    def __init__(self, master: torch.nn.Module):
+        self.model = copy.deepcopy(master)  # deepcopy keeps tied parameters tied
+        for p in self.model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        self._master = list(master.parameters())
+        self._bf16 = list(self.model.parameters())
+
+    @torch.no_grad()
+    def collect_grads(self) -> None:
+        """Add the copy's gradients into the masters' (fp32) and clear the copy's."""
+        for m, b in zip(self._master, self._bf16):
+            if b.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = b.grad.float()
+            else:
+                m.grad.add_(b.grad)
+            b.grad = None
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Round the master weights into the bf16 copy (after every update and after loading)."""
+        torch._foreach_copy_(self._bf16, self._master)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -104,7 +144,10 @@ class Trainer:
     def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
                  extra_meta: dict | None = None):
         model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
+        # self.model holds the fp32 weights the optimizer updates; the passes run on self.twin's
+        # bf16 copy with precision "bf16-model", on self.model itself otherwise
         self.task, self.model, self.tokenizer, self.cfg = task, model, tokenizer, cfg
+        self.twin = Bf16Twin(model) if cfg.precision == "bf16-model" else None
         self.run_dir = Path(run_dir)
         self.extra_meta = extra_meta or {}
         self.optimizer = make_optimizer(model, cfg)
@@ -123,6 +166,8 @@ class Trainer:
             if not found:
                 raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
             self.state = {**self.state, **load_checkpoint(found[-1], self.model, self.optimizer, self.scaler)}
+            if self.twin is not None:
+                self.twin.sync()
             self._truncate_metrics(self.state["step"])
         elif found:
             raise CheckpointError(f"{self.run_dir} already holds a run; use --resume to continue it "
@@ -193,14 +238,16 @@ class Trainer:
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
-        cfg, model = self.cfg, self.model
+        cfg, model, twin = self.cfg, self.model, self.twin
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
         for _ in range(cfg.update_freq):
             batch = self._next_batch()
-            with autocast(cfg):
-                loss, n_tokens = self.task.loss(model, batch, cfg)
+            with autocast(cfg) if twin is None else contextlib.nullcontext():
+                loss, n_tokens = self.task.loss(model if twin is None else twin.model, batch, cfg)
             self.scaler.scale(loss / cfg.update_freq).backward()
+            if twin is not None:
+                twin.collect_grads()
             total_loss += loss.item() / cfg.update_freq
             total_tokens += n_tokens
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
@@ -213,6 +260,8 @@ class Trainer:
         self.state["nonfinite"] = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if twin is not None:
+            twin.sync()
         return total_loss, total_tokens
 
     def _skip_update(self, loss: float) -> tuple[float, int]:
@@ -253,6 +302,8 @@ class Trainer:
         total = cfg.max_steps
         self._epoch = None
         self.model.train()
+        if self.twin is not None:
+            self.twin.model.train()
         bar = tqdm(total=total, initial=s["step"], disable=not progress, unit="step", dynamic_ncols=True,
                    desc=f"train {self.task.name}")
         window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
