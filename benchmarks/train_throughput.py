@@ -84,9 +84,10 @@ def train_flops(cfg: ModelConfig, batch: Batch) -> float:
 def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.model import build_model
     from aiayn.tasks.translation import translation_loss
-    from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
+    from aiayn.train.loop import Bf16Twin, autocast, keep_freed_memory, make_optimizer
     from aiayn.train.onednn import use_onednn_linears
 
+    keep_freed_memory()  # as the Trainer does on a CPU
     tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
     torch.manual_seed(0)
     model = use_onednn_linears(build_model(cfg).train(), precision, "cpu")  # as the Trainer does

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -56,6 +58,28 @@ def autocast(cfg: TrainConfig):
     if dtype == torch.float16 and device_type != "cuda":
         raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    By default every block over the mmap threshold (at most 32 MB) is its own mapping, unmapped on
+    free, and the heap's top is trimmed back to the OS: each step then faults its large temporaries
+    (logits, activations, gradients) in again, page by page, each page zeroed by the kernel. Small
+    bf16 training step here: ~40k page faults and ~60 ms of kernel time a step, 9-18% of the step
+    (120k faults in fp32). With mmap off and no trimming, ~10k. The setting is process-wide and
+    lasts; the peak memory is the same (the freed memory is reused, not added to). Elsewhere than
+    glibc, nothing happens.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: leave malloc alone
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # (a thread's arena still maps a block it cannot serve otherwise)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 class Bf16Twin:
@@ -144,6 +168,8 @@ class Trainer:
     def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
                  extra_meta: dict | None = None):
         model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
+        if torch.device(cfg.device).type == "cpu":
+            keep_freed_memory()
         # self.model holds the fp32 weights the optimizer updates; the passes run on self.twin's
         # bf16 copy with precision "bf16-model", on self.model itself otherwise
         self.task, self.model, self.tokenizer, self.cfg = task, model, tokenizer, cfg

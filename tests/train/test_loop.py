@@ -3,6 +3,8 @@ checkpoint, epoch boundaries, and run directories left behind by a killed run.""
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -124,3 +126,30 @@ def test_a_fresh_run_drops_the_metrics_of_a_run_killed_before_its_first_checkpoi
     tiny.trainer(tmp_path, max_steps=2).run(progress=False)
     assert [r[0] for r in tiny.train_rows(tmp_path)] == [1, 2]
     assert tiny.train_rows(tmp_path)[0][1] != 9.0
+
+
+_FAULTS = """
+import resource, torch
+from aiayn.train.loop import keep_freed_memory
+
+def faults_of_big_temporaries():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20).sum()  # 64 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+torch.ones(16 << 20)
+default = faults_of_big_temporaries()
+keep_freed_memory()
+torch.ones(16 << 20)  # the first one after the change is new memory
+print(default, faults_of_big_temporaries())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    # a fresh interpreter: the setting is process-wide and would outlive this test
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout
+    default, kept = map(int, out.split())
+    assert default > 5 * 16_000  # 5 x 64 MB of 4 KB pages, faulted in each time
+    assert kept < default / 10
