@@ -572,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from aiayn.checkpoint import CheckpointError
     from aiayn.data.corpus import DataError
+    from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import TrainingError
+
+    keep_freed_memory()  # each command's steps reuse what the last one freed
 
     try:
         with warnings.catch_warnings():

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ from tqdm import tqdm
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
+from aiayn.memory import keep_freed_memory
 from aiayn.train.onednn import use_onednn_linears
 from aiayn.train.schedule import learning_rate
 
@@ -58,28 +57,6 @@ def autocast(cfg: TrainConfig):
     if dtype == torch.float16 and device_type != "cuda":
         raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
-
-
-def keep_freed_memory() -> None:
-    """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
-
-    By default every block over the mmap threshold (at most 32 MB) is its own mapping, unmapped on
-    free, and the heap's top is trimmed back to the OS: each step then faults its large temporaries
-    (logits, activations, gradients) in again, page by page, each page zeroed by the kernel. Small
-    bf16 training step here: ~40k page faults and ~60 ms of kernel time a step, 9-18% of the step
-    (120k faults in fp32). With mmap off and no trimming, ~10k. The setting is process-wide and
-    lasts; the peak memory is the same (the freed memory is reused, not added to). Elsewhere than
-    glibc, nothing happens.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: leave malloc alone
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    mallopt(M_MMAP_MAX, 0)  # (a thread's arena still maps a block it cannot serve otherwise)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 class Bf16Twin:

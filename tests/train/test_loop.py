@@ -130,7 +130,7 @@ def test_a_fresh_run_drops_the_metrics_of_a_run_killed_before_its_first_checkpoi
 
 _FAULTS = """
 import resource, torch
-from aiayn.train.loop import keep_freed_memory
+from aiayn.memory import keep_freed_memory
 
 def faults_of_big_temporaries():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,0 +1,29 @@
+"""Process-wide memory settings that make training and decoding steps on a CPU faster."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    By default every block over the mmap threshold (at most 32 MB) is its own mapping, unmapped on
+    free, and the heap's top is trimmed back to the OS: each step then faults its large temporaries
+    (logits, activations, gradients) in again, page by page, each page zeroed by the kernel. Small
+    bf16 training step here: ~40k page faults and ~60 ms of kernel time a step, 9-18% of the step
+    (120k faults in fp32). With mmap off and no trimming, ~10k. Beam search gains 12-26% the same
+    way. The Trainer (on a CPU), inference_model and the CLI call this. The setting is process-wide
+    and lasts; the peak memory is the same (the freed memory is reused, not added to). Elsewhere
+    than glibc, nothing happens.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: leave malloc alone
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # (a thread's arena still maps a block it cannot serve otherwise)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
