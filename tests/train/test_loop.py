@@ -141,7 +141,7 @@ def faults_of_big_temporaries():
 torch.ones(16 << 20)
 default = faults_of_big_temporaries()
 keep_freed_memory()
-torch.ones(16 << 20)  # the first one after the change is new memory
+faults_of_big_temporaries()  # the first ones after the change may still be new memory
 print(default, faults_of_big_temporaries())
 """
 
@@ -152,4 +152,4 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout
     default, kept = map(int, out.split())
     assert default > 5 * 16_000  # 5 x 64 MB of 4 KB pages, faulted in each time
-    assert kept < default / 10
+    assert kept < default / 4
