@@ -12,13 +12,18 @@ from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, write_
 from aiayn.train.loop import checkpoints
 
 
-def average_checkpoints(run_dir: Path, last: int, out: Path) -> Path:
-    """Average the weights of the `last` newest checkpoints of `run_dir` into a model directory `out`."""
+def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:
+    """Average the weights of the `last` newest checkpoints of `run_dir` into a model directory `out`.
+
+    alpha: a length penalty to record as the model's own default for `aiayn translate` and
+    `aiayn evaluate` (the one chosen on validation data; without it, theirs: 0.6)."""
     found = checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir}: no checkpoints to average")
     if last < 1:
         raise CheckpointError("--last must be >= 1")
+    if alpha is not None and not alpha >= 0:
+        raise CheckpointError("--alpha must be >= 0")
     chosen = found[-last:]
     model, tokenizer, task, extra = load_model_dir(chosen[-1])
     total: dict[str, torch.Tensor] = {}
@@ -34,7 +39,8 @@ def average_checkpoints(run_dir: Path, last: int, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_model(tmp, model, tokenizer, task, {**extra, "averaged": [p.name for p in chosen]})
+    extra = {**extra, "averaged": [p.name for p in chosen], **({"alpha": alpha} if alpha is not None else {})}
+    write_model(tmp, model, tokenizer, task, extra)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

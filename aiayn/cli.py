@@ -284,6 +284,15 @@ def _check_precision(args) -> None:
         raise UserError(str(e)) from None
 
 
+def _alpha(args, extra: dict) -> float:
+    """--alpha if given, else the length penalty recorded in the model (aiayn average --alpha), else 0.6."""
+    if args.alpha is not None:
+        if not args.alpha >= 0:
+            raise UserError("--alpha must be >= 0")
+        return args.alpha
+    return float(extra.get("alpha", 0.6))
+
+
 def cmd_translate(args) -> int:
     from aiayn.translate import translate
 
@@ -293,9 +302,9 @@ def cmd_translate(args) -> int:
     _check_precision(args)
     _check_workers(args)
     lines = _read_inputs(args)
-    model, tokenizer, _ = _load(_translation_model_dir(args.model), args.device, "translation")
+    model, tokenizer, extra = _load(_translation_model_dir(args.model), args.device, "translation")
     empty = [i for i, line in enumerate(lines) if not line.strip()]
-    outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=args.alpha,
+    outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=_alpha(args, extra),
                         device=args.device, precision=args.precision, n_best=args.n_best, workers=args.workers)
     for i, out in enumerate(outputs):
         if args.n_best > 1:
@@ -330,12 +339,13 @@ def cmd_evaluate(args) -> int:
         tok_ref = multi30k_tok_reference(args.split, tgt_lang) if args.split != "train" else None
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     t0 = time.perf_counter()
-    hyps = translate(model, tokenizer, sources, beam=args.beam, alpha=args.alpha, device=args.device,
+    alpha = _alpha(args, extra)
+    hyps = translate(model, tokenizer, sources, beam=args.beam, alpha=alpha, device=args.device,
                      precision=args.precision, workers=args.workers)
     seconds = time.perf_counter() - t0
     score = bleu(hyps, refs)
     result = {"model": str(model_dir), "split": args.split if not args.src_file else args.src_file,
-              "beam": args.beam, "alpha": args.alpha, "sacrebleu": round(score.score, 2),
+              "beam": args.beam, "alpha": alpha, "sacrebleu": round(score.score, 2),
               "chrf": round(chrf(hyps, refs), 2), "signature": bleu_signature(hyps, refs),
               "seconds": round(seconds, 1)}
     if tok_ref is not None:
@@ -350,7 +360,7 @@ def cmd_evaluate(args) -> int:
 def cmd_average(args) -> int:
     from aiayn.average import average_checkpoints
 
-    out = average_checkpoints(Path(args.run_dir), args.last, Path(args.out))
+    out = average_checkpoints(Path(args.run_dir), args.last, Path(args.out), alpha=args.alpha)
     print(f"averaged {args.last} checkpoints into {out}")
     return 0
 
@@ -482,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", "-i", help="a file with one sentence a line ('-' = stdin)")
     t.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
     t.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
-    t.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default 0.6, §6.1)")
+    t.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6, §6.1)")
     t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
     t.add_argument("--device", default="cpu")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
@@ -518,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--src-file", help="your own test source file")
     e.add_argument("--ref-file", help="your own test reference file")
     e.add_argument("--beam", type=int, default=4)
-    e.add_argument("--alpha", type=float, default=0.6)
+    e.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
@@ -531,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir", help="a training run directory (aiayn train ... --out RUN_DIR)")
     a.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default 5)")
     a.add_argument("--out", required=True, help="directory for the averaged model")
+    a.add_argument("--alpha", type=float, help="record this length penalty (chosen on validation data) as "
+                   "the model's default for translate and evaluate")
     a.set_defaults(func=cmd_average)
 
     x = sub.add_parser("explain", help="show what the model does with a sentence (attention maps, ...)",
