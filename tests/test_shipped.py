@@ -1,8 +1,12 @@
 """The models shipped inside the package load and do their job."""
 
+import json
+
 from aiayn.checkpoint import load_model_dir
 from aiayn.cli import _default_model_dir, main
 from aiayn.translate import translate
+
+SHIPPED_SCORES = (40.21, 39.82)  # en-de, test_2016_flickr: lowercased tokenized BLEU, sacreBLEU (README)
 
 
 def test_shipped_translation_model_translates_english_to_german():
@@ -35,3 +39,14 @@ def test_shipped_language_model_writes_shakespeare(capsys):
     assert val_loss <= 1.50  # issue 4's target for the shipped model
     assert main(["generate", "--prompt", "ROMEO:", "-n", "40", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_shipped_translation_model_scores_what_the_readme_says(capsys):
+    # `aiayn evaluate` with the model's own defaults (beam 4, its recorded length penalty 1.0) on
+    # test_2016_flickr: the README's scores (within 0.1: another CPU may round a sum differently)
+    assert main(["evaluate"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["split"], result["beam"], result["alpha"]) == ("test_2016_flickr", 4, 1.0)
+    for got, readme in zip((result["lc_tok_bleu"], result["sacrebleu"]), SHIPPED_SCORES):
+        assert abs(got - readme) <= 0.1
+    assert result["lc_tok_bleu"] >= 40.0
