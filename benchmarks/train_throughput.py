@@ -41,6 +41,7 @@ i.e. 6 x (parameters a token passes through) x tokens, plus attention. Embedding
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def train_flops(cfg: ModelConfig, batch: Batch) -> float:
 def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.model import build_model
     from aiayn.tasks.translation import translation_loss
-    from aiayn.train.loop import Bf16Twin, autocast, keep_freed_memory, make_optimizer
+    from aiayn.memory import keep_freed_memory
+    from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
     from aiayn.train.onednn import use_onednn_linears
 
     keep_freed_memory()  # as the Trainer does on a CPU
@@ -96,11 +98,8 @@ def aiayn_step(cfg: ModelConfig, precision: str):
 
     def step(batch: Batch) -> float:  # as Trainer.train_step, for one micro-batch
         optimizer.zero_grad(set_to_none=True)
-        if twin is None:
-            with autocast(tcfg):
-                loss = translation_loss(model, batch, tcfg.label_smoothing)
-        else:
-            loss = translation_loss(twin.model, batch, tcfg.label_smoothing)
+        with autocast(tcfg) if twin is None else contextlib.nullcontext():
+            loss = translation_loss(model if twin is None else twin.model, batch, tcfg.label_smoothing)
         loss.backward()
         if twin is not None:
             twin.collect_grads()
