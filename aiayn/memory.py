@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 
+@functools.cache  # once a process: inference_model calls it at every translate(), validation included
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
 
