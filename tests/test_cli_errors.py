@@ -270,3 +270,9 @@ def test_zero_decoding_workers_are_refused(capsys, command):
 def test_translate_with_two_workers(capsys, model_dir):
     rc, out, _ = run(capsys, "translate", "--model", model_dir, "--beam", "1", "--workers", "2", "a cat", "the dog")
     assert rc == 0 and len(out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_a_negative_length_penalty_is_refused(capsys, command):
+    args = ["A dog."] if command == "translate" else []
+    assert_one_line_error(run(capsys, command, *args, "--alpha", "-1"), "--alpha must be >= 0")
