@@ -32,7 +32,7 @@ def _train_config(args, **defaults):
 
     fields = {f: getattr(args, f) for f in (
         "max_steps", "max_epochs", "max_minutes", "lr", "warmup", "precision", "max_tokens", "update_freq",
-        "clip_norm", "label_smoothing", "eval_every", "seed", "device", "keep_last", "batch_size", "context",
+        "clip_norm", "label_smoothing", "rdrop", "eval_every", "seed", "device", "keep_last", "batch_size", "context",
         "weight_decay", "log_every") if getattr(args, f, None) is not None}
     merged = {**defaults, **fields}
     if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-tokens", type=int, help="padded tokens per batch (default 4096)")
     tr.add_argument("--label-smoothing", type=float, help="default 0.1 (§5.4)")
     tr.add_argument("--dropout", type=float, help="override the preset's dropout")
+    tr.add_argument("--rdrop", type=float, help="R-Drop alpha (Liang et al., 2021; 5 for small data): each "
+                    "batch runs twice and a KL term pulls the two dropout outputs together; ~2x a step")
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
     _add_train_options(tr)
     tr.set_defaults(func=cmd_train_translation)

@@ -104,6 +104,7 @@ class TrainConfig:
     eps: float = 1e-9
     weight_decay: float = 0.0
     label_smoothing: float = 0.1       # §5.4
+    rdrop: float = 0.0                 # translation: R-Drop's alpha (each batch runs twice); 0 = off
     clip_norm: float | None = None
     update_freq: int = 1               # gradient accumulation: micro-batches per update
     precision: Literal["fp32", "bf16", "bf16-model", "fp16"] = "fp32"
@@ -122,6 +123,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "bf16-model", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}")
+        if self.rdrop < 0:
+            raise ValueError("rdrop must be >= 0")
         if self.update_freq < 1:
             raise ValueError("update_freq must be >= 1")
         if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:

@@ -8,19 +8,31 @@ from aiayn.config import TrainConfig
 from aiayn.data.batching import Batch, collate, token_batches
 from aiayn.data.tokenizer import PAD
 from aiayn.evaluate import bleu
-from aiayn.train.loss import label_smoothed_cross_entropy
+from aiayn.train.loss import label_smoothed_cross_entropy, symmetric_kl
 
 
-def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reduction: str = "mean"):
+def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reduction: str = "mean",
+                     rdrop: float = 0.0):
     """Label-smoothed cross-entropy (§5.4) over the real target tokens only.
 
     The output projection runs on the non-padding positions alone: no work is spent on padding.
+    rdrop > 0 adds R-Drop (Liang et al., 2021): the batch runs twice in one pass (two dropout masks)
+    and the loss is the mean cross-entropy of both copies + rdrop / 4 * the mean symmetric KL between
+    their output distributions, the weighting of the authors' fairseq criterion (their alpha).
     """
+    if rdrop:
+        batch = Batch(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1), batch.tgt_out.repeat(2, 1))
     memory, memory_mask = model.encode(batch.src)
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
     keep = batch.tgt_out != PAD
     logits = model.logits(h[keep])                          # (N, V)
-    return label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
+    loss = label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
+    if rdrop:
+        if reduction != "mean":
+            raise ValueError("R-Drop trains with the mean loss")
+        p, q = logits.chunk(2)  # row-major masking keeps the first copy's tokens first
+        loss = loss + rdrop / 4 * symmetric_kl(p, q).mean()
+    return loss
 
 
 class TranslationTask:
@@ -51,7 +63,7 @@ class TranslationTask:
         n = batch.n_tokens
         self._padding[0] += batch.tgt_out.numel() - n
         self._padding[1] += batch.tgt_out.numel()
-        return translation_loss(model, batch, cfg.label_smoothing), n
+        return translation_loss(model, batch, cfg.label_smoothing, rdrop=cfg.rdrop), n
 
     def log_extra(self) -> dict:
         pad, total = self._padding

@@ -70,3 +70,12 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing
     if reduction == "mean":
         return losses.mean()
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) + KL(q || p) per row of two (N, V) logit matrices, in fp32: R-Drop's consistency
+    term (Liang et al., 2021). Gradients flow into both sides, as in the authors' code."""
+    lp = torch.log_softmax(logits_p.float(), dim=-1)
+    lq = torch.log_softmax(logits_q.float(), dim=-1)
+    # KL(p||q) + KL(q||p) = sum_j p_j (lp_j - lq_j) + q_j (lq_j - lp_j) = sum_j (p_j - q_j)(lp_j - lq_j)
+    return ((lp.exp() - lq.exp()) * (lp - lq)).sum(dim=-1)

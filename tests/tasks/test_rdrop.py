@@ -1,0 +1,49 @@
+"""R-Drop (Liang et al., 2021): the batch runs twice and a symmetric KL term ties the two outputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aiayn.config import TrainConfig, preset
+from aiayn.data.batching import collate
+from aiayn.model import Transformer
+from aiayn.tasks.translation import translation_loss
+from aiayn.train.loss import symmetric_kl
+
+
+def test_symmetric_kl_matches_torch_kl_div_in_float64():
+    torch.manual_seed(0)
+    p, q = torch.randn(7, 11, dtype=torch.float64), torch.randn(7, 11, dtype=torch.float64)
+    lp, lq = p.log_softmax(-1), q.log_softmax(-1)
+    expected = (F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)     # KL(p || q)
+                + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1))  # KL(q || p)
+    torch.testing.assert_close(symmetric_kl(p, q).double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(symmetric_kl(p, p) == 0)
+
+
+def batch():
+    pairs = [([5, 6, 7, 2], [8, 9, 2]), ([5, 9, 2], [10, 11, 12, 13, 2]), ([4, 2], [7, 2])]
+    return collate(pairs)
+
+
+def test_without_dropout_the_two_copies_agree_and_the_loss_is_the_plain_one():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=16, dropout=0.0)).double()
+    plain = translation_loss(model, batch(), 0.1)
+    torch.testing.assert_close(translation_loss(model, batch(), 0.1, rdrop=5.0), plain)
+
+
+def test_with_dropout_the_kl_term_adds_a_positive_loss_and_gradients():
+    model = Transformer(preset("tiny", vocab_size=16, dropout=0.3)).double().train()
+    torch.manual_seed(1)
+    with_kl = translation_loss(model, batch(), 0.1, rdrop=5.0)
+    torch.manual_seed(1)
+    without = translation_loss(model, batch(), 0.1, rdrop=1e-30)  # same two passes, same masks
+    assert with_kl.item() > without.item()
+    with_kl.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_negative_alpha_is_refused():
+    with pytest.raises(ValueError, match="rdrop"):
+        TrainConfig(max_steps=1, rdrop=-1.0)
