@@ -30,8 +30,8 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     if rdrop:
         if reduction != "mean":
             raise ValueError("R-Drop trains with the mean loss")
-        p, q = logits.chunk(2)  # row-major masking keeps the first copy's tokens first
-        loss = loss + rdrop / 4 * symmetric_kl(p, q).mean()
+        # row-major masking keeps the two copies' tokens in two halves, in the same order
+        loss = loss + rdrop / 4 * symmetric_kl(logits).mean()
     return loss
 
 

@@ -72,10 +72,48 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p || q) + KL(q || p) per row of two (N, V) logit matrices, in fp32: R-Drop's consistency
-    term (Liang et al., 2021). Gradients flow into both sides, as in the authors' code."""
-    lp = torch.log_softmax(logits_p.float(), dim=-1)
-    lq = torch.log_softmax(logits_q.float(), dim=-1)
-    # KL(p||q) + KL(q||p) = sum_j p_j (lp_j - lq_j) + q_j (lq_j - lp_j) = sum_j (p_j - q_j)(lp_j - lq_j)
-    return ((lp.exp() - lq.exp()) * (lp - lq)).sum(dim=-1)
+
+class _SymmetricKL(torch.autograd.Function):
+    # The same blockwise scheme as _LabelSmoothedCE, for two (N, V) halves of one logit matrix.
+    # With d = log p - log q per row: loss = sum_j (p_j - q_j) d_j = KL(p||q) + KL(q||p), and
+    #   d loss / d z_p = p (d - KL(p||q)) + p - q,   d loss / d z_q = q (-d - KL(q||p)) + q - p.
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        n, vocab = logits.shape[0] // 2, logits.shape[1]
+        losses = torch.empty(n, dtype=compute, device=logits.device)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        rows = min(n, ROWS)
+        lp, lq, p, q = (torch.empty(rows, vocab, dtype=compute, device=logits.device) for _ in range(4))
+        for i in range(0, n, ROWS):
+            k = min(ROWS, n - i)
+            a, b, e, f = lp[:k], lq[:k], p[:k], q[:k]
+            for z, lz, pz in ((logits[i:i + k], a, e), (logits[n + i:n + i + k], b, f)):
+                lz.copy_(z)
+                lz.sub_(lz.logsumexp(dim=1, keepdim=True))
+                torch.exp(lz, out=pz)
+            d = a.sub_(b)                                          # lp - lq, in lp's buffer
+            kl_pq = (e * d).sum(dim=1, keepdim=True)
+            kl_qp = (f * d).sum(dim=1, keepdim=True).neg_()
+            losses[i:i + k] = (kl_pq + kl_qp).squeeze(1)
+            if grad is not None:
+                diff = b.copy_(e).sub_(f)                          # p - q, in lq's buffer
+                grad[i:i + k].copy_(e.mul_(d - kl_pq).add_(diff))
+                grad[n + i:n + i + k].copy_(f.mul_(d.neg_().sub_(kl_qp)).sub_(diff))
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        (grad,) = ctx.saved_tensors
+        g = grad_losses[:, None].to(grad.dtype)
+        return torch.cat([grad[:len(g)] * g, grad[len(g):] * g])
+
+
+def symmetric_kl(logits: Tensor) -> Tensor:
+    """KL(p || q) + KL(q || p) for each row pair of a (2N, V) logit matrix: p from its first N rows,
+    q from its last N. R-Drop's consistency term (Liang et al., 2021), computed in fp32 blocks like
+    the cross-entropy above; gradients flow into both halves, as in the authors' code. -> (N,)"""
+    if logits.dim() != 2 or logits.shape[0] % 2:
+        raise ValueError(f"expected (2N, V) logits, got {tuple(logits.shape)}")
+    return _SymmetricKL.apply(logits)

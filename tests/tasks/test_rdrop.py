@@ -8,17 +8,42 @@ from aiayn.config import TrainConfig, preset
 from aiayn.data.batching import collate
 from aiayn.model import Transformer
 from aiayn.tasks.translation import translation_loss
+from aiayn.train import loss as loss_mod
 from aiayn.train.loss import symmetric_kl
 
 
-def test_symmetric_kl_matches_torch_kl_div_in_float64():
-    torch.manual_seed(0)
-    p, q = torch.randn(7, 11, dtype=torch.float64), torch.randn(7, 11, dtype=torch.float64)
+def reference_kl(p, q):
     lp, lq = p.log_softmax(-1), q.log_softmax(-1)
-    expected = (F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)     # KL(p || q)
-                + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1))  # KL(q || p)
-    torch.testing.assert_close(symmetric_kl(p, q).double(), expected, rtol=1e-5, atol=1e-6)
-    assert torch.all(symmetric_kl(p, p) == 0)
+    return (F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)     # KL(p || q)
+            + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1))  # KL(q || p)
+
+
+def test_symmetric_kl_and_its_gradient_match_torch_kl_div_in_float64(monkeypatch):
+    monkeypatch.setattr(loss_mod, "ROWS", 4)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(18, 11, dtype=torch.float64)).requires_grad_()
+    ours = symmetric_kl(logits)
+    ref = reference_kl(*logits.chunk(2))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits, g)[0], torch.autograd.grad(ref, logits, g)[0],
+                               rtol=1e-12, atol=1e-12)
+    same = torch.randn(3, 5).repeat(2, 1)
+    assert torch.all(symmetric_kl(same).abs() < 1e-6)
+
+
+def test_gradcheck_and_bf16():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(symmetric_kl, (logits,))
+    x = torch.randn(40, 30).bfloat16().requires_grad_()
+    symmetric_kl(x).sum().backward()
+    ref_x = x.detach().float().requires_grad_()
+    reference_kl(*ref_x.chunk(2)).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(symmetric_kl(x.detach()), reference_kl(*ref_x.detach().chunk(2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="2N"):
+        symmetric_kl(torch.zeros(3, 4))
 
 
 def batch():
