@@ -1,15 +1,20 @@
 """R-Drop (Liang et al., 2021): the batch runs twice and a symmetric KL term ties the two outputs."""
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from aiayn.cli import main
 from aiayn.config import TrainConfig, preset
 from aiayn.data.batching import collate
 from aiayn.model import Transformer
 from aiayn.tasks.translation import translation_loss
 from aiayn.train import loss as loss_mod
 from aiayn.train.loss import symmetric_kl
+from train import tiny
 
 
 def reference_kl(p, q):
@@ -72,3 +77,18 @@ def test_with_dropout_the_kl_term_adds_a_positive_loss_and_gradients():
 def test_negative_alpha_is_refused():
     with pytest.raises(ValueError, match="rdrop"):
         TrainConfig(max_steps=1, rdrop=-1.0)
+
+
+def test_the_cli_trains_with_rdrop_and_records_it(tmp_path):
+
+    out = tmp_path / "run"
+    assert main(tiny.cli_train_args(tmp_path, out, "--rdrop", "5", "--max-steps", "6")) == 0
+    assert json.loads((out / "run.json").read_text())["train"]["rdrop"] == 5.0
+    losses = [loss for _, loss, _ in tiny.train_rows(out)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_negative_rdrop_is_a_one_line_error(tmp_path, capsys):
+    assert main(tiny.cli_train_args(tmp_path, tmp_path / "run", "--rdrop", "-1", "--max-steps", "1")) != 0
+    err = capsys.readouterr().err.strip()
+    assert "rdrop" in err and len(err.splitlines()) == 1
