@@ -54,12 +54,13 @@ class TranslationTask:
         tgt = self.tokenizer.encode_batch([t for _, t in pairs])
         return [(s, t) for s, t in zip(src, tgt) if s and t and len(s) <= max_len and len(t) < max_len]
 
-    def epoch_batches(self, epoch: int, seed: int) -> list[Batch]:
-        return [collate([self.train[i] for i in idx])
-                for idx in token_batches(self.train, self.max_tokens, seed=seed, epoch=epoch)]
+    def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
+        """The epoch's batches as indices of training pairs; `loss` pads each one when it is taken, so
+        that an epoch of a large corpus is never held padded in memory all at once."""
+        return token_batches(self.train, self.max_tokens, seed=seed, epoch=epoch)
 
-    def loss(self, model, batch: Batch, cfg: TrainConfig):
-        batch = batch.to(self.device)
+    def loss(self, model, indices: list[int], cfg: TrainConfig):
+        batch = collate([self.train[i] for i in indices]).to(self.device)
         n = batch.n_tokens
         self._padding[0] += batch.tgt_out.numel() - n
         self._padding[1] += batch.tgt_out.numel()
