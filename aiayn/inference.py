@@ -46,13 +46,12 @@ class _SplitCrossAttention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def forward(self, x, mask=None, *, kv=None, cache=None, need_weights=False):
-        from aiayn.model.attention import attend
+        from aiayn.model.attention import attend_to_source
 
         if kv is None:
             kv = self.project_kv(x)
-        out, weights = attend(self._heads(self.q_proj(x)), *kv, mask, 0.0, need_weights)
-        B, H, T, Dh = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh)), weights
+        out, weights = attend_to_source(self._heads(self.q_proj(x)), *kv, mask, 0.0, need_weights)
+        return self.out_proj(out), weights
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -53,6 +53,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     return out, weights
 
 
+def attend_to_source(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
+                     need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Cross-attention with the heads merged: q (B, H, T, Dh) -> (B, T, H * Dh) [, weights (B, H, T, S)].
+
+    k, v (b, H, S, Dh) and mask (b, 1, 1, S) may hold one source for each group of g = B // b
+    consecutive query rows (beam search's k beams of a sentence). The group's g * T queries then
+    attend together, as one row of g * T queries: the source's keys and values are neither copied
+    for each beam nor read once per beam, and the attention kernel gets g * T queries instead of T.
+    """
+    B, H, T, Dh = q.shape
+    b = k.size(0)
+    g = B // b
+    if g > 1:  # (b * g, H, T, Dh) -> (b, H, g * T, Dh)
+        q = q.view(b, g, H, T, Dh).transpose(1, 2).reshape(b, H, g * T, Dh)
+    out, weights = attend(q, k, v, mask, dropout, need_weights)
+    if weights is not None and g > 1:
+        weights = weights.view(b, H, g, T, -1).transpose(1, 2).reshape(B, H, T, -1)
+    return out.view(b, H, g, T, Dh).permute(0, 2, 3, 1, 4).reshape(B, T, H * Dh), weights
+
+
 class MultiHeadAttention(nn.Module):
     """§3.2.2. Projections are fused: one (3D, D) matrix in the layout of nn.MultiheadAttention."""
 
@@ -76,7 +96,8 @@ class MultiHeadAttention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None,
                 cache: tuple[Tensor, Tensor, int] | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Self-attention over x (B, T, D), or cross-attention to precomputed keys/values `kv`.
+        """Self-attention over x (B, T, D), or cross-attention to precomputed keys/values `kv` (which
+        may hold one source for each group of consecutive rows of x: `attend_to_source`).
 
         cache=(k_buf, v_buf, start) for incremental self-attention: this call's keys and values are
         written at positions start..start+T of the (B, H, L, Dh) buffers and the queries attend to
@@ -93,7 +114,8 @@ class MultiHeadAttention(nn.Module):
                 k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         else:
             q = self._heads(F.linear(x, self.in_proj.weight[:D], self.in_proj.bias[:D]))
-            k, v = kv
+            out, weights = attend_to_source(q, *kv, mask, self.dropout if self.training else 0.0, need_weights)
+            return self.out_proj(out), weights
         out, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)
         B, H, T, Dh = out.shape
         out = out.transpose(1, 2).reshape(B, T, H * Dh)  # (B, H, T, Dh) -> (B, T, D)
@@ -106,9 +128,11 @@ class KVCache:
     """Everything incremental decoding keeps between steps, as explicit tensors (one per layer).
 
     self_k, self_v: (B, H, L, Dh) buffers for the longest output, filled up to `length`.
-    cross_k, cross_v: (B, H, S, Dh) keys/values of the encoder output, computed once per source
-    (empty lists for a decoder-only model). memory_mask: (B, 1, 1, S) or None.
-    rows_per_source: how many consecutive rows share one source (beam search sets its beam size).
+    cross_k, cross_v: (b, H, S, Dh) keys/values of the encoder output, computed once per source
+    (empty lists for a decoder-only model). memory_mask: (b, 1, 1, S) or None. b is B, one source
+    per row, or B / g where each group of g consecutive rows shares one source (beam search).
+    rows_per_source: the g that `reorder` keeps the sources at when the new rows allow it (beam
+    search sets its beam size; 1 keeps one source row per row).
     """
 
     self_k: list[Tensor]
@@ -127,28 +151,43 @@ class KVCache:
     def batch_size(self) -> int:
         return self.self_k[0].size(0)
 
+    @property
+    def n_sources(self) -> int:
+        """Rows of the cross-attention keys/values (0 without any)."""
+        if self.cross_k:
+            return self.cross_k[0].size(0)
+        return 0 if self.memory_mask is None else self.memory_mask.size(0)
+
     def reorder(self, indices: Tensor) -> None:
         """Keep rows `indices` of the batch, in that order (beam search's one hook).
 
         It may also shrink the batch (finished sentences dropped) or grow it (a row repeated for each
-        beam). Only the filled part of the self-attention buffers is copied, and the source's keys,
-        values and mask only when a row changes source: not when beams are merely reordered among the
-        rows of their sentence.
+        beam). Only the filled part of the self-attention buffers is copied. The sources' keys, values
+        and mask are kept at one row per group of `rows_per_source` new rows where every row of a
+        group comes from the same source (else one per row), and copied only when that changes which
+        sources are kept: not when beams are merely reordered among the rows of their sentence.
         """
         n, L = indices.numel(), self.length
-        g = self.rows_per_source
-        same_sources = n == self.batch_size and g > 1 and torch.equal(
-            indices // g, torch.arange(n, device=indices.device) // g)
+        n_sources = self.n_sources
+        rows_per_old_source = self.batch_size // n_sources if n_sources else 1
         for bufs in (self.self_k, self.self_v):
             for i, buf in enumerate(bufs):
                 # into a fresh buffer: one index_select, ~3x faster than an in-place gather-and-copy
                 new = buf.new_empty((n, *buf.shape[1:]))
                 torch.index_select(buf[:, :, :L], 0, indices, out=new[:, :, :L])
                 bufs[i] = new
-        if same_sources:
+        if not n_sources:
+            return
+        sources = indices // rows_per_old_source  # (n,) the source of each new row
+        g = self.rows_per_source
+        if g > 1 and n % g == 0:
+            groups = sources.view(-1, g)
+            if bool((groups == groups[:, :1]).all()):
+                sources = groups[:, 0]
+        if sources.numel() == n_sources and torch.equal(sources, torch.arange(n_sources, device=sources.device)):
             return
         for bufs in (self.cross_k, self.cross_v):
             for i, t in enumerate(bufs):
-                bufs[i] = t.index_select(0, indices)
+                bufs[i] = t.index_select(0, sources)
         if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, indices)
+            self.memory_mask = self.memory_mask.index_select(0, sources)

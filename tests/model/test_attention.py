@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from aiayn.model.attention import KVCache, MultiHeadAttention, attend, causal_mask, padding_mask
+from aiayn.model.attention import (KVCache, MultiHeadAttention, attend, attend_to_source, causal_mask,
+                                   padding_mask)
 
 D, H = 16, 4
 
@@ -177,3 +178,39 @@ def test_kv_cache_reorder_permutes_and_shrinks():
     assert cache.self_k[0][:, 0, 0, 0].tolist() == [1.0, 1.0]
     assert cache.cross_v[0][:, 0, 0, 0].tolist() == [1.0, 1.0]
     assert cache.memory_mask.flatten().tolist() == [False, False]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attend_to_source_shared_by_groups_of_rows_equals_one_source_per_row(need_weights):
+    torch.manual_seed(7)
+    b, g, T, S, Dh = 3, 4, 2, 5, D // H
+    q = torch.randn(b * g, H, T, Dh, dtype=torch.float64)
+    k, v = torch.randn(b, H, S, Dh, dtype=torch.float64), torch.randn(b, H, S, Dh, dtype=torch.float64)
+    mask = padding_mask(_tokens_with_padding([5, 2, 4]), 0)  # (b, 1, 1, S)
+    rows = torch.arange(b).repeat_interleave(g)  # each source repeated for its g rows
+    ours, w = attend_to_source(q, k, v, mask, need_weights=need_weights)
+    ref, ref_w = attend(q, k[rows], v[rows], mask[rows], need_weights=need_weights)
+    torch.testing.assert_close(ours, ref.transpose(1, 2).reshape(b * g, T, D), rtol=1e-12, atol=1e-12)
+    if need_weights:
+        torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-12)
+
+
+def test_kv_cache_keeps_one_source_row_per_group_of_beams():
+    B, L, g = 3, 4, 2
+    rows = torch.arange(B, dtype=torch.float64).view(B, 1, 1, 1)
+    self_k = [rows.expand(B, 2, L, 2).clone()]
+    cross = [rows.expand(B, 2, 5, 2).clone()]
+    cache = KVCache(self_k, [t.clone() for t in self_k], cross, [t.clone() for t in cross],
+                    memory_mask=torch.tensor([True, False, True]).view(B, 1, 1, 1), length=2, rows_per_source=g)
+    cache.reorder(torch.tensor([2, 2, 0, 0]))  # grow to g beams for sources 2 and 0
+    assert cache.batch_size == 4 and cache.n_sources == 2
+    assert cache.self_k[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert cache.cross_k[0][:, 0, 0, 0].tolist() == [2.0, 0.0]
+    assert cache.memory_mask.flatten().tolist() == [True, True]
+    kept = cache.cross_k[0]
+    cache.reorder(torch.tensor([1, 0, 2, 2]))  # beams reordered within their sentences: no copy
+    assert cache.cross_k[0] is kept
+    cache.reorder(torch.tensor([3, 2]))  # the first sentence finished
+    assert cache.n_sources == 1 and cache.cross_v[0][:, 0, 0, 0].tolist() == [0.0]
+    cache.reorder(torch.tensor([1]))  # a single row left: one source per row again
+    assert cache.batch_size == 1 and cache.n_sources == 1

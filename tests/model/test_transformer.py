@@ -211,6 +211,25 @@ def test_seq2seq_reordered_cache_continues_like_the_reordered_batch(indices):
     torch.testing.assert_close(model.decode_step(tgt[indices, 4:6], cache), expected[:, 4:6], **TOL)
 
 
+@torch.no_grad()
+def test_seq2seq_cache_with_beams_sharing_a_source_continues_like_the_reordered_batch():
+    model = _seq2seq()
+    src = _right_pad(_tokens(4, 6), [6, 2, 4, 5])
+    tgt = _tokens(4, 6)
+    memory, memory_mask = model.encode(src)
+    cache = model.init_cache(memory, memory_mask, max_len=6)
+    cache.rows_per_source = 2
+    model.decode_step(tgt[:, :2], cache)
+    rows = torch.arange(4)
+    for step, indices in enumerate([torch.tensor([3, 3, 1, 1]), torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3])]):
+        cache.reorder(indices)
+        rows = rows[indices]  # the original sentence of each row
+        expected = model(src[rows], tgt[rows])
+        t = 2 + step
+        torch.testing.assert_close(model.decode_step(tgt[rows, t:t + 1], cache), expected[:, t:t + 1], **TOL)
+    assert cache.n_sources == 1
+
+
 @pytest.mark.parametrize("indices", REORDERS, ids=["permutation", "subset", "repeat"])
 @torch.no_grad()
 def test_lm_reordered_cache_continues_like_the_reordered_batch(indices):
