@@ -85,6 +85,8 @@ def cmd_train_translation(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     previous = _resume_settings(args)
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
     if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
@@ -102,27 +104,44 @@ def cmd_train_translation(args) -> int:
     else:
         train, val = multi30k("train", args.src, args.tgt), multi30k("val", args.src, args.tgt)
     out = Path(args.out)
+    init, extra = None, {}
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
     else:
         tcfg = _train_config(args, lr=1e-3, warmup=1000, precision="bf16", max_tokens=4096,
                              eval_every=500, log_every=50)
-        print(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs",
-              file=sys.stderr)
-        tokenizer = BPETokenizer.train([x for pair in train for x in pair], args.vocab_size)
         overrides = {k: v for k, v in (("dropout", args.dropout), ("norm_first", args.norm_first or None))
                      if v is not None}
-        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
+        if args.init_from:  # fine-tuning: the trained model's weights, shape and vocabulary
+            from aiayn.checkpoint import load_model_dir
+
+            if args.norm_first:
+                raise UserError("--norm-first changes the layers of the model given by --init-from")
+            init, tokenizer, task_name, _ = load_model_dir(args.init_from)
+            if task_name != "translation":
+                raise UserError(f"{args.init_from}: a {task_name} model, not a translation model")
+            mcfg = init.cfg.replace(**overrides)
+            extra = {"init_from": str(Path(args.init_from).resolve())}
+            print(f"starting from {args.init_from} (its shape and vocabulary; --preset and --vocab-size "
+                  "do not apply)", file=sys.stderr)
+        else:
+            print(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs",
+                  file=sys.stderr)
+            tokenizer = BPETokenizer.train([x for pair in train for x in pair], args.vocab_size)
+            mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
     import torch
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     task = TranslationTask(tokenizer, train, val, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; "
           f"run directory {out}", file=sys.stderr)
     paths = {name: str(Path(getattr(args, name)).resolve()) for name in files if getattr(args, name)}
-    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"src": args.src, "tgt": args.tgt, **paths})
+    trainer = Trainer(task, model, tokenizer, tcfg, out,
+                      extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra})
     summary = trainer.run(resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
@@ -460,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdrop", type=float, help="R-Drop alpha (Liang et al., 2021; 5 for small data): each "
                     "batch runs twice and a KL term pulls the two dropout outputs together; ~2x a step")
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
+    tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
+                    "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
     _add_train_options(tr)
     tr.set_defaults(func=cmd_train_translation)
     lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)",

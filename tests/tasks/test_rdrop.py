@@ -92,3 +92,25 @@ def test_a_negative_rdrop_is_a_one_line_error(tmp_path, capsys):
     assert main(tiny.cli_train_args(tmp_path, tmp_path / "run", "--rdrop", "-1", "--max-steps", "1")) != 0
     err = capsys.readouterr().err.strip()
     assert "rdrop" in err and len(err.splitlines()) == 1
+
+
+def test_init_from_fine_tunes_a_trained_model_with_rdrop(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(tiny.cli_train_args(tmp_path, first, "--max-steps", "8", "--lr", "1e-2")) == 0
+    checkpoint = sorted(first.glob("step-*"))[-1]
+    assert main(tiny.cli_train_args(tmp_path, second, "--init-from", str(checkpoint), "--rdrop", "1",
+                                    "--max-steps", "2", "--preset", "small")) == 0  # the preset does not apply
+    run = json.loads((second / "run.json").read_text())
+    assert run["train"]["rdrop"] == 1.0 and run["init_from"] == str(checkpoint.resolve())
+    assert run["model"] == json.loads((first / "run.json").read_text())["model"]
+    start_losses = [loss for _, loss, _ in tiny.train_rows(first)]
+    fine_tuned = [loss for _, loss, _ in tiny.train_rows(second)]
+    assert fine_tuned[0] < start_losses[0] - 1.0  # it starts from the trained weights
+
+
+@pytest.mark.parametrize("extra, message", [(("--init-from", "nowhere"), "nowhere"),
+                                            (("--init-from", "x", "--resume"), "--resume")])
+def test_init_from_errors_are_one_line(tmp_path, capsys, extra, message):
+    assert main(tiny.cli_train_args(tmp_path, tmp_path / "run", "--max-steps", "1", *extra)) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
