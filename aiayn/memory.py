@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 
@@ -17,10 +18,14 @@ def keep_freed_memory() -> None:
     bf16 training step here: ~40k page faults and ~60 ms of kernel time a step, 9-18% of the step
     (120k faults in fp32). With mmap off and no trimming, ~10k. Beam search gains 12-26% the same
     way. The Trainer (on a CPU), inference_model and the CLI call this. The setting is process-wide
-    and lasts; the peak memory is the same (the freed memory is reused, not added to). Elsewhere
-    than glibc, nothing happens.
+    and lasts. Elsewhere than glibc, nothing happens.
+
+    The price is memory: freed blocks stay in the heap, which fragments as big temporaries change
+    size from batch to batch. A `multi30k`-preset R-Drop run held 7.3 GB after 300 updates with it,
+    3.7 GB without, at 7.1k against 5.2k target tokens/s (docs/PERFORMANCE.md, "Memory").
+    AIAYN_KEEP_FREED_MEMORY=0 in the environment leaves malloc alone, for a machine short of memory.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("AIAYN_KEEP_FREED_MEMORY") == "0":
         return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -9,7 +9,8 @@ forward pass, which also writes the gradient (for a unit upstream gradient, in t
 
 and the backward pass scales its rows. Same loss and gradients as F.cross_entropy, about 3x
 faster at (3.5k, 8k) in bf16 (tests/train/test_loss.py checks both in float64). R-Drop's
-symmetric KL term is computed the same way (4x faster than autograd's passes at (3.6k, 8k) bf16).
+symmetric KL term is computed the same way (fwd+bwd at (7.2k, 8k) bf16, 1 thread: 200 ms with
+autograd's passes, 145 ms here).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ checkpoint, epoch boundaries, and run directories left behind by a killed run.""
 
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -153,3 +154,11 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     default, kept = map(int, out.split())
     assert default > 5 * 16_000  # 5 x 64 MB of 4 KB pages, faulted in each time
     assert kept < default / 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_malloc_setting_can_be_turned_off_for_a_machine_short_of_memory():
+    env = {**os.environ, "AIAYN_KEEP_FREED_MEMORY": "0"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env).stdout
+    default, after = map(int, out.split())
+    assert after > default / 2  # still faulted in each time: malloc was left alone
