@@ -209,3 +209,21 @@ def test_real_batch_equals_one_sentence_at_a_time():
     for b, a in zip(batched, alone):
         assert [t for t, _ in b] == [t for t, _ in a]
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(b, a))
+
+
+@pytest.mark.parametrize("V, k", [(8000, 8), (1000, 8), (130, 2), (100, 8), (7, 3)])
+def test_row_topk_equals_torch_topk(V, k):
+    from aiayn.decode.beam import row_topk
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(37, V, generator=g)
+    x[3] = float("-inf")
+    x[4, :] = float("-inf")
+    x[4, V - 1] = 0.0  # only the last (partial-block) entry alive, as at a length limit
+    x[5, : V // 2] = float("-inf")
+    values, indices = row_topk(x, k)
+    ref_values, ref_indices = x.topk(k, dim=-1)
+    torch.testing.assert_close(values, ref_values)
+    alive = ref_values.isfinite()
+    assert torch.equal(indices[alive], ref_indices[alive])  # random values: no ties among finite ones
+    assert torch.equal(x.gather(1, indices), values)
