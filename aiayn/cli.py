@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--label-smoothing", type=float, help="default 0.1 (§5.4)")
     tr.add_argument("--dropout", type=float, help="override the preset's dropout")
     tr.add_argument("--rdrop", type=float, help="R-Drop alpha (Liang et al., 2021; 5 for small data): each "
-                    "batch runs twice and a KL term pulls the two dropout outputs together; ~2x a step")
+                    "batch runs twice and a KL term pulls the two dropout outputs together; ~2.4x a step")
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
     tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
                     "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
