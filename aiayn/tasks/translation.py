@@ -21,16 +21,15 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     their output distributions, the weighting of the authors' fairseq criterion (their alpha).
     """
     if rdrop:
+        if reduction != "mean":
+            raise ValueError("R-Drop trains with the mean loss")
         batch = Batch(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1), batch.tgt_out.repeat(2, 1))
     memory, memory_mask = model.encode(batch.src)
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
     keep = batch.tgt_out != PAD
     logits = model.logits(h[keep])                          # (N, V)
     loss = label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
-    if rdrop:
-        if reduction != "mean":
-            raise ValueError("R-Drop trains with the mean loss")
-        # row-major masking keeps the two copies' tokens in two halves, in the same order
+    if rdrop:  # row-major masking keeps the two copies' tokens in two halves, in the same order
         loss = loss + rdrop / 4 * symmetric_kl(logits).mean()
     return loss
 
