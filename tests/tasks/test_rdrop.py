@@ -1,4 +1,5 @@
-"""R-Drop (Liang et al., 2021): the batch runs twice and a symmetric KL term ties the two outputs."""
+"""R-Drop (Liang et al., 2021): the batch runs twice and a symmetric KL term ties the two outputs;
+and fine-tuning a trained model (`--init-from`), with R-Drop as the showcase."""
 
 import json
 import math
