@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from aiayn.config import ModelConfig
 from aiayn.model.attention import MultiHeadAttention
-from aiayn.model.dropout import Dropout
+from aiayn.model.dropout import Dropout, add_dropout
 
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> Tensor:
@@ -89,9 +89,9 @@ class TransformerLayer(nn.Module):
     def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer) -> tuple[Tensor, Tensor | None]:
         if self.norm_first:
             y, w = sublayer(norm(x))
-            return x + self.dropout(y), w
+            return add_dropout(x, y, self.dropout.p, self.training), w
         y, w = sublayer(x)
-        return norm(x + self.dropout(y)), w
+        return norm(add_dropout(x, y, self.dropout.p, self.training)), w
 
     def forward(self, x: Tensor, mask: Tensor | None, *,
                 memory_kv: tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None,
