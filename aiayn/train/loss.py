@@ -26,11 +26,14 @@ class _LabelSmoothedCE(torch.autograd.Function):
     # (A fresh fp32 temporary per block, which `z - m` with a bf16 z would make, is a large
     # allocation: fresh pages from the OS each time, and the loss of a bf16 step took ~40% longer.)
     # The gradient is written during the forward pass, while the block's exponentials are at hand,
-    # for a unit upstream gradient; backward only scales its rows. The logits need not be kept.
+    # already scaled for the reduction (1/N for "mean"): for a reduced loss whose upstream gradient
+    # is 1, as in training, backward returns it untouched (no pass over the (N, V) matrix at all);
+    # otherwise it scales it. The logits need not be kept.
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, eps: float) -> Tensor:
+    def forward(ctx, logits: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
         compute = torch.promote_types(logits.dtype, torch.float32)
         n, vocab = logits.shape
+        scale = (1.0 / n if n else float("nan")) if reduction == "mean" else 1.0
         losses = torch.empty(n, dtype=compute, device=logits.device)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         work = torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
@@ -44,17 +47,24 @@ class _LabelSmoothedCE(torch.autograd.Function):
             e = z.sub_(m).exp_()
             total = e.sum(dim=1, keepdim=True)
             losses[rows] = (total.log().add_(m) - (1 - eps) * z_t - eps * z_mean).squeeze(1)
-            if grad is not None:  # softmax - (1 - eps) [j = t] - eps / V
-                p = e.div_(total)
-                p.scatter_add_(1, t, p.new_full(t.shape, eps - 1.0)).sub_(eps / vocab)
+            if grad is not None:  # scale * (softmax - (1 - eps) [j = t] - eps / V)
+                p = e.mul_(scale / total)
+                p.scatter_add_(1, t, p.new_full(t.shape, scale * (eps - 1.0))).sub_(scale * eps / vocab)
                 grad[rows].copy_(p)
         ctx.save_for_backward(grad)
-        return losses
+        ctx.reduced = reduction != "none"
+        if reduction == "none":
+            return losses
+        return losses.sum() * scale
 
     @staticmethod
-    def backward(ctx, grad_losses: Tensor):
+    def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None].to(grad.dtype), None, None
+        if not ctx.reduced:
+            return grad * grad_loss[:, None].to(grad.dtype), None, None, None
+        if not grad.is_cuda and grad_loss.item() == 1.0:  # (.item() would make CUDA wait)
+            return grad, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None
 
 
 def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
@@ -64,14 +74,9 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing
     convention). reduction: "mean", "sum" or "none". The result is fp32 (float64 for float64 logits)."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"expected (N, V) logits and (N,) targets, got {tuple(logits.shape)} and {tuple(target.shape)}")
-    losses = _LabelSmoothedCE.apply(logits, target, float(label_smoothing))
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.mean()
-    raise ValueError(f"unknown reduction {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return _LabelSmoothedCE.apply(logits, target, float(label_smoothing), reduction)
 
 
 class _SymmetricKL(torch.autograd.Function):

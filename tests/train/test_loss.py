@@ -22,10 +22,30 @@ def test_equals_torch_cross_entropy_in_float64(monkeypatch, eps, reduction):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_unit_upstream_gradient_in_float64(monkeypatch, reduction):
+    # the case training meets: loss.backward() on the reduced loss, whose gradient comes untouched
+    monkeypatch.setattr(loss_mod, "ROWS", 4)
+    torch.manual_seed(3)
+    logits = torch.randn(10, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 9, (10,))
+    label_smoothed_cross_entropy(logits, target, 0.1, reduction).backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    F.cross_entropy(ref_logits, target, label_smoothing=0.1, reduction=reduction).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_no_rows_give_nan_mean_and_zero_sum_like_torch():
+    logits, target = torch.zeros(0, 5, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(label_smoothed_cross_entropy(logits, target, 0.1))
+    assert label_smoothed_cross_entropy(logits, target, 0.1, "sum").item() == 0.0
+
+
 def test_gradcheck():
     logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 5, 2, 2, 1])
-    assert torch.autograd.gradcheck(lambda z: label_smoothed_cross_entropy(z, target, 0.1, "none"), (logits,))
+    for reduction in ("none", "mean", "sum"):
+        assert torch.autograd.gradcheck(lambda z: label_smoothed_cross_entropy(z, target, 0.1, reduction), (logits,))
 
 
 def test_bf16_logits_get_bf16_gradients_close_to_fp32():
