@@ -3,11 +3,12 @@
 `F.cross_entropy(logits.float(), target, label_smoothing=eps)` casts the whole (N, V) logit matrix
 to fp32, keeps its log-softmax for the backward pass and runs several full passes over it: on a CPU
 that is ~30% of a small model's bf16 training step. Here each block of rows is read once, in the
-forward pass, which also writes the gradient (for a unit upstream gradient, in the logits' dtype)
+forward pass, which also writes the gradient (in the logits' dtype, scaled for the reduction)
 
     d loss_i / d z_ij = softmax(z_i)_j - (1 - eps) [j = t_i] - eps / V
 
-and the backward pass scales its rows. Same loss and gradients as F.cross_entropy, about 3x
+and the backward pass passes it on (a reduced loss with a unit upstream gradient: training) or
+scales it. Same loss and gradients as F.cross_entropy, about 3x
 faster at (3.5k, 8k) in bf16 (tests/train/test_loss.py checks both in float64). R-Drop's
 symmetric KL term is computed the same way (fwd+bwd at (7.2k, 8k) bf16, 1 thread: 200 ms with
 autograd's passes, 145 ms here).
