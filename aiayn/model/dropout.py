@@ -37,10 +37,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 def add_dropout(x: Tensor, y: Tensor, p: float, training: bool = True) -> Tensor:
     """x + dropout(y): the residual connection of §5.4, one fused `addcmul` on a CPU (fwd+bwd of a
     (4000, 256) bf16 residual, 1 thread: 4.0 -> 2.9 ms)."""
-    if not training or p == 0.0:
-        return x + y
-    if y.is_cuda or p >= 1.0:
-        return x + F.dropout(y, p, training=True)
+    if not training or p == 0.0 or y.is_cuda or p >= 1.0:
+        return x + dropout(y, p, training)
     return torch.addcmul(x, y, _scaled_mask(y, p))
 
 

@@ -34,7 +34,9 @@ class _LabelSmoothedCE(torch.autograd.Function):
     def forward(ctx, logits: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
         compute = torch.promote_types(logits.dtype, torch.float32)
         n, vocab = logits.shape
-        scale = (1.0 / n if n else float("nan")) if reduction == "mean" else 1.0
+        scale = 1.0
+        if reduction == "mean":
+            scale = 1.0 / n if n else float("nan")  # the mean of no rows, as torch gives it
         losses = torch.empty(n, dtype=compute, device=logits.device)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         work = torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
@@ -53,7 +55,6 @@ class _LabelSmoothedCE(torch.autograd.Function):
                 p.scatter_add_(1, t, p.new_full(t.shape, scale * (eps - 1.0))).sub_(scale * eps / vocab)
                 grad[rows].copy_(p)
         ctx.save_for_backward(grad)
-        ctx.reduced = reduction != "none"
         if reduction == "none":
             return losses
         return losses.sum() * scale
@@ -61,7 +62,7 @@ class _LabelSmoothedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
-        if not ctx.reduced:
+        if grad_loss.dim():  # reduction "none": one upstream gradient per row
             return grad * grad_loss[:, None].to(grad.dtype), None, None, None
         if not grad.is_cuda and grad_loss.item() == 1.0:  # (.item() would make CUDA wait)
             return grad, None, None, None
