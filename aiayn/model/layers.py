@@ -125,7 +125,7 @@ class Stack(nn.Module):
         for i, layer in enumerate(self.layers):
             memory_kv = layer_cache = None
             if cache is not None:
-                layer_cache = (cache.self_k[i], cache.self_v[i], cache.length)
+                layer_cache = cache.layer(i, x.size(1))
                 if layer.cross_attn is not None:
                     memory_kv = (cache.cross_k[i], cache.cross_v[i])
             elif layer.cross_attn is not None:

@@ -161,6 +161,18 @@ def test_cached_self_attention_equals_full_causal_attention():
     assert torch.all(k_buf[:, :, 5:] == 0)  # nothing written past the filled length
 
 
+def test_kv_cache_reorders_not_yet_applied_compose():
+    B, L = 4, 5
+    self_k = [torch.arange(B, dtype=torch.float64).view(B, 1, 1, 1).expand(B, 2, L, 2).clone()]
+    cache = KVCache(self_k, [t.clone() for t in self_k], [], [], length=3)
+    cache.reorder(torch.tensor([3, 1, 2, 0]))
+    cache.reorder(torch.tensor([1, 1, 0]))  # before any layer has read its buffers
+    k_buf, v_buf, length = cache.layer(0, new=2)
+    assert cache.batch_size == 3 and length == 3 and k_buf.size(2) >= 5
+    assert k_buf[:, 0, :3, 0].tolist() == [[1.0] * 3, [1.0] * 3, [3.0] * 3]
+    assert cache.layer(0)[0] is k_buf  # applied once
+
+
 def test_kv_cache_reorder_permutes_and_shrinks():
     B, L = 3, 4
     self_k = [torch.arange(B, dtype=torch.float64).view(B, 1, 1, 1).expand(B, 2, L, 2).clone()]
@@ -169,13 +181,15 @@ def test_kv_cache_reorder_permutes_and_shrinks():
                     memory_mask=torch.tensor([[True], [False], [True]]).view(B, 1, 1, 1), length=2)
     cache.reorder(torch.tensor([2, 0, 1]))
     assert cache.batch_size == 3
-    assert cache.self_k[0][:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
-    assert cache.self_v[0][:, 0, 1, 0].tolist() == [2.0, 0.0, 1.0]
+    k_buf, v_buf, length = cache.layer(0)
+    assert length == 2 and k_buf.size(2) >= 3  # room for the next position
+    assert k_buf[:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
+    assert v_buf[:, 0, 1, 0].tolist() == [2.0, 0.0, 1.0]
     assert cache.cross_k[0][:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
     assert cache.memory_mask.flatten().tolist() == [True, True, False]
     cache.reorder(torch.tensor([2, 2]))  # shrink, with a repeated row (two beams from one parent)
     assert cache.batch_size == 2 and cache.capacity == L
-    assert cache.self_k[0][:, 0, 0, 0].tolist() == [1.0, 1.0]
+    assert cache.layer(0)[0][:, 0, 0, 0].tolist() == [1.0, 1.0]
     assert cache.cross_v[0][:, 0, 0, 0].tolist() == [1.0, 1.0]
     assert cache.memory_mask.flatten().tolist() == [False, False]
 
@@ -204,7 +218,7 @@ def test_kv_cache_keeps_one_source_row_per_group_of_beams():
                     memory_mask=torch.tensor([True, False, True]).view(B, 1, 1, 1), length=2, rows_per_source=g)
     cache.reorder(torch.tensor([2, 2, 0, 0]))  # grow to g beams for sources 2 and 0
     assert cache.batch_size == 4 and cache.n_sources == 2
-    assert cache.self_k[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert cache.layer(0)[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0, 0.0]
     assert cache.cross_k[0][:, 0, 0, 0].tolist() == [2.0, 0.0]
     assert cache.memory_mask.flatten().tolist() == [True, True]
     kept = cache.cross_k[0]
