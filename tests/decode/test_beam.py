@@ -211,19 +211,27 @@ def test_real_batch_equals_one_sentence_at_a_time():
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(b, a))
 
 
-@pytest.mark.parametrize("V, k", [(8000, 8), (1000, 8), (130, 2), (100, 8), (7, 3)])
-def test_row_topk_equals_torch_topk(V, k):
-    from aiayn.decode.beam import row_topk
-
-    g = torch.Generator().manual_seed(V)
-    x = torch.randn(37, V, generator=g)
-    x[3] = float("-inf")
-    x[4, :] = float("-inf")
-    x[4, V - 1] = 0.0  # only the last (partial-block) entry alive, as at a length limit
-    x[5, : V // 2] = float("-inf")
-    values, indices = row_topk(x, k)
-    ref_values, ref_indices = x.topk(k, dim=-1)
-    torch.testing.assert_close(values, ref_values)
-    alive = ref_values.isfinite()
-    assert torch.equal(indices[alive], ref_indices[alive])  # random values: no ties among finite ones
-    assert torch.equal(x.gather(1, indices), values)
+@pytest.mark.parametrize("V, r, k", [(8000, 4, 4), (8001, 4, 4), (8000, 1, 4), (1000, 8, 8), (130, 4, 2),
+                                     (100, 4, 8), (7, 3, 3), (200, 1, 1)])
+def test_beam_step_by_blocks_equals_one_topk_over_all_candidates(V, r, k):
+    g = torch.Generator().manual_seed(V + r)
+    b = 9
+    lprobs = torch.randn(b, r, V, generator=g).log_softmax(-1)
+    scores = -torch.rand(b, r, generator=g) * 10
+    lprobs[1] = float("-inf")  # nothing allowed (a row at its limit is all -inf but EOS: row 2)
+    lprobs[2, :, :] = float("-inf")
+    lprobs[2, :, V - 1] = -1.0  # only the last (partial-block) token alive
+    lprobs[3, :, : V // 2] = float("-inf")
+    scores[4, r // 2:] = float("-inf")  # dead beams
+    lprobs[5, 0, :] += 50.0  # one beam holds every best candidate
+    top, tokens, beams = beam_step(lprobs, scores, k)
+    cand = (scores[:, :, None] + lprobs).view(b, r * V)
+    ref_top, ref_idx = cand.topk(min(2 * k, r * V), dim=1)
+    n = ref_top.size(1)
+    torch.testing.assert_close(top[:, :n], ref_top)
+    alive = ref_top.isfinite()  # random values: no ties among the finite ones
+    assert torch.equal(tokens[:, :n][alive], (ref_idx % V)[alive])
+    assert torch.equal(beams[:, :n][alive], (ref_idx // V)[alive])
+    finite = top.isfinite()
+    picked = scores.gather(1, beams) + lprobs[torch.arange(b)[:, None], beams, tokens]
+    torch.testing.assert_close(picked[finite], top[finite])
