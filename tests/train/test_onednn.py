@@ -29,6 +29,38 @@ def test_forward_and_gradients_equal_nn_linear(bias):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("needs", ["weight", "bias", "input"])
+def test_gradients_of_some_inputs_only(needs):
+    torch.manual_seed(0)
+    ref = nn.Linear(24, 40)
+    ours = nn.Linear(24, 40)
+    ours.load_state_dict(ref.state_dict())
+    ours.__class__ = OneDNNTrainingLinear
+    for m in (ref, ours):
+        m.weight.requires_grad_(needs == "weight")
+        m.bias.requires_grad_(needs == "bias")
+    x = torch.randn(50, 24, requires_grad=needs == "input")
+    x2 = x.detach().clone().requires_grad_(needs == "input")
+    g = torch.randn(50, 40)
+    ref(x).backward(g)
+    ours(x2).backward(g)
+    for a, b in ((x2, x), (ours.weight, ref.weight), (ours.bias, ref.bias)):
+        assert (a.grad is None) == (b.grad is None)
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_weight_gradient_by_inner_product_backward_equals_float64():
+    from aiayn.train.onednn import _weight_grads
+
+    torch.manual_seed(0)
+    dy, x, w = torch.randn(300, 40), torch.randn(300, 24), torch.randn(40, 24)
+    dw, db = _weight_grads(dy, x, w, True)
+    torch.testing.assert_close(dw.double(), dy.double().t() @ x.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), dy.double().sum(0), rtol=1e-5, atol=1e-5)
+    assert _weight_grads(dy, x, w, False)[1] is None
+
+
 def test_only_fp32_on_a_cpu_is_converted_and_copies_are_plain():
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=32))
