@@ -73,6 +73,15 @@ def attend_to_source(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     return out.view(b, H, g, T, Dh).permute(0, 2, 3, 1, 4).reshape(B, T, H * Dh), weights
 
 
+def linear_rows(linear: nn.Linear, x: Tensor, rows: slice) -> Tensor:
+    """The outputs `rows` of linear(x): cross-attention's query or key/value part of the fused in_proj.
+    A linear layer with a faster product for its own weight (aiayn.train.onednn) computes it too."""
+    own = getattr(linear, "forward_rows", None)
+    if own is not None:
+        return own(x, rows)
+    return F.linear(x, linear.weight[rows], linear.bias[rows] if linear.bias is not None else None)
+
+
 class MultiHeadAttention(nn.Module):
     """§3.2.2. Projections are fused: one (3D, D) matrix in the layout of nn.MultiheadAttention."""
 
@@ -89,7 +98,7 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of a source (B, S, D): what cross-attention computes once per sentence."""
         D = self.d_model
-        k, v = F.linear(source, self.in_proj.weight[D:], self.in_proj.bias[D:]).chunk(2, dim=-1)
+        k, v = linear_rows(self.in_proj, source, slice(D, None)).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *,
@@ -113,7 +122,7 @@ class MultiHeadAttention(nn.Module):
                 v_buf[:, :, start:end] = v
                 k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         else:
-            q = self._heads(F.linear(x, self.in_proj.weight[:D], self.in_proj.bias[:D]))
+            q = self._heads(linear_rows(self.in_proj, x, slice(None, D)))
             out, weights = attend_to_source(q, *kv, mask, self.dropout if self.training else 0.0, need_weights)
             return self.out_proj(out), weights
         out, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.inference import onednn_available
@@ -69,9 +70,16 @@ class OneDNNTrainingLinear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose products run on oneDNN, with gradients."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_rows(x, slice(None))
+
+    def forward_rows(self, x: Tensor, rows: slice) -> Tensor:
+        """The outputs `rows` only (aiayn.model.attention.linear_rows: cross-attention's projections)."""
+        weight, bias = self.weight, self.bias
+        if rows != slice(None):  # (a full slice would cost its backward a copy)
+            weight, bias = weight[rows], bias[rows] if bias is not None else None
         if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return super().forward(x)  # oneDNN already serves bf16; this class is for fp32
-        return _LinearFn.apply(x, self.weight, self.bias)
+            return F.linear(x, weight, bias)  # oneDNN already serves bf16; this class is for fp32
+        return _LinearFn.apply(x, weight, bias)
 
 
 def use_onednn_linears(model: nn.Module, precision: str, device: str) -> nn.Module:

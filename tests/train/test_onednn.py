@@ -50,6 +50,25 @@ def test_gradients_of_some_inputs_only(needs):
             torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_cross_attention_projections_of_part_of_the_rows_run_on_onednn_with_gradients():
+    from aiayn.model.attention import linear_rows
+
+    torch.manual_seed(0)
+    ref = nn.Linear(16, 48)
+    ours = nn.Linear(16, 48)
+    ours.load_state_dict(ref.state_dict())
+    ours.__class__ = OneDNNTrainingLinear
+    x = torch.randn(5, 16)
+    for rows in (slice(None, 16), slice(16, None)):
+        out = linear_rows(ours, x, rows)
+        assert "_LinearFn" in out.grad_fn.name()  # oneDNN's product, not F.linear's
+        torch.testing.assert_close(out, linear_rows(ref, x, rows))
+        (out.sum() * 2).backward()
+        (linear_rows(ref, x, rows).sum() * 2).backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+
+
 def test_weight_gradient_by_inner_product_backward_equals_float64():
     from aiayn.train.onednn import _weight_grads
 
