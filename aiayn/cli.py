@@ -265,6 +265,28 @@ def _load(model_dir, device: str, want_task: str):
     return model, tokenizer, extra
 
 
+def _load_translation(args) -> tuple:
+    """--model (repeatable) -> (model, tokenizer, extra, model directories). Several models make an
+    Ensemble (the mean of their probabilities), which needs one tokenizer for all."""
+    import hashlib
+
+    from aiayn.model.ensemble import Ensemble
+
+    dirs = [_translation_model_dir(arg) for arg in (args.model or [None])]
+    loaded = [_load(d, args.device, "translation") for d in dirs]
+    model, tokenizer, extra = loaded[0]
+    if len(loaded) > 1:
+        digests = [hashlib.sha256((d / t.filename).read_bytes()).hexdigest() for d, (_, t, _) in zip(dirs, loaded)]
+        for d, digest in zip(dirs[1:], digests[1:]):
+            if digest != digests[0]:
+                raise UserError(f"{d}: its tokenizer is not {dirs[0]}'s; an ensemble needs models of one vocabulary")
+        try:
+            model = Ensemble([m for m, _, _ in loaded])
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return model, tokenizer, extra, dirs
+
+
 def _translation_model_dir(arg: str | None) -> Path:
     if arg:
         return _resolve_model(Path(arg))
@@ -321,7 +343,7 @@ def cmd_translate(args) -> int:
     _check_precision(args)
     _check_workers(args)
     lines = _read_inputs(args)
-    model, tokenizer, extra = _load(_translation_model_dir(args.model), args.device, "translation")
+    model, tokenizer, extra, _ = _load_translation(args)
     empty = [i for i, line in enumerate(lines) if not line.strip()]
     outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=_alpha(args, extra),
                         device=args.device, precision=args.precision, n_best=args.n_best, workers=args.workers)
@@ -345,8 +367,7 @@ def cmd_evaluate(args) -> int:
     _check_device(args.device)
     _check_precision(args)
     _check_workers(args)
-    model_dir = _translation_model_dir(args.model)
-    model, tokenizer, extra = _load(model_dir, args.device, "translation")
+    model, tokenizer, extra, model_dirs = _load_translation(args)
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
     if args.src_file:
         if not args.ref_file:
@@ -363,7 +384,7 @@ def cmd_evaluate(args) -> int:
                      precision=args.precision, workers=args.workers)
     seconds = time.perf_counter() - t0
     score = bleu(hyps, refs)
-    result = {"model": str(model_dir), "split": args.split if not args.src_file else args.src_file,
+    result = {"model": ",".join(str(d) for d in model_dirs), "split": args.split if not args.src_file else args.src_file,
               "beam": args.beam, "alpha": alpha, "sacrebleu": round(score.score, 2),
               "chrf": round(chrf(hyps, refs), 2), "signature": bleu_signature(hyps, refs),
               "seconds": round(seconds, 1)}
@@ -513,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     t.add_argument("sentences", nargs="*", help="sentences to translate")
     t.add_argument("--input", "-i", help="a file with one sentence a line ('-' = stdin)")
-    t.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
+    t.add_argument("--model", "-m", action="append", help="model or run directory (default: the shipped "
+                   "en->de model); repeat it to decode with an ensemble of models of one tokenizer")
     t.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
     t.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6, §6.1)")
     t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
@@ -546,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
-    e.add_argument("--model", "-m", help="model or run directory (default: the shipped en->de model)")
+    e.add_argument("--model", "-m", action="append", help="model or run directory (default: the shipped "
+                   "en->de model); repeat it to evaluate an ensemble of models of one tokenizer")
     e.add_argument("--split", default="test_2016_flickr", help="Multi30k split (default test_2016_flickr)")
     e.add_argument("--src-file", help="your own test source file")
     e.add_argument("--ref-file", help="your own test reference file")

@@ -276,3 +276,15 @@ def test_translate_with_two_workers(capsys, model_dir):
 def test_a_negative_length_penalty_is_refused(capsys, command):
     args = ["A dog."] if command == "translate" else []
     assert_one_line_error(run(capsys, command, *args, "--alpha", "-1"), "--alpha must be >= 0")
+
+
+def test_an_ensemble_translates_and_needs_one_tokenizer(tmp_path, capsys, model_dir):
+    from aiayn.data.tokenizer import BPETokenizer
+
+    other = write_model_dir(tmp_path / "other", d_model=48)  # another architecture, the same tokenizer
+    rc, out, _ = run(capsys, "translate", "--model", model_dir, "--model", other, "--beam", "2", "a cat", "the dog")
+    assert rc == 0 and len(out.splitlines()) == 2
+    retok = write_model_dir(tmp_path / "retok", tokenizer=BPETokenizer.train(
+        [s.title() for pair in tiny.TRAIN for s in pair], tiny.VOCAB_SIZE))
+    assert_one_line_error(run(capsys, "translate", "--model", model_dir, "--model", retok, "hello"),
+                          "an ensemble needs models of one vocabulary")
