@@ -384,7 +384,8 @@ def cmd_evaluate(args) -> int:
                      precision=args.precision, workers=args.workers)
     seconds = time.perf_counter() - t0
     score = bleu(hyps, refs)
-    result = {"model": ",".join(str(d) for d in model_dirs), "split": args.split if not args.src_file else args.src_file,
+    result = {"model": ",".join(str(d) for d in model_dirs),
+              "split": args.split if not args.src_file else args.src_file,
               "beam": args.beam, "alpha": alpha, "sacrebleu": round(score.score, 2),
               "chrf": round(chrf(hyps, refs), 2), "signature": bleu_signature(hyps, refs),
               "seconds": round(seconds, 1)}

@@ -154,9 +154,9 @@ def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     - fp32: on a CPU, a copy with oneDNN linears (1.65-2x faster decoding, the same IEEE results);
     - bf16 / fp16: a copy with its weights cast (and oneDNN linears on a CPU); fp16 on CUDA only;
     - int8: a copy with dynamically quantized linears (CPU only).
-    An Ensemble gets an Ensemble of its members' inference forms. The model itself is never changed (except for eval mode). On a CPU (except plain), glibc is
-    also told to keep freed memory for reuse (aiayn.memory.keep_freed_memory: beam search 12-26%
-    faster)."""
+    An Ensemble gets an Ensemble of its members' inference forms. The model itself is never changed
+    (except for eval mode). On a CPU (except plain), glibc is also told to keep freed memory for
+    reuse (aiayn.memory.keep_freed_memory: beam search 12-26% faster)."""
     from aiayn.model.ensemble import Ensemble
 
     if isinstance(model, Ensemble):

@@ -69,9 +69,13 @@ def test_cross_attention_projections_of_part_of_the_rows_run_on_onednn_with_grad
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
 
 
-def test_weight_gradient_by_inner_product_backward_equals_float64():
+@pytest.mark.parametrize("inner_product", [True, False], ids=["inner-product-backward", "fallback"])
+def test_weight_gradient_by_inner_product_backward_equals_float64(inner_product, monkeypatch):
+    import aiayn.train.onednn as onednn
     from aiayn.train.onednn import _weight_grads
 
+    if not inner_product:  # a torch build without the op
+        monkeypatch.setattr(onednn, "_inner_product_backward_available", lambda: False)
     torch.manual_seed(0)
     dy, x, w = torch.randn(300, 40), torch.randn(300, 24), torch.randn(40, 24)
     dw, db = _weight_grads(dy, x, w, True)
