@@ -16,10 +16,20 @@ autograd's passes, 145 ms here).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 ROWS = 128  # rows a block: the block's fp32 copy (4 MB at V = 8k) is reused, never reallocated
+LOG2_E = math.log2(math.e)
+
+
+def _exp_(x: Tensor) -> Tensor:
+    """exp, in place, as 2 ** (x log2 e): torch's CPU `exp` on fp32 goes through MKL's vector math,
+    which is slow on AMD CPUs (0.64 ms for 1M values here, 1 thread), its `exp2` through its own
+    vectorized kernel (0.15 ms). The argument's rounding costs ~1e-7 relative per unit of |x|."""
+    return x.mul_(LOG2_E).exp2_()
 
 
 class _LabelSmoothedCE(torch.autograd.Function):
@@ -47,7 +57,7 @@ class _LabelSmoothedCE(torch.autograd.Function):
             # -(1 - eps) log p_t - eps * mean_j log p_j  =  lse - (1 - eps) z_t - eps * mean_j z_j
             z_t = z.gather(1, t)
             z_mean = z.sum(dim=1, keepdim=True).div_(vocab)
-            e = z.sub_(m).exp_()
+            e = _exp_(z.sub_(m))
             total = e.sum(dim=1, keepdim=True)
             losses[rows] = (total.log().add_(m) - (1 - eps) * z_t - eps * z_mean).squeeze(1)
             if grad is not None:  # scale * (softmax - (1 - eps) [j = t] - eps / V)
