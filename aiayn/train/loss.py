@@ -108,8 +108,10 @@ class _SymmetricKL(torch.autograd.Function):
             a, b, e, f = lp[:k], lq[:k], p[:k], q[:k]
             for z, lz, pz in ((logits[i:i + k], a, e), (logits[n + i:n + i + k], b, f)):
                 lz.copy_(z)
-                lz.sub_(lz.logsumexp(dim=1, keepdim=True))
-                torch.exp(lz, out=pz)
+                lz.sub_(lz.amax(dim=1, keepdim=True))              # z - max
+                total = _exp_(pz.copy_(lz)).sum(dim=1, keepdim=True)
+                pz.div_(total)                                     # softmax
+                lz.sub_(total.log_())                              # log-softmax
             d = a.sub_(b)                                          # lp - lq, in lp's buffer
             kl_pq = (e * d).sum(dim=1, keepdim=True)
             kl_qp = (f * d).sum(dim=1, keepdim=True).neg_()
