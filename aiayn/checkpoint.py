@@ -80,7 +80,8 @@ def remove_tree(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- model dirs
-def _tokenizer_digest(directory: Path, tokenizer) -> str:
+def tokenizer_digest(directory: Path, tokenizer) -> str:
+    """The SHA-256 of the tokenizer file in `directory`: which vocabulary a model was trained with."""
     return hashlib.sha256((Path(directory) / tokenizer.filename).read_bytes()).hexdigest()
 
 
@@ -91,7 +92,7 @@ def write_model(directory: Path, model: torch.nn.Module, tokenizer, task: str, e
             raise CheckpointError(f"refusing to save non-finite weights ({name})")
     tokenizer.save(directory)
     meta = {"config": json.dumps(model.cfg.to_dict()), "task": task, "extra": json.dumps(extra or {}),
-            "tokenizer_sha256": _tokenizer_digest(directory, tokenizer)}
+            "tokenizer_sha256": tokenizer_digest(directory, tokenizer)}
     save_model(model, str(directory / MODEL_FILE), metadata=meta)
 
 
@@ -135,7 +136,7 @@ def load_model_dir(directory: Path | str, device="cpu"):
         raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"was built for {cfg.target_vocab}")
     digest = meta.get("tokenizer_sha256")  # absent in models written before it was recorded
-    if digest and digest != _tokenizer_digest(directory, tokenizer):
+    if digest and digest != tokenizer_digest(directory, tokenizer):
         raise CheckpointError(f"{directory}: the tokenizer is not the one these weights were trained with")
     model = build_model(cfg)
     load_weights(model, directory / MODEL_FILE)

@@ -268,15 +268,14 @@ def _load(model_dir, device: str, want_task: str):
 def _load_translation(args) -> tuple:
     """--model (repeatable) -> (model, tokenizer, extra, model directories). Several models make an
     Ensemble (the mean of their probabilities), which needs one tokenizer for all."""
-    import hashlib
-
+    from aiayn.checkpoint import tokenizer_digest
     from aiayn.model.ensemble import Ensemble
 
     dirs = [_translation_model_dir(arg) for arg in (args.model or [None])]
     loaded = [_load(d, args.device, "translation") for d in dirs]
     model, tokenizer, extra = loaded[0]
     if len(loaded) > 1:
-        digests = [hashlib.sha256((d / t.filename).read_bytes()).hexdigest() for d, (_, t, _) in zip(dirs, loaded)]
+        digests = [tokenizer_digest(d, t) for d, (_, t, _) in zip(dirs, loaded)]
         for d, digest in zip(dirs[1:], digests[1:]):
             if digest != digests[0]:
                 raise UserError(f"{d}: its tokenizer is not {dirs[0]}'s; an ensemble needs models of one vocabulary")

@@ -30,10 +30,6 @@ class EnsembleCache:
         for cache in self.caches:
             cache.rows_per_source = g
 
-    @property
-    def batch_size(self) -> int:
-        return self.caches[0].batch_size
-
     def reorder(self, indices: Tensor) -> None:
         for cache in self.caches:
             cache.reorder(indices)

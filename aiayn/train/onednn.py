@@ -57,12 +57,11 @@ class _LinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dy (N, out) @ W (out, in)
             dx = _gemm(dy2, weight.t().contiguous(), None, "none", [], "").view(*dy.shape[:-1], x2.shape[1])
-        if ctx.needs_input_grad[1]:  # dW = dyᵀ (out, N) @ x (N, in), db = sum of dy
-            dw, db = _weight_grads(dy2, x2, weight, ctx.has_bias)
-        if ctx.has_bias and ctx.needs_input_grad[2] and db is None:
+        bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:  # dW = dyᵀ (out, N) @ x (N, in), with db = sum of dy if needed
+            dw, db = _weight_grads(dy2, x2, weight, bias_grad)
+        elif bias_grad:
             db = dy2.sum(0)
-        if not ctx.needs_input_grad[2]:
-            db = None
         return dx, dw, db
 
 
