@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.configs, args.steps, args.warmup, args.max_tokens, args.pairs = "tiny", 2, 1, 256, 200
-        args.passes = 1
+    if args.passes < 1 or args.steps < 1:
+        p.error("--passes and --steps must be at least 1")
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     engines = args.engines.split(",")
     for name in configs:
@@ -239,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for cell in (cells if r % 2 == 0 else cells[::-1]):  # alternate the order against drift
             spec = {**cell, "steps": args.steps, "warmup": args.warmup, "passes": args.passes,
-                    "max_tokens": args.max_tokens,
-                    "pairs": args.pairs, "seed": args.seed, "threads": args.threads, "clock": args.clock,
-                    "profile": args.profile}
+                    "max_tokens": args.max_tokens, "pairs": args.pairs, "seed": args.seed,
+                    "threads": args.threads, "clock": args.clock, "profile": args.profile}
             results.setdefault(tuple(cell.values()), []).append(bench.run_cell(script, spec))
 
     rows = []

@@ -58,6 +58,12 @@ def test_train_profile_names_the_ops():
     assert "profile of tiny bf16 aiayn" in out and "aten::" in out
 
 
+def test_train_rejects_no_passes():
+    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--passes", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("must be at least 1")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_table_compares_with_hf(train_table, precision):
     pytest.importorskip("transformers")
