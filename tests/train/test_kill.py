@@ -79,13 +79,14 @@ def straight(tmp_path_factory):
 
 
 def _last_logged_step(run_dir: Path) -> int:
+    """The newest step in metrics.jsonl; 0 while the file is still empty (opened, no row yet)."""
     steps = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             steps.append(json.loads(line)["step"])
         except ValueError:  # a row the kill cut short
             pass
-    return max(steps)
+    return max(steps, default=0)
 
 
 def _wait_for(condition, child, timeout=120.0):
