@@ -101,9 +101,10 @@ class Transformer(_Decoding):
 
     def init_cache(self, memory: Tensor, memory_mask: Tensor, max_len: int) -> KVCache:
         """A cache for `max_len` target positions; cross-attention keys/values computed once here."""
+        # contiguous: (B, H, S, Dh) views of one projection would be copied by every step's matmul
         kvs = [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
         return self._new_cache(memory.size(0), max_len, memory.device, memory.dtype,
-                               [k for k, _ in kvs], [v for _, v in kvs], memory_mask)
+                               [k.contiguous() for k, _ in kvs], [v.contiguous() for _, v in kvs], memory_mask)
 
 
 class LanguageModel(_Decoding):
