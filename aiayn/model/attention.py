@@ -45,7 +45,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     if mask is not None:  # a -inf bias at the mask's own (broadcast) size: cheaper than masked_fill on scores
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         scores = scores + bias
-    weights = scores.softmax(dim=-1)
+    if scores.dtype in (torch.bfloat16, torch.float16):  # PyTorch's own bf16 softmax is ~2.3x slower on a CPU
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    else:
+        weights = scores.softmax(dim=-1)
     if mask is not None and not bool(mask.any(dim=-1).all()):
         # a row with nothing to attend to (an all-padding source): zeros, as SDPA gives
         weights = weights.masked_fill(~mask, 0.0)
