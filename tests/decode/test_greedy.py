@@ -120,18 +120,19 @@ def test_training_mode_is_restored_and_dropout_off():
     assert model.training
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [8000, 8001, 1000, 130, 100, 7])
-def test_row_argmax_equals_torch_argmax_with_ties_and_dead_entries(V):
+def test_row_argmax_equals_torch_argmax_with_ties_and_dead_entries(V, dtype):
     from aiayn.decode.greedy import row_argmax
 
     g = torch.Generator().manual_seed(V)
-    x = torch.randn(37, V, generator=g)
+    x = torch.randn(37, V, generator=g).to(dtype)  # bf16: many more ties
     x[3] = float("-inf")  # a row with every entry banned: index 0, as torch.argmax
     x[4, :] = float("-inf")
     x[4, V - 1] = 0.0  # only the last (partial-block) entry alive
     x[5, : V // 2] = float("-inf")
     x[6] = 1.0  # all tied: the first index
     x[7, [V - 1, V // 2, 2]] = 9.0  # tied maxima in different blocks: the first
-    x[8] = torch.randint(0, 3, (V,), generator=g).float()  # many ties within blocks
+    x[8] = torch.randint(0, 3, (V,), generator=g).to(dtype)  # many ties within blocks
     assert torch.equal(row_argmax(x), x.argmax(-1))
     assert row_argmax(x)[7] == 2
