@@ -13,6 +13,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.memory import keep_freed_memory
@@ -63,11 +64,25 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     cross-attention does need care: MultiHeadAttention slices its float weight by rows, which a
     quantized Linear cannot do (TypeError: 'method' object is not subscriptable), so the copy gets
     split projections (_SplitCrossAttention). Self-attention uses in_proj whole and quantizes as is.
+
+    A feed-forward layer's ReLU is done by its first linear's int8 kernel (fbgemm's output stage: the
+    same float operations, without a separate pass over the (N, d_ff) hidden layer): small model,
+    1 thread, greedy decoding 2-5% more tokens/s.
     """
+    from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU
+
+    from aiayn.model.layers import FeedForward
+
     q = _inference_copy(model)
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao quantization deprecated
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
+        q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
+        for m in q.modules():
+            if isinstance(m, FeedForward) and m.act is F.relu:
+                fused = LinearReLU(m.w1.in_features, m.w1.out_features, dtype=torch.qint8)
+                fused._packed_params = m.w1._packed_params
+                m.w1, m.act = fused, nn.Identity()
+    return q
 
 
 class OneDNNLinear(nn.Linear):

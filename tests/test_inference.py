@@ -60,6 +60,21 @@ def test_int8_keeps_a_tied_generator_working():
     assert logits.shape == (6, 1, 32) and torch.isfinite(logits).all()
 
 
+def test_int8_feed_forward_relu_is_fused_with_the_same_results():
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    model = tiny_model()
+    q = quantize_int8(model)
+    ffs = [layer.ff for layer in [*q.encoder.layers, *q.decoder.layers]]
+    assert ffs and all(isinstance(ff.act, torch.nn.Identity) for ff in ffs)
+    x = torch.randn(5, 3, model.cfg.d_model)
+    for ff in ffs:  # the unfused int8 linear from the same packed weights, then a ReLU
+        plain = nnqd.Linear(ff.w1.in_features, ff.w1.out_features, dtype=torch.qint8)
+        plain._packed_params = ff.w1._packed_params
+        assert torch.equal(ff.w1(x), torch.relu(plain(x)))
+        assert (ff.w1(x) == 0).any()
+
+
 def random_sources(n: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, vocab - 1, (n, length), generator=torch.Generator().manual_seed(seed))
 
