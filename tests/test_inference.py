@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aiayn.config import preset
 from aiayn.decode import beam_search, greedy
-from aiayn.inference import inference_model, quantize_int8
+from aiayn.inference import inference_model, onednn_available, quantize_int8
 from aiayn.model import Transformer
 from aiayn.translate import translate
 
@@ -73,6 +74,22 @@ def test_int8_feed_forward_relu_is_fused_with_the_same_results():
         plain._packed_params = ff.w1._packed_params
         assert torch.equal(ff.w1(x), torch.relu(plain(x)))
         assert (ff.w1(x) == 0).any()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_onednn_feed_forward_relu_is_fused_with_the_same_results(precision):
+    model = tiny_model()
+    fast = inference_model(model, precision)
+    pairs = list(zip([*fast.encoder.layers, *fast.decoder.layers], [*model.encoder.layers, *model.decoder.layers]))
+    assert all(fast_layer.ff.w1.post_op == "relu" for fast_layer, _ in pairs)
+    dtype = next(fast.parameters()).dtype
+    x = torch.randn(5, 3, model.cfg.d_model, dtype=dtype)
+    with torch.no_grad():
+        for fast_layer, layer in pairs:  # max(0, x W1^T + b1) W2^T + b2, step by step
+            w1, w2 = ((lin.weight.to(dtype), lin.bias.to(dtype)) for lin in (layer.ff.w1, layer.ff.w2))
+            expected = F.linear(torch.relu(F.linear(x, *w1)), *w2)
+            assert torch.allclose(fast_layer.ff(x), expected, atol=1e-5 if precision == "fp32" else 3e-2)
 
 
 def random_sources(n: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
