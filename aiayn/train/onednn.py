@@ -3,13 +3,11 @@
 torch's CPU build sends fp32 matrix products to MKL, which takes an AVX2 path on AMD CPUs (~100
 GFLOP/s a core here, against ~230 for oneDNN on the same data; bf16 already goes to oneDNN).
 `OneDNNTrainingLinear` computes the forward product and dx = dy W with
-`torch.ops.mkldnn._linear_pointwise`, and dW = dyᵀ x with oneDNN's inner-product backward: the same
-IEEE fp32 arithmetic, other GEMMs.
+`torch.ops.mkldnn._linear_pointwise`, and dW = dyᵀ x with it too (`_weight_grads`): the same IEEE
+fp32 arithmetic, other GEMMs.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,26 +18,19 @@ from aiayn.inference import onednn_available
 _gemm = torch.ops.mkldnn._linear_pointwise  # (x (N, in), w (out, in), b) -> x wᵀ + b
 
 
-def _weight_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+def _weight_grads(dy: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
     """dW = dyᵀ x and (with a bias) db = sum of dy's rows, for dy (N, out) and x (N, in).
 
-    oneDNN's inner-product backward reads dy and x as they lie; `_gemm` would need dyᵀ and xᵀ copied
-    contiguous first. Small config, (3600, 256) x (3600, 1024), 2 threads: 7.9 -> 6.0 ms, and the
-    generator's (3600, 8000) 102 -> 77 ms. Where this torch build lacks the op: `_gemm` and copies."""
-    if _inner_product_backward_available():  # (the op reads only the weight's dtype and device: no copy of it)
-        dw, db = torch.ops.aten.mkldnn_linear_backward_weights(dy.to_mkldnn(), x.to_mkldnn(), weight, bias)
-        return dw.to_dense(), db.to_dense() if bias else None
-    return _gemm(dy.t().contiguous(), x.t().contiguous(), None, "none", [], ""), dy.sum(0) if bias else None
-
-
-@functools.cache
-def _inner_product_backward_available() -> bool:
-    try:
-        dw, db = torch.ops.aten.mkldnn_linear_backward_weights(
-            torch.ones(4, 2).to_mkldnn(), torch.ones(4, 3).to_mkldnn(), torch.ones(2, 3), True)
-        return bool(dw.to_dense().eq(4).all()) and bool(db.to_dense().eq(4).all())
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
+    `_gemm` reads its second operand transposed as it lies (a strided view), so only the smaller of
+    dy and x is copied, transposed, as its first operand: dWᵀ = xᵀ dy when in <= out, else dyᵀ x. 1
+    thread, fp32, against oneDNN's inner-product backward (which needed both as oneDNN copies):
+    base (7000 rows) 512 -> 2048 101 -> 78 ms, 2048 -> 512 99 -> 72, generator 512 -> 8000 377 ->
+    267; small (3600 rows) generator 256 -> 8000 126 -> 68."""
+    if x.shape[1] <= dy.shape[1]:
+        dw = _gemm(x.t().contiguous(), dy.t(), None, "none", [], "").t()  # (autograd lays it out as W)
+    else:
+        dw = _gemm(dy.t().contiguous(), x.t(), None, "none", [], "")
+    return dw, dy.sum(0) if bias else None
 
 
 class _LinearFn(torch.autograd.Function):
@@ -59,7 +50,7 @@ class _LinearFn(torch.autograd.Function):
             dx = _gemm(dy2, weight.t().contiguous(), None, "none", [], "").view(*dy.shape[:-1], x2.shape[1])
         bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:  # dW = dyᵀ (out, N) @ x (N, in), with db = sum of dy if needed
-            dw, db = _weight_grads(dy2, x2, weight, bias_grad)
+            dw, db = _weight_grads(dy2, x2, bias_grad)
         elif bias_grad:
             db = dy2.sum(0)
         return dx, dw, db
