@@ -49,10 +49,12 @@ class _LabelSmoothedCE(torch.autograd.Function):
             scale = 1.0 / n if n else float("nan")  # the mean of no rows, as torch gives it
         losses = torch.empty(n, dtype=compute, device=logits.device)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        work = torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
+        # in fp32 each block is worked on in the gradient's own rows: no copy of it at the end
+        in_grad = grad is not None and grad.dtype == compute
+        work = None if in_grad else torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
         for i in range(0, n, ROWS):
             rows, t = slice(i, i + ROWS), target[i:i + ROWS, None]
-            z = work[:min(ROWS, n - i)].copy_(logits[rows])
+            z = (grad[rows] if in_grad else work[:min(ROWS, n - i)]).copy_(logits[rows])
             m = z.amax(dim=1, keepdim=True)
             # -(1 - eps) log p_t - eps * mean_j log p_j  =  lse - (1 - eps) z_t - eps * mean_j z_j
             z_t = z.gather(1, t)
@@ -63,7 +65,8 @@ class _LabelSmoothedCE(torch.autograd.Function):
             if grad is not None:  # scale * (softmax - (1 - eps) [j = t] - eps / V)
                 p = e.mul_(scale / total)
                 p.scatter_add_(1, t, p.new_full(t.shape, scale * (eps - 1.0))).sub_(scale * eps / vocab)
-                grad[rows].copy_(p)
+                if not in_grad:
+                    grad[rows].copy_(p)
         ctx.save_for_backward(grad)
         if reduction == "none":
             return losses
