@@ -148,3 +148,23 @@ def test_run_suite_rejects_unknown_parts_and_skips_missing_scripts(tmp_path, mon
     monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
     assert bench.run_suite("lm") == 0
     assert "not written yet" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- A/B
+IN_GIT = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not IN_GIT, reason="ab_step.py checks the base revision out of a git checkout")
+@pytest.mark.parametrize("mode", ["decode", "train"])
+def test_ab_step_times_both_trees_and_leaves_no_worktree(mode):
+    worktrees = subprocess.run(["git", "-C", str(BENCH), "worktree", "list"], capture_output=True, text=True).stdout
+    (row,) = table_rows(run_script("ab_step.py", mode, "--base", "HEAD"))
+    base, head, ratio = (number(c) for c in row[1:])
+    assert base > 0 and head > 0 and ratio == pytest.approx(head / base, abs=1e-3)
+    assert subprocess.run(["git", "-C", str(BENCH), "worktree", "list"], capture_output=True, text=True).stdout == worktrees
+
+
+def test_ab_step_refuses_an_unknown_revision_in_one_line():
+    proc = subprocess.run([sys.executable, str(BENCH / "ab_step.py"), "decode", "--base", "no-such-rev", "--quick"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("ab_step.py: error:")
