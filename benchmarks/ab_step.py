@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     child_argv = [args.mode, "--config", args.config, "--precision", args.precision, "--beam", str(args.beam),
                   "--batches", str(args.batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--rounds", str(args.rounds)]
-    root = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    try:
+        root = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    except OSError:
+        p.error("needs git (the base revision is checked out with it)")
     if root.returncode:
         p.error("needs a git checkout (the base revision is checked out from it)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -151,7 +151,14 @@ def test_run_suite_rejects_unknown_parts_and_skips_missing_scripts(tmp_path, mon
 
 
 # ------------------------------------------------------------------------------------- A/B
-IN_GIT = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+def _in_git() -> bool:
+    try:
+        return subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+    except OSError:  # no git here
+        return False
+
+
+IN_GIT = _in_git()
 
 
 @pytest.mark.skipif(not IN_GIT, reason="ab_step.py checks the base revision out of a git checkout")
