@@ -65,13 +65,20 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     quantized Linear cannot do (TypeError: 'method' object is not subscriptable), so the copy gets
     split projections (_SplitCrossAttention). Self-attention uses in_proj whole and quantizes as is.
     A feed-forward layer's ReLU is done by its first linear (_relu_feed_forwards).
+
+    Weights are quantized with one scale per matrix, the generator's with one per output row: its
+    rows (the shared embeddings) differ in norm, and one scale costs the shipped model 0.2-0.3 BLEU
+    where one per row costs ~0.1 (41.84-41.89 against fp32's 42.03); the generator's GEMM is ~9%
+    slower that way, the others would be 2-10% slower for no measurable gain.
     """
     from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU
 
     q = _inference_copy(model)
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao quantization deprecated
         warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
+        qconfig = {nn.Linear: torch.ao.quantization.default_dynamic_qconfig,
+                   "generator": torch.ao.quantization.per_channel_dynamic_qconfig}
+        q = torch.ao.quantization.quantize_dynamic(q, qconfig, dtype=torch.qint8)
         for ff in _relu_feed_forwards(q):
             fused = LinearReLU(ff.w1.in_features, ff.w1.out_features, dtype=torch.qint8)
             fused._packed_params = ff.w1._packed_params

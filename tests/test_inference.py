@@ -61,6 +61,20 @@ def test_int8_keeps_a_tied_generator_working():
     assert logits.shape == (6, 1, 32) and torch.isfinite(logits).all()
 
 
+def test_int8_generator_has_a_scale_per_output_row():
+    # rows of the shared embedding matrix differ in norm: one scale each (the others: one per matrix)
+    model = Transformer(preset("tiny", vocab_size=32)).eval()
+    with torch.no_grad():
+        model.generator.weight[:16] *= 20  # half the rows 20x larger: one scale would flatten the rest
+    q = quantize_int8(model)
+    assert q.generator.weight().qscheme() == torch.per_channel_affine
+    assert q.decoder.layers[0].self_attn.in_proj.weight().qscheme() == torch.per_tensor_affine
+    h = torch.randn(4, 1, model.cfg.d_model)
+    ref = model.generator(h)
+    err = (q.generator(h) - ref).abs()[..., 16:].max() / ref[..., 16:].abs().max()
+    assert err < 0.05
+
+
 def test_int8_feed_forward_relu_is_fused_with_the_same_results():
     import torch.ao.nn.quantized.dynamic as nnqd
 
