@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aiayn import kernels
 from aiayn.model.dropout import dropout as dropout_fn
 
 
@@ -31,14 +32,22 @@ def causal_mask(length: int, device=None, offset: int = 0) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ attention
+KERNEL_MAX_QUERIES = 8  # queries per row up to which aiayn's decoding kernel beats PyTorch's
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh).
 
     The fast path is PyTorch's fused kernel; the explicit path also returns the weights (B, H, T, S).
+    A decoding step (a few queries per row, no gradient) on a CPU takes aiayn's own C kernel when it
+    is built (aiayn.kernels: 2-3x faster than the fused kernel there).
     On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
     fwd+bwd, torch 2.13: benchmarks/attention.py), so the fused kernel is used only where it wins.
     """
+    if not need_weights and q.size(2) <= KERNEL_MAX_QUERIES and not q.is_cuda and not dropout \
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        kernel = kernels.attention_kernel()  # a decoding step: aiayn/kernels/attention.c
+        if kernel is not None and kernels.supports(q, k, v, mask):
+            return kernel(q, k, v, mask), None
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)

@@ -1,0 +1,158 @@
+"""aiayn/kernels: the decoding-step attention kernel against PyTorch's attention in float64, and the
+fallback to PyTorch when the kernel cannot be built."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiayn import kernels
+from aiayn.model.attention import attend
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = kernels.attention_kernel()
+    if fn is None:
+        pytest.skip("the attention kernel is not built here (no C compiler?)")
+    return fn
+
+
+def _reference(q, k, v, mask):
+    """float64 SDPA with every group of rows given its source's keys, values and mask; rows that
+    may attend to nothing get zeros."""
+    group = q.size(0) // k.size(0)
+    q, k, v = q.double(), k.double().repeat_interleave(group, 0), v.double().repeat_interleave(group, 0)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = mask.repeat_interleave(group, 0)
+    safe = mask | ~mask.any(-1, keepdim=True)  # SDPA's all-masked rows are NaN in some versions
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe)
+    return out.masked_fill(~mask.any(-1, keepdim=True).transpose(-1, -2), 0.0)
+
+
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "fp32-bf16kv": (torch.float32, torch.bfloat16)}
+
+
+@settings(deadline=None, max_examples=150)
+@given(sources=st.integers(1, 4), group=st.integers(1, 4), heads=st.integers(1, 4), queries=st.integers(1, 5),
+       keys=st.integers(1, 40), room=st.integers(0, 5), head_dim=st.sampled_from([1, 3, 16, 64, 80]),
+       masked=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_kernel_matches_pytorch_attention(kernel, sources, group, heads, queries, keys, room, head_dim,
+                                          masked, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qt, kt = DTYPES[dtype]
+    B = sources * group
+    q = torch.randn(B, queries, heads, head_dim, generator=g).to(qt).transpose(1, 2)  # heads split from (B, T, D)
+    # keys and values: the first `keys` positions of a longer cache buffer, as in decoding
+    k = torch.randn(sources, heads, keys + room, head_dim, generator=g).to(kt)[:, :, :keys]
+    v = torch.randn(sources, heads, keys + room, head_dim, generator=g).to(kt)[:, :, :keys]
+    mask = None
+    if masked:
+        mask = torch.rand(sources, 1, 1, keys, generator=g) < 0.7
+        mask[0] = False  # a source of nothing but padding: zeros
+    assert kernels.supports(q, k, v, mask)
+    out = kernel(q, k, v, mask)
+    assert out.shape == (B, heads, queries, head_dim) and out.dtype == qt
+    tol = 1e-5 if qt == kt == torch.float32 else 3e-2
+    ref = _reference(q, k, v, mask)
+    if mask is not None and kt != qt:
+        ref = _reference(q, k.float(), v.float(), mask)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_merging_heads_after_the_kernel_is_a_view(kernel):
+    q, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    out = kernel(q, k, v)
+    merged = out.transpose(1, 2).reshape(3, 1, 16)
+    assert merged.data_ptr() == out.data_ptr()
+
+
+def test_attend_takes_the_kernel_only_for_decoding_steps(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    with torch.no_grad():
+        attend(q, k, v)
+        assert len(calls) == 1
+        attend(q, k, v, need_weights=True)                # the weights: explicit path
+        attend(torch.randn(2, 2, 9, 8), k, v)            # a whole sequence of queries: PyTorch's kernel
+        attend(q.double(), k.double(), v.double())       # float64: PyTorch
+        attend(q, k, v, torch.ones(1, 1, 1, 6, dtype=torch.bool))  # a mask shape it does not take
+    q.requires_grad_(True)
+    out, _ = attend(q, k, v)                             # training: PyTorch, with a gradient
+    out.sum().backward()
+    assert len(calls) == 1 and q.grad is not None
+
+
+def test_kernel_and_pytorch_decode_the_same_tokens(monkeypatch):
+    from aiayn.config import ModelConfig
+    from aiayn.decode import beam_search, greedy
+    from aiayn.model import build_model
+
+    if kernels.attention_kernel() is None:
+        pytest.skip("the attention kernel is not built here")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+                      dropout=0.0, max_len=64)
+    model = build_model(cfg).eval()
+    src = torch.randint(4, 50, (5, 9))
+    src[1, 6:] = cfg.pad_id
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("AIAYN_KERNELS", setting)
+        with torch.no_grad():
+            results[setting] = (greedy(model, src, 1, 2, max_extra=8),
+                                beam_search(model, src, 1, 2, beam_size=3, max_extra=8))
+    (greedy_k, beams_k), (greedy_t, beams_t) = results["1"], results["0"]
+    assert greedy_k == greedy_t
+    for ours, theirs in zip(beams_k, beams_t):
+        assert [tokens for tokens, _ in ours] == [tokens for tokens, _ in theirs]
+        assert [score for _, score in ours] == pytest.approx([score for _, score in theirs], rel=1e-5)
+
+
+def test_without_a_compiler_attention_falls_back_to_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "a-compiler-that-is-not-there")
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels._library.cache_clear()
+    try:
+        assert kernels.attention_kernel() is None
+        q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+        with torch.no_grad():
+            out, _ = attend(q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_a_compiler_that_fails_leaves_pytorch_in_charge(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists, and fails every build
+    kernels._library.cache_clear()
+    try:
+        assert kernels.attention_kernel() is None
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_aiayn_kernels_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("AIAYN_KERNELS", "0")
+    assert kernels.attention_kernel() is None
+
+
+def test_kernel_scale_is_one_over_sqrt_head_dim(kernel):
+    # two keys, one query: the weight of the first is sigmoid((s0 - s1) / sqrt(Dh))
+    Dh = 16
+    q = torch.zeros(1, 1, 1, Dh)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 2, Dh)
+    k[0, 0, 0, 0] = 4.0
+    v = torch.tensor([1.0, 0.0]).view(1, 1, 2, 1).expand(1, 1, 2, Dh).contiguous()
+    out = kernel(q, k, v)
+    assert out[0, 0, 0, 0].item() == pytest.approx(1 / (1 + math.exp(-4.0 / math.sqrt(Dh))), rel=1e-6)
