@@ -41,13 +41,15 @@ DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch
 @settings(deadline=None, max_examples=150)
 @given(sources=st.integers(1, 4), group=st.integers(1, 4), heads=st.integers(1, 4), queries=st.integers(1, 5),
        keys=st.integers(1, 40), room=st.integers(0, 5), head_dim=st.sampled_from([1, 3, 16, 64, 80]),
-       masked=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+       masked=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)), spread=st.sampled_from([0.1, 1.0, 30.0]),
+       seed=st.integers(0, 2**16))
 def test_kernel_matches_pytorch_attention(kernel, sources, group, heads, queries, keys, room, head_dim,
-                                          masked, dtype, seed):
+                                          masked, dtype, spread, seed):
+    # spread: scores from nearly uniform weights to nearly one-hot ones (the kernel's own exp)
     g = torch.Generator().manual_seed(seed)
     qt, kt = DTYPES[dtype]
     B = sources * group
-    q = torch.randn(B, queries, heads, head_dim, generator=g).to(qt).transpose(1, 2)  # heads split from (B, T, D)
+    q = (spread * torch.randn(B, queries, heads, head_dim, generator=g)).to(qt).transpose(1, 2)  # heads split from (B, T, D)
     # keys and values: the first `keys` positions of a longer cache buffer, as in decoding
     k = torch.randn(sources, heads, keys + room, head_dim, generator=g).to(kt)[:, :, :keys]
     v = torch.randn(sources, heads, keys + room, head_dim, generator=g).to(kt)[:, :, :keys]
