@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aiayn import kernels
 from aiayn.memory import keep_freed_memory
 
 
@@ -51,7 +52,12 @@ class _SplitCrossAttention(nn.Module):
 
         if kv is None:
             kv = self.project_kv(x)
-        out, weights = attend_to_source(self._heads(self.q_proj(x)), *kv, mask, 0.0, need_weights)
+        q = self.q_proj(x)
+        if not need_weights:
+            out = kernels.cross_attention_step(q, *kv, mask)
+            if out is not None:
+                return self.out_proj(out), None
+        out, weights = attend_to_source(self._heads(q), *kv, mask, 0.0, need_weights)
         return self.out_proj(out), weights
 
 
@@ -71,7 +77,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     where one per row costs ~0.1 (41.84-41.89 against fp32's 42.03); the generator's GEMM is ~9%
     slower that way, the others would be 2-10% slower for no measurable gain.
     """
-    from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU
+    import torch.ao.nn.quantized.dynamic as nnqd
 
     q = _inference_copy(model)
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao quantization deprecated
@@ -79,11 +85,36 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         qconfig = {nn.Linear: torch.ao.quantization.default_dynamic_qconfig,
                    "generator": torch.ao.quantization.per_channel_dynamic_qconfig}
         q = torch.ao.quantization.quantize_dynamic(q, qconfig, dtype=torch.qint8)
-        for ff in _relu_feed_forwards(q):
-            fused = LinearReLU(ff.w1.in_features, ff.w1.out_features, dtype=torch.qint8)
-            fused._packed_params = ff.w1._packed_params
-            ff.w1, ff.act = fused, nn.Identity()
+    relu = {id(ff.w1) for ff in _relu_feed_forwards(q)}
+    for ff in _relu_feed_forwards(q):
+        ff.act = nn.Identity()
+    for parent in list(q.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nnqd.Linear):
+                setattr(parent, name, Int8Linear(child, relu=id(child) in relu))
     return q
+
+
+class Int8Linear(nn.Module):
+    """torch.ao's dynamically quantized Linear (same packed weights, same op, same results) without its
+    per-call Python: no dtype branches, no `.to(x.dtype)` op after the GEMM. A decoding step calls
+    16 of them (small model): each op less is also one GIL hand-over less between decoding threads.
+    relu=True computes max(0, y) in the GEMM's output stage (fbgemm's linear_relu_dynamic)."""
+
+    def __init__(self, linear, relu: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.relu = linear.in_features, linear.out_features, relu
+        self.packed = linear._packed_params._packed_params
+        self.op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x, self.packed, True)  # reduce_range=True: what torch.ao's Linear (version 4) passes
+
+    def weight(self) -> Tensor:
+        return self.packed.unpack()[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
 
 
 class OneDNNLinear(nn.Linear):

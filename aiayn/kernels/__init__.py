@@ -31,16 +31,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.c")
 MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
+MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
 _FLAG_SETS = (  # the first that builds wins: tuned for this CPU, then portable
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
     ["-O3", "-mcpu=native", "-fopenmp-simd", "-fno-math-errno"],  # Apple clang on arm64
     ["-O2"],
 )
-_FUNCTIONS = {  # (query/output dtype, key/value dtype) -> symbol
-    (torch.float32, torch.float32): "attend_f32",
-    (torch.bfloat16, torch.bfloat16): "attend_bf16",
-    (torch.float32, torch.bfloat16): "attend_f32_bf16kv",
-}
+_FUNCTIONS = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}  # dtype -> symbol
 
 
 def enabled() -> bool:
@@ -108,7 +105,7 @@ def _library() -> ctypes.CDLL | None:
         for name in _FUNCTIONS.values():
             fn = getattr(library, name)
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 19 + [ctypes.c_float]
+            fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 23 + [ctypes.c_float]
     return library
 
 
@@ -117,15 +114,42 @@ def attention_kernel():
     return decode_attention if enabled() and _library() is not None else None
 
 
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16 (all
+    one dtype), no gradient wanted (it has no backward)."""
+    dtype = tensors[0].dtype
+    return (enabled() and dtype in _FUNCTIONS and _library() is not None
+            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _takes(B: int, H: int, Dh: int, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether the kernel takes keys/values k, v (b, H, S, Dh) and a mask for B rows of queries."""
+    b, S = k.size(0), k.size(2)
+    return (k.shape == v.shape and k.size(1) == H and k.size(3) == Dh and b > 0 and B % b == 0
+            and 0 < S <= MAX_KEYS and Dh <= MAX_HEAD_DIM and k.stride(3) == 1 and v.stride(3) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.shape == (b, 1, 1, S))))
+
+
 def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     """Whether `decode_attention` takes these inputs (else use PyTorch's attention)."""
-    B, H, T, Dh = q.shape
-    b, S = k.size(0), k.size(2)
-    return (q.device.type == "cpu" and (q.dtype, k.dtype) in _FUNCTIONS and v.dtype == k.dtype
-            and k.shape == v.shape and k.size(1) == H and k.size(3) == Dh and b > 0 and B % b == 0
-            and 0 < S <= MAX_KEYS and Dh <= MAX_HEAD_DIM
-            and q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
-            and (mask is None or (mask.dtype == torch.bool and mask.shape == (b, 1, 1, S))))
+    B, H, _, Dh = q.shape
+    return q.stride(3) == 1 and usable(q, k, v) and _takes(B, H, Dh, k, v, mask)
+
+
+def _run(q: Tensor, q_strides, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor, out_strides,
+         B: int, H: int, T: int, S: int, Dh: int, new: tuple[int, int] | None = None, new_strides=(0,) * 4) -> None:
+    """The C function: q's (row, head, query) strides and out's (row, query, head), in elements;
+    `new`: addresses of the keys and values to append at position S - 1."""
+    b = k.size(0)
+    if mask is not None:
+        mask = mask.reshape(b, S)
+        if mask.stride(1) != 1:
+            mask = mask.contiguous()
+    fn = getattr(_library(), _FUNCTIONS[q.dtype])
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
+       *(new or (None, None)), B, H, T, S, Dh, B // b, *q_strides, *k.stride()[:3], *v.stride()[:3],
+       mask.stride(0) if mask is not None else 0, *out_strides, *new_strides, 1.0 / math.sqrt(Dh))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -134,14 +158,38 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     True = may attend. Returns (B, H, T, Dh), a view of a (B, T, H, Dh) tensor: merging the heads
     after it is free. No gradient; the caller checks `supports` first."""
     B, H, T, Dh = q.shape
-    b, _, S, _ = k.shape
     out = q.new_empty(B, T, H, Dh)
-    if mask is not None:
-        mask = mask.reshape(b, S)
-        if mask.stride(1) != 1:
-            mask = mask.contiguous()
-    fn = getattr(_library(), _FUNCTIONS[q.dtype, k.dtype])
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
-       B, H, T, S, Dh, B // b, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-       mask.stride(0) if mask is not None else 0, *out.stride()[:3], 1.0 / math.sqrt(Dh))
+    _run(q, q.stride()[:3], k, v, mask, out, out.stride()[:3], B, H, T, k.size(2), Dh)
     return out.transpose(1, 2)
+
+
+def self_attention_step(qkv: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, n_heads: int) -> Tensor | None:
+    """One new position per row of a causal self-attention with a cache: qkv (B, 1, 3D) is the fused
+    projection [q | k | v] of the new tokens. Their keys and values are written at position `start`
+    of the (B, H, L, Dh) buffers, then the queries attend to positions 0..start. -> (B, 1, D), heads
+    merged: in one call what PyTorch does in ~25 (split, head views, cache writes, attention, merge).
+    None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
+    B, T, D3 = qkv.shape
+    D = D3 // 3
+    Dh = D // n_heads
+    if not (T == 1 and qkv.stride(2) == 1 and start < k_buf.size(2) and k_buf.size(0) == B
+            and usable(qkv, k_buf, v_buf) and _takes(B, n_heads, Dh, k_buf, v_buf, None)):
+        return None
+    out = qkv.new_empty(B, 1, D)
+    rows, ptr, size = qkv.stride(0), qkv.data_ptr(), qkv.element_size()
+    _run(qkv, (rows, Dh, 0), k_buf, v_buf, None, out, (D, D, Dh), B, n_heads, 1, start + 1, Dh,
+         new=(ptr + D * size, ptr + 2 * D * size), new_strides=(rows, Dh, rows, Dh))
+    return out
+
+
+def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Queries q (B, T, D), heads not yet split, attending to the source's keys and values
+    (b, H, S, Dh), each group of B / b rows to one source row, with mask (b, 1, 1, S) or None.
+    -> (B, T, D), heads merged. None if the kernel does not take these inputs."""
+    B, T, D = q.shape
+    H, Dh = k.size(1), k.size(3)
+    if not (H * Dh == D and T <= MAX_QUERIES and q.stride(2) == 1 and usable(q, k, v) and _takes(B, H, Dh, k, v, mask)):
+        return None
+    out = q.new_empty(B, T, D)
+    _run(q, (q.stride(0), Dh, q.stride(1)), k, v, mask, out, (T * D, D, Dh), B, H, T, k.size(2), Dh)
+    return out

@@ -4,7 +4,9 @@
  *     out[b, i, h, :] = softmax(scale * k[b / group, h, :t, :] q[b, h, i, :] + mask) v[b / group, h, :t, :]
  * where mask[b / group, s] == 0 excludes key s (a row with every key excluded gets zeros, as
  * PyTorch's scaled_dot_product_attention gives). `group` consecutive rows share one source (beam
- * search's beams of a sentence); arithmetic in fp32 whatever the storage type.
+ * search's beams of a sentence). A self-attention step first appends its own key and value: with
+ * k_new != NULL, k_new[b, h, :] and v_new[b, h, :] are written at position t - 1 of k and v (group 1).
+ * Tensors are fp32 or bf16 (one type for all); arithmetic is fp32.
  *
  * Why: PyTorch's fused attention, for one query, runs two tiny GEMMs per (row, head) and reads
  * keys and values with little memory-level parallelism: 200-300 us for 64 rows x 4 heads x 20 keys
@@ -71,28 +73,28 @@ static inline float sum16(f32x16 v) {  /* a tree, not 15 additions in a row */
 /* One (row, head, query). `dh` is a constant where the caller inlines it for a common head size
  * (a multiple of 16: the vector path, its loops unrolled into registers); any other size takes the
  * scalar path. */
-#define DEFINE_ONE(NAME, QT, KT, LOAD_Q, LOAD_KV, LOAD16_KV, STORE)                                   \
+#define DEFINE_ONE(NAME, T, LOAD, LOAD16, STORE)                                   \
 static inline __attribute__((always_inline)) void NAME(                                             \
-        const QT *qi, const KT *kb, const KT *vb, const uint8_t *m, QT *o, int64_t t, int64_t dh,    \
+        const T *qi, const T *kb, const T *vb, const uint8_t *m, T *o,   int64_t t, int64_t dh,    \
         int64_t ks_t, int64_t vs_t, float scale, float *scores, float *query, float *acc)            \
 {                                                                                                     \
-    for (int64_t j = 0; j < dh; j++) query[j] = LOAD_Q(qi[j]) * scale;                                \
+    for (int64_t j = 0; j < dh; j++) query[j] = LOAD(qi[j]) * scale;                                \
     const int vector = dh % 16 == 0 && dh <= 256;                                                     \
     f32x16 qv[16], av[16];                                                                            \
     if (vector) for (int64_t c = 0; c < dh / 16; c++) qv[c] = load16_f32(query + 16 * c);             \
     float top = -INFINITY;                                                                            \
     for (int64_t s = 0; s < t; s++) {                                                                 \
-        const KT *ks = kb + s * ks_t;                                                                 \
+        const T *ks = kb + s * ks_t;                                                                 \
         float d = 0.f;                                                                                \
         if (vector) {                                                                                 \
-            f32x16 even = qv[0] * LOAD16_KV(ks), odd = {0};  /* two chains of FMAs */                 \
+            f32x16 even = qv[0] * LOAD16(ks), odd = {0};  /* two chains of FMAs */                 \
             for (int64_t c = 1; c < dh / 16; c++) {                                                   \
-                if (c & 1) odd += qv[c] * LOAD16_KV(ks + 16 * c);                                     \
-                else even += qv[c] * LOAD16_KV(ks + 16 * c);                                          \
+                if (c & 1) odd += qv[c] * LOAD16(ks + 16 * c);                                     \
+                else even += qv[c] * LOAD16(ks + 16 * c);                                          \
             }                                                                                         \
             d = sum16(even + odd);                                                                    \
         } else {                                                                                      \
-            for (int64_t j = 0; j < dh; j++) d += query[j] * LOAD_KV(ks[j]);                          \
+            for (int64_t j = 0; j < dh; j++) d += query[j] * LOAD(ks[j]);                          \
         }                                                                                             \
         if (m && !m[s]) d = -INFINITY;                                                                \
         scores[s] = d;                                                                                \
@@ -109,47 +111,54 @@ static inline __attribute__((always_inline)) void NAME(                         
     if (vector) {                                                                                     \
         for (int64_t c = 0; c < dh / 16; c++) av[c] = (f32x16){0};                                    \
         for (int64_t s = 0; s < t; s++) {                                                             \
-            const KT *vs = vb + s * vs_t;                                                             \
+            const T *vs = vb + s * vs_t;                                                             \
             const float p = scores[s] * inv;                                                          \
-            for (int64_t c = 0; c < dh / 16; c++) av[c] += p * LOAD16_KV(vs + 16 * c);                \
+            for (int64_t c = 0; c < dh / 16; c++) av[c] += p * LOAD16(vs + 16 * c);                \
         }                                                                                             \
         for (int64_t c = 0; c < dh / 16; c++) memcpy(acc + 16 * c, &av[c], 64);                       \
     } else {                                                                                          \
         for (int64_t j = 0; j < dh; j++) acc[j] = 0.f;                                                \
         for (int64_t s = 0; s < t; s++) {                                                             \
-            const KT *vs = vb + s * vs_t;                                                             \
+            const T *vs = vb + s * vs_t;                                                             \
             const float p = scores[s] * inv;                                                          \
-            for (int64_t j = 0; j < dh; j++) acc[j] += p * LOAD_KV(vs[j]);                            \
+            for (int64_t j = 0; j < dh; j++) acc[j] += p * LOAD(vs[j]);                            \
         }                                                                                             \
     }                                                                                                 \
     for (int64_t j = 0; j < dh; j++) STORE(o + j, acc[j]);                                            \
 }
 
-/* Strides are in elements; q is (B, H, n_queries, Dh), k and v (B / group, H, t, Dh), mask
- * (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), each with its last dimension contiguous. */
-#define DEFINE_ATTEND(NAME, ONE, QT, KT)                                                              \
-void NAME(const QT *q, const KT *k, const KT *v, const uint8_t *mask, QT *out,                       \
+/* Strides are in elements; q is (B, H, n_queries, Dh), k and v (B / group, H, >= t, Dh), mask
+ * (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), k_new and v_new (B, H, Dh) or NULL, each
+ * with its last dimension contiguous. */
+#define DEFINE_ATTEND(NAME, ONE, T)                                                                   \
+void NAME(const T *q, T *k, T *v, const uint8_t *mask, T *out, const T *k_new, const T *v_new,       \
           int64_t B, int64_t H, int64_t n_queries, int64_t t, int64_t dh, int64_t group,              \
           int64_t qs_b, int64_t qs_h, int64_t qs_i, int64_t ks_b, int64_t ks_h, int64_t ks_t,          \
           int64_t vs_b, int64_t vs_h, int64_t vs_t, int64_t ms_b,                                     \
-          int64_t os_b, int64_t os_i, int64_t os_h, float scale)                                      \
+          int64_t os_b, int64_t os_i, int64_t os_h,                                                   \
+          int64_t kn_b, int64_t kn_h, int64_t vn_b, int64_t vn_h, float scale)                        \
 {                                                                                                     \
     float scores[MAX_KEYS], query[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];                                   \
-    for (int64_t b = 0; b < B; b++) {                                                                 \
-        const int64_t src = b / group;                                                                \
+    const int64_t sources = B / group;                                                                \
+    for (int64_t src = 0; src < sources; src++) {                                                     \
         const uint8_t *m = mask ? mask + src * ms_b : 0;                                              \
         for (int64_t h = 0; h < H; h++) {                                                             \
-            const KT *kb = k + src * ks_b + h * ks_h, *vb = v + src * vs_b + h * vs_h;                \
-            const int64_t nb = h + 1 < H ? b : b + 1, nh = h + 1 < H ? h + 1 : 0;                     \
-            if (nb < B && (nb / group != src || nh != h)) {  /* the next keys/values, meanwhile */    \
-                prefetch_block((const char *)(k + nb / group * ks_b + nh * ks_h), t,                   \
-                               ks_t * (int64_t)sizeof(KT), dh * (int64_t)sizeof(KT));                  \
-                prefetch_block((const char *)(v + nb / group * vs_b + nh * vs_h), t,                   \
-                               vs_t * (int64_t)sizeof(KT), dh * (int64_t)sizeof(KT));                  \
+            T *kb = k + src * ks_b + h * ks_h, *vb = v + src * vs_b + h * vs_h;                       \
+            if (k_new) {  /* group 1: row b is source src */                                          \
+                memcpy(kb + (t - 1) * ks_t, k_new + src * kn_b + h * kn_h, dh * sizeof(T));           \
+                memcpy(vb + (t - 1) * vs_t, v_new + src * vn_b + h * vn_h, dh * sizeof(T));           \
             }                                                                                         \
+            const int64_t ns = h + 1 < H ? src : src + 1, nh = h + 1 < H ? h + 1 : 0;                 \
+            if (ns < sources) {  /* the next keys and values, while these are used */                 \
+                prefetch_block((const char *)(k + ns * ks_b + nh * ks_h), t,                          \
+                               ks_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T));                    \
+                prefetch_block((const char *)(v + ns * vs_b + nh * vs_h), t,                          \
+                               vs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T));                    \
+            }                                                                                         \
+            for (int64_t b = src * group; b < (src + 1) * group; b++)  /* the rows of this source */  \
             for (int64_t i = 0; i < n_queries; i++) {                                                 \
-                const QT *qi = q + b * qs_b + h * qs_h + i * qs_i;                                    \
-                QT *o = out + b * os_b + i * os_i + h * os_h;                                         \
+                const T *qi = q + b * qs_b + h * qs_h + i * qs_i;                                     \
+                T *o = out + b * os_b + i * os_i + h * os_h;                                          \
                 switch (dh) {  /* the paper's 64, and its neighbours, as constants */                 \
                 case 32: ONE(qi, kb, vb, m, o, t, 32, ks_t, vs_t, scale, scores, query, acc); break;  \
                 case 64: ONE(qi, kb, vb, m, o, t, 64, ks_t, vs_t, scale, scores, query, acc); break;  \
@@ -161,9 +170,7 @@ void NAME(const QT *q, const KT *k, const KT *v, const uint8_t *mask, QT *out,  
     }                                                                                                 \
 }
 
-DEFINE_ONE(one_f32, float, float, from_f32, from_f32, load16_f32, to_f32)
-DEFINE_ONE(one_bf16, bf16, bf16, from_bf16, from_bf16, load16_bf16, to_bf16)
-DEFINE_ONE(one_f32_bf16kv, float, bf16, from_f32, from_bf16, load16_bf16, to_f32)
-DEFINE_ATTEND(attend_f32, one_f32, float, float)
-DEFINE_ATTEND(attend_bf16, one_bf16, bf16, bf16)
-DEFINE_ATTEND(attend_f32_bf16kv, one_f32_bf16kv, float, bf16)
+DEFINE_ONE(one_f32, float, from_f32, load16_f32, to_f32)
+DEFINE_ONE(one_bf16, bf16, from_bf16, load16_bf16, to_bf16)
+DEFINE_ATTEND(attend_f32, one_f32, float)
+DEFINE_ATTEND(attend_bf16, one_bf16, bf16)

@@ -32,7 +32,6 @@ def causal_mask(length: int, device=None, offset: int = 0) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ attention
-KERNEL_MAX_QUERIES = 8  # queries per row up to which aiayn's decoding kernel beats PyTorch's
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh).
@@ -43,7 +42,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
     fwd+bwd, torch 2.13: benchmarks/attention.py), so the fused kernel is used only where it wins.
     """
-    if not need_weights and q.size(2) <= KERNEL_MAX_QUERIES and not q.is_cuda and not dropout \
+    if not need_weights and q.size(2) <= kernels.MAX_QUERIES and not q.is_cuda and not dropout \
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         kernel = kernels.attention_kernel()  # a decoding step: aiayn/kernels/attention.c
         if kernel is not None and kernels.supports(q, k, v, mask):
@@ -125,8 +124,14 @@ class MultiHeadAttention(nn.Module):
         everything up to there.
         """
         D = self.d_model
+        step = not need_weights and not (self.training and self.dropout)  # aiayn.kernels may do it all
         if kv is None:
-            q, k, v = (self._heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
+            qkv = self.in_proj(x)
+            if step and cache is not None and mask is None:  # one new token sees every position
+                out = kernels.self_attention_step(qkv, *cache, self.n_heads)
+                if out is not None:
+                    return self.out_proj(out), None
+            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
             if cache is not None:
                 k_buf, v_buf, start = cache
                 end = start + x.size(1)
@@ -134,7 +139,12 @@ class MultiHeadAttention(nn.Module):
                 v_buf[:, :, start:end] = v
                 k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         else:
-            q = self._heads(linear_rows(self.in_proj, x, slice(None, D)))
+            q = linear_rows(self.in_proj, x, slice(None, D))
+            if step:
+                out = kernels.cross_attention_step(q, *kv, mask)
+                if out is not None:
+                    return self.out_proj(out), None
+            q = self._heads(q)
             out, weights = attend_to_source(q, *kv, mask, self.dropout if self.training else 0.0, need_weights)
             return self.out_proj(out), weights
         out, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)

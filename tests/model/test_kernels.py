@@ -34,8 +34,7 @@ def _reference(q, k, v, mask):
     return out.masked_fill(~mask.any(-1, keepdim=True).transpose(-1, -2), 0.0)
 
 
-DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-          "fp32-bf16kv": (torch.float32, torch.bfloat16)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @settings(deadline=None, max_examples=150)
@@ -47,7 +46,7 @@ def test_kernel_matches_pytorch_attention(kernel, sources, group, heads, queries
                                           masked, dtype, spread, seed):
     # spread: scores from nearly uniform weights to nearly one-hot ones (the kernel's own exp)
     g = torch.Generator().manual_seed(seed)
-    qt, kt = DTYPES[dtype]
+    qt = kt = DTYPES[dtype]
     B = sources * group
     q = (spread * torch.randn(B, queries, heads, head_dim, generator=g)).to(qt).transpose(1, 2)  # heads split from (B, T, D)
     # keys and values: the first `keys` positions of a longer cache buffer, as in decoding
@@ -60,11 +59,57 @@ def test_kernel_matches_pytorch_attention(kernel, sources, group, heads, queries
     assert kernels.supports(q, k, v, mask)
     out = kernel(q, k, v, mask)
     assert out.shape == (B, heads, queries, head_dim) and out.dtype == qt
-    tol = 1e-5 if qt == kt == torch.float32 else 3e-2
-    ref = _reference(q, k, v, mask)
-    if mask is not None and kt != qt:
-        ref = _reference(q, k.float(), v.float(), mask)
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    tol = 1e-5 if qt == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask), rtol=tol, atol=tol)
+
+
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([3, 16, 64]),
+       start=st.integers(0, 9), dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_self_attention_step_writes_the_cache_and_attends(kernel, rows, heads, head_dim, start, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    D, L = heads * head_dim, 10
+    qkv = torch.randn(rows, 1, 3 * D, generator=g).to(dt)
+    k_buf, v_buf = (torch.randn(rows, heads, L, head_dim, generator=g).to(dt) for _ in range(2))
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    out = kernels.self_attention_step(qkv, k_buf, v_buf, start, heads)
+    # PyTorch's way, as MultiHeadAttention does it without the kernel
+    q, k, v = (t.view(rows, 1, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    k_ref[:, :, start:start + 1], v_ref[:, :, start:start + 1] = k, v
+    assert torch.equal(k_buf, k_ref) and torch.equal(v_buf, v_ref)  # the new position, nothing else
+    ref = _reference(q, k_ref[:, :, :start + 1], v_ref[:, :, :start + 1], None)
+    tol = 1e-5 if dt == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2).reshape(rows, 1, D), rtol=tol, atol=tol)
+
+
+@settings(deadline=None, max_examples=60)
+@given(sources=st.integers(1, 4), group=st.integers(1, 4), queries=st.integers(1, 3), keys=st.integers(1, 25),
+       masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_cross_attention_step_matches_attend_to_source(kernel, sources, group, queries, keys, masked, seed):
+    from aiayn.model.attention import attend_to_source
+
+    g = torch.Generator().manual_seed(seed)
+    H, Dh = 4, 16
+    q = torch.randn(sources * group, queries, H * Dh, generator=g)
+    k, v = (torch.randn(sources, H, keys, Dh, generator=g) for _ in range(2))
+    mask = (torch.rand(sources, 1, 1, keys, generator=g) < 0.7) | (torch.arange(keys) == 0) if masked else None
+    out = kernels.cross_attention_step(q, k, v, mask)
+    heads = q.double().view(sources * group, queries, H, Dh).transpose(1, 2)
+    ref, _ = attend_to_source(heads, k.double(), v.double(), mask)  # float64: PyTorch's kernel
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_decline_what_they_do_not_take(kernel):
+    qkv, buf = torch.randn(2, 1, 24), torch.randn(2, 2, 5, 4)
+    assert kernels.self_attention_step(qkv, buf, buf.clone(), 5, 2) is None          # the cache is full
+    assert kernels.self_attention_step(qkv.double(), buf.double(), buf.double(), 0, 2) is None  # float64
+    assert kernels.self_attention_step(torch.randn(2, 2, 24), buf, buf.clone(), 0, 2) is None  # two new tokens
+    q = torch.randn(2, 1, 8, requires_grad=True)
+    assert kernels.cross_attention_step(q, buf, buf.clone(), None) is None           # a gradient is wanted
+    with torch.no_grad():
+        assert kernels.cross_attention_step(q, buf, buf.clone(), None) is not None
+        assert kernels.cross_attention_step(torch.randn(2, 9, 8), buf, buf.clone(), None) is None  # 9 queries
 
 
 def test_merging_heads_after_the_kernel_is_a_view(kernel):
