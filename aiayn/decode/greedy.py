@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from aiayn import kernels
+
 
 @contextlib.contextmanager
 def evaluating(model) -> Iterator[None]:
@@ -81,7 +83,10 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
         pad_eos = torch.tensor([cfg.pad_id, eos_id], device=src.device)
         for t in range(L):
             logits = model.decode_step(tokens, cache)[:, -1]  # (b, V), a fresh tensor: changed in place
-            nxt = row_argmax(logits.index_fill_(-1, pad_eos if t < min_len else pad, float("-inf")))  # (b,)
+            banned = pad_eos if t < min_len else pad
+            nxt = kernels.row_argmax(logits, banned)  # (b,)
+            if nxt is None:
+                nxt = row_argmax(logits.index_fill_(-1, banned, float("-inf")))
             out[alive, t] = nxt
             done = (nxt == eos_id) | (limits[alive] <= t + 1)  # (b,)
             if done.all():

@@ -25,19 +25,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.c")
 MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
+MAX_ROW = 16384  # add_layer_norm's widest row
 _FLAG_SETS = (  # the first that builds wins: tuned for this CPU, then portable
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
     ["-O3", "-mcpu=native", "-fopenmp-simd", "-fno-math-errno"],  # Apple clang on arm64
     ["-O2"],
 )
-_FUNCTIONS = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}  # dtype -> symbol
+_FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
 
 
 def enabled() -> bool:
@@ -102,10 +103,13 @@ def _library() -> ctypes.CDLL | None:
         log.info("attention kernel unavailable (%s): PyTorch's attention is used", e)
         return None
     if library is not None:
-        for name in _FUNCTIONS.values():
-            fn = getattr(library, name)
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 23 + [ctypes.c_float]
+        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        signatures = {"attend": [ptr] * 7 + [i64] * 23 + [f32], "add_norm": [ptr] * 5 + [i64] * 5 + [f32],
+                      "argmax": [ptr, i64, i64, i64, ptr, i64, ptr]}
+        for kind, argtypes in signatures.items():
+            for suffix in _FUNCTIONS.values():
+                fn = getattr(library, f"{kind}_{suffix}")
+                fn.restype, fn.argtypes = None, argtypes
     return library
 
 
@@ -141,14 +145,11 @@ def _run(q: Tensor, q_strides, k: Tensor, v: Tensor, mask: Tensor | None, out: T
          B: int, H: int, T: int, S: int, Dh: int, new: tuple[int, int] | None = None, new_strides=(0,) * 4) -> None:
     """The C function: q's (row, head, query) strides and out's (row, query, head), in elements;
     `new`: addresses of the keys and values to append at position S - 1."""
-    b = k.size(0)
-    if mask is not None:
-        mask = mask.reshape(b, S)
-        if mask.stride(1) != 1:
-            mask = mask.contiguous()
-    fn = getattr(_library(), _FUNCTIONS[q.dtype])
+    if mask is not None and mask.stride(3) != 1:
+        mask = mask.contiguous()
+    fn = getattr(_library(), "attend_" + _FUNCTIONS[q.dtype])
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
-       *(new or (None, None)), B, H, T, S, Dh, B // b, *q_strides, *k.stride()[:3], *v.stride()[:3],
+       *(new or (None, None)), B, H, T, S, Dh, B // k.size(0), *q_strides, *k.stride()[:3], *v.stride()[:3],
        mask.stride(0) if mask is not None else 0, *out_strides, *new_strides, 1.0 / math.sqrt(Dh))
 
 
@@ -192,4 +193,31 @@ def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
         return None
     out = q.new_empty(B, T, D)
     _run(q, (q.stride(0), Dh, q.stride(1)), k, v, mask, out, (T * D, D, Dh), B, H, T, k.size(2), Dh)
+    return out
+
+
+def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor | None:
+    """norm(x + y) for x, y (..., D) in one pass: the post-norm residual of an inference step (PyTorch:
+    two ops). None if the kernel does not take these inputs."""
+    D = x.size(-1)
+    w, b = norm.weight, norm.bias
+    if not (x.shape == y.shape and norm.normalized_shape == (D,) and w is not None and b is not None
+            and D <= MAX_ROW and x.is_contiguous() and y.is_contiguous() and usable(x, y, w, b)):
+        return None
+    out = x.new_empty(x.shape)
+    rows = x.numel() // D
+    getattr(_library(), "add_norm_" + _FUNCTIONS[x.dtype])(
+        x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, D, D, D, D, norm.eps)
+    return out
+
+
+def row_argmax(x: Tensor, banned: Tensor) -> Tensor | None:
+    """x (N, V) -> (N,) the first index of each row's maximum, never one of the int64 ids `banned`
+    (greedy search: padding, and EOS before a minimum length). None if the kernel does not take x."""
+    if not (x.dim() == 2 and x.stride(1) == 1 and banned.dtype == torch.int64 and banned.is_contiguous()
+            and usable(x) and banned.device.type == "cpu"):
+        return None
+    out = torch.empty(x.size(0), dtype=torch.int64)
+    getattr(_library(), "argmax_" + _FUNCTIONS[x.dtype])(
+        x.data_ptr(), x.size(0), x.size(1), x.stride(0), banned.data_ptr(), banned.numel(), out.data_ptr())
     return out

@@ -203,3 +203,53 @@ def test_kernel_scale_is_one_over_sqrt_head_dim(kernel):
     v = torch.tensor([1.0, 0.0]).view(1, 1, 2, 1).expand(1, 1, 2, Dh).contiguous()
     out = kernel(q, k, v)
     assert out[0, 0, 0, 0].item() == pytest.approx(1 / (1 + math.exp(-4.0 / math.sqrt(Dh))), rel=1e-6)
+
+
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, 70), width=st.sampled_from([1, 7, 16, 256, 300]), dtype=st.sampled_from(sorted(DTYPES)),
+       seed=st.integers(0, 2**16))
+def test_add_layer_norm_matches_pytorch(kernel, rows, width, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    norm = torch.nn.LayerNorm(width).to(dt)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5, generator=g)
+        norm.bias.normal_(0.0, 0.5, generator=g)
+        x, y = (3 * torch.randn(rows, 1, width, generator=g) + 2).to(dt), torch.randn(rows, 1, width, generator=g).to(dt)
+        out = kernels.add_layer_norm(x, y, norm)
+    ref = F.layer_norm(x.double() + y.double(), (width,), norm.weight.double(), norm.bias.double(), norm.eps)
+    tol = 1e-5 if dt == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_add_layer_norm_declines_training_and_odd_layouts(kernel):
+    norm = torch.nn.LayerNorm(8)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    assert kernels.add_layer_norm(x, y, norm) is None                 # grad enabled: its weight wants one
+    with torch.no_grad():
+        assert kernels.add_layer_norm(x, y, norm) is not None
+        assert kernels.add_layer_norm(x, y.t().contiguous().t(), norm) is None  # not contiguous
+        assert kernels.add_layer_norm(x, y, torch.nn.LayerNorm(8, bias=False)) is None
+
+
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, 9), vocab=st.integers(1, 1100), n_banned=st.integers(0, 3), ties=st.booleans(),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_row_argmax_matches_pytorch(kernel, rows, vocab, n_banned, ties, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g)
+    if ties:  # few distinct values: the first index of the maximum must win
+        x = x.round()
+    x = x.to(DTYPES[dtype])
+    banned = torch.randint(0, vocab, (n_banned,), generator=g)
+    if n_banned >= vocab:
+        banned = banned[:vocab - 1]
+    got = kernels.row_argmax(x, banned)
+    ref = x.float().index_fill(-1, banned, float("-inf")).argmax(-1)
+    assert torch.equal(got, ref)
+
+
+def test_row_argmax_with_everything_but_one_id_at_minus_infinity(kernel):
+    x = torch.full((2, 600), float("-inf"))
+    x[0, 599] = 0.0
+    assert kernels.row_argmax(x, torch.tensor([0, 1])).tolist() == [599, 2]  # an all -inf row: the first allowed id
