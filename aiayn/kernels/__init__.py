@@ -11,6 +11,8 @@ a failed build, on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in
 from __future__ import annotations
 
 import ctypes
+import threading
+from array import array as _array
 import functools
 import hashlib
 import logging
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+_ARGS = threading.local()  # each thread's last argument array
 
 SOURCE = Path(__file__).with_name("attention.c")
 MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
@@ -103,9 +106,8 @@ def _library() -> ctypes.CDLL | None:
         log.info("attention kernel unavailable (%s): PyTorch's attention is used", e)
         return None
     if library is not None:
-        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        signatures = {"attend": [ptr] * 7 + [i64] * 23 + [f32], "add_norm": [ptr] * 5 + [i64] * 5 + [f32],
-                      "argmax": [ptr, i64, i64, i64, ptr, i64, ptr]}
+        ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
+        signatures = {"attend": [ptr, f32], "add_norm": [ptr, f32], "argmax": [ptr]}
         for kind, argtypes in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
@@ -120,11 +122,21 @@ def attention_kernel():
 
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16 (all
-    one dtype), no gradient wanted (it has no backward)."""
+    one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times a decoding step."""
     dtype = tensors[0].dtype
-    return (enabled() and dtype in _FUNCTIONS and _library() is not None
-            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    if dtype not in _FUNCTIONS or _library() is None or not enabled():
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def _args(*values: int) -> int:
+    """The address of an int64 array holding `values`: the C functions' one argument besides a float
+    (kept alive until the next call from this thread, which is after the C call returns)."""
+    array = _ARGS.array = _array("q", values)
+    return array.buffer_info()[0]
 
 
 def _takes(B: int, H: int, Dh: int, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
@@ -147,10 +159,10 @@ def _run(q: Tensor, q_strides, k: Tensor, v: Tensor, mask: Tensor | None, out: T
     `new`: addresses of the keys and values to append at position S - 1."""
     if mask is not None and mask.stride(3) != 1:
         mask = mask.contiguous()
-    fn = getattr(_library(), "attend_" + _FUNCTIONS[q.dtype])
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
-       *(new or (None, None)), B, H, T, S, Dh, B // k.size(0), *q_strides, *k.stride()[:3], *v.stride()[:3],
-       mask.stride(0) if mask is not None else 0, *out_strides, *new_strides, 1.0 / math.sqrt(Dh))
+    getattr(_library(), "attend_" + _FUNCTIONS[q.dtype])(_args(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else 0, out.data_ptr(),
+        *(new or (0, 0)), B, H, T, S, Dh, B // k.size(0), *q_strides, *k.stride()[:3], *v.stride()[:3],
+        mask.stride(0) if mask is not None else 0, *out_strides, *new_strides), 1.0 / math.sqrt(Dh))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -206,8 +218,8 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor | None:
         return None
     out = x.new_empty(x.shape)
     rows = x.numel() // D
-    getattr(_library(), "add_norm_" + _FUNCTIONS[x.dtype])(
-        x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, D, D, D, D, norm.eps)
+    getattr(_library(), "add_norm_" + _FUNCTIONS[x.dtype])(_args(
+        x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, D, D, D, D), norm.eps)
     return out
 
 
@@ -218,6 +230,6 @@ def row_argmax(x: Tensor, banned: Tensor) -> Tensor | None:
             and usable(x) and banned.device.type == "cpu"):
         return None
     out = torch.empty(x.size(0), dtype=torch.int64)
-    getattr(_library(), "argmax_" + _FUNCTIONS[x.dtype])(
-        x.data_ptr(), x.size(0), x.size(1), x.stride(0), banned.data_ptr(), banned.numel(), out.data_ptr())
+    getattr(_library(), "argmax_" + _FUNCTIONS[x.dtype])(_args(
+        x.data_ptr(), x.size(0), x.size(1), x.stride(0), banned.data_ptr(), banned.numel(), out.data_ptr()))
     return out

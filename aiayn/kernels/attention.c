@@ -127,17 +127,24 @@ static inline __attribute__((always_inline)) void NAME(                         
     for (int64_t j = 0; j < dh; j++) STORE(o + j, acc[j]);                                            \
 }
 
-/* Strides are in elements; q is (B, H, n_queries, Dh), k and v (B / group, H, >= t, Dh), mask
- * (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), k_new and v_new (B, H, Dh) or NULL, each
- * with its last dimension contiguous. */
+/* Arguments come as one array of int64 (ctypes converts each argument of a call separately, ~1 us
+ * apiece): addresses q, k, v, mask, out, k_new, v_new, then B, H, n_queries, t, Dh, group, and the
+ * strides, in elements: q (row, head, query), k and v (row, head, position), mask (row), out (row,
+ * query, head), k_new and v_new (row, head). q is (B, H, n_queries, Dh), k and v (B / group, H, >= t,
+ * Dh), mask (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), k_new and v_new (B, H, Dh) or
+ * NULL, each with its last dimension contiguous. */
+#define PTR(T, address) ((T *)(intptr_t)(address))
 #define DEFINE_ATTEND(NAME, ONE, T)                                                                   \
-void NAME(const T *q, T *k, T *v, const uint8_t *mask, T *out, const T *k_new, const T *v_new,       \
-          int64_t B, int64_t H, int64_t n_queries, int64_t t, int64_t dh, int64_t group,              \
-          int64_t qs_b, int64_t qs_h, int64_t qs_i, int64_t ks_b, int64_t ks_h, int64_t ks_t,          \
-          int64_t vs_b, int64_t vs_h, int64_t vs_t, int64_t ms_b,                                     \
-          int64_t os_b, int64_t os_i, int64_t os_h,                                                   \
-          int64_t kn_b, int64_t kn_h, int64_t vn_b, int64_t vn_h, float scale)                        \
+void NAME(const int64_t *a, float scale)                                                              \
 {                                                                                                     \
+    const T *q = PTR(const T, a[0]); T *k = PTR(T, a[1]), *v = PTR(T, a[2]);                          \
+    const uint8_t *mask = PTR(const uint8_t, a[3]); T *out = PTR(T, a[4]);                            \
+    const T *k_new = PTR(const T, a[5]), *v_new = PTR(const T, a[6]);                                 \
+    const int64_t B = a[7], H = a[8], n_queries = a[9], t = a[10], dh = a[11], group = a[12];         \
+    const int64_t qs_b = a[13], qs_h = a[14], qs_i = a[15], ks_b = a[16], ks_h = a[17], ks_t = a[18]; \
+    const int64_t vs_b = a[19], vs_h = a[20], vs_t = a[21], ms_b = a[22];                             \
+    const int64_t os_b = a[23], os_i = a[24], os_h = a[25], kn_b = a[26], kn_h = a[27];               \
+    const int64_t vn_b = a[28], vn_h = a[29];                                                         \
     float scores[MAX_KEYS], query[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];                                   \
     const int64_t sources = B / group;                                                                \
     for (int64_t src = 0; src < sources; src++) {                                                     \
@@ -179,9 +186,11 @@ DEFINE_ATTEND(attend_bf16, one_bf16, bf16)
  * out[r] = LayerNorm(x[r] + y[r]) * weight + bias for rows of n: the post-norm residual of §3.1 in
  * one pass (PyTorch: an add, then layer_norm), statistics in fp32 as PyTorch computes them. */
 #define DEFINE_ADD_NORM(NAME, T, LOAD, STORE)                                                         \
-void NAME(const T *x, const T *y, const T *weight, const T *bias, T *out, int64_t rows, int64_t n,   \
-          int64_t xs, int64_t ys, int64_t os, float eps)                                              \
+void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row strides of x, y, out */ \
 {                                                                                                     \
+    const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]);                                         \
+    const T *weight = PTR(const T, a[2]), *bias = PTR(const T, a[3]); T *out = PTR(T, a[4]);          \
+    const int64_t rows = a[5], n = a[6], xs = a[7], ys = a[8], os = a[9];                             \
     float sum_row[MAX_HEAD_DIM * 16];                                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs, *yr = y + r * ys;                                                   \
@@ -204,9 +213,10 @@ DEFINE_ADD_NORM(add_norm_bf16, bf16, from_bf16, to_bf16)
 /* out[r] = the first index of row r's maximum, ignoring the `n_banned` ids in `banned` (greedy
  * search's next token: PyTorch's argmax over (64, 8000) rows takes ~290 us on one core, this ~40). */
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                                  \
-void NAME(const T *x, int64_t rows, int64_t n, int64_t xs, const int64_t *banned, int64_t n_banned,  \
-          int64_t *out)                                                                               \
+void NAME(const int64_t *a)  /* x, rows, n, row stride of x, banned, n_banned, out */               \
 {                                                                                                     \
+    const T *x = PTR(const T, a[0]); const int64_t rows = a[1], n = a[2], xs = a[3];                  \
+    const int64_t *banned = PTR(const int64_t, a[4]), n_banned = a[5]; int64_t *out = PTR(int64_t, a[6]); \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs;                                                                     \
         float best = -INFINITY; int64_t at = -1;                                                      \
