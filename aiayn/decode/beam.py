@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from aiayn import kernels
 from aiayn.decode.greedy import evaluating, max_output_lengths
 
 Hypothesis = tuple[list[int], float]  # tokens without BOS and EOS, length-normalised log-probability
@@ -95,10 +96,13 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     forbid = torch.tensor(list(forbid), dtype=torch.long, device=device)
     for step in range(int(max_lens.max()) + 1):
-        lp = decode_step(last.view(-1, 1), cache)[:, -1].float()  # (b*width, V) logits, a fresh tensor
-        # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries, and
-        # (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the CPU's caches
-        torch.log_softmax(lp, -1, out=lp)
+        logits = decode_step(last.view(-1, 1), cache)[:, -1]  # (b*width, V), a fresh tensor
+        lp = kernels.log_softmax(logits)  # one pass a row (aiayn.kernels), in fp32
+        if lp is None:
+            # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries,
+            # and (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the caches
+            lp = logits.float()
+            torch.log_softmax(lp, -1, out=lp)
         V = lp.size(-1)
         # the bans below come after the softmax: they do not renormalize
         if forbid.numel():

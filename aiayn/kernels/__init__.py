@@ -107,7 +107,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     if library is not None:
         ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
-        signatures = {"attend": [ptr, f32], "add_norm": [ptr, f32], "argmax": [ptr]}
+        signatures = {"attend": [ptr, f32], "add_norm": [ptr, f32], "argmax": [ptr], "log_softmax": [ptr]}
         for kind, argtypes in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
@@ -232,4 +232,15 @@ def row_argmax(x: Tensor, banned: Tensor) -> Tensor | None:
     out = torch.empty(x.size(0), dtype=torch.int64)
     getattr(_library(), "argmax_" + _FUNCTIONS[x.dtype])(_args(
         x.data_ptr(), x.size(0), x.size(1), x.stride(0), banned.data_ptr(), banned.numel(), out.data_ptr()))
+    return out
+
+
+def log_softmax(x: Tensor) -> Tensor | None:
+    """x (N, V) fp32 or bf16 -> log_softmax(x, -1) in fp32, a new tensor (beam search's log-probabilities,
+    one pass per row). None if the kernel does not take x."""
+    if not (x.dim() == 2 and x.stride(1) == 1 and usable(x)):
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    getattr(_library(), "log_softmax_" + _FUNCTIONS[x.dtype])(_args(
+        x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr()))
     return out

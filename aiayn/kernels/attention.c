@@ -241,3 +241,28 @@ void NAME(const int64_t *a)  /* x, rows, n, row stride of x, banned, n_banned, o
 
 DEFINE_ARGMAX(argmax_f32, float, from_f32)
 DEFINE_ARGMAX(argmax_bf16, bf16, from_bf16)
+
+/* out[r] = log_softmax(x[r]) in fp32 for rows of n: beam search's log-probabilities in one pass over
+ * each row while it is in the L1 cache (PyTorch: a cast of bf16 logits, then max, sum of exp and
+ * subtraction as passes over the whole (rows, n) matrix: ~1 ms for 256 x 8000 on one core). */
+#define DEFINE_LOG_SOFTMAX(NAME, T, LOAD)                                                             \
+void NAME(const int64_t *a)  /* x, rows, n, row stride of x, out (fp32, rows x n, contiguous) */     \
+{                                                                                                     \
+    const T *x = PTR(const T, a[0]); const int64_t rows = a[1], n = a[2], xs = a[3];                  \
+    float *out = PTR(float, a[4]);                                                                    \
+    for (int64_t r = 0; r < rows; r++) {                                                              \
+        const T *xr = x + r * xs;                                                                     \
+        float *o = out + r * n;                                                                       \
+        float top = -INFINITY, total = 0.f;                                                           \
+        _Pragma("omp simd reduction(max:top)")                                                        \
+        for (int64_t j = 0; j < n; j++) top = LOAD(xr[j]) > top ? LOAD(xr[j]) : top;                  \
+        _Pragma("omp simd reduction(+:total)")                                                        \
+        for (int64_t j = 0; j < n; j++) total += exp_nonpositive(LOAD(xr[j]) - top);                  \
+        const float lse = top == -INFINITY ? 0.f : top + logf(total);                                 \
+        _Pragma("omp simd")                                                                           \
+        for (int64_t j = 0; j < n; j++) o[j] = LOAD(xr[j]) - lse;                                     \
+    }                                                                                                 \
+}
+
+DEFINE_LOG_SOFTMAX(log_softmax_f32, float, from_f32)
+DEFINE_LOG_SOFTMAX(log_softmax_bf16, bf16, from_bf16)

@@ -253,3 +253,16 @@ def test_row_argmax_with_everything_but_one_id_at_minus_infinity(kernel):
     x = torch.full((2, 600), float("-inf"))
     x[0, 599] = 0.0
     assert kernels.row_argmax(x, torch.tensor([0, 1])).tolist() == [599, 2]  # an all -inf row: the first allowed id
+
+
+@settings(deadline=None, max_examples=40)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 3000), spread=st.sampled_from([0.1, 1.0, 30.0]),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_log_softmax_matches_pytorch(kernel, rows, vocab, spread, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(rows, vocab, generator=g)).to(DTYPES[dtype])
+    if vocab > 1:
+        x[0, 0] = float("-inf")  # a banned logit: probability 0
+    out = kernels.log_softmax(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), torch.log_softmax(x.double(), -1), rtol=1e-5, atol=1e-5)
