@@ -78,24 +78,27 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
         cache = model.init_cache(memory, memory_mask, L)
         out = torch.full((B, L), eos_id, dtype=torch.long, device=src.device)  # EOS-filled: cut there
         alive = torch.arange(B, device=src.device)  # (b,) sentence of each cache row
+        row_limits = limits.clone()  # (b,) longest output of each cache row's sentence
         tokens = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         pad = torch.tensor([cfg.pad_id], device=src.device)
         pad_eos = torch.tensor([cfg.pad_id, eos_id], device=src.device)
         for t in range(L):
-            logits = model.decode_step(tokens, cache)[:, -1]  # (b, V), a fresh tensor: changed in place
+            logits = model.decode_step(tokens, cache)  # (b, 1, V), a fresh tensor: changed in place
             banned = pad_eos if t < min_len else pad
-            nxt = kernels.row_argmax(logits, banned)  # (b,)
-            if nxt is None:
-                nxt = row_argmax(logits.index_fill_(-1, banned, float("-inf")))
-            out[alive, t] = nxt
-            done = (nxt == eos_id) | (limits[alive] <= t + 1)  # (b,)
-            if done.all():
+            nxt = torch.empty_like(tokens)  # (b, 1)
+            # aiayn.kernels: the next tokens, their outputs and the count of rows done in one call
+            n_done = kernels.greedy_step(logits, banned, nxt, out, alive, t, eos_id, row_limits)
+            if n_done is None:  # the same with PyTorch's ops
+                nxt = row_argmax(logits[:, -1].index_fill_(-1, banned, float("-inf")))[:, None]
+                out[alive, t] = nxt[:, 0]
+                n_done = int(((nxt[:, 0] == eos_id) | (row_limits <= t + 1)).sum())
+            if n_done == nxt.size(0):
                 break
-            if done.any():
-                keep = (~done).nonzero().squeeze(1)
+            if n_done:
+                keep = ((nxt[:, 0] != eos_id) & (row_limits > t + 1)).nonzero().squeeze(1)
                 cache.reorder(keep)
-                alive, nxt = alive[keep], nxt[keep]
-            tokens = nxt[:, None]  # (b, 1)
+                alive, nxt, row_limits = alive[keep], nxt[keep], row_limits[keep]
+            tokens = nxt  # (b, 1)
     results = []
     for row in out.tolist():
         results.append(row[:row.index(eos_id)] if eos_id in row else row)

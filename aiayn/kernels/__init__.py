@@ -111,7 +111,7 @@ def _library() -> ctypes.CDLL | None:
         for kind, argtypes in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
-                fn.restype, fn.argtypes = None, argtypes
+                fn.restype, fn.argtypes = ctypes.c_int64 if kind == "argmax" else None, argtypes
     return library
 
 
@@ -223,16 +223,24 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor | None:
     return out
 
 
-def row_argmax(x: Tensor, banned: Tensor) -> Tensor | None:
-    """x (N, V) -> (N,) the first index of each row's maximum, never one of the int64 ids `banned`
-    (greedy search: padding, and EOS before a minimum length). None if the kernel does not take x."""
-    if not (x.dim() == 2 and x.stride(1) == 1 and banned.dtype == torch.int64 and banned.is_contiguous()
-            and usable(x) and banned.device.type == "cpu"):
+def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, rows_of: Tensor, column: int,
+                eos: int, limits: Tensor) -> int | None:
+    """One step of greedy search in one call: the next token of each row of logits (b, 1, V) into
+    tokens (b, 1) (never an id of `banned`), also written at record[rows_of[r], column] (the outputs
+    (B, L)), and the number of rows done: ended with `eos`, or at limits[r] tokens (limits: (b,) the
+    rows' longest outputs). None if the kernel does not take these inputs."""
+    b, T, V = logits.shape
+    if not (T == 1 and logits.stride(2) == 1 and usable(logits) and _takes_ids(banned, tokens, record, rows_of, limits)
+            and tokens.shape == (b, 1) and tokens.is_contiguous() and record.stride(1) == 1 and 0 <= column < record.size(1)
+            and rows_of.shape == limits.shape == (b,) and rows_of.is_contiguous() and limits.is_contiguous()):
         return None
-    out = torch.empty(x.size(0), dtype=torch.int64)
-    getattr(_library(), "argmax_" + _FUNCTIONS[x.dtype])(_args(
-        x.data_ptr(), x.size(0), x.size(1), x.stride(0), banned.data_ptr(), banned.numel(), out.data_ptr()))
-    return out
+    return getattr(_library(), "argmax_" + _FUNCTIONS[logits.dtype])(_args(
+        logits.data_ptr(), b, V, logits.stride(0), banned.data_ptr(), banned.numel(), tokens.data_ptr(),
+        record.data_ptr(), record.stride(0), rows_of.data_ptr(), column, eos, limits.data_ptr(), column + 1))
+
+
+def _takes_ids(*ids: Tensor) -> bool:
+    return all(t.dtype == torch.int64 and t.is_cpu for t in ids) and ids[0].is_contiguous()
 
 
 def log_softmax(x: Tensor) -> Tensor | None:

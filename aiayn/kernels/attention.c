@@ -210,13 +210,22 @@ void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row
 DEFINE_ADD_NORM(add_norm_f32, float, from_f32, to_f32)
 DEFINE_ADD_NORM(add_norm_bf16, bf16, from_bf16, to_bf16)
 
-/* out[r] = the first index of row r's maximum, ignoring the `n_banned` ids in `banned` (greedy
- * search's next token: PyTorch's argmax over (64, 8000) rows takes ~290 us on one core, this ~40). */
+/* Greedy search's next tokens: out[r] = the first index of row r's maximum, never one of the
+ * n_banned ids in `banned` (padding; EOS before a minimum length). PyTorch's argmax over (64, 8000)
+ * rows takes ~290 us on one core, this ~40. With record != NULL, it also writes the token at
+ * record[rows_of[r] * record_stride + column] (the sentence's output) and returns how many rows are
+ * done: their token is `eos` or their output reached limits[r] tokens with this one (step_len).
+ * Arguments: x, rows, n, row stride of x, banned, n_banned, out, record, record_stride, rows_of,
+ * column, eos, limits, step_len. */
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                                  \
-void NAME(const int64_t *a)  /* x, rows, n, row stride of x, banned, n_banned, out */               \
+int64_t NAME(const int64_t *a)                                                                        \
 {                                                                                                     \
     const T *x = PTR(const T, a[0]); const int64_t rows = a[1], n = a[2], xs = a[3];                  \
     const int64_t *banned = PTR(const int64_t, a[4]), n_banned = a[5]; int64_t *out = PTR(int64_t, a[6]); \
+    int64_t *record = PTR(int64_t, a[7]); const int64_t record_stride = a[8];                         \
+    const int64_t *rows_of = PTR(const int64_t, a[9]), column = a[10], eos = a[11];                   \
+    const int64_t *limits = PTR(const int64_t, a[12]), step_len = a[13];                              \
+    int64_t done = 0;                                                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs;                                                                     \
         float best = -INFINITY; int64_t at = -1;                                                      \
@@ -236,7 +245,12 @@ void NAME(const int64_t *a)  /* x, rows, n, row stride of x, banned, n_banned, o
                 }                                                                                     \
         }                                                                                             \
         out[r] = at;                                                                                  \
+        if (record) {                                                                                 \
+            record[rows_of[r] * record_stride + column] = at;                                         \
+            done += at == eos || limits[r] <= step_len;                                               \
+        }                                                                                             \
     }                                                                                                 \
+    return done;                                                                                      \
 }
 
 DEFINE_ARGMAX(argmax_f32, float, from_f32)

@@ -232,10 +232,19 @@ def test_add_layer_norm_declines_training_and_odd_layouts(kernel):
         assert kernels.add_layer_norm(x, y, torch.nn.LayerNorm(8, bias=False)) is None
 
 
+def _next_tokens(x, banned):
+    """greedy_step's tokens for logits x (N, V), recording nothing that matters."""
+    n = x.size(0)
+    tokens, record = torch.empty(n, 1, dtype=torch.long), torch.zeros(n, 1, dtype=torch.long)
+    done = kernels.greedy_step(x[:, None], banned, tokens, record, torch.arange(n), 0, -1, torch.full((n,), 9))
+    assert done == 0 and torch.equal(record, tokens)
+    return tokens[:, 0]
+
+
 @settings(deadline=None, max_examples=60)
 @given(rows=st.integers(1, 9), vocab=st.integers(1, 1100), n_banned=st.integers(0, 3), ties=st.booleans(),
        dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
-def test_row_argmax_matches_pytorch(kernel, rows, vocab, n_banned, ties, dtype, seed):
+def test_greedy_step_takes_pytorchs_argmax(kernel, rows, vocab, n_banned, ties, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, vocab, generator=g)
     if ties:  # few distinct values: the first index of the maximum must win
@@ -244,15 +253,25 @@ def test_row_argmax_matches_pytorch(kernel, rows, vocab, n_banned, ties, dtype, 
     banned = torch.randint(0, vocab, (n_banned,), generator=g)
     if n_banned >= vocab:
         banned = banned[:vocab - 1]
-    got = kernels.row_argmax(x, banned)
     ref = x.float().index_fill(-1, banned, float("-inf")).argmax(-1)
-    assert torch.equal(got, ref)
+    assert torch.equal(_next_tokens(x, banned), ref)
 
 
-def test_row_argmax_with_everything_but_one_id_at_minus_infinity(kernel):
+def test_greedy_step_with_everything_but_one_id_at_minus_infinity(kernel):
     x = torch.full((2, 600), float("-inf"))
     x[0, 599] = 0.0
-    assert kernels.row_argmax(x, torch.tensor([0, 1])).tolist() == [599, 2]  # an all -inf row: the first allowed id
+    assert _next_tokens(x, torch.tensor([0, 1])).tolist() == [599, 2]  # an all -inf row: the first allowed id
+
+
+def test_greedy_step_records_outputs_and_counts_rows_done(kernel):
+    x = torch.zeros(3, 1, 5)
+    x[0, 0, 4], x[1, 0, 2], x[2, 0, 3] = 1.0, 1.0, 1.0  # tokens 4, 2 (EOS), 3
+    tokens, out = torch.empty(3, 1, dtype=torch.long), torch.full((6, 4), -1)
+    rows_of = torch.tensor([5, 0, 2])  # the sentences of the three rows
+    limits = torch.tensor([9, 9, 3])  # the third row's sentence ends at 3 tokens: this step's
+    assert kernels.greedy_step(x, torch.tensor([0]), tokens, out, rows_of, 2, 2, limits) == 2
+    assert tokens[:, 0].tolist() == [4, 2, 3]
+    assert out[5, 2] == 4 and out[0, 2] == 2 and out[2, 2] == 3 and (out == -1).sum() == 21
 
 
 @settings(deadline=None, max_examples=40)
