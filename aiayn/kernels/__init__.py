@@ -107,11 +107,13 @@ def _library() -> ctypes.CDLL | None:
         return None
     if library is not None:
         ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
-        signatures = {"attend": [ptr, f32], "add_norm": [ptr, f32], "argmax": [ptr], "log_softmax": [ptr]}
-        for kind, argtypes in signatures.items():
+        i64 = ctypes.c_int64
+        signatures = {"attend": (None, [ptr, f32]), "add_norm": (None, [ptr, f32]), "argmax": (i64, [ptr]),
+                      "log_softmax": (None, [ptr]), "embed": (i64, [ptr, f32])}
+        for kind, (restype, argtypes) in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
-                fn.restype, fn.argtypes = ctypes.c_int64 if kind == "argmax" else None, argtypes
+                fn.restype, fn.argtypes = restype, argtypes
     return library
 
 
@@ -252,3 +254,18 @@ def log_softmax(x: Tensor) -> Tensor | None:
     getattr(_library(), "log_softmax_" + _FUNCTIONS[x.dtype])(_args(
         x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr()))
     return out
+
+
+def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Tensor | None:
+    """table[tokens] * scale + positions for tokens (B, T) and this call's positions (T, D): the input
+    of a decoding step in one call. None if the kernel does not take these inputs or a token is out
+    of the table's range (PyTorch's embedding then says which)."""
+    B, T = tokens.shape
+    D = table.size(1)
+    if not (tokens.dtype == torch.int64 and tokens.is_contiguous() and tokens.is_cpu and table.is_contiguous()
+            and positions.shape == (T, D) and positions.is_contiguous() and usable(table, positions)):
+        return None
+    out = table.new_empty(B, T, D)
+    status = getattr(_library(), "embed_" + _FUNCTIONS[table.dtype])(_args(
+        tokens.data_ptr(), B * T, T, table.data_ptr(), table.size(0), positions.data_ptr(), out.data_ptr(), D), scale)
+    return out if status == 0 else None

@@ -280,3 +280,26 @@ void NAME(const int64_t *a)  /* x, rows, n, row stride of x, out (fp32, rows x n
 
 DEFINE_LOG_SOFTMAX(log_softmax_f32, float, from_f32)
 DEFINE_LOG_SOFTMAX(log_softmax_bf16, bf16, from_bf16)
+
+/* out[r] = table[tokens[r]] * scale + positions[r % length]: token embeddings and their positions
+ * (§3.4, §3.5) for rows of n, one call (PyTorch: lookup, scale, slice, add). Returns -1, having
+ * written nothing, if a token is outside [0, vocab). Arguments: tokens, rows, length, table, vocab,
+ * positions (the rows of this call's positions, contiguous), out, n. */
+#define DEFINE_EMBED(NAME, T, LOAD, STORE)                                                            \
+int64_t NAME(const int64_t *a, float scale)                                                           \
+{                                                                                                     \
+    const int64_t *tokens = PTR(const int64_t, a[0]); const int64_t rows = a[1], length = a[2];       \
+    const T *table = PTR(const T, a[3]); const int64_t vocab = a[4];                                  \
+    const T *positions = PTR(const T, a[5]); T *out = PTR(T, a[6]); const int64_t n = a[7];           \
+    for (int64_t r = 0; r < rows; r++)                                                                \
+        if (tokens[r] < 0 || tokens[r] >= vocab) return -1;                                           \
+    for (int64_t r = 0; r < rows; r++) {                                                              \
+        const T *e = table + tokens[r] * n, *p = positions + (r % length) * n;                        \
+        T *o = out + r * n;                                                                           \
+        for (int64_t j = 0; j < n; j++) STORE(o + j, LOAD(e[j]) * scale + LOAD(p[j]));                \
+    }                                                                                                 \
+    return 0;                                                                                         \
+}
+
+DEFINE_EMBED(embed_f32, float, from_f32, to_f32)
+DEFINE_EMBED(embed_bf16, bf16, from_bf16, to_bf16)

@@ -285,3 +285,21 @@ def test_log_softmax_matches_pytorch(kernel, rows, vocab, spread, dtype, seed):
     out = kernels.log_softmax(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), torch.log_softmax(x.double(), -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_embed_matches_the_embedding_layer(kernel, dtype):
+    from aiayn.config import ModelConfig
+    from aiayn.model.layers import Embedding
+
+    torch.manual_seed(0)
+    emb = Embedding(50, ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, max_len=40)).to(DTYPES[dtype]).eval()
+    tokens = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        out = kernels.embed(tokens, emb.tokens.weight, emb.scale, emb.positions(7, 5))
+        ref = emb.tokens(tokens).double() * emb.scale + emb.positions(7, 5).double()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-2 if dtype == "bf16" else 1e-6, atol=1e-2 if dtype == "bf16" else 1e-6)
+        assert torch.equal(emb(tokens, start=7), out)  # the layer takes the kernel in eval mode
+        assert kernels.embed(torch.tensor([[3, 50]]), emb.tokens.weight, emb.scale, emb.positions(0, 2)) is None
+        with pytest.raises(IndexError):  # and an unknown id still gets PyTorch's error
+            emb(torch.tensor([[3, 50]]))
