@@ -109,7 +109,7 @@ def _library() -> ctypes.CDLL | None:
         ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
         i64 = ctypes.c_int64
         signatures = {"attend": (None, [ptr, f32]), "add_norm": (None, [ptr, f32]), "argmax": (i64, [ptr]),
-                      "log_softmax": (None, [ptr]), "embed": (i64, [ptr, f32])}
+                      "embed": (i64, [ptr, f32]), "beam": (None, [ptr])}
         for kind, (restype, argtypes) in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
@@ -245,17 +245,6 @@ def _takes_ids(*ids: Tensor) -> bool:
     return all(t.dtype == torch.int64 and t.is_cpu for t in ids) and ids[0].is_contiguous()
 
 
-def log_softmax(x: Tensor) -> Tensor | None:
-    """x (N, V) fp32 or bf16 -> log_softmax(x, -1) in fp32, a new tensor (beam search's log-probabilities,
-    one pass per row). None if the kernel does not take x."""
-    if not (x.dim() == 2 and x.stride(1) == 1 and usable(x)):
-        return None
-    out = torch.empty(x.shape, dtype=torch.float32)
-    getattr(_library(), "log_softmax_" + _FUNCTIONS[x.dtype])(_args(
-        x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr()))
-    return out
-
-
 def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Tensor | None:
     """table[tokens] * scale + positions for tokens (B, T) and this call's positions (T, D): the input
     of a decoding step in one call. None if the kernel does not take these inputs or a token is out
@@ -269,3 +258,26 @@ def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Ten
     status = getattr(_library(), "embed_" + _FUNCTIONS[table.dtype])(_args(
         tokens.data_ptr(), B * T, T, table.data_ptr(), table.size(0), positions.data_ptr(), out.data_ptr(), D), scale)
     return out if status == 0 else None
+
+
+def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos: int, eos_banned: bool,
+                    at_limit: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Beam search's step in one pass (aiayn.decode.beam.search, where `beam_step` is the reference):
+    logits (b * r, 1, V) of r beams of b sentences, scores (b, r) their log-probabilities so far ->
+    the n best extensions of each sentence (scores (b, n), tokens, beams), best first, by
+    scores + log_softmax(logits), never a token of `forbid`, nor EOS if eos_banned, and only EOS for
+    a sentence with at_limit set (b,). Missing candidates are -inf (token 0, beam 0). None if the
+    kernel does not take these inputs."""
+    b, r = scores.shape
+    N, T, V = logits.shape
+    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and usable(logits)
+            and scores.dtype == torch.float32 and scores.is_contiguous() and _takes_ids(forbid)
+            and (at_limit is None or (at_limit.dtype == torch.bool and at_limit.shape == (b,) and at_limit.is_contiguous()))):
+        return None
+    out = torch.empty(b, n, dtype=torch.float32)
+    ids = torch.empty(2, b, n, dtype=torch.int64)  # tokens, beams
+    getattr(_library(), "beam_" + _FUNCTIONS[logits.dtype])(_args(
+        logits.data_ptr(), b, r, V, logits.stride(0), scores.data_ptr(), n, forbid.data_ptr(), forbid.numel(),
+        eos, int(eos_banned), at_limit.data_ptr() if at_limit is not None else 0,
+        out.data_ptr(), ids.data_ptr(), ids.data_ptr() + b * n * 8))
+    return (out, *ids.unbind(0))

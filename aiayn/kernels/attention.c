@@ -256,31 +256,6 @@ int64_t NAME(const int64_t *a)                                                  
 DEFINE_ARGMAX(argmax_f32, float, from_f32)
 DEFINE_ARGMAX(argmax_bf16, bf16, from_bf16)
 
-/* out[r] = log_softmax(x[r]) in fp32 for rows of n: beam search's log-probabilities in one pass over
- * each row while it is in the L1 cache (PyTorch: a cast of bf16 logits, then max, sum of exp and
- * subtraction as passes over the whole (rows, n) matrix: ~1 ms for 256 x 8000 on one core). */
-#define DEFINE_LOG_SOFTMAX(NAME, T, LOAD)                                                             \
-void NAME(const int64_t *a)  /* x, rows, n, row stride of x, out (fp32, rows x n, contiguous) */     \
-{                                                                                                     \
-    const T *x = PTR(const T, a[0]); const int64_t rows = a[1], n = a[2], xs = a[3];                  \
-    float *out = PTR(float, a[4]);                                                                    \
-    for (int64_t r = 0; r < rows; r++) {                                                              \
-        const T *xr = x + r * xs;                                                                     \
-        float *o = out + r * n;                                                                       \
-        float top = -INFINITY, total = 0.f;                                                           \
-        _Pragma("omp simd reduction(max:top)")                                                        \
-        for (int64_t j = 0; j < n; j++) top = LOAD(xr[j]) > top ? LOAD(xr[j]) : top;                  \
-        _Pragma("omp simd reduction(+:total)")                                                        \
-        for (int64_t j = 0; j < n; j++) total += exp_nonpositive(LOAD(xr[j]) - top);                  \
-        const float lse = top == -INFINITY ? 0.f : top + logf(total);                                 \
-        _Pragma("omp simd")                                                                           \
-        for (int64_t j = 0; j < n; j++) o[j] = LOAD(xr[j]) - lse;                                     \
-    }                                                                                                 \
-}
-
-DEFINE_LOG_SOFTMAX(log_softmax_f32, float, from_f32)
-DEFINE_LOG_SOFTMAX(log_softmax_bf16, bf16, from_bf16)
-
 /* out[r] = table[tokens[r]] * scale + positions[r % length]: token embeddings and their positions
  * (§3.4, §3.5) for rows of n, one call (PyTorch: lookup, scale, slice, add). Returns -1, having
  * written nothing, if a token is outside [0, vocab). Arguments: tokens, rows, length, table, vocab,
@@ -303,3 +278,62 @@ int64_t NAME(const int64_t *a, float scale)                                     
 
 DEFINE_EMBED(embed_f32, float, from_f32, to_f32)
 DEFINE_EMBED(embed_bf16, bf16, from_bf16, to_bf16)
+
+/* Beam search's candidates in one pass over the logits: for each sentence i (rows i*r .. i*r+r-1,
+ * one per beam), the n best scores[row] + log_softmax(x[row])[token], best first, as (score, token,
+ * beam). Tokens in `forbid` are never candidates, nor EOS where eos_banned (a minimum length); a
+ * sentence with at_limit[i] set gets EOS only. The log-softmax is taken before these bans (they do
+ * not renormalize). Slots beyond the finite candidates get -inf, token 0, beam 0 (dead beams).
+ * Each row's 64-logit blocks are searched only where the block's best could enter the n best, so
+ * the pass is mostly a maximum per block. Arguments: x, sentences, r, n_vocab, row stride of x,
+ * scores (fp32, one per row), n, forbid, n_forbid, eos, eos_banned, at_limit (bytes per sentence or
+ * NULL), out_scores (fp32), out_tokens, out_beams (sentences x n each). */
+#define DEFINE_BEAM(NAME, T, LOAD)                                                                    \
+void NAME(const int64_t *a)                                                                           \
+{                                                                                                     \
+    const T *x = PTR(const T, a[0]); const int64_t sentences = a[1], r = a[2], V = a[3], xs = a[4];   \
+    const float *scores = PTR(const float, a[5]); const int64_t n = a[6];                             \
+    const int64_t *forbid = PTR(const int64_t, a[7]), n_forbid = a[8], eos = a[9], eos_banned = a[10]; \
+    const uint8_t *at_limit = PTR(const uint8_t, a[11]);                                              \
+    float *out_scores = PTR(float, a[12]); int64_t *out_tokens = PTR(int64_t, a[13]);                 \
+    int64_t *out_beams = PTR(int64_t, a[14]);                                                         \
+    for (int64_t i = 0; i < sentences; i++) {                                                         \
+        float *best = out_scores + i * n; int64_t *tok = out_tokens + i * n, *beam = out_beams + i * n; \
+        for (int64_t c = 0; c < n; c++) { best[c] = -INFINITY; tok[c] = 0; beam[c] = 0; }            \
+        const int only_eos = at_limit && at_limit[i];                                                 \
+        for (int64_t b = 0; b < r; b++) {                                                             \
+            const T *row = x + (i * r + b) * xs;                                                      \
+            const float base = scores[i * r + b];                                                     \
+            float top = -INFINITY, total = 0.f;                                                       \
+            _Pragma("omp simd reduction(max:top)")                                                    \
+            for (int64_t j = 0; j < V; j++) top = LOAD(row[j]) > top ? LOAD(row[j]) : top;            \
+            if (top == -INFINITY || base == -INFINITY) continue;  /* no live candidate here */        \
+            _Pragma("omp simd reduction(+:total)")                                                    \
+            for (int64_t j = 0; j < V; j++) total += exp_nonpositive(LOAD(row[j]) - top);             \
+            const float lse = top + logf(total);                                                      \
+            const int64_t j0 = only_eos ? eos : 0, j1 = only_eos ? eos + 1 : V;                       \
+            for (int64_t s = j0; s < j1; s += 64) {                                                   \
+                const int64_t e = s + 64 < j1 ? s + 64 : j1;                                          \
+                float block = -INFINITY;                                                              \
+                _Pragma("omp simd reduction(max:block)")                                              \
+                for (int64_t j = s; j < e; j++) block = LOAD(row[j]) > block ? LOAD(row[j]) : block;  \
+                if (!(base + (block - lse) > best[n - 1])) continue;                                  \
+                for (int64_t j = s; j < e; j++) {                                                     \
+                    const float c = base + (LOAD(row[j]) - lse);                                      \
+                    if (!(c > best[n - 1])) continue;                                                 \
+                    int banned = eos_banned && !only_eos && j == eos;                                 \
+                    for (int64_t f = 0; f < n_forbid; f++) banned |= forbid[f] == j;                  \
+                    if (banned) continue;                                                             \
+                    int64_t p = n - 1;  /* insert, keeping the earlier of equal scores first */       \
+                    while (p > 0 && c > best[p - 1]) {                                                \
+                        best[p] = best[p - 1]; tok[p] = tok[p - 1]; beam[p] = beam[p - 1]; p--;       \
+                    }                                                                                 \
+                    best[p] = c; tok[p] = j; beam[p] = b;                                             \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+DEFINE_BEAM(beam_f32, float, from_f32)
+DEFINE_BEAM(beam_bf16, bf16, from_bf16)

@@ -274,19 +274,6 @@ def test_greedy_step_records_outputs_and_counts_rows_done(kernel):
     assert out[5, 2] == 4 and out[0, 2] == 2 and out[2, 2] == 3 and (out == -1).sum() == 21
 
 
-@settings(deadline=None, max_examples=40)
-@given(rows=st.integers(1, 5), vocab=st.integers(1, 3000), spread=st.sampled_from([0.1, 1.0, 30.0]),
-       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
-def test_log_softmax_matches_pytorch(kernel, rows, vocab, spread, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (spread * torch.randn(rows, vocab, generator=g)).to(DTYPES[dtype])
-    if vocab > 1:
-        x[0, 0] = float("-inf")  # a banned logit: probability 0
-    out = kernels.log_softmax(x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), torch.log_softmax(x.double(), -1), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_embed_matches_the_embedding_layer(kernel, dtype):
     from aiayn.config import ModelConfig
@@ -303,3 +290,39 @@ def test_embed_matches_the_embedding_layer(kernel, dtype):
         assert kernels.embed(torch.tensor([[3, 50]]), emb.tokens.weight, emb.scale, emb.positions(0, 2)) is None
         with pytest.raises(IndexError):  # and an unknown id still gets PyTorch's error
             emb(torch.tensor([[3, 50]]))
+
+
+@settings(deadline=None, max_examples=80)
+@given(sentences=st.integers(1, 4), r=st.sampled_from([1, 2, 4]), k=st.sampled_from([1, 2, 4]),
+       vocab=st.sampled_from([3, 7, 64, 200, 1000]), eos_banned=st.booleans(), limits=st.booleans(),
+       dead=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_beam_candidates_match_beam_step(kernel, sentences, r, k, vocab, eos_banned, limits, dead, dtype, seed):
+    from aiayn.decode import beam_step
+
+    g = torch.Generator().manual_seed(seed)
+    eos, forbid = 2, torch.tensor([0])
+    logits = (3 * torch.randn(sentences * r, 1, vocab, generator=g)).to(DTYPES[dtype])
+    scores = -torch.rand(sentences, r, generator=g) * 5
+    if dead:
+        scores[0, -1] = float("-inf")  # a beam that never lived
+    at_limit = (torch.rand(sentences, generator=g) < 0.5) if limits else torch.zeros(sentences, dtype=torch.bool)
+    got = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos, eos_banned, at_limit)
+    # the reference: what search() does without the kernel
+    lp = torch.log_softmax(logits[:, -1].double(), -1)
+    lp[:, forbid] = float("-inf")
+    rows_at_limit = at_limit.repeat_interleave(r)
+    eos_lp = lp[:, eos].clone()
+    lp[rows_at_limit] = float("-inf")
+    lp[:, eos] = eos_lp
+    if eos_banned:
+        lp[~rows_at_limit, eos] = float("-inf")
+    ref = beam_step(lp.view(sentences, r, vocab), scores.double(), k)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)  # the n best scores
+    # each live candidate is a real, allowed extension with that score, and none twice (where scores
+    # tie, as bf16 logits often do, either may be taken)
+    every = scores.double()[:, :, None] + lp.view(sentences, r, vocab)
+    live = got[0].isfinite()
+    rows = torch.arange(sentences)[:, None].expand_as(live)[live]
+    torch.testing.assert_close(every[rows, got[2][live], got[1][live]], got[0][live].double(), rtol=1e-5, atol=1e-5)
+    pairs = (rows * r + got[2][live]) * vocab + got[1][live]
+    assert pairs.unique().numel() == pairs.numel()
