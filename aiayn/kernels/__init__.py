@@ -1,18 +1,18 @@
-"""Optional C kernels for CPU decoding, built on first use for the machine they run on.
+"""Optional C kernels for a decoding step on a CPU, built on first use for the machine they run on.
 
-PyTorch's operators cover everything aiayn does; a kernel here only does one of those things
-faster where measurement showed PyTorch's way to be slow (docs/PERFORMANCE.md). Each one is
-plain C (no PyTorch headers: it builds in well under a second), compiled with the system's C compiler
-into a cache directory and called through ctypes, which releases the GIL. Without a compiler, on
-a failed build, on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment,
-`attention_kernel()` returns None and callers use PyTorch's operators: same results to rounding.
+PyTorch's operators cover everything aiayn does; a kernel here does one step's worth of them in one
+call where measurement showed that to pay (docs/PERFORMANCE.md): less time, and fewer operators,
+each of which hands the GIL over between decoding threads. The kernels are plain C (decode_step.c,
+no PyTorch headers: it builds in well under a second), compiled with the system's C compiler into a
+cache directory and called through ctypes, which releases the GIL. Without a compiler, on a failed
+build, on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment, every
+function here returns None (or False) and callers use PyTorch's operators: the same results to
+rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
-import threading
-from array import array as _array
 import functools
 import hashlib
 import logging
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
+from array import array as _array
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 _ARGS = threading.local()  # each thread's last argument array
 
-SOURCE = Path(__file__).with_name("attention.c")
+SOURCE = Path(__file__).with_name("decode_step.c")
 MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
 MAX_ROW = 16384  # add_layer_norm's widest row

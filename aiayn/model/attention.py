@@ -44,7 +44,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     """
     if not need_weights and q.size(2) <= kernels.MAX_QUERIES and not q.is_cuda and not dropout \
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        kernel = kernels.attention_kernel()  # a decoding step: aiayn/kernels/attention.c
+        kernel = kernels.attention_kernel()  # a decoding step: aiayn/kernels/decode_step.c
         if kernel is not None and kernels.supports(q, k, v, mask):
             return kernel(q, k, v, mask), None
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):

@@ -1,19 +1,28 @@
-/* Attention for a decoding step: a few queries per row, keys and values read once.
+/* Kernels for one decoding step on a CPU: each does in one call, reading its data once, what
+ * PyTorch does in several operators (aiayn/kernels/__init__.py calls them through ctypes, and is
+ * where each one's PyTorch reference is named; tests/model/test_kernels.py holds them to it).
  *
- * For every row b, head h and query i < n_queries:
+ *   attend_*     attention of a few queries per row (a decoding step), with the self-attention
+ *                cache write folded in
+ *   add_norm_*   LayerNorm(x + y): the post-norm residual
+ *   argmax_*     greedy search's next tokens, their outputs and the rows done
+ *   embed_*      token embedding x sqrt(d_model) + position
+ *   beam_*       beam search's log-softmax, bans and each sentence's best extensions
+ *
+ * Each comes for fp32 and bf16 tensors (`_f32`, `_bf16`, one type for all of a call's tensors);
+ * arithmetic is fp32. Plain C with GCC/Clang vector extensions, built for the machine it runs on.
+ *
+ * Attention, for every row b, head h and query i < n_queries:
  *     out[b, i, h, :] = softmax(scale * k[b / group, h, :t, :] q[b, h, i, :] + mask) v[b / group, h, :t, :]
  * where mask[b / group, s] == 0 excludes key s (a row with every key excluded gets zeros, as
  * PyTorch's scaled_dot_product_attention gives). `group` consecutive rows share one source (beam
  * search's beams of a sentence). A self-attention step first appends its own key and value: with
  * k_new != NULL, k_new[b, h, :] and v_new[b, h, :] are written at position t - 1 of k and v (group 1).
- * Tensors are fp32 or bf16 (one type for all); arithmetic is fp32.
- *
  * Why: PyTorch's fused attention, for one query, runs two tiny GEMMs per (row, head) and reads
  * keys and values with little memory-level parallelism: 200-300 us for 64 rows x 4 heads x 20 keys
  * in a decoding step, where reading them takes ~30-100 us. Here each (row, head) is two streaming
  * passes (scores, then weighted values), and the next (row, head)'s keys and values are fetched
- * while this one computes. Plain C, vectorized by the compiler (aiayn/kernels/__init__.py builds it
- * for the machine it runs on); aiayn.model.attention.attend is the reference it is tested against.
+ * while this one computes.
  */
 #include <math.h>
 #include <stdint.h>
