@@ -6,7 +6,7 @@ each of which hands the GIL over between decoding threads. The kernels are plain
 no PyTorch headers: it builds in well under a second), compiled with the system's C compiler into a
 cache directory and called through ctypes, which releases the GIL. Without a compiler, on a failed
 build, on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment, every
-function here returns None (or False) and callers use PyTorch's operators: the same results to
+function here returns None (`supports`, `usable`: False) and callers use PyTorch's operators: the same results to
 rounding.
 """
 
@@ -76,7 +76,7 @@ def _machine_key() -> str:
 def _build(source: Path) -> Path | None:
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: PyTorch's attention is used for decoding")
+        log.info("no C compiler found: decoding uses PyTorch's operators only")
         return None
     text = source.read_bytes()
     for flags in _FLAG_SETS:
@@ -105,7 +105,7 @@ def _library() -> ctypes.CDLL | None:
         path = _build(SOURCE)
         library = ctypes.CDLL(str(path)) if path is not None else None  # CDLL calls release the GIL
     except OSError as e:  # a read-only home, a broken compiler, a library that will not load
-        log.info("attention kernel unavailable (%s): PyTorch's attention is used", e)
+        log.info("aiayn's decoding kernels are unavailable (%s): PyTorch's operators are used", e)
         return None
     if library is not None:
         ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
@@ -119,16 +119,16 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def attention_kernel():
-    """`decode_attention` when the kernel is built and enabled, else None."""
-    return decode_attention if enabled() and _library() is not None else None
+def available() -> bool:
+    """Whether the kernels are built and enabled."""
+    return enabled() and _library() is not None
 
 
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16 (all
     one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times a decoding step."""
     dtype = tensors[0].dtype
-    if dtype not in _FUNCTIONS or _library() is None or not enabled():
+    if dtype not in _FUNCTIONS or not available():
         return False
     for t in tensors:
         if not t.is_cpu or t.dtype != dtype:
@@ -189,7 +189,7 @@ def self_attention_step(qkv: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, n
     B, T, D3 = qkv.shape
     D = D3 // 3
     Dh = D // n_heads
-    if not (T == 1 and qkv.stride(2) == 1 and start < k_buf.size(2) and k_buf.size(0) == B
+    if not (T == 1 and D3 == 3 * n_heads * Dh and qkv.stride(2) == 1 and 0 <= start < k_buf.size(2) and k_buf.size(0) == B
             and usable(qkv, k_buf, v_buf) and _takes(B, n_heads, Dh, k_buf, v_buf, None)):
         return None
     out = qkv.new_empty(B, 1, D)
@@ -240,7 +240,8 @@ def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, 
         return None
     return getattr(_library(), "argmax_" + _FUNCTIONS[logits.dtype])(_args(
         logits.data_ptr(), b, V, logits.stride(0), banned.data_ptr(), banned.numel(), tokens.data_ptr(),
-        record.data_ptr(), record.stride(0), rows_of.data_ptr(), column, eos, limits.data_ptr(), column + 1))
+        record.data_ptr(), record.stride(0), rows_of.data_ptr(), column, eos, limits.data_ptr(), column + 1,
+        record.size(0)))
 
 
 def _takes_ids(*ids: Tensor) -> bool:

@@ -38,7 +38,7 @@ static inline void to_bf16(bf16 *p, float x) {  /* round to nearest even, as PyT
     *p = x != x ? 0x7FC0 : (bf16)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024 };  /* the Python side checks both before calling */
+enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks these before calling */
 
 static inline void prefetch_block(const char *p, int64_t rows, int64_t row_stride, int64_t row_bytes) {
     for (int64_t s = 0; s < rows; s++)
@@ -200,7 +200,7 @@ void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row
     const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]);                                         \
     const T *weight = PTR(const T, a[2]), *bias = PTR(const T, a[3]); T *out = PTR(T, a[4]);          \
     const int64_t rows = a[5], n = a[6], xs = a[7], ys = a[8], os = a[9];                             \
-    float sum_row[MAX_HEAD_DIM * 16];                                                                 \
+    float sum_row[MAX_ROW];                                                                               \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs, *yr = y + r * ys;                                                   \
         T *o = out + r * os;                                                                          \
@@ -225,7 +225,7 @@ DEFINE_ADD_NORM(add_norm_bf16, bf16, from_bf16, to_bf16)
  * record[rows_of[r] * record_stride + column] (the sentence's output) and returns how many rows are
  * done: their token is `eos` or their output reached limits[r] tokens with this one (step_len).
  * Arguments: x, rows, n, row stride of x, banned, n_banned, out, record, record_stride, rows_of,
- * column, eos, limits, step_len. */
+ * column, eos, limits, step_len, record's rows. */
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                                  \
 int64_t NAME(const int64_t *a)                                                                        \
 {                                                                                                     \
@@ -233,7 +233,7 @@ int64_t NAME(const int64_t *a)                                                  
     const int64_t *banned = PTR(const int64_t, a[4]), n_banned = a[5]; int64_t *out = PTR(int64_t, a[6]); \
     int64_t *record = PTR(int64_t, a[7]); const int64_t record_stride = a[8];                         \
     const int64_t *rows_of = PTR(const int64_t, a[9]), column = a[10], eos = a[11];                   \
-    const int64_t *limits = PTR(const int64_t, a[12]), step_len = a[13];                              \
+    const int64_t *limits = PTR(const int64_t, a[12]), step_len = a[13], record_rows = a[14];         \
     int64_t done = 0;                                                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs;                                                                     \
@@ -255,7 +255,8 @@ int64_t NAME(const int64_t *a)                                                  
         }                                                                                             \
         out[r] = at;                                                                                  \
         if (record) {                                                                                 \
-            record[rows_of[r] * record_stride + column] = at;                                         \
+            if (rows_of[r] >= 0 && rows_of[r] < record_rows)                                          \
+                record[rows_of[r] * record_stride + column] = at;                                     \
             done += at == eos || limits[r] <= step_len;                                               \
         }                                                                                             \
     }                                                                                                 \

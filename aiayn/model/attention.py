@@ -42,11 +42,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
     fwd+bwd, torch 2.13: benchmarks/attention.py), so the fused kernel is used only where it wins.
     """
-    if not need_weights and q.size(2) <= kernels.MAX_QUERIES and not q.is_cuda and not dropout \
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        kernel = kernels.attention_kernel()  # a decoding step: aiayn/kernels/decode_step.c
-        if kernel is not None and kernels.supports(q, k, v, mask):
-            return kernel(q, k, v, mask), None
+    if not need_weights and not dropout and q.size(2) <= kernels.MAX_QUERIES and kernels.supports(q, k, v, mask):
+        return kernels.decode_attention(q, k, v, mask), None  # a decoding step: aiayn/kernels/decode_step.c
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)

@@ -15,10 +15,9 @@ from aiayn.model.attention import attend
 
 @pytest.fixture(scope="module")
 def kernel():
-    fn = kernels.attention_kernel()
-    if fn is None:
-        pytest.skip("the attention kernel is not built here (no C compiler?)")
-    return fn
+    if not kernels.available():
+        pytest.skip("the kernels are not built here (no C compiler?)")
+    return kernels.decode_attention
 
 
 def _reference(q, k, v, mask):
@@ -141,8 +140,8 @@ def test_kernel_and_pytorch_decode_the_same_tokens(monkeypatch):
     from aiayn.decode import beam_search, greedy
     from aiayn.model import build_model
 
-    if kernels.attention_kernel() is None:
-        pytest.skip("the attention kernel is not built here")
+    if not kernels.available():
+        pytest.skip("the kernels are not built here")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
                       dropout=0.0, max_len=64)
@@ -168,7 +167,7 @@ def test_without_a_compiler_attention_falls_back_to_pytorch(monkeypatch, tmp_pat
     monkeypatch.setattr(kernels, "_compiler", lambda: None)
     kernels._library.cache_clear()
     try:
-        assert kernels.attention_kernel() is None
+        assert not kernels.available()
         q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
         with torch.no_grad():
             out, _ = attend(q, k, v)
@@ -182,7 +181,7 @@ def test_a_compiler_that_fails_leaves_pytorch_in_charge(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # exists, and fails every build
     kernels._library.cache_clear()
     try:
-        assert kernels.attention_kernel() is None
+        assert not kernels.available()
         assert not list(tmp_path.rglob("*.so"))
     finally:
         kernels._library.cache_clear()
@@ -190,7 +189,10 @@ def test_a_compiler_that_fails_leaves_pytorch_in_charge(monkeypatch, tmp_path):
 
 def test_aiayn_kernels_0_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("AIAYN_KERNELS", "0")
-    assert kernels.attention_kernel() is None
+    assert not kernels.available()
+    q = torch.randn(2, 1, 8)
+    with torch.no_grad():
+        assert kernels.cross_attention_step(q, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), None) is None
 
 
 def test_kernel_scale_is_one_over_sqrt_head_dim(kernel):
