@@ -38,7 +38,7 @@ static inline void to_bf16(bf16 *p, float x) {  /* round to nearest even, as PyT
     *p = x != x ? 0x7FC0 : (bf16)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks these before calling */
+enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks them */
 
 static inline void prefetch_block(const char *p, int64_t rows, int64_t row_stride, int64_t row_bytes) {
     for (int64_t s = 0; s < rows; s++)
@@ -200,7 +200,7 @@ void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row
     const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]);                                         \
     const T *weight = PTR(const T, a[2]), *bias = PTR(const T, a[3]); T *out = PTR(T, a[4]);          \
     const int64_t rows = a[5], n = a[6], xs = a[7], ys = a[8], os = a[9];                             \
-    float sum_row[MAX_ROW];                                                                               \
+    float sum_row[MAX_ROW];                                                                           \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs, *yr = y + r * ys;                                                   \
         T *o = out + r * os;                                                                          \
