@@ -212,15 +212,18 @@ def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
     return out
 
 
-def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor | None:
+def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, out: Tensor | None = None) -> Tensor | None:
     """norm(x + y) for x, y (..., D) in one pass: the post-norm residual of an inference step (PyTorch:
-    two ops). None if the kernel does not take these inputs."""
+    two ops), into `out` if given (it may be x or y: each row is read before it is written). None if
+    the kernel does not take these inputs."""
     D = x.size(-1)
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and norm.normalized_shape == (D,) and w is not None and b is not None
-            and D <= MAX_ROW and x.is_contiguous() and y.is_contiguous() and usable(x, y, w, b)):
+            and D <= MAX_ROW and x.is_contiguous() and y.is_contiguous() and usable(x, y, w, b)
+            and (out is None or (out.shape == x.shape and out.is_contiguous() and out.dtype == x.dtype))):
         return None
-    out = x.new_empty(x.shape)
+    if out is None:
+        out = x.new_empty(x.shape)
     rows = x.numel() // D
     getattr(_library(), "add_norm_" + _FUNCTIONS[x.dtype])(_args(
         x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, D, D, D, D), norm.eps)

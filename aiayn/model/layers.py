@@ -97,8 +97,8 @@ class TransformerLayer(nn.Module):
             y, w = sublayer(norm(x))
             return add_dropout(x, y, self.dropout.p, self.training), w
         y, w = sublayer(x)
-        if not (self.training and self.dropout.p):  # no dropout: maybe one kernel call (decoding)
-            out = kernels.add_layer_norm(x, y, norm)
+        if not (self.training and self.dropout.p):  # no dropout: maybe one kernel call (decoding),
+            out = kernels.add_layer_norm(x, y, norm, out=y)  # into y, the sublayer's own new tensor
             if out is not None:
                 return out, w
         return norm(add_dropout(x, y, self.dropout.p, self.training)), w

@@ -222,6 +222,9 @@ def test_add_layer_norm_matches_pytorch(kernel, rows, width, dtype, seed):
     ref = F.layer_norm(x.double() + y.double(), (width,), norm.weight.double(), norm.bias.double(), norm.eps)
     tol = 1e-5 if dt == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    with torch.no_grad():
+        assert kernels.add_layer_norm(x, y, norm, out=y) is y  # in place, as TransformerLayer does
+    assert torch.equal(y, out)
 
 
 def test_add_layer_norm_declines_training_and_odd_layouts(kernel):
