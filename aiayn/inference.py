@@ -85,8 +85,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         qconfig = {nn.Linear: torch.ao.quantization.default_dynamic_qconfig,
                    "generator": torch.ao.quantization.per_channel_dynamic_qconfig}
         q = torch.ao.quantization.quantize_dynamic(q, qconfig, dtype=torch.qint8)
-    relu = {id(ff.w1) for ff in _relu_feed_forwards(q)}
-    for ff in _relu_feed_forwards(q):
+    feed_forwards = _relu_feed_forwards(q)
+    relu = {id(ff.w1) for ff in feed_forwards}
+    for ff in feed_forwards:
         ff.act = nn.Identity()
     for parent in list(q.modules()):
         for name, child in parent.named_children():

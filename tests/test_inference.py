@@ -83,13 +83,13 @@ def test_int8_feed_forward_relu_is_fused_with_the_same_results():
     ffs = [layer.ff for layer in [*q.encoder.layers, *q.decoder.layers]]
     assert ffs and all(isinstance(ff.act, torch.nn.Identity) for ff in ffs)
     x = torch.randn(5, 3, model.cfg.d_model)
-    for ff in ffs:  # torch.ao's int8 linear from the same packed weights, then a ReLU
-        plain = nnqd.Linear(ff.w1.in_features, ff.w1.out_features, dtype=torch.qint8)
-        plain._packed_params._packed_params = ff.w1.packed
-        assert torch.equal(ff.w1(x), torch.relu(plain(x)))
+    for ff in ffs:  # torch.ao's int8 linears from the same packed weights (w1 then a ReLU)
+        plain1, plain2 = (nnqd.Linear(w.in_features, w.out_features, dtype=torch.qint8) for w in (ff.w1, ff.w2))
+        plain1._packed_params._packed_params = ff.w1.packed
+        plain2._packed_params._packed_params = ff.w2.packed
+        assert torch.equal(ff.w1(x), torch.relu(plain1(x)))
         assert (ff.w1(x) == 0).any()
-        plain._packed_params._packed_params = ff.w2.packed  # and without the ReLU
-        assert torch.equal(ff.w2(ff.w1(x)), plain(ff.w1(x)))
+        assert torch.equal(ff.w2(ff.w1(x)), plain2(ff.w1(x)))  # and without the ReLU
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")
