@@ -43,15 +43,20 @@ class _SplitCrossAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, T, D) -> (B, H, T, Dh)
 
+    def kv_projection(self, source: Tensor) -> Tensor:
+        return self.kv_proj(source)
+
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.kv_proj(source).chunk(2, dim=-1)
+        k, v = self.kv_projection(source).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
     def forward(self, x, mask=None, *, kv=None, cache=None, need_weights=False):
         from aiayn.model.attention import attend_to_source
 
         if kv is None:
-            kv = self.project_kv(x)
+            kv = self.kv_projection(x)
+        if isinstance(kv, Tensor):  # MultiHeadAttention.forward's kv: a (B, S, 2D) projection or heads
+            kv = tuple(self._heads(t) for t in kv.chunk(2, dim=-1))
         q = self.q_proj(x)
         if not need_weights:
             out = kernels.cross_attention_step(q, *kv, mask)

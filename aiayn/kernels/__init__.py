@@ -34,11 +34,13 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 _ARGS = threading.local()  # each thread's last argument array
 
-SOURCE = Path(__file__).with_name("decode_step.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode_step.c", HERE / "train_step.c")  # one library; both include common.h
 MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
 MAX_ROW = 16384  # add_layer_norm's widest row
-_FLAG_SETS = (  # the first that builds wins: tuned for this CPU, then portable
+_FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (train_step.c), then portable
+    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
     ["-O3", "-mcpu=native", "-fopenmp-simd", "-fno-math-errno"],  # Apple clang on arm64
     ["-O2"],
@@ -73,22 +75,22 @@ def _machine_key() -> str:
     return f"{platform.machine()} {cpu}"
 
 
-def _build(source: Path) -> Path | None:
+def _build(sources: tuple[Path, ...]) -> Path | None:
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: decoding uses PyTorch's operators only")
+        log.info("no C compiler found: aiayn uses PyTorch's operators only")
         return None
-    text = source.read_bytes()
+    texts = [p.read_bytes() for p in (*sources, HERE / "common.h")]
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(flags).encode(),
+        key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(flags).encode(),
                                          _machine_key().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"{source.stem}-{key}.so"
+        target = cache_dir() / f"kernels-{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(source), "-o", str(built), "-lm"]
+            cmd = [*cc.split(), *flags, "-shared", "-fPIC", *map(str, sources), "-o", str(built), "-lm", "-pthread"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, target)  # atomic: another process may be building the same file
@@ -102,16 +104,18 @@ def _library() -> ctypes.CDLL | None:
     if not sys.platform.startswith(("linux", "darwin")):
         return None
     try:
-        path = _build(SOURCE)
+        path = _build(SOURCES)
         library = ctypes.CDLL(str(path)) if path is not None else None  # CDLL calls release the GIL
     except OSError as e:  # a read-only home, a broken compiler, a library that will not load
-        log.info("aiayn's decoding kernels are unavailable (%s): PyTorch's operators are used", e)
+        log.info("aiayn's kernels are unavailable (%s): PyTorch's operators are used", e)
         return None
     if library is not None:
         ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
         i64 = ctypes.c_int64
         signatures = {"attend": (None, [ptr, f32]), "add_norm": (None, [ptr, f32]), "argmax": (i64, [ptr]),
-                      "embed": (i64, [ptr, f32]), "beam": (None, [ptr])}
+                      "embed": (i64, [ptr, f32]), "beam": (None, [ptr]),
+                      "attention_forward": (i64, [ptr, f32]), "attention_backward": (i64, [ptr, f32]),
+                      "dropout_mask": (i64, [ptr, f32])}
         for kind, (restype, argtypes) in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
@@ -287,3 +291,103 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
         eos, int(eos_banned), at_limit.data_ptr() if at_limit is not None else 0,
         out.data_ptr(), ids.data_ptr(), ids.data_ptr() + b * n * 8))
     return (out, *ids.unbind(0))
+
+
+# ------------------------------------------------------------------------------------ training
+MAX_TRAIN_LENGTH = 256  # longest queries/keys training_attention takes: it keeps the (B, H, T, S) fp32 softmax
+
+
+def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int,
+                       k_col: int) -> Tensor | None:
+    """Multi-head attention with a backward pass (train_step.c), heads split and merged in place:
+    queries are x_q[..., :D] (B, T, >= D), keys x_kv[..., k_col:k_col + D] and values the next D
+    columns (B, S, ...), D = d_model; mask None or boolean, broadcastable to (B, 1, T, S) with a
+    1 for heads, True = may attend. -> (B, T, D), softmax(q kᵀ / sqrt(Dh) + mask) v per head.
+
+    Self-attention passes its fused projection [q | k | v] as both x_q and x_kv (k_col = D), and
+    gets its gradient back in one tensor; cross-attention passes q and the source's [k | v]. Same
+    results as PyTorch's attention to rounding (tests/model/test_kernels.py, float64 reference).
+    None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
+    B, T = x_q.shape[:2]
+    S = x_kv.size(1) if x_kv.dim() == 3 else 0
+    if not (x_q.dim() == 3 and x_kv.dim() == 3 and x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
+            and 0 < S <= MAX_TRAIN_LENGTH and B > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
+            and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
+            and _trainable(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None):
+        return None
+    return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col)
+
+
+def _trainable(*tensors: Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return dtype in _FUNCTIONS and all(t.is_cpu and t.dtype == dtype for t in tensors) and available()
+
+
+def _mask_strides(mask: Tensor | None, B: int, T: int, S: int) -> tuple[int, int] | None:
+    """The (row, query) strides of a mask broadcastable to (B, 1, T, S), 0 where it broadcasts; None
+    if the kernel does not take it."""
+    if mask is None:
+        return 0, 0
+    if not (mask.dtype == torch.bool and mask.dim() == 4 and mask.is_cpu and mask.size(0) in (1, B)
+            and mask.size(1) == 1 and mask.size(2) in (1, T) and mask.size(3) == S and mask.stride(3) == 1):
+        return None
+    return (mask.stride(0) if mask.size(0) > 1 else 0), (mask.stride(2) if mask.size(2) > 1 else 0)
+
+
+class _TrainingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int, k_col: int):
+        B, T, S, Dh = x_q.size(0), x_q.size(1), x_kv.size(1), d_model // n_heads
+        out = x_q.new_empty(B, T, d_model)
+        probs = torch.empty(B, n_heads, T, S, dtype=torch.float32)
+        k, v = _column(x_kv, k_col), _column(x_kv, k_col + d_model)
+        status = getattr(_library(), "attention_forward_" + _FUNCTIONS[x_q.dtype])(_args(
+            x_q.data_ptr(), k, v, mask.data_ptr() if mask is not None else 0, out.data_ptr(), probs.data_ptr(),
+            B, n_heads, T, S, Dh, *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2],
+            *_mask_strides(mask, B, T, S), *out.stride()[:2], torch.get_num_threads()), 1.0 / math.sqrt(Dh))
+        if status:
+            raise MemoryError("out of memory for the attention kernel's scratch buffers")
+        ctx.save_for_backward(x_q, x_kv, probs)
+        ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        x_q, x_kv, probs = ctx.saved_tensors
+        D, k_col = ctx.d_model, ctx.k_col
+        B, H, T, S = probs.shape
+        if d_out.stride(2) != 1:
+            d_out = d_out.contiguous()
+        if ctx.same:  # one gradient for the fused projection, every column of it written if [q | k | v]
+            d_kv = d_q = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (D, 3 * D) else x_kv.new_zeros(x_kv.shape)
+        else:
+            d_q = x_q.new_empty(x_q.shape) if x_q.size(2) == D else x_q.new_zeros(x_q.shape)
+            d_kv = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (0, 2 * D) else x_kv.new_zeros(x_kv.shape)
+        status = getattr(_library(), "attention_backward_" + _FUNCTIONS[x_q.dtype])(_args(
+            x_q.data_ptr(), _column(x_kv, k_col), _column(x_kv, k_col + D), d_out.data_ptr(), probs.data_ptr(),
+            d_q.data_ptr(), _column(d_kv, k_col), _column(d_kv, k_col + D), B, H, T, S, D // H,
+            *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2], *d_out.stride()[:2], *d_q.stride()[:2],
+            *d_kv.stride()[:2], *d_kv.stride()[:2], torch.get_num_threads()), 1.0 / math.sqrt(D // H))
+        if status:
+            raise MemoryError("out of memory for the attention kernel's scratch buffers")
+        return d_q, None if ctx.same else d_kv, None, None, None, None
+
+
+def _column(x: Tensor, col: int) -> int:
+    """The address of x[0, 0, col]."""
+    return x.data_ptr() + col * x.element_size()
+
+
+def dropout_mask(like: Tensor, p: float) -> Tensor | None:
+    """A tensor of like's shape and dtype holding 1 / (1 - p) where an element is kept (probability
+    1 - p, exact to 2^-16) and 0 where it is dropped (train_step.c; the seed comes from torch's
+    generator, so torch.manual_seed makes it reproducible). None if the kernel does not take it."""
+    if not (0.0 < p < 1.0 and like.numel() > 0 and _trainable(like)):
+        return None
+    mask = torch.empty(like.shape, dtype=like.dtype)
+    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
+    status = getattr(_library(), "dropout_mask_" + _FUNCTIONS[like.dtype])(_args(
+        mask.data_ptr(), mask.numel(), seed, round(p * 65536), torch.get_num_threads()), 1.0 / (1.0 - p))
+    if status:
+        raise MemoryError("out of memory for the dropout kernel")
+    return mask

@@ -24,59 +24,13 @@
  * passes (scores, then weighted values), and the next (row, head)'s keys and values are fetched
  * while this one computes.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef uint16_t bf16;
-
-static inline float from_f32(float x) { return x; }
-static inline float from_bf16(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline void to_f32(float *p, float x) { *p = x; }
-static inline void to_bf16(bf16 *p, float x) {  /* round to nearest even, as PyTorch does */
-    uint32_t u; memcpy(&u, &x, 4);
-    *p = x != x ? 0x7FC0 : (bf16)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
+#include "common.h"
 
 enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks them */
 
 static inline void prefetch_block(const char *p, int64_t rows, int64_t row_stride, int64_t row_bytes) {
     for (int64_t s = 0; s < rows; s++)
         for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(p + s * row_stride + c);
-}
-
-/* exp(x) for x <= 0, as a loop the compiler vectorizes (libm's expf is a call per element: a third
- * of this kernel's time with it): 2^n p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor
- * polynomial (relative error < 1e-7 before rounding); 0 below -87 (exp(-87) < 2e-38), and for -inf. */
-static inline float exp_nonpositive(float x) {
-    const float xc = x < -87.f ? -87.f : x;
-    const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest: 1.5 * 2^23 */
-    const float r = xc - n * 0.693145752f - n * 1.42860677e-6f;    /* ln 2 in two parts */
-    const float p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
-                    + r * (1.f / 720 + r * (1.f / 5040)))))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n; memcpy(&two_n, &bits, 4);
-    return x < -87.f ? 0.f : p * two_n;
-}
-
-/* 16 floats as one value: GCC/Clang vector extensions, lowered to whatever the CPU has (one AVX-512
- * register, two AVX2 ones, four NEON ones). Loads and stores go through memcpy: any alignment. */
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-static inline f32x16 load16_f32(const float *p) { f32x16 v; memcpy(&v, p, 64); return v; }
-static inline f32x16 load16_bf16(const bf16 *p) {
-    u16x16 h; memcpy(&h, p, 32);
-    u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 v; memcpy(&v, &w, 64); return v;
-}
-static inline float sum16(f32x16 v) {  /* a tree, not 15 additions in a row */
-    f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32); a += b;
-    f32x4 c, d; memcpy(&c, &a, 16); memcpy(&d, (char *)&a + 16, 16); c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /* One (row, head, query). `dh` is a constant where the caller inlines it for a common head size
@@ -142,7 +96,6 @@ static inline __attribute__((always_inline)) void NAME(                         
  * query, head), k_new and v_new (row, head). q is (B, H, n_queries, Dh), k and v (B / group, H, >= t,
  * Dh), mask (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), k_new and v_new (B, H, Dh) or
  * NULL, each with its last dimension contiguous. */
-#define PTR(T, address) ((T *)(intptr_t)(address))
 #define DEFINE_ATTEND(NAME, ONE, T)                                                                   \
 void NAME(const int64_t *a, float scale)                                                              \
 {                                                                                                     \

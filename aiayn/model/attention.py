@@ -103,18 +103,22 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, T, D) -> (B, H, T, Dh)
 
+    def kv_projection(self, source: Tensor) -> Tensor:
+        """[keys | values] of a source (B, S, D) -> (B, S, 2D): what cross-attention computes once per sentence."""
+        return linear_rows(self.in_proj, source, slice(self.d_model, None))
+
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of a source (B, S, D): what cross-attention computes once per sentence."""
-        D = self.d_model
-        k, v = linear_rows(self.in_proj, source, slice(D, None)).chunk(2, dim=-1)
+        """Keys and values of a source (B, S, D), heads split: (B, H, S, Dh) each."""
+        k, v = self.kv_projection(source).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *,
-                kv: tuple[Tensor, Tensor] | None = None,
+                kv: Tensor | tuple[Tensor, Tensor] | None = None,
                 cache: tuple[Tensor, Tensor, int] | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Self-attention over x (B, T, D), or cross-attention to precomputed keys/values `kv` (which
-        may hold one source for each group of consecutive rows of x: `attend_to_source`).
+        """Self-attention over x (B, T, D), or cross-attention to precomputed keys and values `kv`:
+        a source's `kv_projection` (B, S, 2D), or `project_kv`'s heads (b, H, S, Dh), which may hold
+        one source for each group of consecutive rows of x (`attend_to_source`).
 
         cache=(k_buf, v_buf, start) for incremental self-attention: this call's keys and values are
         written at positions start..start+T of the (B, H, L, Dh) buffers and the queries attend to
@@ -122,8 +126,13 @@ class MultiHeadAttention(nn.Module):
         """
         D = self.d_model
         step = not need_weights and not (self.training and self.dropout)  # aiayn.kernels may do it all
+        whole = self.training and step and cache is None  # teacher-forced training: aiayn.kernels, forward and backward
         if kv is None:
             qkv = self.in_proj(x)
+            if whole:
+                out = kernels.training_attention(qkv, qkv, mask, self.n_heads, D, k_col=D)
+                if out is not None:
+                    return self.out_proj(out), None
             if step and cache is not None and mask is None:  # one new token sees every position
                 out = kernels.self_attention_step(qkv, *cache, self.n_heads)
                 if out is not None:
@@ -137,6 +146,12 @@ class MultiHeadAttention(nn.Module):
                 k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         else:
             q = linear_rows(self.in_proj, x, slice(None, D))
+            if isinstance(kv, Tensor):
+                if whole:
+                    out = kernels.training_attention(q, kv, mask, self.n_heads, D, k_col=0)
+                    if out is not None:
+                        return self.out_proj(out), None
+                kv = tuple(self._heads(t) for t in kv.chunk(2, dim=-1))
             if step:
                 out = kernels.cross_attention_step(q, *kv, mask)
                 if out is not None:

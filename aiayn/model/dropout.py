@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aiayn import kernels
+
 
 def _scaled_mask(x: Tensor, p: float) -> Tensor:
     """1 / (1 - p) where an element is kept, 0 where dropped, in x's dtype and shape."""
+    mask = kernels.dropout_mask(x, p)  # the same, in one multithreaded pass (aiayn/kernels/train_step.c)
+    if mask is not None:
+        return mask
     n = x.numel()
     words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     lanes = words.view(torch.int16)[:n].view(x.shape)       # uniform over [-2^15, 2^15)

@@ -104,7 +104,7 @@ class TransformerLayer(nn.Module):
         return norm(add_dropout(x, y, self.dropout.p, self.training)), w
 
     def forward(self, x: Tensor, mask: Tensor | None, *,
-                memory_kv: tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None,
+                memory_kv: Tensor | tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None,
                 cache: tuple[Tensor, Tensor, int] | None = None,
                 need_weights: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """x (B, T, D) -> (B, T, D), and the attention weights {"self": ..., "cross": ...} if asked."""
@@ -139,7 +139,7 @@ class Stack(nn.Module):
                 if layer.cross_attn is not None:
                     memory_kv = (cache.cross_k[i], cache.cross_v[i])
             elif layer.cross_attn is not None:
-                memory_kv = layer.cross_attn.project_kv(memory)
+                memory_kv = layer.cross_attn.kv_projection(memory)
             x, weights = layer(x, mask, memory_kv=memory_kv, memory_mask=memory_mask,
                                cache=layer_cache, need_weights=need_weights)
             all_weights.append(weights)

@@ -1,0 +1,156 @@
+"""aiayn/kernels/train_step.c: training attention (forward and backward) against PyTorch's attention
+in float64, dropout's mask, and a model's training step with and without the kernels."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiayn import kernels
+from aiayn.config import ModelConfig
+from aiayn.model import build_model
+from aiayn.model.attention import causal_mask
+
+DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 2e-2)}  # dtype, tolerance relative to the largest value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not kernels.available():
+        pytest.skip("the kernels are not built here (no C compiler?)")
+
+
+def _reference(x_q, x_kv, mask, H, D, k_col):
+    """float64 attention with the heads split and merged as MultiHeadAttention does; queries that may
+    attend to nothing get zeros."""
+    B, T, S = x_q.size(0), x_q.size(1), x_kv.size(1)
+    heads = lambda t, n: t.reshape(B, n, H, -1).transpose(1, 2)
+    q, k, v = heads(x_q[..., :D], T), heads(x_kv[..., k_col:k_col + D], S), heads(x_kv[..., k_col + D:k_col + 2 * D], S)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D // H)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1).nan_to_num(0.0)  # a row of -inf: NaN -> 0
+    return (weights @ v).transpose(1, 2).reshape(B, T, D)
+
+
+def _close(ours, reference, tol):
+    scale = reference.abs().max().clamp_min(1e-6)
+    assert ((ours.double() - reference).abs().max() / scale).item() < tol
+
+
+@settings(deadline=None, max_examples=60)
+@given(B=st.integers(1, 4), T=st.integers(1, 20), S=st.integers(1, 20), H=st.integers(1, 3),
+       head_dim=st.sampled_from([1, 5, 16, 64]), kind=st.sampled_from(["self", "causal", "cross"]),
+       masking=st.sampled_from(["none", "padding", "general"]), dtype=st.sampled_from(sorted(DTYPES)),
+       spread=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16))
+def test_training_attention_matches_pytorch_in_float64(B, T, S, H, head_dim, kind, masking, dtype, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt, tol = DTYPES[dtype]
+    D = H * head_dim
+    if kind != "cross":
+        S = T
+    x_q = spread * torch.randn(B, T, 3 * D if kind != "cross" else D, generator=g, dtype=torch.float64)
+    x_kv = x_q if kind != "cross" else spread * torch.randn(B, S, 2 * D, generator=g, dtype=torch.float64)
+    k_col = D if kind != "cross" else 0
+    mask = causal_mask(T) if kind == "causal" else None
+    if masking == "padding":  # (B, 1, 1, S), one row of nothing but padding
+        padding = torch.rand(B, 1, 1, S, generator=g) < 0.7
+        padding[0] = False
+        mask = padding if mask is None else mask & padding
+    elif masking == "general":  # (B, 1, T, S): any pattern, whole rows of False included
+        mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+    grad = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+
+    a = x_q.clone().requires_grad_()
+    b = a if kind != "cross" else x_kv.clone().requires_grad_()
+    expected = _reference(a, b, mask, H, D, k_col)
+    expected.backward(grad)
+
+    ours_q = x_q.to(dt).requires_grad_()
+    ours_kv = ours_q if kind != "cross" else x_kv.to(dt).requires_grad_()
+    out = kernels.training_attention(ours_q, ours_kv, mask, H, D, k_col)
+    assert out is not None and out.shape == (B, T, D) and out.dtype == dt
+    out.backward(grad.to(dt))
+    _close(out, expected, tol)
+    _close(ours_q.grad, a.grad, tol)
+    if kind == "cross":
+        _close(ours_kv.grad, b.grad, tol)
+
+
+def test_training_attention_declines_what_it_does_not_take():
+    x = torch.randn(2, 3, 24)
+    assert kernels.training_attention(x.double(), x.double(), None, 2, 8, 8) is None  # float64
+    assert kernels.training_attention(x, x.bfloat16(), None, 2, 8, 8) is None         # mixed dtypes
+    assert kernels.training_attention(x, x, torch.ones(2, 2, 3, 3, dtype=torch.bool), 2, 8, 8) is None  # a mask per head
+    assert kernels.training_attention(x, x, torch.ones(2, 1, 3, 3), 2, 8, 8) is None  # not boolean
+    long = torch.randn(1, kernels.MAX_TRAIN_LENGTH + 1, 24)
+    assert kernels.training_attention(long, long, None, 2, 8, 8) is None              # too long
+    assert kernels.training_attention(x, x, None, 2, 8, 8) is not None
+
+
+def test_aiayn_kernels_0_turns_training_kernels_off(monkeypatch):
+    monkeypatch.setenv("AIAYN_KERNELS", "0")
+    x = torch.randn(2, 3, 24)
+    assert kernels.training_attention(x, x, None, 2, 8, 8) is None
+    assert kernels.dropout_mask(x, 0.1) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_mask_keeps_one_minus_p_scaled(dtype):
+    x = torch.empty(1000, 1001, dtype=dtype)  # not a multiple of 4 elements: a partial last word
+    for p in (0.1, 0.5):
+        mask = kernels.dropout_mask(x, p)
+        assert mask.shape == x.shape and mask.dtype == dtype
+        kept = mask != 0
+        assert torch.equal(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)))
+        n, rate = x.numel(), kept.double().mean().item()
+        assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 standard deviations
+        # neighbours within a 64-bit word, and rows, are not correlated: pairs (i, i + 1) both kept
+        both = (kept[:, :-1] & kept[:, 1:]).double().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.01
+    assert kernels.dropout_mask(x, 0.0) is None and kernels.dropout_mask(x, 1.0) is None  # the callers' cases
+
+
+def test_dropout_mask_follows_torch_seed_not_thread_count():
+    x = torch.empty(333, 77)
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(5)
+        first = kernels.dropout_mask(x, 0.3)
+        torch.set_num_threads(1)
+        torch.manual_seed(5)
+        again = kernels.dropout_mask(x, 0.3)
+        other = kernels.dropout_mask(x, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, again)
+    assert not torch.equal(again, other)
+
+
+def test_a_training_step_gives_the_same_gradients_with_and_without_kernels(monkeypatch):
+    from aiayn.data.batching import Batch
+    from aiayn.tasks.translation import translation_loss
+
+    cfg = ModelConfig(vocab_size=60, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+                      dropout=0.0, max_len=64)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    src = torch.randint(4, 60, (6, 11))
+    src[2, 7:] = cfg.pad_id
+    tgt = torch.randint(4, 60, (6, 9))
+    tgt[3, 5:] = cfg.pad_id
+    batch = Batch(src, tgt[:, :-1], tgt[:, 1:])
+    calls = []
+    real = kernels.training_attention
+    monkeypatch.setattr(kernels, "training_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("AIAYN_KERNELS", setting)
+        model.zero_grad()
+        translation_loss(model, batch, 0.1).backward()
+        grads[setting] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(calls) == 2 * 6  # each run: 2 encoder self-attentions, 2 decoder self- and 2 cross-attentions
+    for name, grad in grads["1"].items():
+        torch.testing.assert_close(grad, grads["0"][name], rtol=1e-4, atol=1e-6, msg=name)
