@@ -90,6 +90,64 @@ INLINE float dot(const float *x, const float *y, int64_t n) {
 
 enum { MAX_CHUNKS = 8 };  /* head sizes up to 8 x 16 take the vector paths */
 
+/* out[s] = x . rows[s] for n <= 16 rows of dh: one vector of partial sums per row, then the 16
+ * vectors folded into one whose lane s is row s's total (a transposing tree of 15 folds, each two
+ * shuffles and an add, where a horizontal sum per row takes ~8 operations of its own). */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLE 1
+#endif
+#endif
+#ifdef HAVE_SHUFFLE
+#define FOLD(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+INLINE f32x16 fold8(f32x16 a, f32x16 b) {  /* [a's 8 pair sums, b's] */
+    return FOLD(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+         + FOLD(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+INLINE f32x16 fold4(f32x16 a, f32x16 b) {  /* 8-lane halves -> 4-lane quarters */
+    return FOLD(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+         + FOLD(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+INLINE f32x16 fold2(f32x16 a, f32x16 b) {
+    return FOLD(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+         + FOLD(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+INLINE f32x16 fold1(f32x16 a, f32x16 b) {
+    return FOLD(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + FOLD(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* Four rows' dot products with x, 4 partial sums a row: [r0 x4, r1 x4, r2 x4, r3 x4]. Straight-line
+ * code, so that the accumulators stay in registers. */
+INLINE f32x16 dots4(const float *x, const float *r0, const float *r1, const float *r2, const float *r3, int64_t dh) {
+    f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t c = 0; c < dh; c += 16) {
+        const f32x16 xc = load16_f32(x + c);
+        a0 += xc * load16_f32(r0 + c);
+        a1 += xc * load16_f32(r1 + c);
+        a2 += xc * load16_f32(r2 + c);
+        a3 += xc * load16_f32(r3 + c);
+    }
+    return fold4(fold8(a0, a1), fold8(a2, a3));
+}
+#endif
+
+INLINE void dots16(const float *x, const float *rows, int64_t n, int64_t dh, float *out) {
+#ifdef HAVE_SHUFFLE
+    if (dh % 16 == 0) {
+        const float *r[16];  /* rows past n repeat row 0: computed, never written out */
+        for (int64_t s = 0; s < 16; s++) r[s] = rows + (s < n ? s : 0) * dh;
+        const f32x16 q0 = dots4(x, r[0], r[1], r[2], r[3], dh), q1 = dots4(x, r[4], r[5], r[6], r[7], dh);
+        const f32x16 q2 = dots4(x, r[8], r[9], r[10], r[11], dh), q3 = dots4(x, r[12], r[13], r[14], r[15], dh);
+        float lanes[16];
+        store16_f32(lanes, fold1(fold2(q0, q1), fold2(q2, q3)));
+        for (int64_t s = 0; s < n; s++) out[s] = lanes[s];
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < n; s++) out[s] = dot(x, rows + s * dh, dh);
+}
+
 /* out[0:dh] = scale * sum_i w[i * ws] rows[i, 0:dh] for rows (n x dh), skipping zero weights (masked
  * keys): the sum stays in registers, the rows stream through. */
 INLINE void weighted_sum(float *out, const float *w, int64_t ws, const float *rows, int64_t n, int64_t dh,
@@ -138,35 +196,56 @@ INLINE f32x16 exp16_nonpositive(f32x16 x) {
     return e;
 }
 
+INLINE float max16(f32x16 v) {
+    f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
+    for (int j = 0; j < 8; j++) a[j] = a[j] > b[j] ? a[j] : b[j];
+    float m = a[0];
+    for (int j = 1; j < 8; j++) m = a[j] > m ? a[j] : m;
+    return m;
+}
+
 /* q (nt x dh, already scaled), k, v (ns x dh) -> out (nt x dh) and the softmax p (nt x ns);
- * e: a row of ns rounded up to 16 floats. */
+ * e: nt rows of ns rounded up to 16 floats. In phases over all queries (scores, softmax, weighted
+ * values), so that the processor works on several queries at once: one query's chain of dependent
+ * steps is longer than its work. */
 INLINE void forward_one(const float *q, const float *k, const float *v, const uint8_t *mask, int64_t ms_t,
                         float *out, float *p, float *e, int64_t nt, int64_t ns, int64_t dh) {
     const int64_t padded = (ns + 15) / 16 * 16;
     for (int64_t t = 0; t < nt; t++) {
+        float *et = e + t * padded;
+        for (int64_t s = 0; s < ns; s += 16) dots16(q + t * dh, k + s * dh, ns - s < 16 ? ns - s : 16, dh, et + s);
         const uint8_t *m = mask ? mask + t * ms_t : NULL;
-        float top = -INFINITY;
-        for (int64_t s = 0; s < ns; s++) {
-            e[s] = m && !m[s] ? -INFINITY : dot(q + t * dh, k + s * dh, dh);
-            top = e[s] > top ? e[s] : top;
+        if (m)
+            for (int64_t s = 0; s < ns; s++) et[s] = m[s] ? et[s] : -INFINITY;
+        for (int64_t s = ns; s < padded; s++) et[s] = -INFINITY;
+    }
+    for (int64_t t = 0; t < nt; t++) {
+        float *et = e + t * padded, *pt = p + t * ns;
+        f32x16 top = load16_f32(et);
+        for (int64_t s = 16; s < padded; s += 16) {
+            const f32x16 x = load16_f32(et + s);
+            const i32x16 more = x > top;
+            i32x16 tb, xb; memcpy(&tb, &top, 64); memcpy(&xb, &x, 64);
+            tb = (tb & ~more) | (xb & more);
+            memcpy(&top, &tb, 64);
         }
-        float *pt = p + t * ns;
-        if (top == -INFINITY) {  /* nothing to attend to */
+        const float most = max16(top);
+        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights */
             memset(pt, 0, sizeof(float) * ns);
-            memset(out + t * dh, 0, sizeof(float) * dh);
+            memset(et, 0, sizeof(float) * padded);
             continue;
         }
-        for (int64_t s = ns; s < padded; s++) e[s] = -INFINITY;
         f32x16 sum = {0};
         for (int64_t s = 0; s < padded; s += 16) {
-            const f32x16 x = exp16_nonpositive(load16_f32(e + s) - top);
-            store16_f32(e + s, x);
+            const f32x16 x = exp16_nonpositive(load16_f32(et + s) - most);
             sum += x;
+            store16_f32(et + s, x);
         }
-        const float inv = 1.f / sum16(sum);
-        for (int64_t s = 0; s < ns; s++) pt[s] = e[s] * inv;
-        weighted_sum(out + t * dh, e, 1, v, ns, dh, inv);
+        const f32x16 inv = (f32x16){0} + 1.f / sum16(sum);
+        for (int64_t s = 0; s < padded; s += 16) store16_f32(et + s, inv * load16_f32(et + s));
+        memcpy(pt, et, sizeof(float) * ns);
     }
+    for (int64_t t = 0; t < nt; t++) weighted_sum(out + t * dh, e + t * padded, 1, v, ns, dh, 1.f);
 }
 
 /* The gradients of one (row, head): with P the softmax and G = dout,
@@ -175,16 +254,17 @@ INLINE void forward_one(const float *q, const float *k, const float *v, const ui
 INLINE void backward_one(const float *q, const float *k, const float *v, const float *g, const float *p,
                          float *dq, float *dk, float *dv, float *ds, int64_t nt, int64_t ns, int64_t dh,
                          float scale) {
+    for (int64_t t = 0; t < nt; t++)  /* phases over all queries, as in forward_one */
+        for (int64_t s = 0; s < ns; s += 16) dots16(g + t * dh, v + s * dh, ns - s < 16 ? ns - s : 16, dh, ds + t * ns + s);
     for (int64_t t = 0; t < nt; t++) {
         const float *pt = p + t * ns;
         float *dst = ds + t * ns, rowdot = 0.f;
-        for (int64_t s = 0; s < ns; s++) {
-            dst[s] = pt[s] == 0.f ? 0.f : dot(g + t * dh, v + s * dh, dh);  /* masked: contributes nothing */
-            rowdot += pt[s] * dst[s];
-        }
+        _Pragma("omp simd reduction(+:rowdot)")
+        for (int64_t s = 0; s < ns; s++) rowdot += pt[s] * dst[s];  /* masked keys: pt[s] = 0 */
+        _Pragma("omp simd")
         for (int64_t s = 0; s < ns; s++) dst[s] = pt[s] * (dst[s] - rowdot) * scale;
-        weighted_sum(dq + t * dh, dst, 1, k, ns, dh, 1.f);
     }
+    for (int64_t t = 0; t < nt; t++) weighted_sum(dq + t * dh, ds + t * ns, 1, k, ns, dh, 1.f);
     for (int64_t s = 0; s < ns; s++) {
         weighted_sum(dk + s * dh, ds + s, ns, q, nt, dh, 1.f);
         weighted_sum(dv + s * dh, p + s, ns, g, nt, dh, 1.f);
@@ -192,6 +272,12 @@ INLINE void backward_one(const float *q, const float *k, const float *v, const f
 }
 
 /* ------------------------------------------------------------------ the entry points, per type */
+/* Asks for rows [n x bytes] at stride `stride` bytes to be brought into the caches. */
+INLINE void prefetch_rows(const void *p, int64_t n, int64_t stride, int64_t bytes) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + r * stride + c);
+}
+
 #define DEFINE_ROWS(T, LOAD, LOAD16, STORE, STORE16)                                                  \
 INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t stride, int64_t dh, float scale) { \
     for (int64_t r = 0; r < rows; r++) {                                                              \
@@ -221,7 +307,7 @@ DEFINE_ROWS(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
     }
 
 /* Forward arguments: q, k, v, mask, out, probs, B, H, T, S, dh, then the strides q (b, t), k (b, s),
- * v (b, s), mask (b, t), out (b, t), then threads. Scratch per thread: (2T + 2S) dh + S + 16 floats. */
+ * v (b, s), mask (b, t), out (b, t), then threads. Scratch per thread: (2T + 2S) dh + T (S + 16) floats. */
 #define DEFINE_FORWARD(T)                                                                             \
 static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch) { \
     const T *q = PTR(const T, a[0]), *k = PTR(const T, a[1]), *v = PTR(const T, a[2]);                \
@@ -231,7 +317,12 @@ static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t 
     const int64_t ms_b = a[17], ms_t = a[18], os_b = a[19], os_t = a[20];                             \
     float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *of = vf + ns * dh, *e = of + nt * dh; \
     for (int64_t i = lo; i < hi; i++) {                                                               \
-        const int64_t b = i / H, h = i % H;                                                           \
+        const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
+        if (i + 1 < hi) {  /* the next pair's rows, while this one computes */                        \
+            prefetch_rows(q + nb * qs_b + nh * dh, nt, qs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+            prefetch_rows(k + nb * ks_b + nh * dh, ns, ks_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+            prefetch_rows(v + nb * vs_b + nh * dh, ns, vs_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+        }                                                                                             \
         load_rows_##T(qf, q + b * qs_b + h * dh, nt, qs_t, dh, scale);                                \
         load_rows_##T(kf, k + b * ks_b + h * dh, ns, ks_s, dh, 1.f);                                  \
         load_rows_##T(vf, v + b * vs_b + h * dh, ns, vs_s, dh, 1.f);                                  \
@@ -243,7 +334,7 @@ static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t 
 }                                                                                                     \
 int64_t attention_forward_##T(const int64_t *a, float scale) {                                        \
     const int64_t nt = a[8], ns = a[9], dh = a[10];                                                   \
-    return parallel(forward_part_##T, a, scale, a[6] * a[7], a[21], (2 * nt + 2 * ns) * dh + ns + 16); \
+    return parallel(forward_part_##T, a, scale, a[6] * a[7], a[21], (2 * nt + 2 * ns) * dh + nt * (ns + 16)); \
 }
 #define FORWARD_ONE(DH) forward_one(qf, kf, vf, m, ms_t, of, p, e, nt, ns, DH)
 
@@ -262,7 +353,13 @@ static void backward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t
     float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *gf = vf + ns * dh;                  \
     float *dqf = gf + nt * dh, *dkf = dqf + nt * dh, *dvf = dkf + ns * dh, *ds = dvf + ns * dh;        \
     for (int64_t i = lo; i < hi; i++) {                                                               \
-        const int64_t b = i / H, h = i % H;                                                           \
+        const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
+        if (i + 1 < hi) {                                                                             \
+            prefetch_rows(q + nb * qs_b + nh * dh, nt, qs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+            prefetch_rows(k + nb * ks_b + nh * dh, ns, ks_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+            prefetch_rows(v + nb * vs_b + nh * dh, ns, vs_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+            prefetch_rows(dout + nb * gs_b + nh * dh, nt, gs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+        }                                                                                             \
         load_rows_##T(qf, q + b * qs_b + h * dh, nt, qs_t, dh, 1.f);                                  \
         load_rows_##T(kf, k + b * ks_b + h * dh, ns, ks_s, dh, 1.f);                                  \
         load_rows_##T(vf, v + b * vs_b + h * dh, ns, vs_s, dh, 1.f);                                  \
