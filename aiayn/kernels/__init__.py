@@ -115,7 +115,8 @@ def _library() -> ctypes.CDLL | None:
         signatures = {"attend": (None, [ptr, f32]), "add_norm": (None, [ptr, f32]), "argmax": (i64, [ptr]),
                       "embed": (i64, [ptr, f32]), "beam": (None, [ptr]),
                       "attention_forward": (i64, [ptr, f32]), "attention_backward": (i64, [ptr, f32]),
-                      "dropout_mask": (i64, [ptr, f32])}
+                      "dropout_mask": (i64, [ptr, f32]), "residual_norm_forward": (i64, [ptr, f32]),
+                      "residual_norm_backward": (i64, [ptr, f32])}
         for kind, (restype, argtypes) in signatures.items():
             for suffix in _FUNCTIONS.values():
                 fn = getattr(library, f"{kind}_{suffix}")
@@ -391,3 +392,51 @@ def dropout_mask(like: Tensor, p: float) -> Tensor | None:
     if status:
         raise MemoryError("out of memory for the dropout kernel")
     return mask
+
+
+def residual_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, p: float) -> Tensor | None:
+    """norm(x + dropout(y, p)) for x, y (..., D), with a backward pass: training's post-norm residual
+    (§3.1, §5.4) in one pass forward and one backward (train_step.c), where PyTorch makes four
+    (addcmul, layer_norm, its backward, the dropout mask's product). The mask is `dropout_mask`'s.
+    None if the kernel does not take these inputs (x and y of one dtype with the norm's weights,
+    contiguous)."""
+    D = x.size(-1)
+    w, b = norm.weight, norm.bias
+    if not (x.shape == y.shape and x.numel() > 0 and norm.normalized_shape == (D,) and w is not None
+            and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _trainable(x, y, w, b)):
+        return None
+    mask = dropout_mask(y, p) if p > 0 else None
+    return _ResidualNorm.apply(x, y, w, b, mask, norm.eps)
+
+
+class _ResidualNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, w: Tensor, b: Tensor, mask: Tensor | None, eps: float):
+        D = x.size(-1)
+        rows = x.numel() // D
+        out, z = torch.empty_like(x), torch.empty_like(x)
+        stats = torch.empty(rows, 2, dtype=torch.float32)
+        status = getattr(_library(), "residual_norm_forward_" + _FUNCTIONS[x.dtype])(_args(
+            x.data_ptr(), y.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), b.data_ptr(),
+            out.data_ptr(), z.data_ptr(), stats.data_ptr(), rows, D, torch.get_num_threads()), eps)
+        if status:
+            raise MemoryError("out of memory for the layer norm kernel")
+        ctx.save_for_backward(z, mask, w, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        z, mask, w, stats = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        D = z.size(-1)
+        rows = z.numel() // D
+        threads = torch.get_num_threads()
+        dx, dy = torch.empty_like(z), torch.empty_like(z)
+        partial = torch.zeros(threads, 2, D, dtype=torch.float32)  # each part's sums of dw and db
+        status = getattr(_library(), "residual_norm_backward_" + _FUNCTIONS[z.dtype])(_args(
+            d_out.data_ptr(), z.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), stats.data_ptr(),
+            dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), rows, D, threads), 0.0)
+        if status:
+            raise MemoryError("out of memory for the layer norm kernel")
+        dw, db = partial.sum(0).to(w.dtype).unbind(0)
+        return dx, dy, dw, db, None, None

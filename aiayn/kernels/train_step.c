@@ -37,17 +37,17 @@ typedef float f32;  /* the entry points' suffixes: _f32, _bf16 */
 #include <omp.h>
 #endif
 
-typedef void (*part_fn)(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch);
-typedef struct { part_fn fn; const int64_t *a; float scale; int64_t lo, hi; float *scratch; } part;
+typedef void (*part_fn)(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index);
+typedef struct { part_fn fn; const int64_t *a; float scale; int64_t lo, hi; float *scratch; int64_t index; } part;
 
 static void *run_part(void *p) {
     part *w = p;
-    w->fn(w->a, w->scale, w->lo, w->hi, w->scratch);
+    w->fn(w->a, w->scale, w->lo, w->hi, w->scratch, w->index);
     return NULL;
 }
 
-/* fn over [0, n) in `threads` contiguous parts, each with `floats` of scratch. Returns -1, having
- * run nothing, if the scratch cannot be allocated. */
+/* fn over [0, n) in `threads` contiguous parts (index 0, 1, ... in order), each with `floats` of
+ * scratch. Returns -1, having run nothing, if the scratch cannot be allocated. */
 static int64_t parallel(part_fn fn, const int64_t *a, float scale, int64_t n, int64_t threads, int64_t floats) {
     enum { MAX_THREADS = 256 };
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
@@ -56,7 +56,7 @@ static int64_t parallel(part_fn fn, const int64_t *a, float scale, int64_t n, in
     if (!scratch) return -1;
     part parts[MAX_THREADS];
     for (int64_t i = 0; i < threads; i++)
-        parts[i] = (part){fn, a, scale, n * i / threads, n * (i + 1) / threads, scratch + i * floats};
+        parts[i] = (part){fn, a, scale, n * i / threads, n * (i + 1) / threads, scratch + i * floats, i};
 #ifdef _OPENMP
     #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t i = 0; i < threads; i++) run_part(&parts[i]);
@@ -309,7 +309,8 @@ DEFINE_ROWS(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
 /* Forward arguments: q, k, v, mask, out, probs, B, H, T, S, dh, then the strides q (b, t), k (b, s),
  * v (b, s), mask (b, t), out (b, t), then threads. Scratch per thread: (2T + 2S) dh + T (S + 16) floats. */
 #define DEFINE_FORWARD(T)                                                                             \
-static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch) { \
+static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+    (void)index;                                                                                      \
     const T *q = PTR(const T, a[0]), *k = PTR(const T, a[1]), *v = PTR(const T, a[2]);                \
     const uint8_t *mask = PTR(const uint8_t, a[3]); T *out = PTR(T, a[4]); float *probs = PTR(float, a[5]); \
     const int64_t H = a[7], nt = a[8], ns = a[9], dh = a[10];                                         \
@@ -342,7 +343,8 @@ int64_t attention_forward_##T(const int64_t *a, float scale) {                  
  * k (b, s), v (b, s), dout (b, t), dq (b, t), dk (b, s), dv (b, s), then threads. Scratch per
  * thread: (3T + 4S) dh + TS floats. */
 #define DEFINE_BACKWARD(T)                                                                            \
-static void backward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch) { \
+static void backward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+    (void)index;                                                                                      \
     const T *q = PTR(const T, a[0]), *k = PTR(const T, a[1]), *v = PTR(const T, a[2]);                \
     const T *dout = PTR(const T, a[3]); const float *probs = PTR(const float, a[4]);                  \
     T *dq = PTR(T, a[5]), *dk = PTR(T, a[6]), *dv = PTR(T, a[7]);                                     \
@@ -396,8 +398,8 @@ INLINE uint64_t splitmix64(uint64_t z) {
 }
 
 #define DEFINE_DROPOUT(T, STORE)                                                                      \
-static void dropout_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch) { \
-    (void)scratch;                                                                                    \
+static void dropout_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+    (void)scratch; (void)index;                                                                       \
     T *mask = PTR(T, a[0]); const int64_t n = a[1]; const uint64_t seed = (uint64_t)a[2];             \
     const uint64_t threshold = (uint64_t)a[3];                                                        \
     T keep, drop;                                                                                     \
@@ -420,3 +422,74 @@ int64_t dropout_mask_##T(const int64_t *a, float scale) {                       
 
 DEFINE_DROPOUT(f32, to_f32)
 DEFINE_DROPOUT(bf16, to_bf16)
+
+/* ----------------------------------------------------------- the post-norm residual, training
+ * Forward: z = x + y * mask (mask: dropout's scaled mask, or none), out = LayerNorm(z) w + b, z kept
+ * (rounded to the tensors' type, as PyTorch's addcmul would leave it) with each row's mean and
+ * 1 / std; backward from dout: with xhat = (z - mean) / std and g = dout w,
+ *     dz = (g - mean(g) - xhat mean(g xhat)) / std,   dx = dz,   dy = dz mask,
+ *     dw = sum over rows of dout xhat,   db = sum of dout,
+ * the sums as one row of partial sums per part (`partial`: parts x 2n fp32, summed by the caller).
+ * PyTorch: addcmul, layer_norm, its backward and a product, each a pass over the (rows, n) tensors.
+ * Forward arguments: x, y, mask, w, b, out, z, stats (rows x 2 fp32), rows, n, threads; eps.
+ * Backward arguments: dout, z, mask, w, stats, dx, dy, partial, rows, n, threads.
+ * Scratch: a row of n floats. */
+#define DEFINE_RESIDUAL_NORM(T, LOAD, STORE)                                                          \
+static void residual_norm_part_##T(const int64_t *a, float eps, int64_t lo, int64_t hi, float *row, int64_t index) { \
+    (void)index;                                                                                      \
+    const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]), *mask = PTR(const T, a[2]);             \
+    const T *w = PTR(const T, a[3]), *b = PTR(const T, a[4]);                                         \
+    T *out = PTR(T, a[5]), *z = PTR(T, a[6]); float *stats = PTR(float, a[7]); const int64_t n = a[9]; \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+        const T *xr = x + r * n, *yr = y + r * n, *mr = mask ? mask + r * n : NULL;                   \
+        T *zr = z + r * n, *o = out + r * n;                                                          \
+        float mean = 0.f, var = 0.f;                                                                  \
+        for (int64_t j = 0; j < n; j++) {                                                             \
+            STORE(zr + j, LOAD(xr[j]) + LOAD(yr[j]) * (mr ? LOAD(mr[j]) : 1.f));                      \
+            row[j] = LOAD(zr[j]);                                                                     \
+        }                                                                                             \
+        _Pragma("omp simd reduction(+:mean)")                                                         \
+        for (int64_t j = 0; j < n; j++) mean += row[j];                                               \
+        mean /= n;                                                                                    \
+        _Pragma("omp simd reduction(+:var)")                                                          \
+        for (int64_t j = 0; j < n; j++) { const float d = row[j] - mean; var += d * d; }              \
+        const float rstd = 1.f / sqrtf(var / n + eps);                                                \
+        for (int64_t j = 0; j < n; j++) STORE(o + j, (row[j] - mean) * rstd * LOAD(w[j]) + LOAD(b[j])); \
+        stats[2 * r] = mean; stats[2 * r + 1] = rstd;                                                 \
+    }                                                                                                 \
+}                                                                                                     \
+int64_t residual_norm_forward_##T(const int64_t *a, float eps) {                                      \
+    return parallel(residual_norm_part_##T, a, eps, a[8], a[10], a[9]);                               \
+}                                                                                                     \
+static void residual_norm_back_part_##T(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
+    (void)unused;                                                                                     \
+    const T *dout = PTR(const T, a[0]), *z = PTR(const T, a[1]), *mask = PTR(const T, a[2]);          \
+    const T *w = PTR(const T, a[3]); const float *stats = PTR(const float, a[4]);                     \
+    T *dx = PTR(T, a[5]), *dy = PTR(T, a[6]); const int64_t n = a[9];                                 \
+    float *dw = PTR(float, a[7]) + index * 2 * n, *db = dw + n;                                       \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+        const T *gr = dout + r * n, *zr = z + r * n, *mr = mask ? mask + r * n : NULL;               \
+        const float mean = stats[2 * r], rstd = stats[2 * r + 1];                                     \
+        float c1 = 0.f, c2 = 0.f;                                                                     \
+        _Pragma("omp simd reduction(+:c1, c2)")                                                       \
+        for (int64_t j = 0; j < n; j++) {                                                             \
+            const float xhat = (LOAD(zr[j]) - mean) * rstd, d = LOAD(gr[j]);                          \
+            const float g = d * LOAD(w[j]);                                                           \
+            row[j] = g; c1 += g; c2 += g * xhat;                                                      \
+            dw[j] += d * xhat; db[j] += d;                                                            \
+        }                                                                                             \
+        c1 /= n; c2 /= n;                                                                             \
+        for (int64_t j = 0; j < n; j++) {                                                             \
+            const float xhat = (LOAD(zr[j]) - mean) * rstd;                                           \
+            const float dz = (row[j] - c1 - xhat * c2) * rstd;                                        \
+            STORE(dx + r * n + j, dz);                                                                \
+            STORE(dy + r * n + j, mr ? dz * LOAD(mr[j]) : dz);                                        \
+        }                                                                                             \
+    }                                                                                                 \
+}                                                                                                     \
+int64_t residual_norm_backward_##T(const int64_t *a, float unused) {                                  \
+    return parallel(residual_norm_back_part_##T, a, unused, a[8], a[10], a[9]);                       \
+}
+
+DEFINE_RESIDUAL_NORM(f32, from_f32, to_f32)
+DEFINE_RESIDUAL_NORM(bf16, from_bf16, to_bf16)

@@ -97,10 +97,12 @@ class TransformerLayer(nn.Module):
             y, w = sublayer(norm(x))
             return add_dropout(x, y, self.dropout.p, self.training), w
         y, w = sublayer(x)
-        if not (self.training and self.dropout.p):  # no dropout: maybe one kernel call (decoding),
-            out = kernels.add_layer_norm(x, y, norm, out=y)  # into y, the sublayer's own new tensor
-            if out is not None:
-                return out, w
+        if self.training:  # one kernel call forward and one backward (aiayn/kernels/train_step.c)
+            out = kernels.residual_layer_norm(x, y, norm, self.dropout.p)
+        else:  # decoding: one kernel call, into y (the sublayer's own new tensor)
+            out = kernels.add_layer_norm(x, y, norm, out=y)
+        if out is not None:
+            return out, w
         return norm(add_dropout(x, y, self.dropout.p, self.training)), w
 
     def forward(self, x: Tensor, mask: Tensor | None, *,

@@ -1,5 +1,5 @@
-"""aiayn/kernels/train_step.c: training attention (forward and backward) against PyTorch's attention
-in float64, dropout's mask, and a model's training step with and without the kernels."""
+"""aiayn/kernels/train_step.c: training attention and the post-norm residual (forward and backward)
+against PyTorch in float64, dropout's mask, and a model's training step with and without the kernels."""
 
 import math
 
@@ -154,3 +154,41 @@ def test_a_training_step_gives_the_same_gradients_with_and_without_kernels(monke
     assert len(calls) == 2 * 6  # each run: 2 encoder self-attentions, 2 decoder self- and 2 cross-attentions
     for name, grad in grads["1"].items():
         torch.testing.assert_close(grad, grads["0"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@settings(deadline=None, max_examples=40)
+@given(rows=st.integers(1, 40), width=st.sampled_from([1, 7, 64, 96]), p=st.sampled_from([0.0, 0.1, 0.5]),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_residual_layer_norm_matches_pytorch_in_float64(rows, width, p, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt, tol = DTYPES[dtype]
+    norm = torch.nn.LayerNorm(width).to(dt)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(width, generator=g))
+    x, y, grad = (3 * torch.randn(rows, width, generator=g, dtype=torch.float64) for _ in range(3))
+    ours_x, ours_y = x.to(dt).requires_grad_(), y.to(dt).requires_grad_()
+    torch.manual_seed(seed)
+    out = kernels.residual_layer_norm(ours_x, ours_y, norm, p)
+    out.backward(grad.to(dt))
+    torch.manual_seed(seed)  # the same mask again
+    mask = kernels.dropout_mask(ours_y, p).double() if p else torch.ones_like(y)
+    ref_x, ref_y = x.to(dt).double().requires_grad_(), y.to(dt).double().requires_grad_()
+    w, b = (t.detach().double().requires_grad_() for t in (norm.weight, norm.bias))
+    expected = torch.nn.functional.layer_norm(ref_x + ref_y * mask, (width,), w, b, norm.eps)
+    expected.backward(grad.to(dt).double())  # the gradient ours got, rounded: sums over rows cancel
+    _close(out, expected, tol)
+    _close(ours_x.grad, ref_x.grad, tol)
+    _close(ours_y.grad, ref_y.grad, tol)
+    _close(norm.weight.grad, w.grad, tol)
+    _close(norm.bias.grad, b.grad, tol)
+
+
+def test_residual_layer_norm_declines_what_it_does_not_take():
+    x = torch.randn(4, 8)
+    norm = torch.nn.LayerNorm(8)
+    assert kernels.residual_layer_norm(x, x.bfloat16(), norm, 0.1) is None                     # mixed dtypes (autocast)
+    assert kernels.residual_layer_norm(x, torch.randn(8, 4).t(), norm, 0.1) is None           # not contiguous
+    assert kernels.residual_layer_norm(x, x, torch.nn.LayerNorm(8, bias=False), 0.1) is None  # no bias
+    assert kernels.residual_layer_norm(x, x, norm, 1.0) is None                               # everything dropped
+    assert kernels.residual_layer_norm(x, x, norm, 0.1) is not None
