@@ -116,9 +116,9 @@ def _library() -> ctypes.CDLL | None:
                       "embed": (i64, [ptr, f32]), "beam": (None, [ptr]),
                       "attention_forward": (i64, [ptr, f32]), "attention_backward": (i64, [ptr, f32]),
                       "dropout_mask": (i64, [ptr, f32]), "residual_norm_forward": (i64, [ptr, f32]),
-                      "residual_norm_backward": (i64, [ptr, f32])}
+                      "residual_norm_backward": (i64, [ptr, f32]), "cross_entropy": (i64, [ptr, f32])}
         for kind, (restype, argtypes) in signatures.items():
-            for suffix in _FUNCTIONS.values():
+            for suffix in (*_FUNCTIONS.values(), *(("f32_bf16",) if kind.startswith("residual_norm") else ())):
                 fn = getattr(library, f"{kind}_{suffix}")
                 fn.restype, fn.argtypes = restype, argtypes
     return library
@@ -398,12 +398,13 @@ def residual_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, p: float) -> T
     """norm(x + dropout(y, p)) for x, y (..., D), with a backward pass: training's post-norm residual
     (§3.1, §5.4) in one pass forward and one backward (train_step.c), where PyTorch makes four
     (addcmul, layer_norm, its backward, the dropout mask's product). The mask is `dropout_mask`'s.
-    None if the kernel does not take these inputs (x and y of one dtype with the norm's weights,
-    contiguous)."""
+    None if the kernel does not take these inputs: contiguous x and y of the norm's dtype, or under
+    autocast an fp32 x (the residual stream) and norm with a bf16 y (the sublayer's output)."""
     D = x.size(-1)
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and x.numel() > 0 and norm.normalized_shape == (D,) and w is not None
-            and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _trainable(x, y, w, b)):
+            and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _trainable(x, w, b)
+            and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _trainable(y)):
         return None
     mask = dropout_mask(y, p) if p > 0 else None
     return _ResidualNorm.apply(x, y, w, b, mask, norm.eps)
@@ -416,12 +417,13 @@ class _ResidualNorm(torch.autograd.Function):
         rows = x.numel() // D
         out, z = torch.empty_like(x), torch.empty_like(x)
         stats = torch.empty(rows, 2, dtype=torch.float32)
-        status = getattr(_library(), "residual_norm_forward_" + _FUNCTIONS[x.dtype])(_args(
+        status = getattr(_library(), "residual_norm_forward_" + _suffix(x, y))(_args(
             x.data_ptr(), y.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), b.data_ptr(),
             out.data_ptr(), z.data_ptr(), stats.data_ptr(), rows, D, torch.get_num_threads()), eps)
         if status:
             raise MemoryError("out of memory for the layer norm kernel")
         ctx.save_for_backward(z, mask, w, stats)
+        ctx.y_dtype = y.dtype
         return out
 
     @staticmethod
@@ -431,12 +433,40 @@ class _ResidualNorm(torch.autograd.Function):
         D = z.size(-1)
         rows = z.numel() // D
         threads = torch.get_num_threads()
-        dx, dy = torch.empty_like(z), torch.empty_like(z)
+        dx, dy = torch.empty_like(z), torch.empty_like(z, dtype=ctx.y_dtype)
         partial = torch.zeros(threads, 2, D, dtype=torch.float32)  # each part's sums of dw and db
-        status = getattr(_library(), "residual_norm_backward_" + _FUNCTIONS[z.dtype])(_args(
+        status = getattr(_library(), "residual_norm_backward_" + _suffix(dx, dy))(_args(
             d_out.data_ptr(), z.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), stats.data_ptr(),
             dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), rows, D, threads), 0.0)
         if status:
             raise MemoryError("out of memory for the layer norm kernel")
         dw, db = partial.sum(0).to(w.dtype).unbind(0)
         return dx, dy, dw, db, None, None
+
+
+def _suffix(x: Tensor, y: Tensor) -> str:
+    """The residual kernels' variant for the stream x and the sublayer output y."""
+    return _FUNCTIONS[x.dtype] if x.dtype == y.dtype else f"{_FUNCTIONS[x.dtype]}_{_FUNCTIONS[y.dtype]}"
+
+
+def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
+                  want_grad: bool) -> tuple[Tensor, Tensor | None] | None:
+    """Label-smoothed cross-entropy of each row of logits (N, V) against target (N,) -> fp32 losses
+    (N,), and with want_grad the gradient scale * (softmax - (1 - eps) onehot - eps / V) in logits'
+    dtype: aiayn.train.loss._LabelSmoothedCE's forward pass in one multithreaded kernel
+    (train_step.c). None if the kernel does not take these inputs."""
+    if not (logits.dim() == 2 and logits.size(0) > 0 and logits.stride(1) == 1 and target.dtype == torch.int64
+            and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _trainable(logits)):
+        return None
+    n, V = logits.shape
+    losses = torch.empty(n, dtype=torch.float32)
+    grad = torch.empty(n, V, dtype=logits.dtype) if want_grad else None
+    floats = _array("f", [eps, scale])
+    status = getattr(_library(), "cross_entropy_" + _FUNCTIONS[logits.dtype])(_args(
+        logits.data_ptr(), logits.stride(0), target.data_ptr(), losses.data_ptr(),
+        grad.data_ptr() if grad is not None else 0, n, V, torch.get_num_threads(), floats.buffer_info()[0]), 0.0)
+    if status == -2:
+        raise IndexError(f"target id out of range for {V} classes")
+    if status:
+        raise MemoryError("out of memory for the cross-entropy kernel")
+    return losses, grad

@@ -432,20 +432,21 @@ DEFINE_DROPOUT(bf16, to_bf16)
  * the sums as one row of partial sums per part (`partial`: parts x 2n fp32, summed by the caller).
  * PyTorch: addcmul, layer_norm, its backward and a product, each a pass over the (rows, n) tensors.
  * Forward arguments: x, y, mask, w, b, out, z, stats (rows x 2 fp32), rows, n, threads; eps.
- * Backward arguments: dout, z, mask, w, stats, dx, dy, partial, rows, n, threads.
+ * Backward arguments: dout, z, mask, w, stats, dx, dy, partial, rows, n, threads. y, mask and dy
+ * have their own type (`_f32_bf16`: bf16 ones, the rest fp32, as under autocast).
  * Scratch: a row of n floats. */
-#define DEFINE_RESIDUAL_NORM(T, LOAD, STORE)                                                          \
-static void residual_norm_part_##T(const int64_t *a, float eps, int64_t lo, int64_t hi, float *row, int64_t index) { \
+#define DEFINE_RESIDUAL_NORM(NAME, T, LOAD, STORE, Y, LOADY, STOREY)                                                          \
+static void residual_norm_part_##NAME(const int64_t *a, float eps, int64_t lo, int64_t hi, float *row, int64_t index) { \
     (void)index;                                                                                      \
-    const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]), *mask = PTR(const T, a[2]);             \
+    const T *x = PTR(const T, a[0]); const Y *y = PTR(const Y, a[1]), *mask = PTR(const Y, a[2]);   \
     const T *w = PTR(const T, a[3]), *b = PTR(const T, a[4]);                                         \
     T *out = PTR(T, a[5]), *z = PTR(T, a[6]); float *stats = PTR(float, a[7]); const int64_t n = a[9]; \
     for (int64_t r = lo; r < hi; r++) {                                                               \
-        const T *xr = x + r * n, *yr = y + r * n, *mr = mask ? mask + r * n : NULL;                   \
+        const T *xr = x + r * n; const Y *yr = y + r * n, *mr = mask ? mask + r * n : NULL;             \
         T *zr = z + r * n, *o = out + r * n;                                                          \
         float mean = 0.f, var = 0.f;                                                                  \
         for (int64_t j = 0; j < n; j++) {                                                             \
-            STORE(zr + j, LOAD(xr[j]) + LOAD(yr[j]) * (mr ? LOAD(mr[j]) : 1.f));                      \
+            STORE(zr + j, LOAD(xr[j]) + LOADY(yr[j]) * (mr ? LOADY(mr[j]) : 1.f));                    \
             row[j] = LOAD(zr[j]);                                                                     \
         }                                                                                             \
         _Pragma("omp simd reduction(+:mean)")                                                         \
@@ -458,17 +459,17 @@ static void residual_norm_part_##T(const int64_t *a, float eps, int64_t lo, int6
         stats[2 * r] = mean; stats[2 * r + 1] = rstd;                                                 \
     }                                                                                                 \
 }                                                                                                     \
-int64_t residual_norm_forward_##T(const int64_t *a, float eps) {                                      \
-    return parallel(residual_norm_part_##T, a, eps, a[8], a[10], a[9]);                               \
+int64_t residual_norm_forward_##NAME(const int64_t *a, float eps) {                                      \
+    return parallel(residual_norm_part_##NAME, a, eps, a[8], a[10], a[9]);                               \
 }                                                                                                     \
-static void residual_norm_back_part_##T(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
+static void residual_norm_back_part_##NAME(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
     (void)unused;                                                                                     \
-    const T *dout = PTR(const T, a[0]), *z = PTR(const T, a[1]), *mask = PTR(const T, a[2]);          \
+    const T *dout = PTR(const T, a[0]), *z = PTR(const T, a[1]); const Y *mask = PTR(const Y, a[2]); \
     const T *w = PTR(const T, a[3]); const float *stats = PTR(const float, a[4]);                     \
-    T *dx = PTR(T, a[5]), *dy = PTR(T, a[6]); const int64_t n = a[9];                                 \
+    T *dx = PTR(T, a[5]); Y *dy = PTR(Y, a[6]); const int64_t n = a[9];                              \
     float *dw = PTR(float, a[7]) + index * 2 * n, *db = dw + n;                                       \
     for (int64_t r = lo; r < hi; r++) {                                                               \
-        const T *gr = dout + r * n, *zr = z + r * n, *mr = mask ? mask + r * n : NULL;               \
+        const T *gr = dout + r * n, *zr = z + r * n; const Y *mr = mask ? mask + r * n : NULL;         \
         const float mean = stats[2 * r], rstd = stats[2 * r + 1];                                     \
         float c1 = 0.f, c2 = 0.f;                                                                     \
         _Pragma("omp simd reduction(+:c1, c2)")                                                       \
@@ -483,13 +484,80 @@ static void residual_norm_back_part_##T(const int64_t *a, float unused, int64_t 
             const float xhat = (LOAD(zr[j]) - mean) * rstd;                                           \
             const float dz = (row[j] - c1 - xhat * c2) * rstd;                                        \
             STORE(dx + r * n + j, dz);                                                                \
-            STORE(dy + r * n + j, mr ? dz * LOAD(mr[j]) : dz);                                        \
+            STOREY(dy + r * n + j, mr ? dz * LOADY(mr[j]) : dz);                                      \
         }                                                                                             \
     }                                                                                                 \
 }                                                                                                     \
-int64_t residual_norm_backward_##T(const int64_t *a, float unused) {                                  \
-    return parallel(residual_norm_back_part_##T, a, unused, a[8], a[10], a[9]);                       \
+int64_t residual_norm_backward_##NAME(const int64_t *a, float unused) {                                  \
+    return parallel(residual_norm_back_part_##NAME, a, unused, a[8], a[10], a[9]);                       \
 }
 
-DEFINE_RESIDUAL_NORM(f32, from_f32, to_f32)
-DEFINE_RESIDUAL_NORM(bf16, from_bf16, to_bf16)
+DEFINE_RESIDUAL_NORM(f32, f32, from_f32, to_f32, f32, from_f32, to_f32)
+DEFINE_RESIDUAL_NORM(bf16, bf16, from_bf16, to_bf16, bf16, from_bf16, to_bf16)
+DEFINE_RESIDUAL_NORM(f32_bf16, f32, from_f32, to_f32, bf16, from_bf16, to_bf16)  /* autocast: an fp32 stream, a bf16 sublayer */
+
+/* --------------------------------------------------------- label-smoothed cross-entropy (§5.4)
+ * For each row r of logits z (V columns) and its target t:
+ *     loss[r] = logsumexp(z) - (1 - eps) z[t] - eps mean(z)
+ *     grad[r] = scale * (softmax(z) - (1 - eps) onehot(t) - eps / V)       (if grad != NULL)
+ * aiayn/train/loss.py's _LabelSmoothedCE is the reference (and the fallback); here each row is read
+ * once into fp32 scratch that stays in the caches for its other passes, and rows are split between
+ * threads. Arguments: logits, row stride, targets (int64), losses (fp32), grad (contiguous) or NULL,
+ * rows, V, threads; eps, scale. Returns -2 if a target is outside [0, V). */
+typedef struct { float eps, scale; } ce_floats;
+
+#define DEFINE_CROSS_ENTROPY(T, LOAD, LOAD16, STORE, STORE16)                                         \
+static void cross_entropy_part_##T(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
+    (void)unused; (void)index;                                                                        \
+    const T *logits = PTR(const T, a[0]); const int64_t stride = a[1];                                \
+    const int64_t *target = PTR(const int64_t, a[2]); float *losses = PTR(float, a[3]);               \
+    T *grad = PTR(T, a[4]); const int64_t V = a[6];                                                   \
+    const ce_floats *f = PTR(const ce_floats, a[8]);                                                  \
+    const float eps = f->eps, scale = f->scale;                                                       \
+    const int64_t body = V / 16 * 16;                                                                 \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+        const T *z = logits + r * stride;                                                             \
+        const int64_t t = target[r];                                                                  \
+        f32x16 top = load16_f32((const float[16]){-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, \
+            -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,   \
+            -INFINITY, -INFINITY, -INFINITY});                                                        \
+        f32x16 sum = {0};                                                                             \
+        for (int64_t j = 0; j < body; j += 16) {                                                      \
+            const f32x16 x = LOAD16(z + j);                                                           \
+            store16_f32(row + j, x);                                                                  \
+            sum += x;                                                                                 \
+            const i32x16 more = x > top;                                                              \
+            i32x16 tb, xb; memcpy(&tb, &top, 64); memcpy(&xb, &x, 64);                                \
+            tb = (tb & ~more) | (xb & more);                                                          \
+            memcpy(&top, &tb, 64);                                                                    \
+        }                                                                                             \
+        float most = max16(top), total_z = sum16(sum);                                                \
+        for (int64_t j = body; j < V; j++) {                                                          \
+            row[j] = LOAD(z[j]); total_z += row[j]; most = row[j] > most ? row[j] : most;             \
+        }                                                                                             \
+        f32x16 esum = {0};                                                                            \
+        for (int64_t j = 0; j < body; j += 16) {                                                      \
+            const f32x16 e = exp16_nonpositive(load16_f32(row + j) - most);                           \
+            store16_f32(row + j, e);                                                                  \
+            esum += e;                                                                                \
+        }                                                                                             \
+        float total = sum16(esum);                                                                    \
+        for (int64_t j = body; j < V; j++) { row[j] = exp_nonpositive(row[j] - most); total += row[j]; } \
+        losses[r] = logf(total) + most - (1.f - eps) * LOAD(z[t]) - eps * total_z / V;               \
+        if (!grad) continue;                                                                          \
+        T *g = grad + r * V;                                                                          \
+        const float p_scale = scale / total, shift = scale * eps / V;                                 \
+        for (int64_t j = 0; j < body; j += 16) STORE16(g + j, p_scale * load16_f32(row + j) - shift); \
+        for (int64_t j = body; j < V; j++) STORE(g + j, p_scale * row[j] - shift);                    \
+        STORE(g + t, p_scale * row[t] - shift - scale * (1.f - eps));                                 \
+    }                                                                                                 \
+}                                                                                                     \
+int64_t cross_entropy_##T(const int64_t *a, float unused) {                                           \
+    const int64_t *target = PTR(const int64_t, a[2]), n = a[5], V = a[6];                             \
+    for (int64_t r = 0; r < n; r++)                                                                   \
+        if (target[r] < 0 || target[r] >= V) return -2;                                               \
+    return parallel(cross_entropy_part_##T, a, unused, n, a[7], V);                                   \
+}
+
+DEFINE_CROSS_ENTROPY(f32, from_f32, load16_f32, to_f32, store16_f32)
+DEFINE_CROSS_ENTROPY(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)

@@ -158,28 +158,31 @@ def test_a_training_step_gives_the_same_gradients_with_and_without_kernels(monke
 
 @settings(deadline=None, max_examples=40)
 @given(rows=st.integers(1, 40), width=st.sampled_from([1, 7, 64, 96]), p=st.sampled_from([0.0, 0.1, 0.5]),
-       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+       dtype=st.sampled_from([*sorted(DTYPES), "autocast"]), seed=st.integers(0, 2**16))
 def test_residual_layer_norm_matches_pytorch_in_float64(rows, width, p, dtype, seed):
+    # autocast: an fp32 residual stream and norm, a bf16 sublayer output (its gradient bf16 too)
     g = torch.Generator().manual_seed(seed)
-    dt, tol = DTYPES[dtype]
+    dt, tol = DTYPES["fp32" if dtype == "autocast" else dtype]
+    y_dt, y_tol = DTYPES["bf16" if dtype == "autocast" else dtype]
     norm = torch.nn.LayerNorm(width).to(dt)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(width, generator=g) + 0.5)
         norm.bias.copy_(torch.randn(width, generator=g))
     x, y, grad = (3 * torch.randn(rows, width, generator=g, dtype=torch.float64) for _ in range(3))
-    ours_x, ours_y = x.to(dt).requires_grad_(), y.to(dt).requires_grad_()
+    ours_x, ours_y = x.to(dt).requires_grad_(), y.to(y_dt).requires_grad_()
     torch.manual_seed(seed)
     out = kernels.residual_layer_norm(ours_x, ours_y, norm, p)
     out.backward(grad.to(dt))
     torch.manual_seed(seed)  # the same mask again
     mask = kernels.dropout_mask(ours_y, p).double() if p else torch.ones_like(y)
-    ref_x, ref_y = x.to(dt).double().requires_grad_(), y.to(dt).double().requires_grad_()
+    ref_x, ref_y = x.to(dt).double().requires_grad_(), y.to(y_dt).double().requires_grad_()
     w, b = (t.detach().double().requires_grad_() for t in (norm.weight, norm.bias))
     expected = torch.nn.functional.layer_norm(ref_x + ref_y * mask, (width,), w, b, norm.eps)
     expected.backward(grad.to(dt).double())  # the gradient ours got, rounded: sums over rows cancel
     _close(out, expected, tol)
     _close(ours_x.grad, ref_x.grad, tol)
-    _close(ours_y.grad, ref_y.grad, tol)
+    assert out.dtype == dt and ours_y.grad.dtype == y_dt
+    _close(ours_y.grad, ref_y.grad, y_tol)
     _close(norm.weight.grad, w.grad, tol)
     _close(norm.bias.grad, b.grad, tol)
 
@@ -187,8 +190,32 @@ def test_residual_layer_norm_matches_pytorch_in_float64(rows, width, p, dtype, s
 def test_residual_layer_norm_declines_what_it_does_not_take():
     x = torch.randn(4, 8)
     norm = torch.nn.LayerNorm(8)
-    assert kernels.residual_layer_norm(x, x.bfloat16(), norm, 0.1) is None                     # mixed dtypes (autocast)
+    assert kernels.residual_layer_norm(x.bfloat16(), x, norm, 0.1) is None                     # a bf16 stream, fp32 sublayer
     assert kernels.residual_layer_norm(x, torch.randn(8, 4).t(), norm, 0.1) is None           # not contiguous
     assert kernels.residual_layer_norm(x, x, torch.nn.LayerNorm(8, bias=False), 0.1) is None  # no bias
     assert kernels.residual_layer_norm(x, x, norm, 1.0) is None                               # everything dropped
     assert kernels.residual_layer_norm(x, x, norm, 0.1) is not None
+
+
+@settings(deadline=None, max_examples=40)
+@given(rows=st.integers(1, 30), vocab=st.sampled_from([1, 5, 16, 37, 300]), eps=st.sampled_from([0.0, 0.1]),
+       dtype=st.sampled_from(sorted(DTYPES)), spread=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2**16))
+def test_cross_entropy_matches_pytorch_in_float64(rows, vocab, eps, dtype, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt, tol = DTYPES[dtype]
+    logits = (spread * torch.randn(rows, vocab, generator=g)).to(dt)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    losses, grad = kernels.cross_entropy(logits, target, eps, 0.5, want_grad=True)
+    z = logits.double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(z, target, label_smoothing=eps, reduction="none")
+    expected.sum().mul(0.5).backward()
+    assert losses.dtype == torch.float32 and grad.dtype == dt
+    # the losses are fp32 sums from the same (rounded) logits in either dtype
+    torch.testing.assert_close(losses.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    _close(grad, z.grad, tol)
+    assert kernels.cross_entropy(logits, target, eps, 0.5, want_grad=False)[1] is None
+
+
+def test_cross_entropy_kernel_rejects_a_target_out_of_range():
+    with pytest.raises(IndexError):
+        kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]), 0.1, 1.0, want_grad=True)
