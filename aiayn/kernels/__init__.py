@@ -1,13 +1,15 @@
-"""Optional C kernels for a decoding step on a CPU, built on first use for the machine they run on.
+"""Optional C kernels for a CPU, built on first use for the machine they run on.
 
-PyTorch's operators cover everything aiayn does; a kernel here does one step's worth of them in one
-call where measurement showed that to pay (docs/PERFORMANCE.md): less time, and fewer operators,
-each of which hands the GIL over between decoding threads. The kernels are plain C (decode_step.c,
-no PyTorch headers: it builds in well under a second), compiled with the system's C compiler into a
-cache directory and called through ctypes, which releases the GIL. Without a compiler, on a failed
-build, on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment, every
-function here returns None (`supports`, `usable`: False) and callers use PyTorch's operators: the same results to
-rounding.
+PyTorch's operators cover everything aiayn does; a kernel here does several of them in one call where
+measurement showed that to pay (docs/PERFORMANCE.md). decode_step.c serves a decoding step: less
+time, and fewer operators, each of which hands the GIL over between decoding threads. train_step.c
+serves a training step: attention and the post-norm residual (dropout + LayerNorm), forward and
+backward, dropout masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no
+PyTorch headers: they build in about a second), compiled with the system's C compiler into a cache
+directory and called through ctypes, which releases the GIL. Without a compiler, on a failed build,
+on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment, every function
+here returns None (`supports`, `usable`: False) and callers use PyTorch's operators: the same
+results to rounding (tests/model/test_kernels.py, test_train_kernels.py).
 """
 
 from __future__ import annotations

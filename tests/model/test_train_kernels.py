@@ -219,3 +219,37 @@ def test_cross_entropy_matches_pytorch_in_float64(rows, vocab, eps, dtype, sprea
 def test_cross_entropy_kernel_rejects_a_target_out_of_range():
     with pytest.raises(IndexError):
         kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]), 0.1, 1.0, want_grad=True)
+
+
+def test_without_openmp_the_kernels_use_their_own_threads_and_agree(monkeypatch, tmp_path):
+    # the first flag set that builds wins; with OpenMP left out, parts run on POSIX threads
+    x = torch.randn(3, 9, 3 * 32)
+    g = torch.randn(3, 9, 32)
+    norm = torch.nn.LayerNorm(32)
+    logits, target = torch.randn(5, 40), torch.randint(0, 40, (5,))
+
+    def run():
+        torch.manual_seed(0)
+        qkv = x.clone().requires_grad_()
+        out = kernels.training_attention(qkv, qkv, causal_mask(9), 4, 32, 32)
+        out.backward(g)
+        y = torch.randn(3, 9, 32, requires_grad=True)
+        z = kernels.residual_layer_norm(out.detach(), y, norm, 0.1)
+        return out, qkv.grad, z, kernels.dropout_mask(x, 0.3), kernels.cross_entropy(logits, target, 0.1, 1.0, True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with_openmp = run()
+        monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+        monkeypatch.setattr(kernels, "_FLAG_SETS", tuple(f for f in kernels._FLAG_SETS if "-fopenmp" not in f))
+        kernels._library.cache_clear()
+        assert kernels.available()
+        without = run()
+    finally:
+        torch.set_num_threads(threads)
+        kernels._library.cache_clear()
+    for a, b in zip(with_openmp[:4], without[:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(with_openmp[4], without[4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
