@@ -143,7 +143,8 @@ torch.ones(16 << 20)
 default = faults_of_big_temporaries()
 keep_freed_memory()
 faults_of_big_temporaries()  # the first ones after the change may still be new memory
-print(default, faults_of_big_temporaries())
+# the heap may still grow once more (a small block left above a freed big one): the best of three
+print(default, min(faults_of_big_temporaries() for _ in range(3)))
 """
 
 
