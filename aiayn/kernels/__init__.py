@@ -297,7 +297,11 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
 
 
 # ------------------------------------------------------------------------------------ training
-MAX_TRAIN_LENGTH = 256  # longest queries/keys training_attention takes: it keeps the (B, H, T, S) fp32 softmax
+# longest queries/keys training_attention takes. It keeps the (B, H, T, S) fp32 softmax, and its
+# loops are quadratic in the length without GEMM blocking: causal fwd+bwd, 2 threads, kernel vs
+# PyTorch: T 64 bf16 0.94 / 1.17 ms, fp32 0.62 / 1.43; T 128 bf16 15.4 / 14.3, fp32 16.5 / 35.1;
+# T 256 bf16 41.5 / 23.0, fp32 40.3 / 52.1 (docs/PERFORMANCE.md, tenth session)
+MAX_TRAIN_LENGTH = 128
 
 
 def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int,
