@@ -315,9 +315,10 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
     gets its gradient back in one tensor; cross-attention passes q and the source's [k | v]. Same
     results as PyTorch's attention to rounding (tests/model/test_kernels.py, float64 reference).
     None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
-    B, T = x_q.shape[:2]
-    S = x_kv.size(1) if x_kv.dim() == 3 else 0
-    if not (x_q.dim() == 3 and x_kv.dim() == 3 and x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
+    if x_q.dim() != 3 or x_kv.dim() != 3:
+        return None
+    (B, T, _), S = x_q.shape, x_kv.size(1)
+    if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
             and 0 < S <= MAX_TRAIN_LENGTH and B > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
             and _trainable(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None):

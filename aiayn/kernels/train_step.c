@@ -1,4 +1,12 @@
-/* Attention for training on a CPU: the forward and backward passes of multi-head attention (§3.2),
+/* Kernels for a training step on a CPU (aiayn/kernels/__init__.py calls them and names each one's
+ * PyTorch reference; tests/model/test_train_kernels.py holds them to it):
+ *
+ *   attention_forward_*, attention_backward_*        multi-head attention (below)
+ *   dropout_mask_*                                   dropout's scaled mask
+ *   residual_norm_forward_*, residual_norm_backward_*  LayerNorm(x + dropout(y)), the post-norm residual
+ *   cross_entropy_*                                  label-smoothed cross-entropy and its gradient
+ *
+ * Attention: the forward and backward passes of multi-head attention (§3.2),
  *
  *     out[b, t, h] = softmax_s(scale * q[b, t, h] . k[b, s, h] + mask[b, t, s]) v[b, s, h]
  *
@@ -18,7 +26,7 @@
  * h*dh; k, v (over positions s), out, dout, dq, dk, dv likewise. mask: bytes at mask + b*ms_b +
  * t*ms_t + s (a stride 0 broadcasts), or NULL. probs: the softmax, (B, H, T, S) fp32, written by
  * the forward pass, read by the backward pass. Work is split over (row, head) pairs between
- * `threads` POSIX threads: each pair's outputs are its own, so no two threads write one place.
+ * `threads` threads: each pair's outputs are its own, so no two threads write one place.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -33,10 +41,6 @@ typedef float f32;  /* the entry points' suffixes: _f32, _bf16 */
  * pool (the library needs libgomp.so.1 by name, and the loader hands it the copy torch has already
  * loaded), whose threads are awake right after PyTorch's last parallel operator. Without OpenMP,
  * POSIX threads are started for each call. */
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 typedef void (*part_fn)(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index);
 typedef struct { part_fn fn; const int64_t *a; float scale; int64_t lo, hi; float *scratch; int64_t index; } part;
 
