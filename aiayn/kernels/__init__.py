@@ -132,15 +132,24 @@ def available() -> bool:
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether the kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16 (all
-    one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times a decoding step."""
+    """Whether a decoding kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16
+    (all one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times a decoding step."""
+    return _on_cpu(*tensors) and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors))
+
+
+def _on_cpu(*tensors: Tensor) -> bool:
+    """Whether the kernels are built and enabled and these are CPU tensors of one dtype they have."""
     dtype = tensors[0].dtype
-    if dtype not in _FUNCTIONS or not available():
-        return False
-    for t in tensors:
-        if not t.is_cpu or t.dtype != dtype:
-            return False
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+    return dtype in _FUNCTIONS and available() and all(t.is_cpu and t.dtype == dtype for t in tensors)
+
+
+def _call(function: str, *values: int, scalar: float = 0.0) -> int:
+    """Runs a train_step.c entry point on its int64 arguments; its status, 0 when all went well
+    (-1, its scratch could not be allocated, raises MemoryError)."""
+    status = getattr(_library(), function)(_args(*values), scalar)
+    if status == -1:
+        raise MemoryError(f"out of memory for aiayn's {function} kernel")
+    return status
 
 
 def _args(*values: int) -> int:
@@ -321,14 +330,9 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
     if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
             and 0 < S <= MAX_TRAIN_LENGTH and B > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
-            and _trainable(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None):
+            and _on_cpu(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None):
         return None
     return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col)
-
-
-def _trainable(*tensors: Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return dtype in _FUNCTIONS and all(t.is_cpu and t.dtype == dtype for t in tensors) and available()
 
 
 def _mask_strides(mask: Tensor | None, B: int, T: int, S: int) -> tuple[int, int] | None:
@@ -349,12 +353,10 @@ class _TrainingAttention(torch.autograd.Function):
         out = x_q.new_empty(B, T, d_model)
         probs = torch.empty(B, n_heads, T, S, dtype=torch.float32)
         k, v = _column(x_kv, k_col), _column(x_kv, k_col + d_model)
-        status = getattr(_library(), "attention_forward_" + _FUNCTIONS[x_q.dtype])(_args(
-            x_q.data_ptr(), k, v, mask.data_ptr() if mask is not None else 0, out.data_ptr(), probs.data_ptr(),
-            B, n_heads, T, S, Dh, *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2],
-            *_mask_strides(mask, B, T, S), *out.stride()[:2], torch.get_num_threads()), 1.0 / math.sqrt(Dh))
-        if status:
-            raise MemoryError("out of memory for the attention kernel's scratch buffers")
+        _call("attention_forward_" + _FUNCTIONS[x_q.dtype],
+              x_q.data_ptr(), k, v, mask.data_ptr() if mask is not None else 0, out.data_ptr(), probs.data_ptr(),
+              B, n_heads, T, S, Dh, *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2],
+              *_mask_strides(mask, B, T, S), *out.stride()[:2], torch.get_num_threads(), scalar=1.0 / math.sqrt(Dh))
         ctx.save_for_backward(x_q, x_kv, probs)
         ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
         return out
@@ -371,13 +373,11 @@ class _TrainingAttention(torch.autograd.Function):
         else:
             d_q = x_q.new_empty(x_q.shape) if x_q.size(2) == D else x_q.new_zeros(x_q.shape)
             d_kv = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (0, 2 * D) else x_kv.new_zeros(x_kv.shape)
-        status = getattr(_library(), "attention_backward_" + _FUNCTIONS[x_q.dtype])(_args(
-            x_q.data_ptr(), _column(x_kv, k_col), _column(x_kv, k_col + D), d_out.data_ptr(), probs.data_ptr(),
-            d_q.data_ptr(), _column(d_kv, k_col), _column(d_kv, k_col + D), B, H, T, S, D // H,
-            *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2], *d_out.stride()[:2], *d_q.stride()[:2],
-            *d_kv.stride()[:2], *d_kv.stride()[:2], torch.get_num_threads()), 1.0 / math.sqrt(D // H))
-        if status:
-            raise MemoryError("out of memory for the attention kernel's scratch buffers")
+        _call("attention_backward_" + _FUNCTIONS[x_q.dtype],
+              x_q.data_ptr(), _column(x_kv, k_col), _column(x_kv, k_col + D), d_out.data_ptr(), probs.data_ptr(),
+              d_q.data_ptr(), _column(d_kv, k_col), _column(d_kv, k_col + D), B, H, T, S, D // H,
+              *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2], *d_out.stride()[:2], *d_q.stride()[:2],
+              *d_kv.stride()[:2], *d_kv.stride()[:2], torch.get_num_threads(), scalar=1.0 / math.sqrt(D // H))
         return d_q, None if ctx.same else d_kv, None, None, None, None
 
 
@@ -390,14 +390,12 @@ def dropout_mask(like: Tensor, p: float) -> Tensor | None:
     """A tensor of like's shape and dtype holding 1 / (1 - p) where an element is kept (probability
     1 - p, exact to 2^-16) and 0 where it is dropped (train_step.c; the seed comes from torch's
     generator, so torch.manual_seed makes it reproducible). None if the kernel does not take it."""
-    if not (0.0 < p < 1.0 and like.numel() > 0 and _trainable(like)):
+    if not (0.0 < p < 1.0 and like.numel() > 0 and _on_cpu(like)):
         return None
     mask = torch.empty(like.shape, dtype=like.dtype)
     seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
-    status = getattr(_library(), "dropout_mask_" + _FUNCTIONS[like.dtype])(_args(
-        mask.data_ptr(), mask.numel(), seed, round(p * 65536), torch.get_num_threads()), 1.0 / (1.0 - p))
-    if status:
-        raise MemoryError("out of memory for the dropout kernel")
+    _call("dropout_mask_" + _FUNCTIONS[like.dtype], mask.data_ptr(), mask.numel(), seed, round(p * 65536),
+          torch.get_num_threads(), scalar=1.0 / (1.0 - p))
     return mask
 
 
@@ -410,8 +408,8 @@ def residual_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, p: float) -> T
     D = x.size(-1)
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and x.numel() > 0 and norm.normalized_shape == (D,) and w is not None
-            and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _trainable(x, w, b)
-            and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _trainable(y)):
+            and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _on_cpu(x, w, b)
+            and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _on_cpu(y)):
         return None
     mask = dropout_mask(y, p) if p > 0 else None
     return _ResidualNorm.apply(x, y, w, b, mask, norm.eps)
@@ -424,11 +422,9 @@ class _ResidualNorm(torch.autograd.Function):
         rows = x.numel() // D
         out, z = torch.empty_like(x), torch.empty_like(x)
         stats = torch.empty(rows, 2, dtype=torch.float32)
-        status = getattr(_library(), "residual_norm_forward_" + _suffix(x, y))(_args(
-            x.data_ptr(), y.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), b.data_ptr(),
-            out.data_ptr(), z.data_ptr(), stats.data_ptr(), rows, D, torch.get_num_threads()), eps)
-        if status:
-            raise MemoryError("out of memory for the layer norm kernel")
+        _call("residual_norm_forward_" + _suffix(x, y),
+              x.data_ptr(), y.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), b.data_ptr(),
+              out.data_ptr(), z.data_ptr(), stats.data_ptr(), rows, D, torch.get_num_threads(), scalar=eps)
         ctx.save_for_backward(z, mask, w, stats)
         ctx.y_dtype = y.dtype
         return out
@@ -442,11 +438,9 @@ class _ResidualNorm(torch.autograd.Function):
         threads = torch.get_num_threads()
         dx, dy = torch.empty_like(z), torch.empty_like(z, dtype=ctx.y_dtype)
         partial = torch.zeros(threads, 2, D, dtype=torch.float32)  # each part's sums of dw and db
-        status = getattr(_library(), "residual_norm_backward_" + _suffix(dx, dy))(_args(
-            d_out.data_ptr(), z.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), stats.data_ptr(),
-            dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), rows, D, threads), 0.0)
-        if status:
-            raise MemoryError("out of memory for the layer norm kernel")
+        _call("residual_norm_backward_" + _suffix(dx, dy),
+              d_out.data_ptr(), z.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), stats.data_ptr(),
+              dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), rows, D, threads)
         dw, db = partial.sum(0).to(w.dtype).unbind(0)
         return dx, dy, dw, db, None, None
 
@@ -463,17 +457,15 @@ def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
     dtype: aiayn.train.loss._LabelSmoothedCE's forward pass in one multithreaded kernel
     (train_step.c). None if the kernel does not take these inputs."""
     if not (logits.dim() == 2 and logits.size(0) > 0 and logits.stride(1) == 1 and target.dtype == torch.int64
-            and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _trainable(logits)):
+            and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _on_cpu(logits)):
         return None
     n, V = logits.shape
     losses = torch.empty(n, dtype=torch.float32)
     grad = torch.empty(n, V, dtype=logits.dtype) if want_grad else None
     floats = _array("f", [eps, scale])
-    status = getattr(_library(), "cross_entropy_" + _FUNCTIONS[logits.dtype])(_args(
-        logits.data_ptr(), logits.stride(0), target.data_ptr(), losses.data_ptr(),
-        grad.data_ptr() if grad is not None else 0, n, V, torch.get_num_threads(), floats.buffer_info()[0]), 0.0)
+    status = _call("cross_entropy_" + _FUNCTIONS[logits.dtype], logits.data_ptr(), logits.stride(0), target.data_ptr(),
+                   losses.data_ptr(), grad.data_ptr() if grad is not None else 0, n, V, torch.get_num_threads(),
+                   floats.buffer_info()[0])
     if status == -2:
         raise IndexError(f"target id out of range for {V} classes")
-    if status:
-        raise MemoryError("out of memory for the cross-entropy kernel")
     return losses, grad

@@ -1,5 +1,5 @@
 /* What aiayn's C kernels share (decode_step.c, train_step.c): bf16 <-> fp32, a vectorizable exp,
- * 16-float vectors, and argument addresses. */
+ * 16-float vectors, prefetching, and argument addresses. */
 #ifndef AIAYN_KERNELS_COMMON_H
 #define AIAYN_KERNELS_COMMON_H
 
@@ -57,6 +57,20 @@ static inline void store16_bf16(bf16 *p, f32x16 v) {  /* to_bf16 on 16 lanes */
     u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
     const u16x16 h = __builtin_convertvector(u, u16x16);
     memcpy(p, &h, 32);
+}
+
+/* the lanes of yes where mask is all ones, of no where it is zero (a vector comparison's result) */
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline f32x16 pick16(i32x16 mask, f32x16 yes, f32x16 no) {
+    i32x16 y, n; memcpy(&y, &yes, 64); memcpy(&n, &no, 64);
+    y = (y & mask) | (n & ~mask);
+    f32x16 v; memcpy(&v, &y, 64); return v;
+}
+
+/* Asks for n rows of `bytes` at a stride of `stride` bytes to be brought into the caches. */
+static inline void prefetch_rows(const void *p, int64_t n, int64_t stride, int64_t bytes) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + r * stride + c);
 }
 
 #define PTR(T, address) ((T *)(intptr_t)(address))

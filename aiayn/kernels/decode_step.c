@@ -28,11 +28,6 @@
 
 enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks them */
 
-static inline void prefetch_block(const char *p, int64_t rows, int64_t row_stride, int64_t row_bytes) {
-    for (int64_t s = 0; s < rows; s++)
-        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(p + s * row_stride + c);
-}
-
 /* One (row, head, query). `dh` is a constant where the caller inlines it for a common head size
  * (a multiple of 16: the vector path, its loops unrolled into registers); any other size takes the
  * scalar path. */
@@ -119,10 +114,8 @@ void NAME(const int64_t *a, float scale)                                        
             }                                                                                         \
             const int64_t ns = h + 1 < H ? src : src + 1, nh = h + 1 < H ? h + 1 : 0;                 \
             if (ns < sources) {  /* the next keys and values, while these are used */                 \
-                prefetch_block((const char *)(k + ns * ks_b + nh * ks_h), t,                          \
-                               ks_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T));                    \
-                prefetch_block((const char *)(v + ns * vs_b + nh * vs_h), t,                          \
-                               vs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T));                    \
+                prefetch_rows(k + ns * ks_b + nh * ks_h, t, ks_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
+                prefetch_rows(v + ns * vs_b + nh * vs_h, t, vs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
             }                                                                                         \
             for (int64_t b = src * group; b < (src + 1) * group; b++)  /* the rows of this source */  \
             for (int64_t i = 0; i < n_queries; i++) {                                                 \

@@ -174,31 +174,21 @@ INLINE void weighted_sum(float *out, const float *w, int64_t ws, const float *ro
 }
 
 /* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop). */
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 INLINE f32x16 exp16_nonpositive(f32x16 x) {
+    const f32x16 zero = {0};
     const i32x16 low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
-    i32x16 bits;
-    memcpy(&bits, &x, 64);
-    const f32x16 floor = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f,
-                          -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
-    i32x16 floor_bits;
-    memcpy(&floor_bits, &floor, 64);
-    bits = (bits & ~low) | (floor_bits & low);
-    f32x16 xc;
-    memcpy(&xc, &bits, 64);
+    const f32x16 xc = pick16(low, zero - 87.f, x);
     const f32x16 n = (xc * 1.44269504f + 12582912.f) - 12582912.f;
     const f32x16 r = xc - n * 0.693145752f - n * 1.42860677e-6f;
     const f32x16 p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                      + r * (1.f / 720 + r * (1.f / 5040)))))));
-    i32x16 two_n = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    const i32x16 two_n = (__builtin_convertvector(n, i32x16) + 127) << 23;
     f32x16 scale;
     memcpy(&scale, &two_n, 64);
-    f32x16 e = p * scale;
-    memcpy(&bits, &e, 64);
-    bits &= ~low;
-    memcpy(&e, &bits, 64);
-    return e;
+    return pick16(low, zero, p * scale);
 }
+
+INLINE f32x16 max16v(f32x16 a, f32x16 b) { return pick16(a > b, a, b); }
 
 INLINE float max16(f32x16 v) {
     f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
@@ -226,13 +216,7 @@ INLINE void forward_one(const float *q, const float *k, const float *v, const ui
     for (int64_t t = 0; t < nt; t++) {
         float *et = e + t * padded, *pt = p + t * ns;
         f32x16 top = load16_f32(et);
-        for (int64_t s = 16; s < padded; s += 16) {
-            const f32x16 x = load16_f32(et + s);
-            const i32x16 more = x > top;
-            i32x16 tb, xb; memcpy(&tb, &top, 64); memcpy(&xb, &x, 64);
-            tb = (tb & ~more) | (xb & more);
-            memcpy(&top, &tb, 64);
-        }
+        for (int64_t s = 16; s < padded; s += 16) top = max16v(load16_f32(et + s), top);
         const float most = max16(top);
         if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights */
             memset(pt, 0, sizeof(float) * ns);
@@ -276,12 +260,6 @@ INLINE void backward_one(const float *q, const float *k, const float *v, const f
 }
 
 /* ------------------------------------------------------------------ the entry points, per type */
-/* Asks for rows [n x bytes] at stride `stride` bytes to be brought into the caches. */
-INLINE void prefetch_rows(const void *p, int64_t n, int64_t stride, int64_t bytes) {
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + r * stride + c);
-}
-
 #define DEFINE_ROWS(T, LOAD, LOAD16, STORE, STORE16)                                                  \
 INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t stride, int64_t dh, float scale) { \
     for (int64_t r = 0; r < rows; r++) {                                                              \
@@ -522,18 +500,12 @@ static void cross_entropy_part_##T(const int64_t *a, float unused, int64_t lo, i
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *z = logits + r * stride;                                                             \
         const int64_t t = target[r];                                                                  \
-        f32x16 top = load16_f32((const float[16]){-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, \
-            -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,   \
-            -INFINITY, -INFINITY, -INFINITY});                                                        \
-        f32x16 sum = {0};                                                                             \
+        f32x16 sum = {0}, top = sum - INFINITY;                                                       \
         for (int64_t j = 0; j < body; j += 16) {                                                      \
             const f32x16 x = LOAD16(z + j);                                                           \
             store16_f32(row + j, x);                                                                  \
             sum += x;                                                                                 \
-            const i32x16 more = x > top;                                                              \
-            i32x16 tb, xb; memcpy(&tb, &top, 64); memcpy(&xb, &x, 64);                                \
-            tb = (tb & ~more) | (xb & more);                                                          \
-            memcpy(&top, &tb, 64);                                                                    \
+            top = max16v(x, top);                                                                     \
         }                                                                                             \
         float most = max16(top), total_z = sum16(sum);                                                \
         for (int64_t j = body; j < V; j++) {                                                          \
