@@ -47,16 +47,17 @@ class _SplitCrossAttention(nn.Module):
         return self.kv_proj(source)
 
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.kv_projection(source).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        from aiayn.model.attention import split_kv
+
+        return split_kv(self.kv_projection(source), self.n_heads)
 
     def forward(self, x, mask=None, *, kv=None, cache=None, need_weights=False):
-        from aiayn.model.attention import attend_to_source
+        from aiayn.model.attention import attend_to_source, split_kv
 
         if kv is None:
             kv = self.kv_projection(x)
         if isinstance(kv, Tensor):  # MultiHeadAttention.forward's kv: a (B, S, 2D) projection or heads
-            kv = tuple(self._heads(t) for t in kv.chunk(2, dim=-1))
+            kv = split_kv(kv, self.n_heads)
         q = self.q_proj(x)
         if not need_weights:
             out = kernels.cross_attention_step(q, *kv, mask)

@@ -81,6 +81,13 @@ def attend_to_source(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     return out.view(b, H, g, T, Dh).permute(0, 2, 3, 1, 4).reshape(B, T, H * Dh), weights
 
 
+def split_kv(kv: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    """A source's [keys | values] projection (B, S, 2D) -> keys and values, heads split: (B, H, S, Dh) each."""
+    B, S, _ = kv.shape
+    k, v = kv.chunk(2, dim=-1)
+    return k.view(B, S, n_heads, -1).transpose(1, 2), v.view(B, S, n_heads, -1).transpose(1, 2)
+
+
 def linear_rows(linear: nn.Linear, x: Tensor, rows: slice) -> Tensor:
     """The outputs `rows` of linear(x): cross-attention's query or key/value part of the fused in_proj.
     A linear layer with a faster product for its own weight (aiayn.train.onednn) computes it too."""
@@ -109,8 +116,7 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of a source (B, S, D), heads split: (B, H, S, Dh) each."""
-        k, v = self.kv_projection(source).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        return split_kv(self.kv_projection(source), self.n_heads)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *,
                 kv: Tensor | tuple[Tensor, Tensor] | None = None,
@@ -151,7 +157,7 @@ class MultiHeadAttention(nn.Module):
                     out = kernels.training_attention(q, kv, mask, self.n_heads, D, k_col=0)
                     if out is not None:
                         return self.out_proj(out), None
-                kv = tuple(self._heads(t) for t in kv.chunk(2, dim=-1))
+                kv = split_kv(kv, self.n_heads)
             if step:
                 out = kernels.cross_attention_step(q, *kv, mask)
                 if out is not None:
