@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aiayn import capability
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PARTS = {"train": ["train_throughput.py"], "decode": ["decode_throughput.py"],
          "lm": ["lm_train.py", "lm_generate.py"]}
@@ -31,21 +32,24 @@ CELL_FLAG = "--cell"
 
 
 # ------------------------------------------------------------------------------- the machine
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
-    """One line: CPU, cores, torch and its thread count, the load when we started."""
+    """Two lines: CPU, cores, torch and its thread count, the load when we started; then what the
+    capability probe found (the precisions this machine runs natively)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average {load:.2f} at start")
+    return (f"{capability.cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average {load:.2f} at start\n"
+            f"{capability.probe('cpu').describe()}")
+
+
+def lacks(precision: str) -> str | None:
+    """Why this machine cannot run `precision` natively (the benchmark's row says so instead of a
+    crash or a crawl), or None. Peers' names for precisions (float32, int8) are understood too."""
+    name = {"float32": "fp32", "float16": "fp16", "int8_float32": "int8"}.get(precision, precision)
+    try:
+        capability.check_precision(name, "cpu")
+    except capability.PrecisionError as e:
+        return str(e).split(": use ")[0]
+    return None
 
 
 def header(title: str) -> str:
@@ -57,6 +61,13 @@ def header(title: str) -> str:
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_peaks(precisions: Sequence[str], n: int = 2048, clock=time.perf_counter) -> dict[str, float | None]:
+    """The matmul peak (FLOP/s) of each precision this machine runs natively; None for the others
+    (their GEMM would crawl or be refused). bf16-model's peak is bf16's."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-model": torch.bfloat16}
+    return {p: None if lacks(p) else matmul_peak(dtypes[p], n, clock=clock) for p in precisions}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:

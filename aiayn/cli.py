@@ -13,6 +13,10 @@ import warnings
 from pathlib import Path
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
+DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
+                         "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
+                         "dynamically quantized linears)")
 DEFAULT_TRANSLATION_MODEL = "en-de"
 
 
@@ -73,7 +77,26 @@ def _resumed_run(args, previous: dict):
         raise UserError(f"{args.out}: nothing to resume (no checkpoint)")
     stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
     tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-    return ModelConfig.from_dict(previous["model"]), tcfg, load_tokenizer(found[-1])
+    return ModelConfig.from_dict(previous["model"]), _resumed_precision(args, tcfg), load_tokenizer(found[-1])
+
+
+def _resumed_precision(args, tcfg):
+    """A resumed run keeps its precision where this machine runs it natively; --precision changes it
+    (every precision keeps fp32 master weights, so a run may change it between legs); a precision
+    this machine lacks (a run started on another machine) gives way to auto's choice, said on stderr."""
+    from aiayn.capability import PrecisionError, check_precision
+
+    if args.precision not in (None, "auto"):
+        _choose_precision(args, "train")
+        return tcfg.replace(precision=args.precision)
+    try:
+        check_precision(tcfg.precision, tcfg.device)
+        return tcfg
+    except PrecisionError as e:
+        args.precision = None
+        _choose_precision(args, "train")
+        print(f"aiayn: resuming in {args.precision}, not the run's {tcfg.precision} ({e})", file=sys.stderr)
+        return tcfg.replace(precision=args.precision)
 
 
 def cmd_train_translation(args) -> int:
@@ -108,7 +131,8 @@ def cmd_train_translation(args) -> int:
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
     else:
-        tcfg = _train_config(args, lr=1e-3, warmup=1000, precision="bf16", max_tokens=4096,
+        _choose_precision(args, "train")
+        tcfg = _train_config(args, lr=1e-3, warmup=1000, max_tokens=4096,
                              eval_every=500, log_every=50)
         overrides = {k: v for k, v in (("dropout", args.dropout), ("norm_first", args.norm_first or None))
                      if v is not None}
@@ -167,6 +191,7 @@ def cmd_train_lm(args) -> int:
         text = read_text(data)
     else:
         model_preset, train_preset = PRESETS[args.preset]
+        _choose_precision(args, "train")
         tcfg = _train_config(args, **train_preset.to_dict())
         data, kind = str(args.data or SHAKESPEARE), args.tokenizer
         text = read_text(data)
@@ -197,6 +222,7 @@ def cmd_train_lm(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from aiayn.inference import inference_model
     from aiayn.tasks.lm import stream_text
 
     for bad, message in ((args.max_new_tokens < 0, "--max-new-tokens must be >= 0"),
@@ -216,6 +242,8 @@ def cmd_generate(args) -> int:
                             "and pass --model RUN_DIR")
     model, tokenizer, _ = _load(model_dir, args.device, "lm")
     tokenizer.encode(args.prompt)  # characters outside the vocabulary: an error before any output
+    _choose_precision(args)
+    model = inference_model(model, args.precision)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for i in range(args.num_samples):
@@ -315,13 +343,17 @@ def _check_workers(args) -> None:
         raise UserError("--workers must be >= 1")
 
 
-def _check_precision(args) -> None:
-    from aiayn.inference import check_precision
+def _choose_precision(args, purpose: str = "decode") -> None:
+    """args.precision ("auto" unless given) -> the precision this machine runs natively; "auto" says
+    its choice and why on stderr, an explicit precision the machine lacks is a one-line error."""
+    from aiayn.capability import PrecisionError, choose_precision
 
     try:
-        check_precision(args.precision, args.device)
-    except ValueError as e:
+        args.precision, why = choose_precision(args.precision, args.device, purpose)
+    except PrecisionError as e:
         raise UserError(str(e)) from None
+    if why:
+        print(f"aiayn: {why}", file=sys.stderr)
 
 
 def _alpha(args, extra: dict) -> float:
@@ -339,10 +371,10 @@ def cmd_translate(args) -> int:
     if args.beam < 1:
         raise UserError("--beam must be >= 1")
     _check_device(args.device)
-    _check_precision(args)
     _check_workers(args)
     lines = _read_inputs(args)
     model, tokenizer, extra, _ = _load_translation(args)
+    _choose_precision(args)
     empty = [i for i, line in enumerate(lines) if not line.strip()]
     outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=_alpha(args, extra),
                         device=args.device, precision=args.precision, n_best=args.n_best, workers=args.workers)
@@ -364,9 +396,9 @@ def cmd_evaluate(args) -> int:
     from aiayn.translate import translate
 
     _check_device(args.device)
-    _check_precision(args)
     _check_workers(args)
     model, tokenizer, extra, model_dirs = _load_translation(args)
+    _choose_precision(args)
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
     if args.src_file:
         if not args.ref_file:
@@ -385,7 +417,7 @@ def cmd_evaluate(args) -> int:
     score = bleu(hyps, refs)
     result = {"model": ",".join(str(d) for d in model_dirs),
               "split": args.split if not args.src_file else args.src_file,
-              "beam": args.beam, "alpha": alpha, "sacrebleu": round(score.score, 2),
+              "beam": args.beam, "alpha": alpha, "precision": args.precision, "sacrebleu": round(score.score, 2),
               "chrf": round(chrf(hyps, refs), 2), "signature": bleu_signature(hyps, refs),
               "seconds": round(seconds, 1)}
     if tok_ref is not None:
@@ -409,6 +441,7 @@ def cmd_average(args) -> int:
 def cmd_explain(args) -> int:
     from aiayn.checkpoint import load_model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
+    from aiayn.inference import inference_model
 
     text = " ".join(args.sentence)
     if not text.strip():
@@ -420,6 +453,11 @@ def cmd_explain(args) -> int:
     _check_device(args.device)
     model_dir = _translation_model_dir(args.model)
     model, tokenizer, task, _ = load_model_dir(model_dir, args.device)
+    if task not in ("translation", "lm"):
+        raise UserError(f"{model_dir} holds a {task} model; explain knows translation and lm models")
+    tokenizer.encode(text)  # characters outside the vocabulary: an error before anything else is said
+    _choose_precision(args)
+    model = inference_model(model, args.precision)
     if task == "translation":
         ex = explain_translation(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
     elif task == "lm":
@@ -458,9 +496,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "bf16-model", "fp16"],
-                   help="bf16: autocast (CPU/CUDA); bf16-model: the model itself in bf16, fp32 master "
-                        "weights in the optimizer (faster on a CPU); fp16: CUDA, with a loss scaler")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model", "fp16"],
+                   help="auto (default): bf16 autocast where the device computes bf16 natively (CUDA; "
+                        "CPUs with AVX512_BF16, AMX or ARM BF16), else fp32; bf16: autocast; bf16-model: "
+                        "the model itself in bf16, fp32 master weights in the optimizer (faster on a CPU "
+                        "with bf16); fp16: CUDA, with a loss scaler. On --resume: the run's own")
     g.add_argument("--max-steps", type=int, help="stop after this many updates")
     g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
     g.add_argument("--max-minutes", type=float, help="stop after this much wall time")
@@ -510,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "perplexity). Presets: shakespeare-cpu = nanoGPT's CPU configuration (4 layers, 128 "
                          "wide, context 64, batch 12, 2000 steps); shakespeare = its GPU configuration (6 "
                          "layers, 384 wide, context 256, batch 64, dropout 0.2, 5000 steps). Both: AdamW, lr "
-                         "1e-3 cosine-decayed to 1e-4, bf16 autocast. Options override the preset.")
+                         "1e-3 cosine-decayed to 1e-4, bf16 autocast where the CPU computes bf16 natively (else fp32). "
+                         "Options override the preset.")
     lm.add_argument("--data", help="a UTF-8 text file, plain or .gz (default: the shipped Tiny Shakespeare); "
                     "with --resume: where the run's text is now, if it moved")
     lm.add_argument("--preset", default="shakespeare-cpu", choices=("shakespeare-cpu", "shakespeare"),
@@ -540,8 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6, §6.1)")
     t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
-                   help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
+    t.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     t.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     t.set_defaults(func=cmd_translate)
@@ -565,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop before this text (repeatable)")
     g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
@@ -576,8 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam", type=int, default=4)
     e.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6)")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
-                   help="fp32; bf16; fp16 (GPU); int8 (CPU: dynamically quantized linears, fastest)")
+    e.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     e.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     e.add_argument("--hyp-out", help="write the translations to this file")
@@ -602,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-new-tokens", type=int, help="output tokens at most (translation default: source "
                    "length + 50; language model default: 10)")
     x.add_argument("--device", default="cpu")
+    x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     x.set_defaults(func=cmd_explain)
     s = sub.add_parser("serve", help="serve a model over HTTP")
     s.set_defaults(func=not_built("serve"))

@@ -107,7 +107,7 @@ class TrainConfig:
     rdrop: float = 0.0                 # translation: R-Drop's alpha (each batch runs twice); 0 = off
     clip_norm: float | None = None
     update_freq: int = 1               # gradient accumulation: micro-batches per update
-    precision: Literal["fp32", "bf16", "bf16-model", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "bf16-model", "fp16"] = "fp32"  # auto: aiayn.capability
     max_tokens: int = 4096             # translation: padded positions per batch
     batch_size: int = 12               # language models: sequences per batch
     context: int = 64                  # language models: tokens per sequence
@@ -121,7 +121,7 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "bf16-model", "fp16"):
+        if self.precision not in ("auto", "fp32", "bf16", "bf16-model", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}")
         if self.rdrop < 0:
             raise ValueError("rdrop must be >= 0")

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn import kernels
+from aiayn import capability, kernels
+from aiayn.capability import PrecisionError
 from aiayn.memory import keep_freed_memory
 
 
@@ -203,15 +204,12 @@ PRECISIONS = ("plain", "fp32", "bf16", "fp16", "int8")
 
 
 def check_precision(precision: str, device: str | torch.device) -> None:
-    """Refuse a precision that cannot decode on `device` (ValueError, one line): the CLI asks before
-    it loads a model, inference_model when it makes the copy."""
-    gpu = torch.device(device).type == "cuda"
+    """Refuse a precision that cannot decode natively on `device` (capability.PrecisionError, a
+    ValueError of one line): the CLI asks before it loads a model, inference_model when it makes the copy."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
-    if precision == "fp16" and not gpu:
-        raise ValueError("precision fp16 needs a GPU (--device cuda); on a CPU use bf16 or int8")
-    if precision == "int8" and gpu:
-        raise ValueError("precision int8 runs on a CPU only; on a GPU use bf16 or fp16")
+        raise PrecisionError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
+    if precision != "plain":
+        capability.check_precision(precision, str(torch.device(device).type))
 
 
 def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:

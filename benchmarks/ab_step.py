@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head", type=Path, default=HERE.parent, help="source tree to measure (default: this one)")
     p.add_argument("--config", default="small", help="model size: small, base, tiny (default small)")
     p.add_argument("--precision", help="decode: fp32, bf16, int8 (default int8); train: fp32, bf16, bf16-model "
-                                       "(default bf16)")
+                                       "(default: bf16 where the CPU computes it natively, else fp32)")
     p.add_argument("--beam", type=int, default=1, help="decode: beam size (1 = greedy)")
     p.add_argument("--batches", type=int, default=4, help="decode: batches of 64 sentences per round")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps per round")
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny model, one pair: checks that it runs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.precision = args.precision or ("int8" if args.mode == "decode" else "bf16")
+    if not args.precision:
+        from aiayn.capability import choose_precision
+
+        args.precision = "int8" if args.mode == "decode" else choose_precision("auto", "cpu", "train")[0]
     if args.quick:
         args.config, args.pairs, args.rounds, args.batches, args.steps, args.warmup = "tiny", 1, 1, 1, 2, 1
     if min(args.beam, args.batches, args.steps, args.rounds, args.pairs) < 1 or args.warmup < 0:

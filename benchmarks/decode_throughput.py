@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.sentences} sentences x {args.length} source tokens, outputs forced to {args.length} "
           f"tokens, batches of {args.batch}; aiayn {args.workers} worker(s), CTranslate2 threads "
           f"{args.ct2_threads} (inter x intra); rates per {args.clock} second")
-    cells = [(c, e) for c in configs for e in engines]
+    cells = [(c, e) for c in configs for e in engines if not bench.lacks(e.split("-", 1)[1])]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
     for r in range(args.rounds):
@@ -202,14 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model_config(c)
         for beam in beams:
             key = f"beam{beam}"
-            per = {e: bench.best_of([x.get(key, x) for x in results[(c, e)]], "tok_s") for e in engines}
+            per = {e: bench.best_of([x.get(key, x) for x in results[(c, e)]], "tok_s") if (c, e) in results
+                   else {"error": f"not run: {bench.lacks(e.split('-', 1)[1])}"} for e in engines}
             ct2 = {e: per[e]["tok_s"] for e in ("ct2-float32", "ct2-int8") if e in per and "error" not in per[e]}
             for e in engines:
                 res = per[e]
                 search = "greedy" if beam == 1 else f"beam {beam}"
                 name = f"{c} (d{cfg.d_model}, {cfg.n_encoder_layers}+{cfg.n_decoder_layers})"
                 if "error" in res:
-                    rows.append([name, search, NAMES[e], "failed: " + res["error"], "", "", ""])
+                    why = res["error"] if res["error"].startswith("not run") else "failed: " + res["error"]
+                    rows.append([name, search, NAMES[e], why, "", "", ""])
                     continue
                 vs = [f"{res['tok_s'] / ct2[p]:.2f}x" if p in ct2 and not e.startswith("ct2") else ""
                       for p in ("ct2-float32", "ct2-int8")]

@@ -1,6 +1,13 @@
+import os
+
 import pytest
 import torch
 from hypothesis import settings
+
+# Every C kernel wherever it takes the inputs (not only those that won the timing on this machine,
+# aiayn/kernels/tuning.py): tests then take the same paths on every machine; tests of the tuning
+# itself set AIAYN_KERNELS=1.
+os.environ["AIAYN_KERNELS"] = "all"
 
 # CI runs the same examples every time: a failure found once is found again (and a fluke can't
 # fail a submission). `pytest --hypothesis-profile=explore` searches new examples.
@@ -19,3 +26,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bf16: needs a CPU that computes bf16 natively (skipped elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked bf16 (precision bf16 or bf16-model, bf16 weights on oneDNN) are skipped, with the
+    probe's reason, on a CPU without bf16 instructions: there aiayn refuses bf16 (aiayn.capability)."""
+    from aiayn.capability import probe
+
+    machine = probe("cpu")
+    if machine.bf16:
+        return
+    skip = pytest.mark.skip(reason=f"no native bf16 here ({machine.describe()})")
+    for item in items:
+        if item.get_closest_marker("bf16") is not None:
+            item.add_marker(skip)

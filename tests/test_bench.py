@@ -5,6 +5,7 @@ Peers (transformers, ctranslate2) are used where installed; their rows are skipp
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def train_table():
     return table_rows(run_script("train_throughput.py", "--engines", engines))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_train_table_has_our_rows(train_table, precision):
     row = next(r for r in train_table if r[:3] == ["tiny", precision, "aiayn"])
     tok_s, mfu, rss = number(row[3]), number(row[5]), number(row[6])
@@ -54,8 +55,30 @@ def test_train_table_has_our_rows(train_table, precision):
 
 
 def test_train_profile_names_the_ops():
-    out = run_script("train_throughput.py", "--engines", "aiayn", "--precisions", "bf16", "--profile")
-    assert "profile of tiny bf16 aiayn" in out and "aten::" in out
+    out = run_script("train_throughput.py", "--engines", "aiayn", "--precisions", "fp32", "--profile")
+    assert "profile of tiny fp32 aiayn" in out and "aten::" in out
+
+
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def test_a_precision_the_cpu_lacks_is_a_row_that_says_so():
+    """On a CPU without bf16 (here: an x86 CPU capped to AVX2, as oneDNN and PyTorch are), the bf16
+    rows say why they were not run, and no bf16 GEMM is timed (it would crawl or be refused)."""
+    env = {**os.environ, **AVX2_CAPS}
+    probe = subprocess.run([sys.executable, "-c", "from aiayn.capability import probe; print(probe().bf16)"],
+                           capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+    if probe != "False":
+        pytest.skip("this CPU keeps bf16 under the AVX2 caps (not x86)")
+    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--quick", "--engines", "aiayn",
+                           "--precisions", "fp32,bf16,bf16-model"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r[1]: r for r in table_rows(proc.stdout)}
+    assert number(rows["fp32"][3]) > 0
+    for precision in ("bf16", "bf16-model"):
+        assert rows[precision][3].startswith("not run: precision") and "AVX2" in rows[precision][3]
+    assert "matmul peak (256x256): fp32" in proc.stdout and "bf16 " not in proc.stdout.split("matmul peak")[1].split("\n")[0]
+    assert "native: fp32, int8" in proc.stdout  # the probe's line in the header
 
 
 def test_train_rejects_no_passes():
@@ -64,7 +87,7 @@ def test_train_rejects_no_passes():
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("must be at least 1")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_train_table_compares_with_hf(train_table, precision):
     pytest.importorskip("transformers")
     hf = next(r for r in train_table if r[:3] == ["tiny", precision, "HF Marian"])
@@ -114,9 +137,15 @@ def decode_table():
 
 
 def _decode_rows(table, engine_prefix: str):
+    """The rows of the engines whose names start with engine_prefix; a precision this CPU lacks is
+    a row that says so (aiayn.bench.lacks), every other row has its rates."""
     rows = [r for r in table if r[2].startswith(engine_prefix)]
     assert {r[1] for r in rows} == {"greedy", "beam 4"}, table
     for r in rows:
+        precision = r[2].split()[-1].replace("float32", "fp32")
+        if bench.lacks(precision):
+            assert r[3] == f"not run: {bench.lacks(precision)}", r
+            continue
         assert not r[3].startswith("failed"), r
         assert "NOT forced" not in r[2], r
         assert number(r[3]) > 0 and number(r[4]) > 0

@@ -23,9 +23,11 @@ from train import tiny
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
+    """-> exit status, stdout, stderr without the line that says which precision "auto" chose."""
     rc = main([str(a) for a in argv])
     captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+    err = "".join(line for line in captured.err.splitlines(keepends=True) if not line.startswith("aiayn: precision "))
+    return rc, captured.out, err
 
 
 def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> str:

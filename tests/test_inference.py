@@ -37,7 +37,7 @@ def test_fp32_inference_model_decodes_like_the_model():
     assert [h[0][1] for h in ours] == pytest.approx([h[0][1] for h in theirs], abs=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
 def test_low_precision_models_decode_forced_lengths_and_leave_the_model_alone(precision):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -93,7 +93,7 @@ def test_int8_feed_forward_relu_is_fused_with_the_same_results():
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_onednn_feed_forward_relu_is_fused_with_the_same_results(precision):
     model = tiny_model()
     fast = inference_model(model, precision)
@@ -112,7 +112,7 @@ def random_sources(n: int, length: int, vocab: int, seed: int = 0) -> torch.Tens
     return torch.randint(4, vocab - 1, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_translate_decodes_on_a_copy_and_keeps_training_mode(precision):
     torch.manual_seed(0)
     model = Transformer(tiny.model_config()).train()

@@ -14,6 +14,7 @@ results to rounding (tests/model/test_kernels.py, test_train_kernels.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -27,14 +28,19 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import warnings
 from array import array as _array
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from aiayn import capability
+from aiayn.kernels import tuning
+
 log = logging.getLogger(__name__)
 _ARGS = threading.local()  # each thread's last argument array
+_OFF = threading.local()  # .on: kernels disabled in this thread (`disabled`)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_step.c", HERE / "train_step.c")  # one library; both include common.h
@@ -51,7 +57,29 @@ _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C fu
 
 
 def enabled() -> bool:
-    return os.environ.get("AIAYN_KERNELS", "1") != "0"
+    """AIAYN_KERNELS: 1 (default) the kernels that win on this machine (aiayn.kernels.tuning), all:
+    every kernel wherever it takes the inputs, 0: none. Also False inside `disabled()`."""
+    return os.environ.get("AIAYN_KERNELS", "1") != "0" and not getattr(_OFF, "on", False)
+
+
+@contextlib.contextmanager
+def disabled():
+    """PyTorch's operators only, in this thread, inside the block (the reference path)."""
+    before = getattr(_OFF, "on", False)
+    _OFF.on = True
+    try:
+        yield
+    finally:
+        _OFF.on = before
+
+
+def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
+    """Whether a kernel family beat PyTorch on this machine (tuning.py; for "attention", the longest
+    length at which it did, for this head size). Cheap after the first call of a process."""
+    if os.environ.get("AIAYN_KERNELS") == "all" or tuning.measuring():  # (a lookup: cheap enough per call)
+        return MAX_TRAIN_LENGTH if family == "attention" else True
+    key = f"{family}_{_FUNCTIONS[dtype]}" + (f"_dh{head_dim}" if family == "attention" else "")
+    return tuning.decide(key, Path(_library()._name))  # (called once the library is known to be there)
 
 
 def cache_dir() -> Path:
@@ -67,28 +95,43 @@ def _compiler() -> str | None:
 
 
 def _machine_key() -> str:
-    """What a library built with -march=native depends on: a shared home directory may see several CPUs."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), cpu)
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}"
+    """What a library built with -march=native depends on (a shared home directory may see several
+    CPUs): the architecture, the CPU's name and feature flags (Linux: /proc/cpuinfo; macOS: sysctl),
+    and the instruction-set level after ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY caps."""
+    m = capability.probe("cpu")
+    return f"{platform.machine()} {m.name} {m.isa} {' '.join(sorted(capability.cpu_flags()))}"
+
+
+def _flag_sets() -> list[list[str]]:
+    """The compiler flags to try, best first. Where the probe's level is capped below what the CPU
+    has (ONEDNN_MAX_CPU_ISA=AVX2, say), -march=native is capped the same way, so that the kernels
+    run (and are measured) as on a CPU of that level."""
+    m = capability.probe("cpu")
+    cap = []
+    if m.capped and m.isa in ("avx2", "sse"):
+        cap = ["-mno-avx512f"] if m.isa == "avx2" else ["-mno-avx"]
+    return [[*flags, *cap] if "-march=native" in flags else flags for flags in _FLAG_SETS]
 
 
 def _build(sources: tuple[Path, ...]) -> Path | None:
+    """The library built for this machine (cached by sources, compiler, flags and machine), or None.
+    A failed build is remembered beside where the library would be (`.failed`, with the compiler's
+    message) and warned about once, when it fails: later processes do not try it again."""
     cc = _compiler()
     if cc is None:
         log.info("no C compiler found: aiayn uses PyTorch's operators only")
         return None
     texts = [p.read_bytes() for p in (*sources, HERE / "common.h")]
-    for flags in _FLAG_SETS:
+    failed = []  # this process's failed builds
+    for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(flags).encode(),
                                          _machine_key().encode()])).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"
         if target.exists():
             return target
+        marker = target.with_suffix(".failed")
+        if marker.exists():
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
@@ -97,7 +140,11 @@ def _build(sources: tuple[Path, ...]) -> Path | None:
             if result.returncode == 0:
                 os.replace(built, target)  # atomic: another process may be building the same file
                 return target
-            log.info("%s failed: %s", " ".join(cmd), result.stderr.strip()[-500:])
+            marker.write_text(f"{' '.join(cmd)}\n{result.stderr}")
+            failed.append(marker)
+    if failed:
+        warnings.warn(f"aiayn's C kernels did not build with {cc} (see {failed[-1]}): PyTorch's operators are "
+                      "used, slower on a CPU", RuntimeWarning, stacklevel=2)
     return None
 
 
@@ -131,10 +178,12 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def usable(*tensors: Tensor) -> bool:
-    """Whether a decoding kernel is built and enabled and takes these tensors: on a CPU, fp32 or bf16
-    (all one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times a decoding step."""
-    return _on_cpu(*tensors) and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors))
+def usable(*tensors: Tensor, family: str = "decode") -> bool:
+    """Whether a decoding kernel is built, enabled and faster here, and takes these tensors: on a CPU,
+    fp32 or bf16 (all one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times
+    a decoding step."""
+    return (_on_cpu(*tensors) and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors))
+            and _wins(family, tensors[0].dtype))
 
 
 def _on_cpu(*tensors: Tensor) -> bool:
@@ -292,7 +341,7 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
     kernel does not take these inputs."""
     b, r = scores.shape
     N, T, V = logits.shape
-    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and usable(logits)
+    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and usable(logits, family="beam")
             and scores.dtype == torch.float32 and scores.is_contiguous() and _takes_ids(forbid)
             and (at_limit is None or (at_limit.dtype == torch.bool and at_limit.shape == (b,) and at_limit.is_contiguous()))):
         return None
@@ -306,10 +355,10 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
 
 
 # ------------------------------------------------------------------------------------ training
-# longest queries/keys training_attention takes. It keeps the (B, H, T, S) fp32 softmax, and its
-# loops are quadratic in the length without GEMM blocking: causal fwd+bwd, 2 threads, kernel vs
-# PyTorch: T 64 bf16 0.94 / 1.17 ms, fp32 0.62 / 1.43; T 128 bf16 15.4 / 14.3, fp32 16.5 / 35.1;
-# T 256 bf16 41.5 / 23.0, fp32 40.3 / 52.1 (docs/PERFORMANCE.md, tenth session)
+# longest queries/keys training_attention takes on any machine (tuning.py measures up to which
+# length it wins on this one). It keeps the (B, H, T, S) fp32 softmax, and its loops are quadratic
+# in the length without GEMM blocking: on a Zen 5, causal fwd+bwd, 2 threads, kernel vs PyTorch:
+# T 128 bf16 15.4 / 14.3 ms, fp32 16.5 / 35.1; T 256 bf16 41.5 / 23.0, fp32 40.3 / 52.1
 MAX_TRAIN_LENGTH = 128
 
 
@@ -330,7 +379,8 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
     if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
             and 0 < S <= MAX_TRAIN_LENGTH and B > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
-            and _on_cpu(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None):
+            and _on_cpu(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None
+            and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads)):
         return None
     return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col)
 
@@ -390,8 +440,12 @@ def dropout_mask(like: Tensor, p: float) -> Tensor | None:
     """A tensor of like's shape and dtype holding 1 / (1 - p) where an element is kept (probability
     1 - p, exact to 2^-16) and 0 where it is dropped (train_step.c; the seed comes from torch's
     generator, so torch.manual_seed makes it reproducible). None if the kernel does not take it."""
-    if not (0.0 < p < 1.0 and like.numel() > 0 and _on_cpu(like)):
+    if not (0.0 < p < 1.0 and like.numel() > 0 and _on_cpu(like) and _wins("dropout", like.dtype)):
         return None
+    return _dropout_mask(like, p)
+
+
+def _dropout_mask(like: Tensor, p: float) -> Tensor:
     mask = torch.empty(like.shape, dtype=like.dtype)
     seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
     _call("dropout_mask_" + _FUNCTIONS[like.dtype], mask.data_ptr(), mask.numel(), seed, round(p * 65536),
@@ -409,9 +463,10 @@ def residual_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, p: float) -> T
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and x.numel() > 0 and norm.normalized_shape == (D,) and w is not None
             and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _on_cpu(x, w, b)
-            and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _on_cpu(y)):
+            and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _on_cpu(y)
+            and _wins("residual", y.dtype)):
         return None
-    mask = dropout_mask(y, p) if p > 0 else None
+    mask = _dropout_mask(y, p) if p > 0 else None
     return _ResidualNorm.apply(x, y, w, b, mask, norm.eps)
 
 
@@ -457,7 +512,8 @@ def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
     dtype: aiayn.train.loss._LabelSmoothedCE's forward pass in one multithreaded kernel
     (train_step.c). None if the kernel does not take these inputs."""
     if not (logits.dim() == 2 and logits.size(0) > 0 and logits.stride(1) == 1 and target.dtype == torch.int64
-            and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _on_cpu(logits)):
+            and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _on_cpu(logits)
+            and _wins("loss", logits.dtype)):
         return None
     n, V = logits.shape
     losses = torch.empty(n, dtype=torch.float32)

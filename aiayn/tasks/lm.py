@@ -33,10 +33,11 @@ def lm_config(**changes) -> ModelConfig:
 
 def _lm_train(**changes) -> TrainConfig:
     """nanoGPT's recipe: AdamW (0.9, 0.99), weight decay 0.1, lr warmed up over 100 steps then
-    cosine-decayed to a tenth, gradients clipped at 1, no label smoothing."""
+    cosine-decayed to a tenth, gradients clipped at 1, no label smoothing; bf16 autocast where the
+    machine computes bf16 natively, else fp32 (precision "auto")."""
     return TrainConfig(**{"lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "schedule": "cosine",
                           "optimizer": "adamw", "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1,
-                          "label_smoothing": 0.0, "clip_norm": 1.0, "precision": "bf16",
+                          "label_smoothing": 0.0, "clip_norm": 1.0, "precision": "auto",
                           "eval_bleu": False, "log_every": 50, **changes})
 
 

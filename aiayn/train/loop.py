@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from aiayn.capability import choose_precision
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
@@ -144,6 +145,8 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 class Trainer:
     def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
                  extra_meta: dict | None = None):
+        # "auto" becomes what this machine runs natively; a precision it lacks is a PrecisionError
+        cfg = cfg.replace(precision=choose_precision(cfg.precision, cfg.device, "train")[0])
         model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
         if torch.device(cfg.device).type == "cpu":
             keep_freed_memory()

@@ -2,6 +2,7 @@
 master weights (what the optimizer updates and checkpoints hold), gradients accumulate in fp32, and
 a resumed run is still exact."""
 
+import pytest
 import torch
 
 from aiayn.model import build_model
@@ -44,6 +45,7 @@ def test_gradients_are_added_into_fp32_masters_and_cleared():
         torch.testing.assert_close(p.grad, g1 + g2, rtol=0, atol=0)
 
 
+@pytest.mark.bf16
 def test_training_learns_like_autocast_and_checkpoints_fp32_weights(tmp_path):
     runs = {}
     for precision in ("bf16", "bf16-model"):
@@ -57,6 +59,7 @@ def test_training_learns_like_autocast_and_checkpoints_fp32_weights(tmp_path):
     assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
+@pytest.mark.bf16
 def test_resume_is_exact(tmp_path):
     straight = tiny.trainer(tmp_path / "straight", precision="bf16-model", max_steps=10)
     straight.run(progress=False)

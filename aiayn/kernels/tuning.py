@@ -1,0 +1,230 @@
+"""Which of aiayn's C kernels win on this machine: measured once, cached beside the built library.
+
+A kernel that beats PyTorch on one CPU may lose on another (on an AVX2-only CPU the training
+attention kernel made a language model's training 1.5x slower, where on a Zen 5 it made it faster),
+so no threshold is taken from the machine the kernels were written on. At the first use of a kernel
+family (and dtype) in a process, its decision for this library, CPU and thread count is read from
+`kernels-<key>.tuning-<threads>t.json` beside the library; if it is not there, the family is timed
+against PyTorch's operators on the same inputs (the model's own modules, with the kernels on and
+off; a fraction of a second each) and the result is added there. A family is used where it was not
+slower; the training attention up to the longest length at which it was not slower.
+
+    family        what is timed (forward + backward where it trains)
+    attention     training self-attention, causal, 4 heads of the model's head size, 2,048 tokens, lengths 32-128
+    residual      training's post-norm residual x + dropout(y) -> LayerNorm, (2048, 256)
+    dropout       dropout masks, (2048, 1024)
+    loss          label-smoothed cross-entropy, (512, 8000)
+    decode        greedy decoding of a 1+2-layer model (attention steps, residual + norm, argmax, embedding)
+    beam          beam search (k = 4) of the same model
+
+AIAYN_KERNELS=all uses every kernel wherever it takes the inputs (tests that compare the kernels with
+PyTorch); AIAYN_KERNELS=0 none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("attention", "residual", "dropout", "loss", "decode", "beam")
+ATTENTION_LENGTHS = (32, 64, 128)
+VERSION = 1
+_lock = threading.RLock()
+_tables: dict[int, dict] = {}  # threads -> decisions, for this process
+_state = threading.local()  # .measuring: gates open while a family is timed
+
+
+def measuring() -> bool:
+    return getattr(_state, "measuring", False)
+
+
+def decide(key: str, library_path: Path) -> bool | int:
+    """The decision for `key` ("<family>_<f32|bf16>", and "_dh<head dim>" for attention) on this
+    library, CPU and thread count: measured the first time any process asks, then read."""
+    table = _table(library_path)
+    found = table.get(key)
+    if found is None:
+        with _lock:
+            found = table.get(key)
+            if found is None:
+                found, table[f"{key}_speedups"] = _measure(key)
+                table[key] = found
+                _save(table, library_path)
+    return found
+
+
+def forget() -> None:
+    """Drop this process's decisions (tests)."""
+    _tables.clear()
+
+
+def _path(library_path: Path, threads: int) -> Path:
+    return library_path.with_name(f"{library_path.stem}.tuning-{threads}t.json")
+
+
+def _table(library_path: Path) -> dict:
+    threads = torch.get_num_threads()
+    table = _tables.get(threads)
+    if table is None:
+        try:
+            table = json.loads(_path(library_path, threads).read_text())
+        except (OSError, ValueError):
+            table = None
+        if not isinstance(table, dict) or table.get("version") != VERSION:
+            table = {"version": VERSION, "threads": threads}
+        table = _tables.setdefault(threads, table)
+    return table
+
+
+def _save(table: dict, library_path: Path) -> None:
+    path = _path(library_path, table["threads"])
+    try:  # merged with what other processes measured meanwhile; atomic
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        on_disk = {}
+    if on_disk.get("version") == VERSION:
+        table.update({k: v for k, v in on_disk.items() if k not in table})
+    try:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measured again by the next process
+
+
+# ----------------------------------------------------------------------------------- timing
+def _best(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()  # warm-up: allocations, oneDNN primitives
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _on_off(fn: Callable[[], object], reps: int = 5) -> tuple[float, float]:
+    """Seconds of fn with the kernels on and off, the best of `reps`, interleaved against drift."""
+    from aiayn import kernels
+
+    on = off = float("inf")
+    for _ in range(2):
+        _state.measuring = True
+        try:
+            on = min(on, _best(fn, reps))
+        finally:
+            _state.measuring = False
+        with kernels.disabled():
+            off = min(off, _best(fn, reps))
+    return on, off
+
+
+def _measure(key: str) -> tuple[bool | int, list[float]]:
+    """-> (the decision, the kernels' speed-ups measured: PyTorch's time / the kernels')."""
+    family, name, *rest = key.split("_")
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[name]
+    torch.manual_seed(0)
+    if family == "attention":
+        return _attention(dtype, int(rest[0][2:]))
+    on, off = _on_off(MEASURES[family](dtype))
+    return _faster(on, off), [round(off / on, 3)]
+
+
+def _faster(on: float, off: float) -> bool:
+    """Whether the kernels' time `on` beats PyTorch's `off` by more than timing noise (2%): at a tie,
+    PyTorch's operators (the reference) run."""
+    return on * 1.02 < off
+
+
+def _attention(dtype: torch.dtype, head_dim: int) -> tuple[int, list[float]]:
+    """The longest length (of ATTENTION_LENGTHS) up to which the kernel was never slower, for 4 heads
+    of `head_dim`; 0 if it lost at the shortest. And the speed-ups measured."""
+    from aiayn import kernels
+    from aiayn.model.attention import attend, causal_mask
+
+    D = 4 * head_dim
+    longest, speedups = 0, []
+    for T in ATTENTION_LENGTHS:
+        B = 2048 // T
+        qkv = torch.randn(B, T, 3 * D, dtype=dtype, requires_grad=True)  # a fused projection [q | k | v]
+        mask = causal_mask(T)
+
+        def step():  # what MultiHeadAttention does between its projections
+            out = kernels.training_attention(qkv, qkv, mask, 4, D, D)
+            if out is None:
+                q, k, v = (t.view(B, T, 4, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+                out = attend(q, k, v, mask)[0].transpose(1, 2).reshape(B, T, D)
+            out.backward(torch.ones_like(out))
+
+        on, off = _on_off(step, reps=3)
+        speedups.append(round(off / on, 3))
+        if not _faster(on, off):
+            break
+        longest = T
+    return longest, speedups
+
+
+def _residual(dtype):
+    norm = torch.nn.LayerNorm(256).to(dtype)
+    x = torch.randn(2048, 256, dtype=dtype, requires_grad=True)
+    y = torch.randn(2048, 256, dtype=dtype, requires_grad=True)
+
+    def step():
+        from aiayn import kernels
+        from aiayn.model.dropout import add_dropout
+
+        out = kernels.residual_layer_norm(x, y, norm, 0.1)
+        if out is None:
+            out = norm(add_dropout(x, y, 0.1))
+        out.sum().backward()
+    return step
+
+
+def _dropout(dtype):
+    from aiayn.model.dropout import dropout
+
+    x = torch.randn(2048, 1024, dtype=dtype)
+    return lambda: dropout(x, 0.1)
+
+
+def _loss(dtype):
+    from aiayn.train.loss import label_smoothed_cross_entropy
+
+    logits = torch.randn(512, 8000, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, 8000, (512,))
+    return lambda: label_smoothed_cross_entropy(logits, target, 0.1).backward()
+
+
+def _tiny_model(dtype):
+    from aiayn.config import ModelConfig
+    from aiayn.inference import inference_model
+    from aiayn.model import build_model
+
+    cfg = ModelConfig(vocab_size=1000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=2,
+                      max_len=64, dropout=0.0)
+    model = inference_model(build_model(cfg), "fp32" if dtype == torch.float32 else "bf16")
+    src = torch.randint(4, 1000, (16, 8))
+    return model, src
+
+
+def _decode(dtype):
+    from aiayn.decode.greedy import greedy
+
+    model, src = _tiny_model(dtype)
+    return lambda: greedy(model, src, 1, 2, max_extra=0, min_len=8)
+
+
+def _beam(dtype):
+    from aiayn.decode.beam import beam_search
+
+    model, src = _tiny_model(dtype)
+    return lambda: beam_search(model, src[:4], 1, 2, beam_size=4, max_extra=0, min_len=8)
+
+
+MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam}

@@ -1,0 +1,120 @@
+"""Which kernels run is measured on the machine (aiayn/kernels/tuning.py), remembered beside the
+built library, and obeyed; a kernel build follows the ISA caps; a failed build is remembered."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from aiayn import capability, kernels
+from aiayn.kernels import tuning
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels are not built here")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A kernel cache of this module's own (the library is built once for it)."""
+    return tmp_path_factory.mktemp("kernel-cache")
+
+
+@pytest.fixture
+def measured(monkeypatch, cache):
+    """Decisions made afresh (AIAYN_KERNELS=1: only what wins), each measurement counted."""
+    monkeypatch.setenv("AIAYN_KERNELS", "1")
+    monkeypatch.setenv("AIAYN_CACHE", str(cache))
+    for table in cache.rglob("*.json"):
+        table.unlink()
+    kernels._library.cache_clear()
+    tuning.forget()
+    calls = []
+    real = tuning._measure
+    monkeypatch.setattr(tuning, "_measure", lambda key: calls.append(key) or real(key))
+    yield calls
+    kernels._library.cache_clear()
+    tuning.forget()
+
+
+def test_a_decision_is_measured_once_and_kept_beside_the_library(measured, cache):
+    first = kernels._wins("residual", torch.float32)
+    assert measured == ["residual_f32"]
+    (table,) = cache.rglob("*.tuning-*t.json")
+    saved = json.loads(table.read_text())
+    assert saved["residual_f32"] == first and saved["residual_f32_speedups"][0] > 0
+    assert saved["threads"] == torch.get_num_threads()
+    tuning.forget()  # a new process: read, not measured again
+    assert kernels._wins("residual", torch.float32) == first and measured == ["residual_f32"]
+
+
+def test_attention_is_measured_per_head_size_up_to_the_length_it_wins(measured, monkeypatch):
+    monkeypatch.setattr(tuning, "_attention", lambda dtype, head_dim: (32 if head_dim == 8 else 0, [1.5]))
+    x = torch.randn(3, 32, 3 * 16, requires_grad=True)
+    assert kernels.training_attention(x, x, None, 2, 16, 16) is not None  # 2 heads of 8: up to 32
+    long = torch.randn(3, 64, 3 * 16, requires_grad=True)
+    assert kernels.training_attention(long, long, None, 2, 16, 16) is None  # longer: PyTorch's
+    assert kernels.training_attention(x, x, None, 1, 16, 16) is None  # 1 head of 16: lost everywhere
+    assert measured == ["attention_f32_dh8", "attention_f32_dh16"]
+
+
+def test_a_kernel_that_lost_is_not_used_unless_all_are_asked_for(measured, monkeypatch):
+    monkeypatch.setattr(tuning, "_measure", lambda key: (False, [0.5]))
+    logits, target = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    assert kernels.cross_entropy(logits, target, 0.1, 1.0, True) is None
+    assert kernels.dropout_mask(torch.randn(4, 4), 0.5) is None
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    assert kernels.cross_entropy(logits, target, 0.1, 1.0, True) is not None
+    assert kernels.dropout_mask(torch.randn(4, 4), 0.5) is not None
+
+
+def test_the_residual_kernel_still_drops_out_where_the_dropout_kernel_lost(measured, monkeypatch):
+    monkeypatch.setattr(tuning, "_measure", lambda key: (key.startswith("residual"), [1.0]))
+    norm = torch.nn.LayerNorm(8)
+    x, y = torch.randn(500, 8), torch.ones(500, 8)
+    out = kernels.residual_layer_norm(x, y, norm, 0.5)
+    assert out is not None
+    assert not torch.allclose(out, norm(x + y), atol=1e-3)  # about half of y was dropped
+
+
+@pytest.mark.parametrize("family", ["residual", "dropout", "loss", "decode", "beam"])
+def test_every_family_can_be_measured(family):
+    """Each measurement runs its kernels and PyTorch's operators on real inputs (and is quick)."""
+    step = tuning.MEASURES[family](torch.float32)
+    on, off = tuning._on_off(step, reps=1)
+    assert 0 < on < 5 and 0 < off < 5
+
+
+def test_disabled_turns_the_kernels_off_in_this_thread_only():
+    assert kernels.available()
+    with kernels.disabled():
+        assert not kernels.available()
+    assert kernels.available()
+
+
+def test_the_build_follows_the_isa_cap(monkeypatch):
+    capped = capability.Machine("cpu", "avx2", "x", bf16=False, fp16=False, int8=True, capped="ONEDNN_MAX_CPU_ISA=AVX2")
+    monkeypatch.setattr(capability, "probe", lambda device="cpu": capped)
+    sets = kernels._flag_sets()
+    assert all("-mno-avx512f" in flags for flags in sets if "-march=native" in flags)
+    assert "avx2" in kernels._machine_key()
+    uncapped = capability.Machine("cpu", "avx512_bf16", "x", bf16=True, fp16=False, int8=True)
+    monkeypatch.setattr(capability, "probe", lambda device="cpu": uncapped)
+    assert not any("-mno-avx512f" in flags for flags in kernels._flag_sets())
+
+
+def test_a_failed_build_is_remembered_and_warned_about_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists, and fails every build
+    kernels._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="did not build"):
+            assert not kernels.available()
+        markers = list(tmp_path.rglob("*.failed"))
+        assert markers and "false" in markers[0].read_text()
+        kernels._library.cache_clear()  # a new process: no new attempt, no new warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kernels.available()
+        assert list(tmp_path.rglob("*.failed")) == markers
+    finally:
+        kernels._library.cache_clear()
