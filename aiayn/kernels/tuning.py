@@ -129,11 +129,15 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
     """-> (the decision, the kernels' speed-ups measured: PyTorch's time / the kernels')."""
     family, name, *rest = key.split("_")
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[name]
-    torch.manual_seed(0)
-    if family == "attention":
-        return _attention(dtype, int(rest[0][2:]))
-    on, off = _on_off(MEASURES[family](dtype))
-    return _faster(on, off), [round(off / on, 3)]
+    # asked from anywhere (an autograd Function's forward, a decoding loop, autocast): measured in
+    # plain fp32-default mode with gradients, and without disturbing the caller's random numbers
+    with (torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False),
+          torch.random.fork_rng()):
+        torch.manual_seed(0)
+        if family == "attention":
+            return _attention(dtype, int(rest[0][2:]))
+        on, off = _on_off(MEASURES[family](dtype))
+        return _faster(on, off), [round(off / on, 3)]
 
 
 def _faster(on: float, off: float) -> bool:

@@ -47,6 +47,25 @@ def test_a_decision_is_measured_once_and_kept_beside_the_library(measured, cache
     assert kernels._wins("residual", torch.float32) == first and measured == ["residual_f32"]
 
 
+def test_a_decision_asked_for_inside_a_loss_or_under_no_grad_is_measured_with_gradients(measured):
+    """The first cross-entropy of a run asks from inside an autograd Function's forward (no
+    gradients there), under autocast: the measurement still runs forward and backward, and leaves
+    the caller's random numbers alone."""
+    from aiayn.train.loss import label_smoothed_cross_entropy
+
+    logits = torch.randn(5, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=capability.probe("cpu").bf16):
+        label_smoothed_cross_entropy(logits, torch.randint(0, 7, (5,)), 0.1).backward()
+    assert measured == ["loss_f32"] and logits.grad is not None
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert kernels._wins("dropout", torch.float32) in (True, False)
+    assert measured == ["loss_f32", "dropout_f32"]
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_attention_is_measured_per_head_size_up_to_the_length_it_wins(measured, monkeypatch):
     monkeypatch.setattr(tuning, "_attention", lambda dtype, head_dim: (32 if head_dim == 8 else 0, [1.5]))
     x = torch.randn(3, 32, 3 * 16, requires_grad=True)
