@@ -1,7 +1,7 @@
 """Fast inference copies of a trained model, for decoding on a CPU.
 
 `inference_model(model, precision)` returns the fastest form found for a precision (measured in
-docs/PERFORMANCE.md): fp32 with the linear layers on oneDNN (torch's CPU build sends fp32 GEMMs to
+docs/perf-log/2026-11.md): fp32 with the linear layers on oneDNN (torch's CPU build sends fp32 GEMMs to
 MKL, which is 2x slower on AMD CPUs), bf16 weights on oneDNN, or int8 dynamic quantization. Each is
 a copy: the model itself is left as it is, so a training run can decode its validation set on one.
 """

@@ -22,7 +22,7 @@ def keep_freed_memory() -> None:
 
     The price is memory: freed blocks stay in the heap, which fragments as big temporaries change
     size from batch to batch. A `multi30k`-preset R-Drop run held 7.3 GB after 300 updates with it,
-    3.7 GB without, at 7.1k against 5.2k target tokens/s (docs/PERFORMANCE.md, "Memory").
+    3.7 GB without, at 7.1k against 5.2k target tokens/s (docs/perf-log/2026-11.md, "Memory").
     AIAYN_KEEP_FREED_MEMORY=0 in the environment leaves malloc alone, for a machine short of memory.
     """
     if not sys.platform.startswith("linux") or os.environ.get("AIAYN_KEEP_FREED_MEMORY") == "0":

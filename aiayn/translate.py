@@ -56,7 +56,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
     model (aiayn.inference: oneDNN linears, cast or quantized weights), the model is left as it is.
     workers: batches decoded at once, each in a thread of one torch thread (CPU only; default
     `default_workers`: one per torch thread). On 2 cores, 2 workers decode 15-25% more tokens/s than
-    one batch at a time on 2 threads (docs/PERFORMANCE.md)."""
+    one batch at a time on 2 threads (docs/perf-log/2026-11.md)."""
     from aiayn.decode import beam_search, greedy
 
     max_src = model.cfg.max_len - 1

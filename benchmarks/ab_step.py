@@ -5,7 +5,7 @@
     python benchmarks/ab_step.py train --base HEAD~1 --precision fp32 --config base
     python benchmarks/ab_step.py decode --base HEAD --quick            # a tiny model: checks it works
 
-How every "A/B" figure in docs/PERFORMANCE.md was measured. The base revision is checked out into
+How every "A/B" figure in docs/perf-log/2026-11.md was measured. The base revision is checked out into
 a temporary git worktree; the head is this working tree (or --head DIR). Each measurement is a fresh
 process that imports aiayn and the benchmark engines (decode_throughput.py, train_throughput.py)
 from its own tree, runs on one thread and is timed by its own CPU clock (other load on the machine

@@ -1,15 +1,21 @@
 """Optional C kernels for a CPU, built on first use for the machine they run on.
 
 PyTorch's operators cover everything aiayn does; a kernel here does several of them in one call where
-measurement showed that to pay (docs/PERFORMANCE.md). decode_step.c serves a decoding step: less
-time, and fewer operators, each of which hands the GIL over between decoding threads. train_step.c
-serves a training step: attention and the post-norm residual (dropout + LayerNorm), forward and
-backward, dropout masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no
-PyTorch headers: they build in about a second), compiled with the system's C compiler into a cache
-directory and called through ctypes, which releases the GIL. Without a compiler, on a failed build,
-on a platform other than Linux/macOS, or with AIAYN_KERNELS=0 in the environment, every function
-here returns None (`supports`, `usable`: False) and callers use PyTorch's operators: the same
-results to rounding (tests/model/test_kernels.py, test_train_kernels.py).
+measurement showed that to pay. decode_step.c serves a decoding step: less time, and fewer
+operators, each of which hands the GIL over between decoding threads. train_step.c serves a training
+step: attention and the post-norm residual (dropout + LayerNorm), forward and backward, dropout
+masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no PyTorch headers),
+compiled with the system's C compiler for this CPU (-march=native, capped like oneDNN by
+ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) into a cache directory, and called through ctypes, which
+releases the GIL.
+
+Whether a kernel pays depends on the CPU (on an AVX2-only one the training attention and the loss
+lose to PyTorch), so each family is timed against PyTorch's operators on this machine the first
+time it is needed, and used only where it won (tuning.py; AIAYN_KERNELS=all: every kernel, 0:
+none). Without a compiler, on a failed build (remembered, warned about once), on a platform other
+than Linux/macOS, or where a kernel lost, its function here returns None and the caller uses
+PyTorch's operators: the same results to rounding (tests/model/test_kernels.py,
+test_train_kernels.py).
 """
 
 from __future__ import annotations
