@@ -14,7 +14,8 @@ directory, validating and checkpointing once, at the end.
 
 Reported:
   wall s         the whole Trainer.run: 2000 steps, the final validation, the checkpoint and plot
-  cpu s          the CPU time of the same (all threads): on a busy machine, the steadier figure
+  cpu s          the CPU time of the same (all threads; nanoGPT's: its whole process): on a busy
+                 machine, the steadier figure
   tokens/s       training tokens (steps x 12 x 64) per wall second
   val loss       nanoGPT's estimate: mean loss over --eval-iters random batches of 12 x 64 from the
                  validation text (nanoGPT's train.py default is 200; its README CPU command uses 20),
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,14 +71,19 @@ def run_nanogpt(checkout: Path, threads: int) -> dict:
         subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         proc = subprocess.run([sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out}"], cwd=checkout,
                               capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     found = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout)
     if proc.returncode != 0 or not found:
         raise SystemExit(f"nanoGPT failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return {"wall_s": wall, "val_loss": float(found[-1][2]), "tok_s": 2000 * 12 * 64 / wall}
+    return {"wall_s": wall, "cpu_s": cpu, "val_loss": float(found[-1][2]), "tok_s": 2000 * 12 * 64 / wall}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @torch.no_grad()
@@ -150,7 +157,8 @@ def main() -> None:
                      f"{mean['tok_s']:,.0f}", f"{mean['est']:.4f}", f"{mean['val_loss']:.4f}"))
     if args.nanogpt:
         peer, name = run_nanogpt(args.nanogpt, torch.get_num_threads()), "nanoGPT (this run)"
-        rows.append((name, f"{peer['wall_s']:.1f}", "-", "2000", f"{peer['tok_s']:,.0f}", f"{peer['val_loss']:.4f}", "-"))
+        rows.append((name, f"{peer['wall_s']:.1f}", f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}",
+                     f"{peer['val_loss']:.4f}", "-"))
     else:
         peer, name = NANOGPT, "nanoGPT (PEERS.md, Zen 5)"
         rows.append((name, f"{peer['wall_s']:.0f}", "-", "2000", f"~{peer['tok_s']:,}", f"{peer['val_loss']:.4f}", "-"))

@@ -142,7 +142,7 @@ def test_trainer_and_inference_refuse_bf16_without_it(machine, tmp_path):
     from aiayn.config import ModelConfig, TrainConfig
     from aiayn.inference import inference_model
     from aiayn.model import build_model
-    from aiayn.train.loop import Trainer
+    from aiayn.train.loop import Trainer, autocast
 
     machine(AVX2)
     model = build_model(ModelConfig(vocab_size=20, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
@@ -153,6 +153,12 @@ def test_trainer_and_inference_refuse_bf16_without_it(machine, tmp_path):
         Trainer(None, model, None, TrainConfig(max_steps=1, precision="bf16"), tmp_path)
     trainer = Trainer(None, model, None, TrainConfig(max_steps=1, precision="auto"), tmp_path)
     assert trainer.cfg.precision == "fp32"
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast(TrainConfig(max_steps=1, precision="auto")):  # the loop's autocast resolves auto too
+        assert not torch.is_autocast_enabled("cpu")
+    machine(AVX512_BF16)
+    with autocast(TrainConfig(max_steps=1, precision="auto")):
+        assert torch.is_autocast_enabled("cpu")
 
 
 # ------------------------------------------------------------------------------------- the CLI

@@ -51,10 +51,11 @@ def autocast(cfg: TrainConfig):
     """bf16 autocast on CPU and CUDA (fp32 master weights), fp16 on CUDA. ("bf16-model" trains a bf16
     copy of the model without autocast, see Bf16Twin; its validation runs the fp32 model under bf16
     autocast, as "bf16" does.)"""
-    if cfg.precision == "fp32":
+    precision = choose_precision(cfg.precision, cfg.device, "train")[0]  # "auto": what the Trainer runs
+    if precision == "fp32":
         return contextlib.nullcontext()
     device_type = torch.device(cfg.device).type
-    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if dtype == torch.float16 and device_type != "cuda":
         raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
