@@ -29,6 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PARTS = {"train": ["train_throughput.py"], "decode": ["decode_throughput.py"],
          "lm": ["lm_train.py", "lm_generate.py"]}
 CELL_FLAG = "--cell"
+NO_KERNELS = "-nokernels"  # an aiayn engine's name with this suffix: the same, AIAYN_KERNELS=0
 
 
 # ------------------------------------------------------------------------------- the machine
@@ -122,6 +123,8 @@ def run_cell(script: str | Path, spec: dict, timeout: float | None = None) -> di
     cmd = [sys.executable, str(script), CELL_FLAG, json.dumps(spec)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if str(spec.get("engine", "")).endswith(NO_KERNELS):  # aiayn with PyTorch's operators only
+        env["AIAYN_KERNELS"] = "0"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -126,7 +126,7 @@ def run_cell(spec: dict) -> dict:
     cfg = model_config(spec["config"])
     L, B, n = spec["length"], spec["batch"], spec["sentences"]
     src = bench.random_sources(n, L, cfg.vocab_size, spec["seed"])
-    kind, precision = spec["engine"].split("-")
+    kind, precision = spec["engine"].split("-")[:2]
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "aiayn":
             per_batch, whole = aiayn_engine(cfg, precision, L)
@@ -156,7 +156,8 @@ def run_cell(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="small,base", help="comma-separated: small, base, tiny")
-    p.add_argument("--engines", default=",".join(ENGINES), help=", ".join(ENGINES))
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=", ".join(ENGINES) + "; an aiayn engine + '-nokernels' runs it with AIAYN_KERNELS=0")
     p.add_argument("--beams", default="1,4", help="beam sizes; 1 = greedy")
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--length", type=int, default=20, help="source and (forced) output length")
@@ -179,15 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         if name not in CONFIGS:
             p.error(f"unknown config {name!r}")
     for e in engines:
-        if e not in ENGINES:
+        base = e.removesuffix(bench.NO_KERNELS)
+        if base not in ENGINES or (e != base and not base.startswith("aiayn")):
             p.error(f"unknown engine {e!r}")
+        NAMES.setdefault(e, NAMES[base] + ", no C kernels")
 
     bench.set_threads(args.threads)
     print(bench.header("Decoding throughput: aiayn vs HF generate and CTranslate2"))
     print(f"{args.sentences} sentences x {args.length} source tokens, outputs forced to {args.length} "
           f"tokens, batches of {args.batch}; aiayn {args.workers} worker(s), CTranslate2 threads "
           f"{args.ct2_threads} (inter x intra); rates per {args.clock} second")
-    cells = [(c, e) for c in configs for e in engines if not bench.lacks(e.split("-", 1)[1])]
+    cells = [(c, e) for c in configs for e in engines if not bench.lacks(e.split("-")[1])]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
     for r in range(args.rounds):
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for beam in beams:
             key = f"beam{beam}"
             per = {e: bench.best_of([x.get(key, x) for x in results[(c, e)]], "tok_s") if (c, e) in results
-                   else {"error": f"not run: {bench.lacks(e.split('-', 1)[1])}"} for e in engines}
+                   else {"error": f"not run: {bench.lacks(e.split('-')[1])}"} for e in engines}
             ct2 = {e: per[e]["tok_s"] for e in ("ct2-float32", "ct2-int8") if e in per and "error" not in per[e]}
             for e in engines:
                 res = per[e]

@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--nanogpt", type=Path, metavar="DIR", help="a nanoGPT checkout: run it in this benchmark")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--eval-iters", type=int, default=200)
+    p.add_argument("--without-kernels", action="store_true",
+                   help="after each seed's run, the same run with AIAYN_KERNELS=0: a row of its own")
     p.add_argument("--quick", action="store_true", help="50 steps, 20 eval batches, one seed")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -143,14 +145,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    text, runs = read_text(SHAKESPEARE), []
+    text, runs, plain = read_text(SHAKESPEARE), [], []
     for seed in seeds:
         runs.append(run(text, seed, args.steps, args.precision, args.eval_iters))
+        if args.without_kernels:  # the same run right after, AIAYN_KERNELS=0 (read at every kernel call)
+            setting = os.environ.get("AIAYN_KERNELS")
+            os.environ["AIAYN_KERNELS"] = "0"
+            plain.append(run(text, seed, args.steps, args.precision, args.eval_iters))
+            if setting is None:
+                del os.environ["AIAYN_KERNELS"]
+            else:
+                os.environ["AIAYN_KERNELS"] = setting
         if len(runs) == 1:
             print(f"aiayn shakespeare-cpu: {runs[0]['params'] / 1e6:.2f}M parameters, {runs[0]['precision']}, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     rows = [(f"aiayn, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}", f"{r['tok_s']:,.0f}",
              f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in runs]
+    rows += [(f"aiayn, no C kernels, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}",
+              f"{r['tok_s']:,.0f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in plain]
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("wall", "cpu", "tok_s", "est", "val_loss")}
     if len(runs) > 1:
         rows.append((f"aiayn, mean of {len(runs)}", f"{mean['wall']:.1f}", f"{mean['cpu']:.1f}", f"{args.steps}",

@@ -62,8 +62,8 @@ CONFIGS = {"small": dict(vocab_size=8000), "base": dict(vocab_size=8000), "multi
            "tiny": dict(vocab_size=64)}
 PRECISIONS = ("fp32", "bf16", "bf16-model")
 HF_PRECISION = {"bf16-model": "bf16"}  # the HF cell a bf16-model row is compared with
-ENGINES = ("aiayn", "hf")
-ENGINE_NAMES = {"aiayn": "aiayn", "hf": "HF Marian"}
+ENGINES = ("aiayn", "aiayn-nokernels", "hf")  # aiayn-nokernels: AIAYN_KERNELS=0 (not run by default)
+ENGINE_NAMES = {"aiayn": "aiayn", "aiayn-nokernels": "aiayn, no C kernels", "hf": "HF Marian"}
 
 
 def model_config(name: str) -> ModelConfig:
@@ -152,7 +152,7 @@ def run_cell(spec: dict) -> dict:
     cfg = model_config(spec["config"])
     n_batches = spec["warmup"] + spec["steps"]
     batches = make_batches(cfg, spec["pairs"], spec["max_tokens"], n_batches, spec["seed"])
-    step, convert = (aiayn_step if spec["engine"] == "aiayn" else hf_step)(cfg, spec["precision"])
+    step, convert = (aiayn_step if spec["engine"].startswith("aiayn") else hf_step)(cfg, spec["precision"])
     inputs = [convert(b) for b in batches]
     for i in range(spec["warmup"]):
         step(inputs[i % len(inputs)])
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="small,base", help="comma-separated: small, base, multi30k, tiny")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--engines", default=",".join(ENGINES), help="aiayn, hf")
+    p.add_argument("--engines", default="aiayn,hf", help="aiayn, aiayn-nokernels (AIAYN_KERNELS=0), hf")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per cell")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--max-tokens", type=int, default=4096, help="padded positions per batch")
