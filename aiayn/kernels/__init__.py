@@ -82,8 +82,11 @@ def disabled():
 def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
     """Whether a kernel family beat PyTorch on this machine (tuning.py; for "attention", the longest
     length at which it did, for this head size). Cheap after the first call of a process."""
-    if os.environ.get("AIAYN_KERNELS") == "all" or tuning.measuring():  # (a lookup: cheap enough per call)
-        return MAX_TRAIN_LENGTH if family == "attention" else True
+    forced = tuning.forced(family)  # (these lookups are cheap enough for every call)
+    if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
+        forced = True
+    if forced is not None:
+        return (MAX_TRAIN_LENGTH if family == "attention" else True) if forced else False
     key = f"{family}_{_FUNCTIONS[dtype]}" + (f"_dh{head_dim}" if family == "attention" else "")
     return tuning.decide(key, Path(_library()._name))  # (called once the library is known to be there)
 

@@ -99,8 +99,19 @@ def test_the_residual_kernel_still_drops_out_where_the_dropout_kernel_lost(measu
 def test_every_family_can_be_measured(family):
     """Each measurement runs its kernels and PyTorch's operators on real inputs (and is quick)."""
     step = tuning.MEASURES[family](torch.float32)
-    on, off = tuning._on_off(step, reps=1)
+    on, off = tuning._on_off(step, family, reps=1)
     assert 0 < on < 5 and 0 < off < 5
+
+
+def test_a_family_is_timed_against_itself_off_with_every_other_kernel_on():
+    seen = []
+
+    def step():
+        seen.append((kernels._wins("beam", torch.float32), kernels._wins("decode", torch.float32)))
+
+    tuning._on_off(step, "beam", reps=1)
+    assert set(seen) == {(True, True), (False, True)}
+    assert tuning.forced("beam") is None  # over
 
 
 def test_disabled_turns_the_kernels_off_in_this_thread_only():
