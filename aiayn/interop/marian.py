@@ -119,12 +119,14 @@ def import_marian(directory: Path | str):
     tokenizer = read_marian_tokenizer(directory, hf)
     w = Weights(read_weights(directory), directory)
     D, V, Vt = cfg.d_model, cfg.vocab_size, cfg.target_vocab
-    src = w.get("model.encoder.embed_tokens.weight", "model.shared.weight", shape=(V, D))
-    tgt = w.get("model.shared.weight", "model.decoder.embed_tokens.weight", shape=(Vt, D)) if share else \
-        w.get("model.decoder.embed_tokens.weight", shape=(Vt, D))
+    # a checkpoint keeps one name of each tied matrix, which may be any of them; transformers ties
+    # them only with tie_word_embeddings (else shared embeddings are three matrices, as here)
+    shared = ("model.shared.weight",) if share and tie else ()
+    src = w.get("model.encoder.embed_tokens.weight", *shared, shape=(V, D))
+    tgt = w.get("model.decoder.embed_tokens.weight", *shared, shape=(Vt, D))
     out = tgt if tie else w.get("lm_head.weight", shape=(Vt, D))
     bias = w.get("final_logits_bias", shape=(1, Vt)).view(Vt) if w.has("final_logits_bias") else torch.zeros(Vt)
-    tied = share and tie
+    tied = share and tie and torch.equal(src, tgt)
     cfg = cfg.replace(tie_embeddings=tied, output_bias=bool(bias.any()))
     sd = {"src_embed.tokens.weight": src, "tgt_embed.tokens.weight": tgt, "generator.weight": out}
     if cfg.output_bias:

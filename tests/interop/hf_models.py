@@ -50,10 +50,11 @@ def marian_tokenizer_files(directory: Path) -> int:
     return len(vocab)
 
 
-def marian(directory: Path, vocab_size: int, seed: int = 0, safetensors: bool = True, eos_bias: float = 4.0,
-           **changes):
+def marian(directory: Path, vocab_size: int, seed: int = 0, safetensors: bool = True, **changes):
     """A random MarianMTModel saved in `directory` (beside its tokenizer files). final_logits_bias is
-    random too, EOS's raised so that greedy and beam outputs end at varied lengths."""
+    random too, EOS's raised just enough for the greedy outputs of a few sentences to end by EOS at
+    varied lengths (a random model otherwise repeats itself to the length limit): then greedy and
+    beam search can be compared without their length limits."""
     from transformers import MarianConfig, MarianMTModel
 
     torch.manual_seed(seed)
@@ -61,15 +62,30 @@ def marian(directory: Path, vocab_size: int, seed: int = 0, safetensors: bool = 
                   decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                   decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=vocab_size - 1,
                   decoder_start_token_id=vocab_size - 1, eos_token_id=0, forced_eos_token_id=0,
-                  activation_function="swish", scale_embedding=True, init_std=0.3, dropout=0.1)
+                  activation_function="swish", scale_embedding=True, init_std=0.15, dropout=0.1)
     fields.update(changes)
     model = MarianMTModel(MarianConfig(**fields)).eval()
-    with torch.no_grad():
-        bias = torch.randn(model.final_logits_bias.shape) * 0.5
-        bias[0, 0] += eos_bias
-        model.final_logits_bias.copy_(bias)
+    src = marian_sources(directory)
+    base = torch.randn(model.final_logits_bias.shape) * 0.5
+    for eos_bias in torch.arange(0.0, 8.0, 0.5).tolist():
+        with torch.no_grad():
+            bias = base.clone()
+            bias[0, 0] += eos_bias
+            model.final_logits_bias.copy_(bias)
+            out = model.generate(input_ids=src, attention_mask=(src != vocab_size - 1).long(), max_new_tokens=30,
+                                 num_beams=4, length_penalty=0.0, early_stopping=True, bad_words_ids=[[vocab_size - 1]])
+        lengths = [row.index(0) if 0 in row else 99 for row in out[:, 1:].tolist()]
+        if max(lengths) < 29 and len(set(lengths)) > 1 and max(lengths) >= 2:
+            break
     model.save_pretrained(directory, safe_serialization=safetensors)
     return model
+
+
+def marian_sources(directory: Path, n: int = 6) -> torch.Tensor:
+    """The first n Multi30k validation sentences, tokenized by transformers' MarianTokenizer, padded."""
+    from transformers import MarianTokenizer
+
+    return MarianTokenizer.from_pretrained(directory)(lines("val.en", n), return_tensors="pt", padding=True).input_ids
 
 
 def gpt2_tokenizer_files(directory: Path, vocab_size: int = 400) -> int:
