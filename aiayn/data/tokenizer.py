@@ -165,6 +165,12 @@ class MarianTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_target_batch(self, texts: list[str]) -> list[list[int]]:
+        """Training targets: cut by target.spm, numbered by the target vocabulary, without EOS (the
+        batching adds it), as transformers' MarianTokenizer(text_target=...) less its EOS."""
+        target = self.target_vocab if self.target_vocab is not None else self.vocab
+        return [[target.get(p, self.unk_id) for p in self.target_sp.encode(t, out_type=str)] for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         pieces = [self.id_to_piece[i] for i in map(int, ids)
                   if i not in self.special and i in self.id_to_piece and self.id_to_piece[i] not in self.codes]
