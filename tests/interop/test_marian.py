@@ -162,3 +162,25 @@ def test_unsupported_variants_and_broken_files(tmp_path_factory, tokenizer_dir, 
     assert "no config.json" in broken(lambda b: (b / "config.json").unlink())
     with pytest.raises(InteropError, match="no such directory"):
         import_marian(tmp_path / "nowhere")
+
+
+def test_fine_tuning_loss_equals_transformers(imported):
+    """The training batches of an imported model (its pad, decoder-start and EOS ids; targets cut by
+    target.spm) give transformers' loss for the same pairs (labels from text_target=...)."""
+    from transformers import MarianTokenizer
+
+    from aiayn.tasks.translation import TranslationTask, translation_loss
+
+    d, hf, model, tok = imported
+    pairs = list(zip(H.lines("val.en", 4), H.lines("val.de", 4)))
+    task = TranslationTask(tok, pairs, pairs, max_tokens=4096, max_len=128, eval_bleu=False)
+    batch = task._collate(task.train)
+    ht = MarianTokenizer.from_pretrained(d)
+    ref = ht([s for s, _ in pairs], text_target=[t for _, t in pairs], return_tensors="pt", padding=True)
+    labels = ref["labels"].masked_fill(ref["labels"] == tok.pad_id, -100)
+    assert batch.src.tolist() == ref.input_ids.tolist()
+    assert batch.tgt_out.masked_fill(batch.tgt_out == tok.pad_id, -100).tolist() == labels.tolist()
+    with torch.no_grad():
+        hf_loss = hf(input_ids=ref.input_ids, attention_mask=ref.attention_mask, labels=labels).loss
+        ours = translation_loss(model, batch)
+    assert abs(ours.item() - hf_loss.item()) < 1e-5
