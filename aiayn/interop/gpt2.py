@@ -146,8 +146,9 @@ def export_gpt2(model, tokenizer, out: Path) -> None:
         {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "max_length": cfg.max_len}, indent=1))
     if isinstance(tokenizer, ByteBPETokenizer):  # GPT-2's own files, and the fast tokenizer's
         _write_byte_bpe(out, tokenizer, cfg.max_len)
-    else:  # a character or sentencepiece vocabulary: no GPT-2 tokenizer; aiayn's beside the weights
-        tokenizer.save(out)
+    else:  # a character or sentencepiece vocabulary has no GPT-2 form: aiayn's, in a folder of its own
+        (out / "aiayn-tokenizer").mkdir()  # (its tokenizer.json is not the `tokenizers` format HF would read)
+        tokenizer.save(out / "aiayn-tokenizer")
 
 
 def _write_byte_bpe(out: Path, tokenizer, max_len: int) -> None:

@@ -84,6 +84,7 @@ def test_lm_export_gpt2(tmp_path):
         out = tmp_path / str(i)
         out.mkdir()
         assert export_hf(model, tok, "lm", out) == "GPT2LMHeadModel"
+        assert (out / "aiayn-tokenizer" / "tokenizer.json").is_file()  # characters: aiayn's own tokenizer
         hf = GPT2LMHeadModel.from_pretrained(out).eval()
         x = torch.tensor([tok.encode("ROMEO:\nWhat light through yonder window breaks?")])
         with torch.no_grad():

@@ -105,3 +105,18 @@ def test_unsupported_variants_and_broken_files(imported, tmp_path):
     weights = next(p.name for p in d.iterdir() if p.name in ("model.safetensors", "pytorch_model.bin"))
     assert "corrupt" in broken(lambda b: (b / weights).write_bytes(b"PK\x03\x04 not a zip"))
     assert "has shape" in broken(config(n_positions=32))
+
+
+def test_export_back_to_gpt2(imported, tmp_path):
+    """import -> export: transformers loads the model and its tokenizer files again, same logits."""
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+
+    from aiayn.interop import export_gpt2
+
+    d, hf, model, tok = imported
+    export_gpt2(model, tok, tmp_path)
+    again, ht = GPT2LMHeadModel.from_pretrained(tmp_path).eval(), GPT2Tokenizer.from_pretrained(tmp_path)
+    x = torch.tensor([ht(TEXTS[0]).input_ids])
+    assert x[0].tolist() == tok.encode(TEXTS[0])
+    with torch.no_grad():
+        assert (again(x).logits - hf(x).logits).abs().max() < 1e-4
