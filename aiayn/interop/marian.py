@@ -119,9 +119,9 @@ def import_marian(directory: Path | str):
     tokenizer = read_marian_tokenizer(directory, hf)
     w = Weights(read_weights(directory), directory)
     D, V, Vt = cfg.d_model, cfg.vocab_size, cfg.target_vocab
-    # a checkpoint keeps one name of each tied matrix, which may be any of them; transformers ties
-    # them only with tie_word_embeddings (else shared embeddings are three matrices, as here)
-    shared = ("model.shared.weight",) if share and tie else ()
+    # a checkpoint keeps one name of each tied matrix, which may be any of them; transformers 5 ties
+    # them only with tie_word_embeddings (else the encoder's and decoder's are two matrices, read here)
+    shared = ("model.shared.weight",) if share else ()
     src = w.get("model.encoder.embed_tokens.weight", *shared, shape=(V, D))
     tgt = w.get("model.decoder.embed_tokens.weight", *shared, shape=(Vt, D))
     out = tgt if tie else w.get("lm_head.weight", shape=(Vt, D))
