@@ -112,6 +112,14 @@ def test_cli_import_translate_export(tmp_path, capsys):
     assert main(["translate", "--model", str(tmp_path / "m"), "--beam", "2", "A dog runs."]) == 0
     assert main(["explain", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "A dog."]) == 0
     assert main(["export", "hf", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 0
+    for name, lang, n in (("tr", "train", 32), ("va", "val", 8)):  # fine-tuning the imported model
+        for side in ("en", "de"):
+            (tmp_path / f"{name}.{side}").write_text("\n".join(H.lines(f"{lang}.{side}", n)) + "\n")
+    assert main(["train", "translation", "--init-from", str(tmp_path / "m"), "--out", str(tmp_path / "run"),
+                 f"--train-src={tmp_path / 'tr.en'}", f"--train-tgt={tmp_path / 'tr.de'}",
+                 f"--val-src={tmp_path / 'va.en'}", f"--val-tgt={tmp_path / 'va.de'}",
+                 "--max-steps", "2", "--eval-every", "2", "--precision", "fp32", "--quiet"]) == 0
+    assert main(["translate", "--model", str(tmp_path / "run"), "A dog runs."]) == 0
     capsys.readouterr()
     # errors: one line each, nothing half-written
     assert main(["import", "marian", str(d), "--out", str(tmp_path / "m")]) == 1  # exists
