@@ -81,8 +81,11 @@ def remove_tree(path: Path) -> None:
 
 # --------------------------------------------------------------------------------- model dirs
 def tokenizer_digest(directory: Path, tokenizer) -> str:
-    """The SHA-256 of the tokenizer file in `directory`: which vocabulary a model was trained with."""
-    return hashlib.sha256((Path(directory) / tokenizer.filename).read_bytes()).hexdigest()
+    """The SHA-256 of the tokenizer file(s) in `directory`: which vocabulary a model was trained with."""
+    h = hashlib.sha256()
+    for name in getattr(tokenizer, "files", (tokenizer.filename,)):
+        h.update((Path(directory) / name).read_bytes())
+    return h.hexdigest()
 
 
 def write_model(directory: Path, model: torch.nn.Module, tokenizer, task: str, extra: dict | None = None) -> None:

@@ -483,6 +483,34 @@ def cmd_bench(args) -> int:
         raise UserError(str(e)) from None
 
 
+# ----------------------------------------------------------------------------- import / export
+def cmd_import(args) -> int:
+    from aiayn.checkpoint import write_model
+    from aiayn.interop import import_gpt2, import_marian
+    from aiayn.interop.hf import write_directory
+
+    model, tokenizer, extra = (import_marian if args.kind == "marian" else import_gpt2)(Path(args.dir))
+    task = "translation" if args.kind == "marian" else "lm"
+    write_directory(Path(args.out), lambda d: write_model(d, model, tokenizer, task, extra))
+    c = model.cfg
+    print(f"imported {args.dir} ({args.kind}: d_model {c.d_model}, {c.n_encoder_layers}+{c.n_decoder_layers} "
+          f"layers, {c.n_heads} heads, vocabulary {c.target_vocab}) into {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from aiayn.checkpoint import load_model_dir
+    from aiayn.interop import export_hf
+    from aiayn.interop.hf import write_directory
+
+    model_dir = _resolve_model(Path(args.model))
+    model, tokenizer, task, extra = load_model_dir(model_dir)
+    written = []
+    write_directory(Path(args.out), lambda d: written.append(export_hf(model, tokenizer, task, d, extra)))
+    print(f"exported {model_dir} ({task}) as {written[0]} into {args.out}")
+    return 0
+
+
 def not_built(name: str):
     def run(args) -> int:
         print(f"aiayn {name}: not built yet", file=sys.stderr)
@@ -646,6 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_explain)
     s = sub.add_parser("serve", help="serve a model over HTTP")
     s.set_defaults(func=not_built("serve"))
+    im = sub.add_parser("import", help="import a pretrained HF model directory (OPUS-MT Marian, GPT-2)",
+                        description="Convert a local HF-format directory (config.json, model.safetensors or "
+                        "pytorch_model.bin, tokenizer files) into an aiayn model directory.")
+    im.add_argument("kind", choices=["marian", "gpt2"], help="marian: MarianMTModel (OPUS-MT); gpt2: GPT2LMHeadModel")
+    im.add_argument("dir", help="the HF model directory")
+    im.add_argument("--out", required=True, help="the aiayn model directory to write (new or empty)")
+    im.set_defaults(func=cmd_import)
+    ex = sub.add_parser("export", help="export an aiayn model to another format (hf)",
+                        description="Write an aiayn model as an HF directory that transformers loads with "
+                        "from_pretrained: a translation model as MarianMTModel, a language model as GPT2LMHeadModel.")
+    ex.add_argument("format", choices=["hf"], help="hf: a transformers directory")
+    ex.add_argument("model", help="the aiayn model directory (or a run directory)")
+    ex.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    ex.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="speed benchmarks against peers",
                        description="Run benchmarks/ (a source checkout): tables comparing aiayn with HF "
                        "Marian and CTranslate2 (pip install -e .[bench]) in one run.")

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+ACTIVATIONS = ("relu", "gelu", "gelu-tanh", "swish")  # swish = SiLU; gelu-tanh = GPT-2's approximation
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Transformer. Defaults are the paper's base model (Table 3)."""
@@ -22,10 +25,16 @@ class ModelConfig:
     attn_dropout: float = 0.0        # dropout on attention weights (not in the paper)
     max_len: int = 512
     norm_first: bool = False         # False = the paper's post-norm
-    activation: Literal["relu", "gelu"] = "relu"
-    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    activation: Literal["relu", "gelu", "gelu-tanh", "swish"] = "relu"
+    # sinusoidal: §3.5, sin and cos interleaved; sinusoidal-split: the same values, all sines first
+    # then all cosines (Marian's layout); learned: one trained vector per position (GPT-2)
+    positional: Literal["sinusoidal", "sinusoidal-split", "learned"] = "sinusoidal"
     tie_embeddings: bool = True      # §3.4: share source, target and output embeddings
     pad_id: int = 0
+    # departures from the paper that imported models need (aiayn.interop); defaults = the paper
+    scale_embedding: bool = True     # §3.4: multiply embeddings by sqrt(d_model)
+    output_bias: bool = False        # a bias on the output projection (Marian's final_logits_bias)
+    norm_eps: float = 1e-5           # LayerNorm's epsilon
 
     def __post_init__(self):
         if self.n_heads < 1 or self.d_model < 1 or self.d_ff < 1:
@@ -34,9 +43,9 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.tie_embeddings and self.n_encoder_layers and not self.shared_vocab:
             raise ValueError("tie_embeddings needs a shared source/target vocabulary")
-        if self.activation not in ("relu", "gelu"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
-        if self.positional not in ("sinusoidal", "learned"):
+        if self.positional not in ("sinusoidal", "sinusoidal-split", "learned"):
             raise ValueError(f"unknown positional encoding {self.positional!r}")
 
     @property

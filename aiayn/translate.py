@@ -74,7 +74,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
         # no autocast: the inference copy has its precision (a training run validates inside one);
         # both modes are per thread, so each worker enters them itself
         with torch.inference_mode(), torch.autocast(torch.device(device).type, enabled=False):
-            src = pad([ids[i] for i in chunk]).to(device)
+            src = pad([ids[i] for i in chunk], tokenizer.pad_id).to(device)  # an imported model's pad id
             if beam == 1 and n_best == 1:
                 return [[(toks, 0.0)] for toks in greedy(fast, src, tokenizer.bos_id, tokenizer.eos_id)]
             return beam_search(fast, src, tokenizer.bos_id, tokenizer.eos_id, beam_size=beam, alpha=alpha,

@@ -107,3 +107,16 @@ def test_dict_round_trip_and_unknown_fields():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+
+
+def test_config_dicts_saved_before_the_import_options_load_as_the_paper():
+    """Models saved before scale_embedding, output_bias and norm_eps existed load with the paper's
+    choices (scaled embeddings, no output bias, LayerNorm eps 1e-5)."""
+    from aiayn.config import ModelConfig
+
+    old = ModelConfig(d_model=64, n_heads=4).to_dict()
+    for field in ("scale_embedding", "output_bias", "norm_eps"):
+        del old[field]
+    cfg = ModelConfig.from_dict(old)
+    assert cfg == ModelConfig(d_model=64, n_heads=4)
+    assert (cfg.scale_embedding, cfg.output_bias, cfg.norm_eps) == (True, False, 1e-5)

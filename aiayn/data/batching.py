@@ -20,10 +20,11 @@ class Batch:
     src: Tensor      # (B, S) source ids, right-padded
     tgt_in: Tensor   # (B, T) <s> y1 .. yn, right-padded
     tgt_out: Tensor  # (B, T) y1 .. yn </s>, right-padded
+    pad_id: int = PAD  # an imported model's tokenizer may pad with another id
 
     @property
     def n_tokens(self) -> int:
-        return int((self.tgt_out != PAD).sum())
+        return int((self.tgt_out != self.pad_id).sum())
 
     @property
     def padding(self) -> float:
@@ -31,7 +32,7 @@ class Batch:
         return 1.0 - self.n_tokens / self.tgt_out.numel()
 
     def to(self, device) -> "Batch":
-        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.pad_id)
 
 
 def pad(seqs: list[list[int]], value: int = PAD) -> Tensor:
@@ -41,11 +42,13 @@ def pad(seqs: list[list[int]], value: int = PAD) -> Tensor:
     return out
 
 
-def collate(pairs: list[tuple[list[int], list[int]]]) -> Batch:
-    src = pad([s for s, _ in pairs])
-    tgt_in = pad([[BOS] + t for _, t in pairs])
-    tgt_out = pad([t + [EOS] for _, t in pairs])
-    return Batch(src, tgt_in, tgt_out)
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int = PAD, bos_id: int = BOS,
+            eos_id: int = EOS) -> Batch:
+    """Sentence pairs -> a padded Batch; the special ids are the tokenizer's (aiayn's own by default)."""
+    src = pad([s for s, _ in pairs], pad_id)
+    tgt_in = pad([[bos_id] + t for _, t in pairs], pad_id)
+    tgt_out = pad([t + [eos_id] for _, t in pairs], pad_id)
+    return Batch(src, tgt_in, tgt_out, pad_id)
 
 
 def token_batches(pairs: list[tuple[list[int], list[int]]], max_tokens: int, seed: int = 0,

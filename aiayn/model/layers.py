@@ -17,14 +17,26 @@ from aiayn.model.attention import MultiHeadAttention
 from aiayn.model.dropout import Dropout, add_dropout
 
 
-def sinusoidal_encoding(max_len: int, d_model: int) -> Tensor:
-    """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)). (L, D)"""
+def sinusoidal_encoding(max_len: int, d_model: int, split: bool = False) -> Tensor:
+    """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)). (L, D)
+
+    split: the same values with the sines in the first half of each vector and the cosines in the
+    second, PE(pos, i) = sin(...), PE(pos, ceil(d/2) + i) = cos(...) (Marian's layout)."""
     pos = torch.arange(max_len, dtype=torch.float64)[:, None]
     inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     pe = torch.zeros(max_len, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(pos * inv_freq)
-    pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])
+    half = (d_model + 1) // 2
+    sines, cosines = (slice(0, half), slice(half, None)) if split else (slice(0, None, 2), slice(1, None, 2))
+    pe[:, sines] = torch.sin(pos * inv_freq)
+    pe[:, cosines] = torch.cos(pos * inv_freq[: d_model // 2])
     return pe.float()
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu-tanh": _gelu_tanh, "swish": F.silu}
 
 
 class Embedding(nn.Module):
@@ -33,9 +45,10 @@ class Embedding(nn.Module):
     def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: nn.Embedding | None = None):
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model)
-        self.scale = math.sqrt(cfg.d_model)
-        if cfg.positional == "sinusoidal":
-            self.register_buffer("pe", sinusoidal_encoding(cfg.max_len, cfg.d_model), persistent=False)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        if cfg.positional != "learned":
+            pe = sinusoidal_encoding(cfg.max_len, cfg.d_model, split=cfg.positional == "sinusoidal-split")
+            self.register_buffer("pe", pe, persistent=False)
             self.learned = None
         else:
             self.learned = nn.Embedding(cfg.max_len, cfg.d_model)
@@ -61,13 +74,13 @@ class Embedding(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """§3.3: FFN(x) = max(0, x W1 + b1) W2 + b2 (or GELU)."""
+    """§3.3: FFN(x) = max(0, x W1 + b1) W2 + b2 (or another activation: GELU, its tanh form, swish)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.act(self.w1(x)))
@@ -85,11 +98,11 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.norm_first = cfg.norm_first
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
-        self.self_norm = nn.LayerNorm(cfg.d_model)
+        self.self_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout) if cross_attention else None
-        self.cross_norm = nn.LayerNorm(cfg.d_model) if cross_attention else None
+        self.cross_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cross_attention else None
         self.ff = FeedForward(cfg)
-        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer) -> tuple[Tensor, Tensor | None]:
@@ -127,7 +140,7 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, cross_attention: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
 
     def forward(self, x: Tensor, mask: Tensor | None, *, memory: Tensor | None = None,
                 memory_mask: Tensor | None = None, cache=None,

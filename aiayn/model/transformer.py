@@ -73,7 +73,7 @@ class Transformer(_Decoding):
         self.tgt_embed = Embedding(cfg.target_vocab, cfg, tokens=shared)
         self.encoder = Stack(cfg, cfg.n_encoder_layers)
         self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=True)
-        self.generator = nn.Linear(cfg.d_model, cfg.target_vocab, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.target_vocab, bias=cfg.output_bias)
         _init_weights(self, cfg.d_model)
         if cfg.tie_embeddings:
             self.generator.weight = self.tgt_embed.tokens.weight
@@ -115,7 +115,7 @@ class LanguageModel(_Decoding):
         self.cfg = cfg
         self.tgt_embed = Embedding(cfg.target_vocab, cfg)
         self.decoder = Stack(cfg, cfg.n_decoder_layers)
-        self.generator = nn.Linear(cfg.d_model, cfg.target_vocab, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.target_vocab, bias=cfg.output_bias)
         _init_weights(self, cfg.d_model)
         if cfg.tie_embeddings:
             self.generator.weight = self.tgt_embed.tokens.weight

@@ -6,7 +6,6 @@ import torch
 
 from aiayn.config import TrainConfig
 from aiayn.data.batching import Batch, collate, token_batches
-from aiayn.data.tokenizer import PAD
 from aiayn.evaluate import bleu
 from aiayn.train.loss import label_smoothed_cross_entropy, symmetric_kl
 
@@ -23,10 +22,10 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     if rdrop:
         if reduction != "mean":
             raise ValueError("R-Drop trains with the mean loss")
-        batch = Batch(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1), batch.tgt_out.repeat(2, 1))
+        batch = Batch(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1), batch.tgt_out.repeat(2, 1), batch.pad_id)
     memory, memory_mask = model.encode(batch.src)
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
-    keep = batch.tgt_out != PAD
+    keep = batch.tgt_out != batch.pad_id
     logits = model.logits(h[keep])                          # (N, V)
     loss = label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
     if rdrop:  # row-major masking keeps the two copies' tokens in two halves, in the same order
@@ -50,8 +49,14 @@ class TranslationTask:
 
     def _encode(self, pairs, max_len):
         src = self.tokenizer.encode_batch([s for s, _ in pairs])
-        tgt = self.tokenizer.encode_batch([t for _, t in pairs])
+        # a target without EOS (collate adds it); Marian's tokenizer cuts targets with its own model
+        encode_target = getattr(self.tokenizer, "encode_target_batch", self.tokenizer.encode_batch)
+        tgt = encode_target([t for _, t in pairs])
         return [(s, t) for s, t in zip(src, tgt) if s and t and len(s) <= max_len and len(t) < max_len]
+
+    def _collate(self, pairs):
+        t = self.tokenizer
+        return collate(pairs, t.pad_id, t.bos_id, t.eos_id)
 
     def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
         """The epoch's batches as indices of training pairs; `loss` pads each one when it is taken, so
@@ -59,7 +64,7 @@ class TranslationTask:
         return token_batches(self.train, self.max_tokens, seed=seed, epoch=epoch)
 
     def loss(self, model, indices: list[int], cfg: TrainConfig):
-        batch = collate([self.train[i] for i in indices]).to(self.device)
+        batch = self._collate([self.train[i] for i in indices]).to(self.device)
         n = batch.n_tokens
         self._padding[0] += batch.tgt_out.numel() - n
         self._padding[1] += batch.tgt_out.numel()
@@ -74,7 +79,7 @@ class TranslationTask:
     def validate(self, model, cfg: TrainConfig) -> dict[str, float]:
         nll, n = 0.0, 0
         for idx in token_batches(self.val, self.max_tokens, shuffle=False):
-            batch = collate([self.val[i] for i in idx]).to(self.device)
+            batch = self._collate([self.val[i] for i in idx]).to(self.device)
             nll += translation_loss(model, batch, reduction="sum").item()
             n += batch.n_tokens
         result = {"val_loss": nll / n}

@@ -123,3 +123,20 @@ def test_decoder_stack_returns_weights_per_layer():
     assert weights[0]["cross"].shape == (2, cfg.n_heads, 3, 4)
     _, no_weights = stack(x, causal_mask(3), memory=memory)
     assert all(w["self"] is None and w["cross"] is None for w in no_weights)
+
+
+def test_split_sinusoids_are_the_papers_values_in_marians_layout():
+    """positional="sinusoidal-split": every sine, then every cosine (Marian); the same values as §3.5's
+    interleaved table, whose layout is unchanged."""
+    import numpy as np
+
+    from aiayn.model.layers import sinusoidal_encoding
+
+    for d in (8, 9):
+        pe, split = sinusoidal_encoding(20, d), sinusoidal_encoding(20, d, split=True)
+        assert torch.equal(split, torch.cat([pe[:, 0::2], pe[:, 1::2]], dim=1))
+        # transformers' MarianSinusoidalPositionalEmbedding, in numpy
+        enc = np.array([[pos / np.power(10000, 2 * (j // 2) / d) for j in range(d)] for pos in range(20)])
+        ref = np.concatenate([np.sin(enc[:, 0::2]), np.cos(enc[:, 1::2])], axis=1)
+        assert split.shape == ref.shape == (20, d) and np.abs(split.numpy() - ref).max() < 1e-6
+        assert torch.allclose(pe[:, 1], torch.cos(torch.arange(20.0)), atol=1e-6)  # the paper's PE(pos, 1)
