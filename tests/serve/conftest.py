@@ -1,3 +1,4 @@
+import contextlib
 import socket
 import threading
 import time
@@ -26,15 +27,15 @@ def client(shipped_models):
         yield c
 
 
-@pytest.fixture(scope="module")
-def live_server(shipped_models):
-    """The app on a real socket of 127.0.0.1 (uvicorn in a thread) -> its base URL."""
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a real socket of 127.0.0.1 (uvicorn in a thread) -> its base URL."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(shipped_models), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(600):
@@ -42,7 +43,20 @@ def live_server(shipped_models):
             break
         time.sleep(0.05)
     assert server.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def live_app(shipped_models):
+    return create_app(shipped_models)
+
+
+@pytest.fixture(scope="module")
+def live_server(live_app):
+    with serving(live_app) as url:
+        yield url
