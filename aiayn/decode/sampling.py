@@ -49,6 +49,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
     drop_sorted = before >= p  # the tokens before these already reach p
+    drop_sorted[..., 0] = False  # the most likely always stays (a p that is 0 in float32 would drop it)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -62,7 +63,10 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     _check(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    logits = logits.float()
+    # shifted so that the largest is 0: a tiny temperature then gives -inf, never inf - inf; and
+    # 0 / a temperature that is 0 in float32 (below ~1e-45) stays 0
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature).nan_to_num_(nan=0.0)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

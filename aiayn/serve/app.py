@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the router raises this one (404, 405)
 
 from aiayn.serve.batching import DynamicBatcher, QueueFull
 from aiayn.serve.models import Limits, Models, decode_precision
