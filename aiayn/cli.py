@@ -668,8 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default fp32)")
     s.add_argument("--max-queue", type=int, default=512, help="sentences waiting at most; more get 503 "
                    "(default 512)")
-    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch gathers requests at "
-                   "most (default 5)")
+    s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch gathers requests at "
+                   "most; it stops sooner when none came for 2 ms (default 20)")
     s.add_argument("--max-new-tokens", type=int, default=1000, help="generation limit per request (default 1000)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
     s.add_argument("--device", default="cpu")

@@ -11,7 +11,8 @@ figure is `translate()` over the same sentences in one process pinned like the s
 its own length-sorted batches). Then an overload run: a server with a small queue (--max-queue) and
 many clients must answer 503s at once instead of queueing without bound.
 The load generator (httpx, asyncio) runs on the CPUs given by --client-cpus: on one shared core its
-own work counts against the server's.
+own work counts against the server's. On a busy machine, compare CPU time rather than wall time:
+the server's CPU ms per request (all its threads, from /proc) against offline CPU ms per sentence.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def memory_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads: on a shared, busy core, the fair measure
+    of the work a request costs (wall time also counts the other processes' turns)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(port: int, cpus: str | None, extra: list[str]) -> subprocess.Popen:
@@ -104,8 +112,9 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, beam: i
             "p50_ms": pct(0.5), "p99_ms": pct(0.99), "status": {str(k): v for k, v in sorted(status.items(), key=str)}}
 
 
-def offline(texts: list[str], beam: int, cpus: str | None) -> float:
-    """Sentences/s of translate() over `texts`, in a fresh process pinned like the server."""
+def offline(texts: list[str], beam: int, cpus: str | None) -> tuple[float, float]:
+    """(sentences/s, CPU seconds per sentence) of translate() over `texts`, in a fresh process
+    pinned like the server."""
     code = f"""
 import json, sys, time
 from aiayn.checkpoint import load_model_dir
@@ -114,9 +123,9 @@ from aiayn.translate import translate
 model, tok, _, extra = load_model_dir(ASSETS / "models" / "en-de")
 texts = json.loads(sys.stdin.read())
 translate(model, tok, texts[:8], beam={beam})  # the inference copy and the kernels, before timing
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 translate(model, tok, texts, beam={beam}, alpha=float(extra.get("alpha", 0.6)))
-print(len(texts) / (time.perf_counter() - t0))
+print(len(texts) / (time.perf_counter() - t0), (time.process_time() - c0) / len(texts))
 """
     cmd = [sys.executable, "-c", code]
     if cpus:
@@ -125,7 +134,8 @@ print(len(texts) / (time.perf_counter() - t0))
     if cpus:
         env["OMP_NUM_THREADS"] = str(len(cpus.split(",")))
     out = subprocess.run(cmd, input=json.dumps(texts), capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    per_s, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(per_s), float(cpu)
 
 
 def main() -> None:
@@ -138,6 +148,8 @@ def main() -> None:
     ap.add_argument("--client-cpus", help="pin this load generator to these CPUs")
     ap.add_argument("--overload-clients", type=int, default=128)
     ap.add_argument("--overload-queue", type=int, default=16)
+    ap.add_argument("--soak", type=float, default=0, help="then this many seconds at 32 clients, greedy, "
+                    "printing the server's VmRSS every 10 s")
     ap.add_argument("--quick", action="store_true", help="1 and 8 clients, 2 s, greedy: checks that it runs")
     args = ap.parse_args()
     if args.quick:
@@ -153,14 +165,26 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         for beam in (int(b) for b in args.beams.split(",")):
-            base = offline(texts, beam, args.cpus)
-            print(f"offline translate(), beam {beam}: {base:.1f} sentences/s", flush=True)
+            base, base_cpu = offline(texts, beam, args.cpus)
+            print(f"offline translate(), beam {beam}: {base:.1f} sentences/s, {1000 * base_cpu:.1f} CPU ms "
+                  "per sentence", flush=True)
             for clients in (int(c) for c in args.clients.split(",")):
+                c0, h0 = cpu_seconds(server.pid), httpx.get(f"{url}/healthz").json()
                 row = asyncio.run(load(url, texts, clients, args.duration, beam))
+                cpu = (cpu_seconds(server.pid) - c0) / max(1, row["ok"])
+                h1 = httpx.get(f"{url}/healthz").json()
+                row["mean_batch"] = round((h1["batched_sentences"] - h0["batched_sentences"]) /
+                                          max(1, h1["batches"] - h0["batches"]), 1)
                 row.update(memory_kb(server.pid), offline_per_s=round(base, 1),
-                           of_offline=round(row["req_per_s"] / base, 2))
+                           of_offline=round(row["req_per_s"] / base, 2), cpu_ms=round(1000 * cpu, 1),
+                           offline_cpu_ms=round(1000 * base_cpu, 1), cpu_of_offline=round(base_cpu / cpu, 2))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        if args.soak:
+            for _ in range(max(1, int(args.soak // 10))):
+                r = asyncio.run(load(url, texts, 32, 10, 1))
+                print(json.dumps({"soak": True, "req_per_s": r["req_per_s"], "p99_ms": r["p99_ms"],
+                                  **memory_kb(server.pid)}), flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -173,11 +197,13 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    print("\n| beam | clients | req/s | of offline | p50 ms | p99 ms | VmRSS MB | VmHWM MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| beam | clients | req/s | of offline | p50 ms | p99 ms | mean batch | server CPU ms/req | "
+          "offline CPU ms/sent. | CPU efficiency | VmRSS MB | VmHWM MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['beam']} | {r['clients']} | {r['req_per_s']} | {r['of_offline']:.0%} | {r['p50_ms']} | "
-              f"{r['p99_ms']} | {r['VmRSS'] / 1024:.0f} | {r['VmHWM'] / 1024:.0f} |")
+              f"{r['p99_ms']} | {r['mean_batch']} | {r['cpu_ms']} | {r['offline_cpu_ms']} | {r['cpu_of_offline']:.0%} | "
+              f"{r['VmRSS'] / 1024:.0f} | {r['VmHWM'] / 1024:.0f} |")
     print(f"\noverload: {args.overload_clients} clients, queue {args.overload_queue}: {row['status']} "
           f"(200 p99 {row['p99_ms']} ms)")
 

@@ -151,7 +151,7 @@ class Server:
         if self.models.translation is not None:
             t = self.models.translation
             self.batcher = DynamicBatcher(t.translate_batch, self.executor, self.limits.batch_wait_ms,
-                                          self.limits.batch_tokens, self.limits.max_queue)
+                                          self.limits.batch_tokens, self.limits.max_queue, self.limits.batch_gap_ms)
             self.batcher.start()
             if warmup:  # the inference copy, and any kernel compiled at first use, before the first client
                 await self.batcher.submit((1, t.alpha, self.precision), ["A man is riding a bicycle."], [1])
@@ -336,8 +336,9 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "queued": len(server.batcher) if server.batcher else 0,
-                "streams": server.streams}
+        b = server.batcher
+        return {"status": "ok", "queued": len(b) if b else 0, "streams": server.streams,
+                "batches": b.batches if b else 0, "batched_sentences": b.jobs if b else 0}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def list_models():

@@ -2,8 +2,9 @@
 
 Every job (one sentence, say) goes into a bounded queue with its cost in tokens and a key (jobs of
 different keys, e.g. beam sizes, cannot share a batch). A single task on the event loop waits for
-the first job, gathers more for at most `max_wait_ms` (less if the oldest job has waited already)
-or until `max_tokens` are queued, takes the jobs of one key up to that budget, sorted by length,
+the first job, gathers more while they keep coming (until none came for `gap_ms`), for at most
+`max_wait_ms` after the oldest one arrived, or until `max_tokens` are queued: a lone request waits
+`gap_ms`, a burst of clients is gathered into one batch. It then takes the jobs of one key up to that budget, sorted by length,
 and runs them in the model's worker thread, off the event loop. Then:
 - each job's result goes to its own future; an exception goes to every future of the batch, so
   no request hangs;
@@ -46,16 +47,16 @@ class DynamicBatcher:
     """
 
     def __init__(self, run_batch: Callable[[Hashable, list], Sequence], executor: Executor,
-                 max_wait_ms: float = 5.0, max_tokens: int = 8192, max_queue: int = 512):
-        if max_wait_ms < 0 or max_tokens < 1 or max_queue < 1:
-            raise ValueError("max_wait_ms must be >= 0, max_tokens and max_queue >= 1")
+                 max_wait_ms: float = 20.0, max_tokens: int = 8192, max_queue: int = 512, gap_ms: float = 2.0):
+        if max_wait_ms < 0 or gap_ms < 0 or max_tokens < 1 or max_queue < 1:
+            raise ValueError("max_wait_ms and gap_ms must be >= 0, max_tokens and max_queue >= 1")
         self.run_batch, self.executor = run_batch, executor
-        self.max_wait, self.max_tokens, self.max_queue = max_wait_ms / 1000, max_tokens, max_queue
+        self.max_wait, self.gap, self.max_tokens, self.max_queue = max_wait_ms / 1000, gap_ms / 1000, max_tokens, max_queue
         self._queue: deque[_Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self.batches = 0  # batches run, and jobs dropped because their client left (for /healthz, tests)
-        self.dropped = 0
+        # for /healthz and tests: batches run, the jobs in them, jobs dropped because their client left
+        self.batches = self.jobs = self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -118,9 +119,10 @@ class DynamicBatcher:
         return sorted(taken, key=lambda job: job.cost)
 
     async def _gather(self) -> None:
-        """Wait until max_tokens are queued, or the oldest job has waited max_wait."""
+        """Wait until max_tokens are queued, no job came for `gap`, or the oldest has waited max_wait."""
         while self._queue and self._queued_tokens() < self.max_tokens:
-            left = self._queue[0].arrived + self.max_wait - time.monotonic()
+            now = time.monotonic()
+            left = min(self._queue[0].arrived + self.max_wait, self._queue[-1].arrived + self.gap) - now
             if left <= 0:
                 return
             self._arrived.clear()
@@ -140,6 +142,7 @@ class DynamicBatcher:
             if not jobs:
                 continue
             self.batches += 1
+            self.jobs += len(jobs)
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, jobs[0].key,
                                                      [job.item for job in jobs])

@@ -36,7 +36,8 @@ class Limits:
     max_queue: int = 512             # sentences waiting to be translated; more -> 503
     max_streams: int = 16            # generations at once; more -> 503
     timeout_s: float = 60.0          # per request; longer -> 503
-    batch_wait_ms: float = 5.0       # dynamic batching: how long a batch gathers at most
+    batch_wait_ms: float = 20.0      # dynamic batching: how long a batch gathers at most,
+    batch_gap_ms: float = 2.0        # or until no request came for this long
     batch_tokens: int = 8192         # and how many tokens (source + 50, times the beam) it holds
 
     def as_dict(self) -> dict:

@@ -99,3 +99,17 @@ def test_a_cancelled_request_is_dropped_and_a_full_queue_refuses():
     assert out == [["k:first"], ["k:kept"]]
     assert [items for _, items in fake.batches] == [["first"], ["kept"]]  # "gone" never ran
     assert dropped == 1
+
+
+def test_a_lone_request_waits_the_gap_not_the_whole_window():
+    async def main():
+        b = await _batcher(Fake(), max_wait_ms=5000, gap_ms=10)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await b.submit("k", ["alone"], [1])
+        waited = loop.time() - t0
+        await b.stop()
+        return out, waited
+
+    out, waited = run(main())
+    assert out == ["k:alone"] and waited < 2.0  # not the 5 s window
