@@ -336,9 +336,9 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
 
     @app.get("/healthz")
     async def healthz():
-        b = server.batcher
-        return {"status": "ok", "queued": len(b) if b else 0, "streams": server.streams,
-                "batches": b.batches if b else 0, "batched_sentences": b.jobs if b else 0}
+        b = server.batcher  # None without a translation model (and empty when len(b) == 0: no `if b`)
+        return {"status": "ok", "queued": len(b) if b is not None else 0, "streams": server.streams,
+                "batches": b.batches if b is not None else 0, "batched_sentences": b.jobs if b is not None else 0}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def list_models():
