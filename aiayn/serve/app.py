@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import secrets
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -144,7 +145,7 @@ class Server:
         self.precision = decode_precision(precision)
         self.executor: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
-        self.streams = 0
+        self.generations = weakref.WeakSet()  # the generations under way: a generator that is dropped leaves
 
     async def start(self, warmup: bool) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="aiayn-model")  # all model work, in turn
@@ -337,7 +338,7 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
     @app.get("/healthz")
     async def healthz():
         b = server.batcher  # None without a translation model (and empty when len(b) == 0: no `if b`)
-        return {"status": "ok", "queued": len(b) if b is not None else 0, "streams": server.streams,
+        return {"status": "ok", "queued": len(b) if b is not None else 0, "generations": len(server.generations),
                 "batches": b.batches if b is not None else 0, "batched_sentences": b.jobs if b is not None else 0}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
@@ -369,8 +370,9 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
         if len(body.stop) > limits.max_stop or any(len(s) > 100 for s in body.stop):
             raise APIError(422, f"at most {limits.max_stop} stop strings of at most 100 characters")
         lm.tokenizer.encode(body.prompt)  # characters outside a character model's vocabulary: ValueError, 422
-        if server.streams >= limits.max_streams:
-            raise APIError(503, f"the server is busy ({server.streams} generations running)", {"Retry-After": "1"})
+        if len(server.generations) >= limits.max_streams:
+            raise APIError(503, f"the server is busy ({len(server.generations)} generations running)",
+                           {"Retry-After": "1"})
         seed = body.seed if body.seed is not None else random.randrange(2**63)
         steps = stream_tokens(lm.model, lm.tokenizer, body.prompt, body.max_new_tokens, body.temperature,
                               body.top_k, body.top_p, seed, body.stop, body.top_n_tokens)
@@ -387,17 +389,21 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
                     "details": {"finish_reason": tok.finish_reason, "generated_tokens": i + 1, "seed": seed}
                     if done else None}
 
-        server.streams += 1
+        server.generations.add(steps)  # counted while the generator lives (a weak set)
         if not body.stream:
             abandoned = []  # set when the request is given up on: the worker thread stops at its next step
 
             def run_all():
-                return [t for t in steps if not abandoned]
+                toks = []
+                for tok in steps:
+                    if abandoned:
+                        break
+                    toks.append(tok)
+                return toks
             try:
                 toks = await _guarded(request, server.run(run_all), limits.timeout_s)
             finally:
                 abandoned.append(True)
-                server.streams -= 1
             text = "".join(t.text for t in toks)
             return {"generated_text": cut_at_stop(text, body.stop),
                     "details": {"finish_reason": toks[-1].finish_reason if toks else "length",
@@ -423,7 +429,6 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
                 yield f"data: {json.dumps({'error': str(e), 'error_type': 'generation'})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client left: the task was cancelled at a step
-                server.streams -= 1
                 server.executor.submit(steps.close)  # in the worker thread, after any step still running
 
         return StreamingResponse(sse(), media_type="text/event-stream",

@@ -1,5 +1,6 @@
 """The HTTP API in process: results equal the library's, errors are 4xx JSON, limits hold."""
 
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -141,6 +142,8 @@ def test_generate_streams_tgi_events(client):
     assert all(t["details"] is None for t in tokens[:-1])
     assert tokens[-1]["details"]["finish_reason"] == "length"
     assert tokens[-1]["generated_text"] == "".join(t["token"]["text"] for t in tokens)
+    gc.collect()
+    assert client.get("/healthz").json()["generations"] == 0  # none is left counted as running
     probs = torch.tensor([x["logprob"] for x in tokens[0]["top_tokens"]]).exp()
     assert 0 < float(probs.sum()) <= 1.0001 and tokens[0]["top_tokens"][0]["id"] == tokens[0]["token"]["id"]
 
