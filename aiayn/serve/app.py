@@ -373,7 +373,7 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
         if len(server.generations) >= limits.max_streams:
             raise APIError(503, f"the server is busy ({len(server.generations)} generations running)",
                            {"Retry-After": "1"})
-        seed = body.seed if body.seed is not None else random.randrange(2**63)
+        seed = body.seed if body.seed is not None else random.randrange(2**31)  # exact in JavaScript too
         steps = stream_tokens(lm.model, lm.tokenizer, body.prompt, body.max_new_tokens, body.temperature,
                               body.top_k, body.top_p, seed, body.stop, body.top_n_tokens)
         special = {lm.tokenizer.eos_id, lm.tokenizer.bos_id, lm.tokenizer.pad_id}
