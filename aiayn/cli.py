@@ -366,7 +366,7 @@ def _alpha(args, extra: dict) -> float:
 
 
 def cmd_translate(args) -> int:
-    from aiayn.translate import translate
+    from aiayn.translate import translate, translate_text
 
     if args.beam < 1:
         raise UserError("--beam must be >= 1")
@@ -376,8 +376,12 @@ def cmd_translate(args) -> int:
     model, tokenizer, extra, _ = _load_translation(args)
     _choose_precision(args)
     empty = [i for i, line in enumerate(lines) if not line.strip()]
-    outputs = translate(model, tokenizer, [line for line in lines], beam=args.beam, alpha=_alpha(args, extra),
-                        device=args.device, precision=args.precision, n_best=args.n_best, workers=args.workers)
+    options = dict(beam=args.beam, alpha=_alpha(args, extra), device=args.device, precision=args.precision,
+                   workers=args.workers)
+    if args.n_best > 1:  # n-best lists are of whole lines
+        outputs = translate(model, tokenizer, lines, n_best=args.n_best, **options)
+    else:  # one line in, one line out; a line of several sentences is translated sentence by sentence
+        outputs = translate_text(model, tokenizer, lines, lang=extra.get("src", "en"), **options)
     for i, out in enumerate(outputs):
         if args.n_best > 1:
             for text, score in out:
@@ -511,11 +515,51 @@ def cmd_export(args) -> int:
     return 0
 
 
-def not_built(name: str):
-    def run(args) -> int:
-        print(f"aiayn {name}: not built yet", file=sys.stderr)
-        return EXIT_USAGE
-    return run
+# -------------------------------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    import ipaddress
+    import os
+
+    try:
+        import uvicorn
+
+        from aiayn.serve.app import create_app
+        from aiayn.serve.models import Limits, load_models
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'aiayn[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be in 0..65535")
+    for name in ("beam", "max_queue", "timeout", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    if args.batch_wait_ms < 0:
+        raise UserError("--batch-wait-ms must be >= 0")
+    _check_device(args.device)
+    _choose_precision(args)
+    translation_dir = None if args.no_translation else _translation_model_dir(args.model)
+    lm_dir = None
+    if not args.no_lm:
+        lm_dir = _resolve_model(Path(args.lm)) if args.lm else _default_model_dir("shakespeare-char")
+        if not args.lm and not lm_dir.is_dir():
+            lm_dir = None
+    if translation_dir is None and lm_dir is None:
+        raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
+    models = load_models(translation_dir, lm_dir, args.device)
+    api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
+    limits = Limits(max_queue=args.max_queue, timeout_s=args.timeout, batch_wait_ms=args.batch_wait_ms,
+                    max_new_tokens=args.max_new_tokens)
+    app = create_app(models, limits, api_key=api_key, beam=args.beam, precision=args.precision)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"aiayn: warning: serving on {args.host}, reachable from other machines"
+              f"{'' if api_key else ' without an API key (--api-key)'}", file=sys.stderr)
+    served = ", ".join(f"{kind} {d}" for kind, d in (("translation", translation_dir), ("lm", lm_dir)) if d)
+    print(f"aiayn: serving {served} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -672,8 +716,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="cpu")
     x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     x.set_defaults(func=cmd_explain)
-    s = sub.add_parser("serve", help="serve a model over HTTP")
-    s.set_defaults(func=not_built("serve"))
+    s = sub.add_parser("serve", help="serve models over HTTP: an API and a web page",
+                       description="An HTTP API (translate, LibreTranslate-compatible /translate, generate "
+                       "with streaming, explain) and a web page at / that translates, shows the attention and "
+                       "streams generated text. Concurrent requests are decoded together (dynamic batching). "
+                       "See docs/SERVING.md.")
+    s.add_argument("--model", "-m", help="translation model or run directory (default: the shipped en->de model)")
+    s.add_argument("--lm", help="language model or run directory (default: the shipped Shakespeare model)")
+    s.add_argument("--no-translation", action="store_true", help="serve no translation model")
+    s.add_argument("--no-lm", action="store_true", help="serve no language model")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /healthz and "
+                   "the page (default: $AIAYN_API_KEY; none = open)")
+    s.add_argument("--beam", type=int, default=4, help="default beam size of translations (default 4)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="default decoding precision of requests: " + DECODE_PRECISION_HELP)
+    s.add_argument("--max-queue", type=int, default=512, help="sentences waiting at most; more get 503 "
+                   "(default 512)")
+    s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch gathers requests at "
+                   "most; it stops sooner when none came for 2 ms (default 20)")
+    s.add_argument("--max-new-tokens", type=int, default=1000, help="generation limit per request (default 1000)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     im = sub.add_parser("import", help="import a pretrained HF model directory (OPUS-MT Marian, GPT-2)",
                         description="Convert a local HF-format directory (config.json, model.safetensors or "
                         "pytorch_model.bin, tokenizer files) into an aiayn model directory.")

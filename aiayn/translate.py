@@ -91,3 +91,27 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
             results[i] = [(tokenizer.decode(toks), float(score)) for toks, score in hyps]
     model.train(was_training)  # inference_model may have set eval mode on the model itself (fp32 on a GPU)
     return [r[0][0] for r in results] if n_best == 1 else results
+
+
+def split_texts(texts: list[str], lang: str = "en") -> tuple[list[list[tuple[str, str]]], list[str]]:
+    """Texts -> each cut into (sentence, separator) pairs (aiayn.data.sentences), and the distinct
+    non-empty sentences of all of them, to translate once each."""
+    from aiayn.data.sentences import segments
+
+    cut = [segments(text, lang) for text in texts]
+    return cut, list(dict.fromkeys(s for pairs in cut for s, _ in pairs if s))
+
+
+def join_texts(cut: list[list[tuple[str, str]]], translated: dict[str, str]) -> list[str]:
+    """The texts of `split_texts` again, each sentence replaced by its translation."""
+    from aiayn.data.sentences import join
+
+    return [join([translated.get(s, "") for s, _ in pairs], [w for _, w in pairs]) for pairs in cut]
+
+
+def translate_text(model, tokenizer, texts: list[str], lang: str = "en", **options) -> list[str]:
+    """Translate texts of any length: each is cut into lines and sentences, the sentences of all
+    texts are translated together by `translate` (**options: beam, alpha, ...), and each text is
+    joined back with its own newlines and spacing. Repeated sentences are translated once."""
+    cut, unique = split_texts(texts, lang)
+    return join_texts(cut, dict(zip(unique, translate(model, tokenizer, unique, **options))) if unique else {})

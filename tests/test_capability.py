@@ -212,3 +212,15 @@ def test_an_lm_trains_in_fp32_by_default_on_an_avx2_cpu(machine, capsys, tmp_pat
     assert main(_lm_run(tmp_path, "--max-steps", "2")) == 0
     assert "aiayn: precision fp32: this CPU has no bf16 instructions (AVX2)" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["precision"] == "fp32"
+
+
+def test_the_server_decodes_in_auto_and_refuses_what_the_cpu_lacks(machine):
+    pytest.importorskip("fastapi")
+    from aiayn.serve.models import decode_precision
+
+    machine(AVX2)
+    assert decode_precision(None) == "fp32" and decode_precision("int8") == "int8"
+    with pytest.raises(ValueError, match="no bf16 instructions"):
+        decode_precision("bf16")
+    machine(AVX512_BF16)
+    assert decode_precision(None) == "bf16" and decode_precision(None, "fp32") == "fp32"

@@ -49,6 +49,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
     drop_sorted = before >= p  # the tokens before these already reach p
+    drop_sorted[..., 0] = False  # the most likely always stays (a p that is 0 in float32 would drop it)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -62,7 +63,10 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     _check(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    logits = logits.float()
+    # shifted so that the largest is 0: a tiny temperature then gives -inf, never inf - inf; and
+    # 0 / a temperature that is 0 in float32 (below ~1e-45) stays 0
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature).nan_to_num_(nan=0.0)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -73,7 +77,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 def generate(model, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             num_samples: int = 1, stop_id: int | None = None) -> Iterator[list[int]]:
+             num_samples: int = 1, stop_id: int | None = None,
+             with_logits: bool = False) -> Iterator[list[int]] | Iterator[tuple[Tensor, Tensor]]:
     """Continue a prompt with a language model, yielding the new token ids one step at a time:
     a list of num_samples ids per step, so that a caller can stream them.
 
@@ -86,6 +91,9 @@ def generate(model, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, tem
     With stop_id, generation ends once every sample has produced it; a sample that has stopped yields
     cfg.pad_id afterwards. The caller may also stop early by leaving the loop. Arguments are checked
     here, before the first step; the model is in eval mode while the generator runs.
+
+    with_logits: yield (ids (N,), the model's logits (N, V) they were drawn from) instead, for
+    callers that report probabilities (the HTTP server's logprobs and top tokens).
     """
     _check(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -99,14 +107,15 @@ def generate(model, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, tem
     generator = None
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)
-    return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator,
-                     num_samples, stop_id, param.dtype)
+    steps = _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator,
+                      num_samples, stop_id, param.dtype)
+    return steps if with_logits else (nxt.tolist() for nxt, _ in steps)
 
 
 @torch.no_grad()
 def _generate(model, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
               top_p: float | None, generator: torch.Generator | None, num_samples: int,
-              stop_id: int | None, dtype: torch.dtype) -> Iterator[list[int]]:
+              stop_id: int | None, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
     if max_new_tokens == 0:
         return
     window, device = model.cfg.max_len, prompt.device
@@ -120,7 +129,7 @@ def _generate(model, prompt: Tensor, max_new_tokens: int, temperature: float, to
             if stop_id is not None:
                 nxt = nxt.masked_fill(stopped, model.cfg.pad_id)
                 stopped |= nxt == stop_id
-            yield nxt.tolist()
+            yield nxt, logits
             if i == max_new_tokens - 1 or (stop_id is not None and bool(stopped.all())):
                 return
             context = torch.cat([context, nxt[:, None]], dim=1)[:, -window:]  # (N, <= window)

@@ -8,6 +8,7 @@ Shape legend: B windows per batch, T context, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -198,3 +199,56 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
     """Length of the longest end of `text` that begins some stop string."""
     return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1)
                 if s.startswith(text[-n:])), default=0)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token, as an HTTP client sees it (text-generation-inference's shape)."""
+    id: int
+    text: str                 # what it adds to the text (may be "" while a character is incomplete)
+    logprob: float            # its log-probability under the model (temperature 1)
+    top: list[tuple[int, str, float]]  # the most likely tokens of this step: (id, text, logprob)
+    finish_reason: str | None = None   # on the last token: "length", "eos" or "stop"
+
+
+def stream_tokens(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  stop: Sequence[str] = (), top_n: int = 0) -> Iterator[Token]:
+    """The continuation of `prompt`, token by token, with each token's log-probability and the
+    `top_n` most likely tokens of its step. The last token carries the finish reason: "stop" once
+    the text holds one of the `stop` strings, "eos" at the end-of-sequence token, else "length"."""
+    from aiayn.decode.sampling import generate
+
+    stop = [s for s in stop if s]
+    ids = prompt_ids(tokenizer, prompt)
+    steps = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed=seed,
+                     stop_id=tokenizer.eos_id, with_logits=True)
+    context, new, text = ids[-1:], [], ""  # decode with one token of left context (BPE spaces)
+    base = tokenizer.decode(context)
+    for i, (nxt, logits) in enumerate(steps):
+        token = int(nxt[0])
+        new.append(token)
+        logprobs = logits[0].float().log_softmax(-1)  # (V,)
+        top = []
+        if top_n:
+            values, indices = logprobs.topk(min(top_n, logprobs.numel()))
+            top = [(int(j), tokenizer.decode([int(j)]), float(v)) for v, j in zip(values, indices)]
+        full = tokenizer.decode(context + new)[len(base):]
+        piece = "" if full.endswith("\ufffd") or not full.startswith(text) else full[len(text):]
+        text += piece
+        finish = None
+        if token == tokenizer.eos_id:
+            finish = "eos"
+        elif any(s in text for s in stop):
+            finish = "stop"
+        elif i == max_new_tokens - 1:
+            finish = "length"
+        yield Token(token, piece, float(logprobs[token]), top, finish)
+        if finish:
+            return
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(hits)] if hits else text

@@ -169,3 +169,17 @@ def test_generate_stops_at_stop_id():
         if stop in col:
             assert all(t == lm.cfg.pad_id for t in col[col.index(stop) + 1:])
     assert len(steps) == 12 or all(stop in col for col in columns)
+
+
+def test_a_tiny_temperature_is_argmax_not_nan():
+    from aiayn.decode.sampling import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for t in (1e-30, 1e-300, 5e-324):
+        assert sample_next(logits, temperature=t).tolist() == [1, 0]
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    kept = top_p_filter(logits, 5e-324)
+    assert torch.isfinite(kept).tolist() == [[False, True, False]]
