@@ -535,7 +535,6 @@ def cmd_serve(args) -> int:
     if args.batch_wait_ms < 0:
         raise UserError("--batch-wait-ms must be >= 0")
     _check_device(args.device)
-    _choose_precision(args)
     translation_dir = None if args.no_translation else _translation_model_dir(args.model)
     lm_dir = None
     if not args.no_lm:
@@ -544,6 +543,7 @@ def cmd_serve(args) -> int:
             lm_dir = None
     if translation_dir is None and lm_dir is None:
         raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
+    _choose_precision(args)
     models = load_models(translation_dir, lm_dir, args.device)
     api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
     limits = Limits(max_queue=args.max_queue, timeout_s=args.timeout, batch_wait_ms=args.batch_wait_ms,
