@@ -225,7 +225,10 @@ def test_cli_refuses_bad_options(capsys):
     from aiayn.cli import main
 
     for args, says in ((["--port", "70000"], "--port"), (["--model", "/no/such/model"], "no such model"),
-                       (["--precision", "fp64"], "precision"), (["--beam", "0"], "--beam")):
+                       (["--beam", "0"], "--beam")):
         assert main(["serve", *args]) != 0
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:  # argparse's choices, as for translate
+        main(["serve", "--precision", "fp64"])
+    assert e.value.code == 2 and "argument --precision: invalid choice: 'fp64'" in capsys.readouterr().err
