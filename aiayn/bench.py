@@ -194,10 +194,10 @@ def scripts_for(part: str) -> list[Path]:
     return [BENCH_DIR / n for n in names]
 
 
-def run_suite(part: str, quick: bool = False, extra: Sequence[str] = (), lm_extra: Sequence[str] = ()) -> int:
+def run_suite(part: str, quick: bool = False, extra: Sequence[str] = ()) -> int:
     """Run benchmarks/ scripts one after another, their tables going straight to stdout.
 
-    extra: options for the translation scripts (train, decode); lm_extra: for the LM scripts. A script
+    extra: options for the translation scripts (train, decode), not the LM ones. A script
     that does not exist (yet) is reported and skipped. Returns the worst exit status.
     """
     if not BENCH_DIR.is_dir():
@@ -207,7 +207,7 @@ def run_suite(part: str, quick: bool = False, extra: Sequence[str] = (), lm_extr
         if not script.is_file():
             print(f"({script.name}: not written yet, skipped)", flush=True)
             continue
-        args = [*(["--quick"] if quick else []), *(lm_extra if script.name.startswith("lm_") else extra)]
+        args = [*(["--quick"] if quick else []), *(() if script.name.startswith("lm_") else extra)]
         print(f"\n$ python benchmarks/{script.name} {' '.join(args)}".rstrip(), flush=True)
         worst = max(worst, subprocess.run([sys.executable, str(script), *args]).returncode)
     return worst

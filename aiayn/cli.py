@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -518,7 +519,6 @@ def cmd_export(args) -> int:
 # -------------------------------------------------------------------------------------- serve
 def cmd_serve(args) -> int:
     import ipaddress
-    import os
 
     try:
         import uvicorn
@@ -588,6 +588,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aiayn.config import PRESETS as MODEL_PRESETS
+
     parser = argparse.ArgumentParser(
         prog="aiayn", description="The Transformer of 'Attention Is All You Need': train, translate, "
         "generate, evaluate, explain.",
@@ -604,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-tgt", help="your own training target file, aligned with --train-src")
     tr.add_argument("--val-src", help="your own validation source file")
     tr.add_argument("--val-tgt", help="your own validation target file")
-    tr.add_argument("--preset", default="small", help="model preset: small, base, big, tiny")
+    tr.add_argument("--preset", default="small", choices=list(MODEL_PRESETS),
+                    help="model shape: base and big (the paper's Table 3), small, multi30k, tiny")
     tr.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size")
     tr.add_argument("--max-tokens", type=int, help="padded tokens per batch (default 4096)")
     tr.add_argument("--label-smoothing", type=float, help="default 0.1 (§5.4)")
@@ -790,9 +793,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args)
     except (UserError, DataError, CheckpointError, TrainingError, ValueError) as e:
+        if os.environ.get("AIAYN_DEBUG") == "1":  # the traceback, for a bug report
+            raise
         print(f"aiayn: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UserError) else EXIT_ERROR
     except OSError as e:
+        if os.environ.get("AIAYN_DEBUG") == "1":
+            raise
         print(f"aiayn: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -1,8 +1,6 @@
-"""Scores: sacreBLEU and chrF, the Multi30k papers' lowercased tokenized BLEU, and perplexity."""
+"""Scores: sacreBLEU and chrF, and the Multi30k papers' lowercased tokenized BLEU."""
 
 from __future__ import annotations
-
-import math
 
 import sacrebleu
 
@@ -36,6 +34,3 @@ def lc_tok_bleu(hypotheses: list[str], tokenized_references: list[str], lang: st
     hyps = moses_lc_tok(hypotheses, lang)
     return sacrebleu.metrics.BLEU(tokenize="none", force=True).corpus_score(hyps, [tokenized_references]).score
 
-
-def perplexity(mean_nll: float) -> float:
-    return math.exp(min(mean_nll, 50.0))

@@ -290,3 +290,11 @@ def test_an_ensemble_translates_and_needs_one_tokenizer(tmp_path, capsys, model_
         [s.title() for pair in tiny.TRAIN for s in pair], tiny.VOCAB_SIZE))
     assert_one_line_error(run(capsys, "translate", "--model", model_dir, "--model", retok, "hello"),
                           "an ensemble needs models of one vocabulary")
+
+
+def test_aiayn_debug_shows_the_traceback(capsys, monkeypatch):
+    """A one-line error hides where it came from; AIAYN_DEBUG=1 lets it through, for a bug report."""
+    assert main(["translate", "--model", "/no/such/model", "x"]) == 2
+    monkeypatch.setenv("AIAYN_DEBUG", "1")
+    with pytest.raises(Exception, match="no such model"):
+        main(["translate", "--model", "/no/such/model", "x"])

@@ -26,11 +26,6 @@ class Batch:
     def n_tokens(self) -> int:
         return int((self.tgt_out != self.pad_id).sum())
 
-    @property
-    def padding(self) -> float:
-        """The fraction of target positions that are padding."""
-        return 1.0 - self.n_tokens / self.tgt_out.numel()
-
     def to(self, device) -> "Batch":
         return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.pad_id)
 

@@ -12,8 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from aiayn.config import ModelConfig
 from aiayn.interop.hf import (ACTIVATION_TO_HF, InteropError, Weights, activation_from_hf, read_config,
                               read_weights)

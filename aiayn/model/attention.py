@@ -40,7 +40,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     A decoding step (a few queries per row, no gradient) on a CPU takes aiayn's own C kernel when it
     is built (aiayn.kernels: 2-3x faster than the fused kernel there).
     On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
-    fwd+bwd, torch 2.13: benchmarks/attention.py), so the fused kernel is used only where it wins.
+    fwd+bwd, torch 2.13: docs/perf-log/2026-11.md), so the fused kernel is used only where it wins.
     """
     if not need_weights and not dropout and q.size(2) <= kernels.MAX_QUERIES and kernels.supports(q, k, v, mask):
         return kernels.decode_attention(q, k, v, mask), None  # a decoding step: aiayn/kernels/decode_step.c

@@ -5,14 +5,9 @@ from __future__ import annotations
 import math
 
 
-def paper_lrate(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
-    """§5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times a scale factor."""
-    step = max(step, 1)
-    return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-
-
 def inverse_sqrt(step: int, peak: float, warmup: int) -> float:
-    """The same curve, parametrized by its peak: paper_lrate(s, d, w, k) = inverse_sqrt(s, k / sqrt(d w), w)."""
+    """§5.3's lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), parametrized by its peak
+    (reached at step = warmup): the paper's schedule is peak = 1 / sqrt(d_model * warmup)."""
     step = max(step, 1)
     return peak * min(step / warmup, math.sqrt(warmup / step))
 
