@@ -6,6 +6,7 @@ would give each model whatever share of the core it happened to get.
 
     python benchmarks/vision.py vit --minutes 5         # aiayn ViT vs HF ViTForImageClassification, + SVC(C=5)
     python benchmarks/vision.py pixels --minutes 5      # aiayn pixel model vs HF ImageGPTForCausalImageModeling
+    python benchmarks/vision.py shipped                 # the shipped models: t10k accuracy, bits/pixel, samples
     python benchmarks/vision.py vit --quick             # a few seconds: checks that it runs
 
 Data: the shipped mnist10k (train 8,006 images, t10k 997); scores on t10k.
@@ -205,6 +206,40 @@ def run_pixels(args) -> None:
     table(["model", "params", "steps", "train CPU min", "t10k bits/pixel", "train img/s", "score img/s"], rows)
 
 
+# -------------------------------------------------------------------------------------- shipped
+def run_shipped(args) -> None:
+    """The shipped models as `aiayn classify` / `generate-image` use them: the ViT's t10k accuracy,
+    the pixel model's t10k bits/pixel, and the fraction of its samples (temperature 1, --per-class
+    per class, seeds 0-9) that the ViT classifies as the label asked for."""
+    from aiayn.checkpoint import load_model_dir
+    from aiayn.cli import DEFAULT_PIXEL_MODEL, DEFAULT_VIT_MODEL, _default_model_dir
+    from aiayn.tasks.pixels import generate_images, image_grid, save_png
+    from aiayn.tasks.vision import accuracy, predict
+
+    test = load_images(split="t10k")
+    vit, labels, _, _ = load_model_dir(_default_model_dir(DEFAULT_VIT_MODEL))
+    pix, tok, _, _ = load_model_dir(_default_model_dir(DEFAULT_PIXEL_MODEL))
+    per_class = 2 if args.quick else args.per_class
+    rows = [("mnist-vit t10k accuracy %", f"{100 * accuracy(vit, test):.2f}")]
+    start = time.process_time()
+    bpp = bits_per_pixel(pix, tok, test.subset(torch.arange(16)) if args.quick else test)
+    rows.append(("mnist-pixels t10k bits/pixel (given the label)", f"{bpp:.4f}"))
+    rows.append(("  (scoring CPU s)", f"{time.process_time() - start:.0f}"))
+    hits, samples = [], []
+    start = time.process_time()
+    for label in range(10):
+        drawn = generate_images(pix, tok, [label] * per_class, temperature=1.0, seed=label)
+        samples.append(drawn[:10])
+        hits.append((predict(vit, drawn).argmax(-1) == label).float().mean().item())
+        print(f"label {label}: {100 * hits[-1]:.0f}% of {per_class} samples classified as {label}", flush=True)
+    rows.append((f"samples classified as their label % ({per_class}/class, T=1.0)", f"{100 * sum(hits) / 10:.1f}"))
+    rows.append(("  worst class", f"{min(range(10), key=hits.__getitem__)} ({100 * min(hits):.0f}%)"))
+    rows.append(("  (sampling CPU s)", f"{time.process_time() - start:.0f}"))
+    if args.grid:
+        save_png(image_grid(torch.cat(samples), columns=10, scale=3), args.grid)
+    table(["measure", "value"], rows)
+
+
 def table(header, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
@@ -216,7 +251,9 @@ def table(header, rows) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["vit", "pixels"])
+    p.add_argument("part", choices=["vit", "pixels", "shipped"])
+    p.add_argument("--per-class", type=int, default=100, help="shipped: samples drawn per class (default 100)")
+    p.add_argument("--grid", help="shipped: write the first 10 samples of each class as a PNG grid here")
     p.add_argument("--minutes", type=float, default=5.0, help="training CPU minutes per model (default 5)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a few steps, a small SVM: checks that it runs")
@@ -226,7 +263,7 @@ def main() -> None:
         args.minutes = min(args.minutes, 0.2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; {args.part}, {args.minutes} min per model, "
           f"seed {args.seed}", flush=True)
-    (run_vit if args.part == "vit" else run_pixels)(args)
+    {"vit": run_vit, "pixels": run_pixels, "shipped": run_shipped}[args.part](args)
 
 
 if __name__ == "__main__":
