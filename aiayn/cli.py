@@ -490,7 +490,7 @@ def cmd_train_pixels(args) -> int:
         tokenizer = PixelTokenizer.load(_resolve_model(Path(args.out)))
     else:
         tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
-        tcfg = _train_config(args, **pixel_train(max_steps=1500, max_minutes=30).to_dict())
+        tcfg = _train_config(args, **pixel_train(max_steps=1500, max_minutes=60).to_dict())
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout)) if v is not None}
         mcfg = pixel_config(tokenizer, **shape)
@@ -701,7 +701,7 @@ def _add_vision_train_parsers(tsub) -> None:
                         "intensities quantized to --levels gray levels, raster order, a class token first "
                         "(for 10%% of the images the 'any class' token, so that completion works without a "
                         "label). Validation: bits per pixel on 128 of the 1/16 of images held out. Default recipe: "
-                        "1500 steps of 8 images (at most 30 minutes), AdamW lr 2e-3, cosine.")
+                        "1500 steps of 8 images (at most 60 minutes), AdamW lr 2e-3, cosine.")
     g.add_argument("--data", help="as for train vit (default: mnist10k)")
     g.add_argument("--levels", type=int, default=8, help="gray levels of the palette (default 8)")
     g.add_argument("--batch-size", type=int, help="images per batch (default 8)")

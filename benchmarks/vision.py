@@ -23,7 +23,7 @@ gamma="scale") on pixels / 255, fitted on all 8,006 training images.
 
 pixels: both decoder-only models have the shape of the shipped mnist-pixels model (d_model 64, 4
 layers, 2 heads, d_ff 256, no dropout; 8 gray levels, class token first, the same 19-token
-vocabulary) and the same recipe (AdamW lr 2e-3 (0.9, 0.99), weight decay 0.1, clip 1, 100 warm-up
+vocabulary; ImageGPT's positions are learned, ours sinusoidal) and the same recipe (AdamW lr 2e-3 (0.9, 0.99), weight decay 0.1, clip 1, 100 warm-up
 steps then a cosine over the wall-clock budget, batches of 8 images, 10% of them with the "any
 class" token, fp32). Reported: t10k bits per pixel given the label, training images/s.
 """
@@ -179,8 +179,8 @@ def run_pixels(args) -> None:
     train, _ = split_train_val(train_all)
     tok = PixelTokenizer(8, train_all.classes, 28)
     mcfg = pixel_config(tok, d_model=64, n_decoder_layers=4, n_heads=2, d_ff=256)
-    if args.quick:
-        test = test.subset(torch.arange(16))
+    if args.quick or args.test_images:
+        test = test.subset(torch.arange(16 if args.quick else args.test_images))
     rows = []
     for name, make in (("aiayn LanguageModel", lambda: use_onednn_linears(build_model(mcfg), "fp32", "cpu")),
                        ("HF ImageGPTForCausalImageModeling", lambda: HFImageGPT(mcfg))):
@@ -253,6 +253,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["vit", "pixels", "shipped"])
     p.add_argument("--per-class", type=int, default=100, help="shipped: samples drawn per class (default 100)")
+    p.add_argument("--test-images", type=int, help="pixels: score the first N t10k images only (default all 997)")
     p.add_argument("--grid", help="shipped: write the first 10 samples of each class as a PNG grid here")
     p.add_argument("--minutes", type=float, default=5.0, help="training CPU minutes per model (default 5)")
     p.add_argument("--seed", type=int, default=1)

@@ -28,12 +28,15 @@ MAX_VAL_IMAGES = 128      # validation scores at most this many held-out images 
 
 # ---------------------------------------------------------------------------------------- recipe
 def pixel_config(tokenizer: PixelTokenizer, **changes) -> ModelConfig:
-    """A GPT-style decoder-only model over pixel tokens (pre-norm, GELU, learned positions: one per
-    pixel position, as Image GPT). Small and with few heads: on a CPU, 785-token sequences cost
-    mostly attention (B x heads x 785^2 scores per layer), so width and heads are kept low."""
+    """A GPT-style decoder-only model over pixel tokens (pre-norm, GELU, tied embeddings). Positions
+    are §3.5's sinusoids, not Image GPT's learned ones: the pixel above is always 28 positions back,
+    an offset that sinusoids let attention learn once for every position, where learned positions
+    must learn it position by position (after 4,000 images, a learned-position model still drew
+    horizontal streaks). Small and with few heads: on a CPU, 785-token sequences cost mostly
+    attention (B x heads x 785^2 scores per layer), so width and heads are kept low."""
     return ModelConfig(**{"vocab_size": tokenizer.vocab_size, "n_encoder_layers": 0, "n_decoder_layers": 4,
                           "d_model": 64, "n_heads": 2, "d_ff": 256, "dropout": 0.0, "norm_first": True,
-                          "activation": "gelu", "positional": "learned", "tie_embeddings": True,
+                          "activation": "gelu", "positional": "sinusoidal", "tie_embeddings": True,
                           "max_len": tokenizer.seq_len, **changes})
 
 
