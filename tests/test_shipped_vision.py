@@ -35,8 +35,8 @@ def test_classify_uses_the_shipped_model(tmp_path, capsys):
 
 
 def test_shipped_pixel_model_scores_and_draws():
-    """bits/pixel near the measured 0.56 (docs/VISION.md), better given the true label than a wrong
-    one, and samples made of palette levels only. (Its samples are not yet legible digits.)"""
+    """bits/pixel near the measured 0.40 (docs/VISION.md), better given the true label than a wrong
+    one, and samples made of palette levels only."""
     from aiayn.tasks.pixels import bits_per_pixel
 
     pix, tok, task, _ = load_model_dir(_default_model_dir(DEFAULT_PIXEL_MODEL))
@@ -44,6 +44,6 @@ def test_shipped_pixel_model_scores_and_draws():
     test = load_images(split="t10k").subset(torch.arange(24))
     true = bits_per_pixel(pix, tok, test)
     wrong = bits_per_pixel(pix, tok, type(test)(test.images, (test.labels + 5) % 10, test.classes))
-    assert 0.3 < true < 0.7 and wrong > true + 0.02
+    assert 0.25 < true < 0.55 and wrong > true + 0.02
     drawn = generate_images(pix, tok, [1, 7], seed=1)
     assert drawn.shape == (2, 28, 28) and set(np.unique(drawn.numpy())) <= set(tok.palette().tolist())
