@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, safe_open, save_file, save_model
 
-from aiayn.config import ModelConfig
+from aiayn.config import ModelConfig, ViTConfig
 
 MODEL_FILE, TRAINER_TENSORS, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
 TMP, OLD, DEL = ".tmp", ".old", ".del"
@@ -109,7 +109,9 @@ def _read_meta(directory: Path) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
-        meta["config"] = ModelConfig.from_dict(json.loads(meta["config"]))
+        config = json.loads(meta["config"])
+        kind = ViTConfig if isinstance(config, dict) and config.get("kind") == "vit" else ModelConfig
+        meta["config"] = kind.from_dict(config)
         meta["extra"] = json.loads(meta.get("extra", "{}"))
         if "task" not in meta:
             raise KeyError("task")
@@ -118,30 +120,39 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def read_model_meta(directory: Path) -> tuple[ModelConfig, str, dict]:
+def read_model_meta(directory: Path) -> tuple[ModelConfig | ViTConfig, str, dict]:
     meta = _read_meta(directory)
     return meta["config"], meta["task"], meta["extra"]
 
 
 def load_model_dir(directory: Path | str, device="cpu"):
     """-> (model in eval mode, tokenizer, task name, extra metadata)."""
+    from aiayn.data.images import Labels
+    from aiayn.data.pixels import PixelTokenizer
     from aiayn.data.tokenizer import load_tokenizer
     from aiayn.model import build_model
+    from aiayn.model.vit import VisionTransformer
 
     directory = Path(directory)
     meta = _read_meta(directory)
     cfg = meta["config"]
-    try:
-        tokenizer = load_tokenizer(directory)
-    except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError) as e:
+    try:  # a ViT keeps its class names, an image model its palette, a text model its tokenizer
+        if isinstance(cfg, ViTConfig):
+            tokenizer = Labels.load(directory)
+        elif (directory / PixelTokenizer.filename).is_file():
+            tokenizer = PixelTokenizer.load(directory)
+        else:
+            tokenizer = load_tokenizer(directory)
+    except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory}: unreadable tokenizer ({_first_line(e, 120)})") from None
-    if tokenizer.vocab_size != cfg.target_vocab:
+    expected = cfg.n_classes if isinstance(cfg, ViTConfig) else cfg.target_vocab
+    if tokenizer.vocab_size != expected:
         raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"was built for {cfg.target_vocab}")
+                              f"was built for {expected}")
     digest = meta.get("tokenizer_sha256")  # absent in models written before it was recorded
     if digest and digest != tokenizer_digest(directory, tokenizer):
         raise CheckpointError(f"{directory}: the tokenizer is not the one these weights were trained with")
-    model = build_model(cfg)
+    model = VisionTransformer(cfg) if isinstance(cfg, ViTConfig) else build_model(cfg)
     load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval(), tokenizer, meta["task"], meta["extra"]
 

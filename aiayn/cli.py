@@ -442,13 +442,212 @@ def cmd_average(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- vision
+DEFAULT_VIT_MODEL, DEFAULT_PIXEL_MODEL = "mnist-vit", "mnist-pixels"
+
+
+def _vision_run(args, task_name: str):
+    """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
+    from aiayn.config import ModelConfig, TrainConfig, ViTConfig
+
+    previous = _resume_settings(args)
+    if not previous:
+        return None
+    if previous.get("task") != task_name:
+        raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
+    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
+    kind = ViTConfig if task_name == "vit" else ModelConfig
+    return kind.from_dict(previous["model"]), _resumed_precision(args, tcfg), args.data or previous.get("data")
+
+
+def _image_data(path):
+    from aiayn.data.images import load_images
+
+    data = load_images(path)
+    print(f"data: {path or 'the shipped mnist10k'}: {len(data):,} images of {data.images.shape[2]}x"
+          f"{data.images.shape[1]} pixels, {len(data.classes)} classes", file=sys.stderr)
+    return data
+
+
+def cmd_train_vit(args) -> int:
+    import torch
+
+    from aiayn.config import ViTConfig
+    from aiayn.data.images import Labels
+    from aiayn.model.vit import VisionTransformer
+    from aiayn.tasks.vision import ViTTask, split_train_val, vit_train
+    from aiayn.train.loop import Trainer
+
+    _check_device(args.device)
+    resumed = _vision_run(args, "vit")
+    if resumed:
+        cfg, tcfg, data_path = resumed
+    else:
+        data_path = args.data
+        _choose_precision(args, "train")
+        tcfg = _train_config(args, **vit_train(max_steps=1400).to_dict())
+    data = _image_data(data_path)
+    if not resumed:
+        shape = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers), ("n_heads", args.n_heads),
+                                   ("d_ff", args.d_ff), ("patch_size", args.patch_size), ("pool", args.pool),
+                                   ("positional", args.positional), ("dropout", args.dropout)) if v is not None}
+        if data.images.shape[1] != data.images.shape[2]:
+            raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: the ViT takes square images")
+        cfg = ViTConfig(image_size=int(data.images.shape[1]), n_classes=len(data.classes), **shape)
+    train, val = split_train_val(data)
+    torch.manual_seed(tcfg.seed)
+    model = VisionTransformer(cfg)
+    task = ViTTask(train, val, cfg, tcfg.batch_size, tcfg.device, augmentation=not args.no_augment)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters; {len(train):,} training and {len(val):,} validation images; "
+          f"run directory {args.out}", file=sys.stderr)
+    trainer = Trainer(task, model, Labels(data.classes), tcfg, Path(args.out),
+                      extra_meta={"data": str(data_path) if data_path else None})
+    print(json.dumps(trainer.run(resume=args.resume, progress=not args.quiet), default=str))
+    return 0
+
+
+def cmd_train_pixels(args) -> int:
+    import torch
+
+    from aiayn.data.pixels import PixelTokenizer
+    from aiayn.model import build_model
+    from aiayn.tasks.pixels import PixelLMTask, pixel_config, pixel_train
+    from aiayn.tasks.vision import split_train_val
+    from aiayn.train.loop import Trainer
+
+    _check_device(args.device)
+    resumed = _vision_run(args, "image-gpt")
+    data_path = resumed[2] if resumed else args.data
+    data = _image_data(data_path)
+    if data.images.shape[1] != data.images.shape[2]:
+        raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: use square images")
+    if resumed:
+        mcfg, tcfg, _ = resumed
+        tokenizer = PixelTokenizer.load(_resolve_model(Path(args.out)))
+    else:
+        tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
+        _choose_precision(args, "train")
+        tcfg = _train_config(args, **pixel_train(max_steps=1500, max_minutes=60).to_dict())
+        shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
+                                   ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout)) if v is not None}
+        mcfg = pixel_config(tokenizer, **shape)
+    train, val = split_train_val(data)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg)
+    task = PixelLMTask(train, val, tokenizer, tcfg.batch_size, tcfg.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters; {tokenizer.levels} gray levels; {len(train):,} training "
+          f"and {len(val):,} validation images; run directory {args.out}", file=sys.stderr)
+    trainer = Trainer(task, model, tokenizer, tcfg, Path(args.out),
+                      extra_meta={"data": str(data_path) if data_path else None})
+    print(json.dumps(trainer.run(resume=args.resume, progress=not args.quiet), default=str))
+    return 0
+
+
+def _vision_model(arg: str | None, default: str, want_task: str, device: str = "cpu"):
+    if arg:
+        model_dir = _resolve_model(Path(arg))
+    else:
+        model_dir = _default_model_dir(default)
+        if not model_dir.is_dir():
+            raise UserError(f"no shipped {want_task} model in this install; train one (aiayn train {want_task} "
+                            "--out RUN_DIR) and pass --model RUN_DIR")
+    model, tokenizer, _ = _load(model_dir, device, want_task)
+    return model, tokenizer, model_dir
+
+
+def cmd_classify(args) -> int:
+    from aiayn.vision import classify_files
+
+    if args.top_k < 1:
+        raise UserError("--top-k must be >= 1")
+    model, labels, _ = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit")
+    failed = 0
+    for r in classify_files(model, labels, args.images, args.top_k):
+        if r.error:
+            failed += 1
+            print(f"aiayn: error: {r.error}", file=sys.stderr)
+        else:
+            print("\t".join([r.path, *(f"{label}\t{p:.4f}" for label, p in r.top)]), flush=True)
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_generate_image(args) -> int:
+    from aiayn.data.images import read_image
+    from aiayn.tasks.pixels import generate_images, image_grid, save_png
+
+    for bad, message in ((args.n < 1, "--n must be >= 1"), (args.n > 1024, "--n must be <= 1024"),
+                         (args.temperature <= 0, "--temperature must be > 0"),
+                         (args.top_k is not None and args.top_k < 1, "--top-k must be >= 1"),
+                         (args.top_p is not None and not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                         (args.scale < 1 or args.scale > 16, "--scale must be in 1..16"),
+                         (args.keep_rows is not None and args.prompt_image is None, "--keep-rows needs --prompt-image")):
+        if bad:
+            raise UserError(message)
+    if not str(args.out).lower().endswith(".png"):
+        raise UserError(f"{args.out}: the grid is written as PNG; give a file name ending in .png")
+    model, tokenizer, model_dir = _vision_model(args.model, DEFAULT_PIXEL_MODEL, "image-gpt")
+    label = None
+    if args.label is not None:
+        if args.label not in tokenizer.classes:
+            raise UserError(f"unknown label {args.label!r}: this model knows {', '.join(tokenizer.classes)}")
+        label = tokenizer.classes.index(args.label)
+    prompt, keep = None, 0
+    if args.prompt_image:
+        size = tokenizer.image_size
+        keep = size // 2 if args.keep_rows is None else args.keep_rows
+        if not 0 <= keep <= size:
+            raise UserError(f"--keep-rows must be in 0..{size}")
+        prompt = read_image(args.prompt_image, (size, size))
+    images = generate_images(model, tokenizer, [label] * args.n, args.temperature, args.top_k, args.top_p,
+                             args.seed, prompt=prompt, keep_rows=keep)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid(images, scale=args.scale), args.out)
+    what = f"label {args.label}" if label is not None else "any label"
+    print(f"wrote {args.n} images ({what}{f', {keep} rows of {args.prompt_image} kept' if prompt is not None else ''}) "
+          f"to {args.out}")
+    return 0
+
+
+def _explain_image(args, image_arg: str) -> int:
+    from aiayn.data.images import read_image
+    from aiayn.vision import explain_image
+
+    model, labels, model_dir = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit", args.device)
+    image = read_image(image_arg, (model.cfg.image_size,) * 2)
+    text, paths = explain_image(model, labels, image, Path(args.out))
+    print(f"model: {model_dir} (vit)")
+    print(text)
+    print(f"wrote {len(paths)} images to {args.out}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ explain
+def _is_image_request(args) -> bool:
+    """explain IMAGE: one argument that is an image file, or a --model that is a ViT."""
+    from aiayn.checkpoint import read_model_meta
+    from aiayn.data.images import IMAGE_SUFFIXES
+
+    if args.model:
+        try:
+            return read_model_meta(_resolve_model(Path(args.model)))[1] == "vit"
+        except (UserError, ValueError):
+            return False  # the text path reports the problem
+    return len(args.sentence) == 1 and Path(args.sentence[0]).suffix.lower() in IMAGE_SUFFIXES
+
+
 def cmd_explain(args) -> int:
     from aiayn.checkpoint import load_model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
     from aiayn.inference import inference_model
 
     text = " ".join(args.sentence)
+    if _is_image_request(args):
+        if len(args.sentence) != 1:
+            raise UserError("explain takes one image file for a ViT model")
+        return _explain_image(args, args.sentence[0])
     if not text.strip():
         raise UserError("nothing to explain: give a sentence (or, for a language model, a prompt)")
     if args.top_k < 1:
@@ -465,10 +664,8 @@ def cmd_explain(args) -> int:
     model = inference_model(model, args.precision)
     if task == "translation":
         ex = explain_translation(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
-    elif task == "lm":
-        ex = explain_lm(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens or 10)
     else:
-        raise UserError(f"{model_dir} holds a {task} model; explain knows translation and lm models")
+        ex = explain_lm(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens or 10)
     paths = save_figures(ex, Path(args.out))
     print(f"model: {model_dir} ({task})")
     print(summary(ex))
@@ -587,6 +784,75 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_vision_train_parsers(tsub) -> None:
+    v = tsub.add_parser("vit", help="Vision Transformer image classifier (default: the shipped mnist10k digits)",
+                        description="Train a ViT (Dosovitskiy et al. 2021) on the project's own pre-norm encoder "
+                        "layers: patch embedding, class token, 2-D sinusoidal positions, linear head; random "
+                        "shifts, rotations, zoom and shear of the training images. 1/16 of the images are held "
+                        "out to choose the checkpoint. Default recipe: 4 layers, d_model 128, 4 "
+                        "heads, patch 4, AdamW lr 2e-3, cosine over --max-steps 1400 batches of 128 images (the "
+                        "shipped model's recipe: ~10 CPU minutes on one core).")
+    v.add_argument("--data", help="an IDX directory (train-images-idx3-ubyte[.gz] + labels), an IDX images "
+                   "file, or a folder with one subfolder of images per class (default: mnist10k)")
+    v.add_argument("--batch-size", type=int, help="images per batch (default 128)")
+    v.add_argument("--d-model", type=int, help="width (default 128)")
+    v.add_argument("--n-layers", type=int, help="encoder layers (default 4)")
+    v.add_argument("--n-heads", type=int, help="attention heads (default 4)")
+    v.add_argument("--d-ff", type=int, help="feed-forward width (default 256)")
+    v.add_argument("--patch-size", type=int, help="patch side in pixels (default 4; divides the image side)")
+    v.add_argument("--pool", choices=("cls", "mean"), help="class token (default) or mean of the patches")
+    v.add_argument("--positional", choices=("sincos2d", "learned"), help="positions (default sincos2d)")
+    v.add_argument("--dropout", type=float, help="residual and embedding dropout (default 0)")
+    v.add_argument("--label-smoothing", type=float, help="default 0.1")
+    v.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
+    v.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    _add_train_options(v)
+    v.set_defaults(func=cmd_train_vit)
+    g = tsub.add_parser("image-gpt", help="pixel-by-pixel image generator (default: mnist10k digits)",
+                        description="Train a decoder-only model on images written as pixel tokens (Image GPT): "
+                        "intensities quantized to --levels gray levels, raster order, a class token first "
+                        "(for 10%% of the images the 'any class' token, so that completion works without a "
+                        "label). Validation: bits per pixel on 128 of the 1/16 of images held out. Default recipe: "
+                        "1500 steps of 8 images (at most 60 minutes), AdamW lr 2e-3, cosine.")
+    g.add_argument("--data", help="as for train vit (default: mnist10k)")
+    g.add_argument("--levels", type=int, default=8, help="gray levels of the palette (default 8)")
+    g.add_argument("--batch-size", type=int, help="images per batch (default 8)")
+    g.add_argument("--d-model", type=int, help="width (default 64)")
+    g.add_argument("--n-layers", type=int, help="decoder layers (default 4)")
+    g.add_argument("--n-heads", type=int, help="attention heads (default 2)")
+    g.add_argument("--d-ff", type=int, help="feed-forward width (default 256)")
+    g.add_argument("--dropout", type=float, help="residual and embedding dropout (default 0)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    _add_train_options(g)
+    g.set_defaults(func=cmd_train_pixels)
+
+
+def _add_vision_parsers(sub) -> None:
+    c = sub.add_parser("classify", help="classify image files with a ViT (default: the shipped MNIST model)",
+                       description="One line per image: FILE<TAB>LABEL<TAB>PROBABILITY (with --top-k, that many "
+                       "label/probability pairs). Images are read as 8-bit gray and must have the model's size "
+                       "(28x28 for MNIST: a white digit on black). A file that cannot be read gets a one-line "
+                       "error on stderr; the others are still classified (exit status 1 if any failed).")
+    c.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    c.add_argument("--model", "-m", help="ViT model or run directory (default: the shipped mnist-vit)")
+    c.add_argument("--top-k", type=int, default=1, help="labels per image, most likely first (default 1)")
+    c.set_defaults(func=cmd_classify)
+    g = sub.add_parser("generate-image", help="draw images pixel by pixel (default: the shipped MNIST model)",
+                       description="Sample images from a pixel-token model and write them as one grid PNG.")
+    g.add_argument("--label", help="the class to draw (MNIST: 0-9); default: any class")
+    g.add_argument("--n", type=int, default=16, help="images to draw (default 16)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely gray levels only")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of levels with mass >= p")
+    g.add_argument("--seed", type=int, help="random seed: the same seed draws the same images")
+    g.add_argument("--prompt-image", help="complete this image: keep its first --keep-rows rows")
+    g.add_argument("--keep-rows", type=int, help="rows of --prompt-image kept (default: half)")
+    g.add_argument("--scale", type=int, default=4, help="enlarge each image N times in the grid (default 4)")
+    g.add_argument("--out", "-o", default="grid.png", help="the grid PNG (default grid.png)")
+    g.add_argument("--model", "-m", help="image-gpt model or run directory (default: the shipped mnist-pixels)")
+    g.set_defaults(func=cmd_generate_image)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from aiayn.config import PRESETS as MODEL_PRESETS
 
@@ -646,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     _add_train_options(lm)
     lm.set_defaults(func=cmd_train_lm)
+    _add_vision_train_parsers(tsub)
 
     t = sub.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     t.add_argument("sentences", nargs="*", help="sentences to translate")
@@ -709,9 +976,10 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="show what the model does with a sentence (attention maps, ...)",
                        description="Attention maps (every layer and head), the positional encoding and the "
                        "next-token distributions of one input, as PNGs in --out and a text summary.")
-    x.add_argument("sentence", nargs="*", help="the sentence to translate (or the prompt, for a language model)")
-    x.add_argument("--model", "-m", help="model or run directory, translation or lm (default: the shipped "
-                   "en->de model)")
+    x.add_argument("sentence", nargs="*", help="the sentence to translate (or the prompt, for a language model; "
+                   "or one image file, for a ViT)")
+    x.add_argument("--model", "-m", help="model or run directory, translation, lm or vit (default: the shipped "
+                   "en->de model; for an image file, the shipped MNIST ViT)")
     x.add_argument("--out", "-o", default="explain", help="directory for the PNGs (default ./explain)")
     x.add_argument("--top-k", type=int, default=5, help="next tokens shown per step (default 5)")
     x.add_argument("--max-new-tokens", type=int, help="output tokens at most (translation default: source "
@@ -719,6 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="cpu")
     x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     x.set_defaults(func=cmd_explain)
+    _add_vision_parsers(sub)
     s = sub.add_parser("serve", help="serve models over HTTP: an API and a web page",
                        description="An HTTP API (translate, LibreTranslate-compatible /translate, generate "
                        "with streaming, explain) and a web page at / that translates, shows the attention and "

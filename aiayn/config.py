@@ -144,3 +144,67 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A Vision Transformer (Dosovitskiy et al. 2021): an image cut into patch tokens for the same
+    encoder layers (pre-norm, as in the ViT paper). Defaults: the small MNIST model shipped with aiayn."""
+
+    image_size: int = 28
+    patch_size: int = 4
+    channels: int = 1
+    n_classes: int = 10
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    n_layers: int = 4
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    activation: Literal["relu", "gelu"] = "gelu"
+    positional: Literal["sincos2d", "learned"] = "sincos2d"
+    pool: Literal["cls", "mean"] = "cls"
+
+    def __post_init__(self):
+        if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.n_classes < 2:
+            raise ValueError("a classifier needs at least 2 classes")
+        if self.positional not in ("sincos2d", "learned"):
+            raise ValueError(f"unknown positional encoding {self.positional!r}: use sincos2d or learned")
+        if self.positional == "sincos2d" and self.d_model % 4:
+            raise ValueError(f"2-D sinusoidal positions need d_model divisible by 4, got {self.d_model}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {self.pool!r}: use cls or mean")
+        self.encoder()  # checks d_model, n_heads, d_ff, activation
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 2
+
+    def encoder(self) -> ModelConfig:
+        """The shape of the encoder layers, as the shared layer stack takes it (pre-norm)."""
+        return ModelConfig(vocab_size=1, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
+                           n_encoder_layers=self.n_layers, n_decoder_layers=0, dropout=self.dropout,
+                           attn_dropout=self.attn_dropout, max_len=self.n_patches + 1, norm_first=True,
+                           activation=self.activation, tie_embeddings=False)
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"kind": "vit", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        d = {k: v for k, v in d.items() if k != "kind"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ViT config fields: {sorted(unknown)}")
+        return cls(**d)
