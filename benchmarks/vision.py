@@ -31,7 +31,6 @@ class" token, fp32). Reported: t10k bits per pixel given the label, training ima
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch

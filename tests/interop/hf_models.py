@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,3 +112,27 @@ def gpt2(directory: Path, vocab_size: int, seed: int = 0, safetensors: bool = Tr
     model = GPT2LMHeadModel(GPT2Config(**fields)).eval()
     model.save_pretrained(directory, safe_serialization=safetensors)
     return model
+
+
+def import_error(importer: Callable[[Path], object], good: Path, scratch: Path, edit: Callable[[Path], None]) -> str:
+    """The one-line error `importer` gives for a copy of the model directory `good` (made in a new
+    folder under `scratch`) after `edit` broke it. Fails the test if the import does not refuse it."""
+    import pytest
+
+    from aiayn.interop import InteropError
+
+    broken = scratch / f"broken{len(list(scratch.iterdir()))}"
+    shutil.copytree(good, broken)
+    edit(broken)
+    with pytest.raises(InteropError) as e:
+        importer(broken)
+    return str(e.value)
+
+
+def config_edit(**changes) -> Callable[[Path], None]:
+    """An `edit` for import_error: these changes written into config.json."""
+    def edit(directory: Path) -> None:
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg.update(changes)
+        (directory / "config.json").write_text(json.dumps(cfg))
+    return edit

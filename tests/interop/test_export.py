@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from aiayn.cli import main
 from aiayn.config import ModelConfig
 from aiayn.data.batching import pad
 from aiayn.data.corpus import ASSETS
-from aiayn.interop import InteropError, export_hf, import_gpt2, import_marian
+from aiayn.interop import InteropError, export_hf, import_marian
 from aiayn.model import build_model
 from tests.interop import hf_models as H
 

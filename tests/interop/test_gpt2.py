@@ -10,7 +10,7 @@ import torch
 from aiayn.data.batching import pad
 from aiayn.decode.sampling import generate
 from aiayn.inference import inference_model
-from aiayn.interop import InteropError, import_gpt2
+from aiayn.interop import import_gpt2
 from tests.interop import hf_models as H
 
 transformers = pytest.importorskip("transformers")
@@ -79,24 +79,12 @@ def test_greedy_generation_equals_generate(imported):
 
 
 def test_unsupported_variants_and_broken_files(imported, tmp_path):
-    import json
-
     d = imported[0]
 
     def broken(edit):
-        b = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(d, b)
-        edit(b)
-        with pytest.raises(InteropError) as e:
-            import_gpt2(b)
-        return str(e.value)
+        return H.import_error(import_gpt2, d, tmp_path, edit)
 
-    def config(**changes):
-        def edit(b):
-            cfg = json.loads((b / "config.json").read_text())
-            cfg.update(changes)
-            (b / "config.json").write_text(json.dumps(cfg))
-        return edit
+    config = H.config_edit
 
     assert "not gpt2" in broken(config(model_type="llama", architectures=["LlamaForCausalLM"]))
     assert "scale_attn_by_inverse_layer_idx" in broken(config(scale_attn_by_inverse_layer_idx=True))

@@ -133,21 +133,9 @@ def test_unsupported_variants_and_broken_files(tmp_path_factory, tokenizer_dir, 
     d, _ = _make(tmp_path_factory, tokenizer_dir, "swish-scaled-tied")
 
     def broken(edit):
-        b = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(d, b)
-        edit(b)
-        with pytest.raises(InteropError) as e:
-            import_marian(b)
-        return str(e.value)
+        return H.import_error(import_marian, d, tmp_path, edit)
 
-    import json
-
-    def config(**changes):
-        def edit(b):
-            cfg = json.loads((b / "config.json").read_text())
-            cfg.update(changes)
-            (b / "config.json").write_text(json.dumps(cfg))
-        return edit
+    config = H.config_edit
 
     assert "not marian" in broken(config(model_type="bart"))
     assert "normalize_before" in broken(config(normalize_before=True))
