@@ -20,7 +20,6 @@ test_train_kernels.py).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -46,7 +45,6 @@ from aiayn.kernels import tuning
 
 log = logging.getLogger(__name__)
 _ARGS = threading.local()  # each thread's last argument array
-_OFF = threading.local()  # .on: kernels disabled in this thread (`disabled`)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_step.c", HERE / "train_step.c")  # one library; both include common.h
@@ -64,19 +62,8 @@ _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C fu
 
 def enabled() -> bool:
     """AIAYN_KERNELS: 1 (default) the kernels that win on this machine (aiayn.kernels.tuning), all:
-    every kernel wherever it takes the inputs, 0: none. Also False inside `disabled()`."""
-    return os.environ.get("AIAYN_KERNELS", "1") != "0" and not getattr(_OFF, "on", False)
-
-
-@contextlib.contextmanager
-def disabled():
-    """PyTorch's operators only, in this thread, inside the block (the reference path)."""
-    before = getattr(_OFF, "on", False)
-    _OFF.on = True
-    try:
-        yield
-    finally:
-        _OFF.on = before
+    every kernel wherever it takes the inputs, 0: none."""
+    return os.environ.get("AIAYN_KERNELS", "1") != "0"
 
 
 def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
@@ -131,10 +118,10 @@ def _build(sources: tuple[Path, ...]) -> Path | None:
         log.info("no C compiler found: aiayn uses PyTorch's operators only")
         return None
     texts = [p.read_bytes() for p in (*sources, HERE / "common.h")]
+    machine = _machine_key().encode()
     failed = []  # this process's failed builds
     for flags in _flag_sets():
-        key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(flags).encode(),
-                                         _machine_key().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(flags).encode(), machine])).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"
         if target.exists():
             return target

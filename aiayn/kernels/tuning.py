@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("attention", "residual", "dropout", "loss", "decode", "beam")
 ATTENTION_LENGTHS = (32, 64, 128)
 VERSION = 2  # a new version measures again (what is measured changed)
 _lock = threading.RLock()

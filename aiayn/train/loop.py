@@ -51,7 +51,9 @@ def autocast(cfg: TrainConfig):
     """bf16 autocast on CPU and CUDA (fp32 master weights), fp16 on CUDA. ("bf16-model" trains a bf16
     copy of the model without autocast, see Bf16Twin; its validation runs the fp32 model under bf16
     autocast, as "bf16" does.)"""
-    precision = choose_precision(cfg.precision, cfg.device, "train")[0]  # "auto": what the Trainer runs
+    precision = cfg.precision
+    if precision == "auto":  # what the Trainer runs (its own cfg is already resolved)
+        precision = choose_precision(precision, cfg.device, "train")[0]
     if precision == "fp32":
         return contextlib.nullcontext()
     device_type = torch.device(cfg.device).type

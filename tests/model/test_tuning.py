@@ -114,13 +114,6 @@ def test_a_family_is_timed_against_itself_off_with_every_other_kernel_on():
     assert tuning.forced("beam") is None  # over
 
 
-def test_disabled_turns_the_kernels_off_in_this_thread_only():
-    assert kernels.available()
-    with kernels.disabled():
-        assert not kernels.available()
-    assert kernels.available()
-
-
 def test_the_build_follows_the_isa_cap(monkeypatch):
     capped = capability.Machine("cpu", "avx2", "x", bf16=False, fp16=False, int8=True, capped="ONEDNN_MAX_CPU_ISA=AVX2")
     monkeypatch.setattr(capability, "probe", lambda device="cpu": capped)
