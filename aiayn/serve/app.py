@@ -389,7 +389,8 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
                     "details": {"finish_reason": tok.finish_reason, "generated_tokens": i + 1, "seed": seed}
                     if done else None}
 
-        server.generations.add(steps)  # counted while the generator lives (a weak set)
+        # counted until it ends (discarded in the finally blocks below), or is dropped unstarted (a weak set)
+        server.generations.add(steps)
         if not body.stream:
             abandoned = []  # set when the request is given up on: the worker thread stops at its next step
 
@@ -404,6 +405,7 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
                 toks = await _guarded(request, server.run(run_all), limits.timeout_s)
             finally:
                 abandoned.append(True)
+                server.generations.discard(steps)
             text = "".join(t.text for t in toks)
             return {"generated_text": cut_at_stop(text, body.stop),
                     "details": {"finish_reason": toks[-1].finish_reason if toks else "length",
@@ -430,6 +432,7 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
                 yield "data: [DONE]\n\n"
             finally:  # also when the client left: the task was cancelled at a step
                 server.executor.submit(steps.close)  # in the worker thread, after any step still running
+                server.generations.discard(steps)  # not left to the garbage collector: the count is exact
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
