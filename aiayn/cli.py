@@ -63,7 +63,10 @@ def _resume_settings(args) -> dict | None:
     run_json = Path(args.out) / "run.json"
     if not run_json.is_file():
         raise UserError(f"{args.out}: nothing to resume (no run.json)")
-    recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
+    from aiayn.train.distributed import main_first
+
+    with main_first():  # several ranks: rank 0 repairs, the others then read
+        recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
     return json.loads(run_json.read_text())
 
 
@@ -100,15 +103,44 @@ def _resumed_precision(args, tcfg):
         return tcfg.replace(precision=args.precision)
 
 
+def _distributed(args):
+    """Under torchrun: this rank's Parallel and device (aiayn.train.distributed); else (None, device)."""
+    from aiayn.train.distributed import init
+
+    parallel, args.device = init(args.distributed, args.device)
+    return parallel
+
+
+def _say(*args) -> None:
+    """A line on stderr, from rank 0 only when several processes train."""
+    from aiayn.train.distributed import is_main
+
+    if is_main():
+        print(*args, file=sys.stderr)
+
+
+def _run_trainer(trainer, args) -> dict | None:
+    """The run's summary; None on ranks other than 0."""
+    from aiayn.train.distributed import close
+
+    try:
+        summary = trainer.run(resume=args.resume, progress=not args.quiet)
+        return summary if trainer.main else None
+    finally:
+        close()
+
+
 def cmd_train_translation(args) -> int:
     from aiayn.config import preset
     from aiayn.data.corpus import multi30k, read_parallel
     from aiayn.data.tokenizer import BPETokenizer
     from aiayn.model import build_model
     from aiayn.tasks.translation import TranslationTask
+    from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    parallel = _distributed(args)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     previous = _resume_settings(args)
@@ -150,9 +182,10 @@ def cmd_train_translation(args) -> int:
             print(f"starting from {args.init_from} (its shape and vocabulary; --preset and --vocab-size "
                   "do not apply)", file=sys.stderr)
         else:
-            print(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs",
-                  file=sys.stderr)
-            tokenizer = BPETokenizer.train([x for pair in train for x in pair], args.vocab_size)
+            _say(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs")
+            # several ranks: learned once, on rank 0
+            tokenizer = BPETokenizer(from_main(
+                lambda: BPETokenizer.train([x for pair in train for x in pair], args.vocab_size).proto))
             mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
     import torch
 
@@ -162,13 +195,13 @@ def cmd_train_translation(args) -> int:
         model.load_state_dict(init.state_dict())
     task = TranslationTask(tokenizer, train, val, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; "
-          f"run directory {out}", file=sys.stderr)
+    _say(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; run directory {out}")
     paths = {name: str(Path(getattr(args, name)).resolve()) for name in files if getattr(args, name)}
     trainer = Trainer(task, model, tokenizer, tcfg, out,
-                      extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra})
-    summary = trainer.run(resume=args.resume, progress=not args.quiet)
-    print(json.dumps({k: v for k, v in summary.items()}, default=str))
+                      extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra}, parallel=parallel)
+    summary = _run_trainer(trainer, args)
+    if summary is not None:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
 
 
@@ -177,10 +210,13 @@ def cmd_train_lm(args) -> int:
 
     from aiayn.data.corpus import SHAKESPEARE, read_text
     from aiayn.model import build_model
+    from aiayn.data.tokenizer import BPETokenizer
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
+    from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    parallel = _distributed(args)
     out = Path(args.out)
     previous = _resume_settings(args)
     if previous:
@@ -196,9 +232,11 @@ def cmd_train_lm(args) -> int:
         tcfg = _train_config(args, **train_preset.to_dict())
         data, kind = str(args.data or SHAKESPEARE), args.tokenizer
         text = read_text(data)
-        if kind == "bpe":
-            print(f"training a {args.vocab_size}-token BPE vocabulary on {data}", file=sys.stderr)
-        tokenizer = train_tokenizer(kind, text, args.vocab_size)
+        if kind == "bpe":  # several ranks: learned once, on rank 0
+            _say(f"training a {args.vocab_size}-token BPE vocabulary on {data}")
+            tokenizer = BPETokenizer(from_main(lambda: train_tokenizer(kind, text, args.vocab_size).proto))
+        else:
+            tokenizer = train_tokenizer(kind, text, args.vocab_size)
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout),
                                    ("attn_dropout", args.dropout), ("positional", args.positional)) if v is not None}
@@ -211,11 +249,13 @@ def cmd_train_lm(args) -> int:
     model = build_model(mcfg)
     task = LMTask.from_text(text, tokenizer, tcfg.batch_size, tcfg.context, tcfg.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
-          f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}", file=sys.stderr)
-    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"data": data, "tokenizer": kind})
-    summary = trainer.run(resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary, default=str))
+    _say(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
+         f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}")
+    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"data": data, "tokenizer": kind},
+                      parallel=parallel)
+    summary = _run_trainer(trainer, args)
+    if summary is not None:
+        print(json.dumps(summary, default=str))
     return 0
 
 
@@ -784,6 +824,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel (default) or FSDP (weights, gradients and "
+                        "optimizer state sharded across ranks); see docs/DISTRIBUTED.md")
+
+
 def _add_vision_train_parsers(tsub) -> None:
     v = tsub.add_parser("vit", help="Vision Transformer image classifier (default: the shipped mnist10k digits)",
                         description="Train a ViT (Dosovitskiy et al. 2021) on the project's own pre-norm encoder "
@@ -884,6 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
                     "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
     _add_train_options(tr)
+    _add_distributed_options(tr)
     tr.set_defaults(func=cmd_train_translation)
     lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)",
                          description="Train a GPT-style decoder-only model (pre-norm, GELU, learned positions, "
@@ -911,6 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--post-norm", action="store_true", help="the paper's post-norm layers instead of pre-norm")
     lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     _add_train_options(lm)
+    _add_distributed_options(lm)
     lm.set_defaults(func=cmd_train_lm)
     _add_vision_train_parsers(tsub)
 
