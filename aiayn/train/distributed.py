@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +153,23 @@ class Parallel:
         (FSDP: the same module, its parameters now this rank's shards)."""
         runner = _TaskLoss(task, model, cfg)
         if self.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-            # one group per layer: a layer's weights are gathered only while it computes
+            # one group per layer: a layer's weights are gathered only while it computes. The decoder
+            # stack projects the encoder output to each layer's cross-attention keys and values
+            # before the layer runs (kv_projection, not forward): cross-attention is a group of its
+            # own, gathered for that method too.
             for module in model.modules():
                 if type(module).__name__ == "TransformerLayer":
+                    if getattr(module, "cross_attn", None) is not None:
+                        fully_shard(module.cross_attn)
+                        register_fsdp_forward_method(module.cross_attn, "kv_projection")
                     fully_shard(module)
-            fully_shard(runner)  # the rest (embeddings, generator, final norms) in the root group
+            fully_shard(runner)
+            # FSDP2 warns that a group returning a view would lose its backward hook to an in-place
+            # op on that view; the model makes none (tests/train/test_distributed.py checks FSDP's
+            # gradients against one process's)
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # the rest (embeddings, generator, final norms) in the root group
             self.runner = runner
         else:
             ids = None if torch.device(self.device).type == "cpu" else [torch.device(self.device)]
@@ -236,15 +247,14 @@ class Parallel:
 
         if self.strategy != "fsdp":
             return load_checkpoint(directory, model, optimizer, scaler)
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         plain = _plain_copy(model, None, "cpu")
         names = _names(model, optimizer)
         full = _FullOptimizer({}, optimizer.param_groups)
         state = load_checkpoint(directory, plain, full, scaler)
+        _copy_into_shards(model, plain)
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, plain.state_dict(), options=options)
         saved = full.state
         by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
@@ -269,6 +279,20 @@ def _plain_copy(model: nn.Module, weights: dict | None, device: str) -> nn.Modul
     if weights is not None:
         plain.load_state_dict(weights)
     return plain.to(device if weights is not None else "cpu")
+
+
+@torch.no_grad()
+def _copy_into_shards(model: nn.Module, plain: nn.Module) -> None:
+    """The full weights of `plain` into the sharded `model`, each rank keeping its shards.
+    (set_model_state_dict would copy a tied matrix once per name, the second time into a DTensor.)"""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            p.copy_(distribute_tensor(full[name].to(p.device_mesh.device_type), p.device_mesh, p.placements))
+        else:
+            p.copy_(full[name])
 
 
 def _names(model: nn.Module, optimizer) -> list[str]:
