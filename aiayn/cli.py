@@ -202,6 +202,8 @@ def cmd_train_translation(args) -> int:
             mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
     import torch
 
+    if parallel is not None:  # each rank on its own GPU (a resumed run's settings name rank 0's)
+        tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
     if init is not None:
@@ -315,6 +317,8 @@ def cmd_train_lm(args) -> int:
         if args.post_norm:
             shape["norm_first"] = False
         mcfg = model_preset.replace(vocab_size=tokenizer.vocab_size, max_len=tcfg.context, **shape)
+    if parallel is not None:  # each rank on its own GPU (a resumed run's settings name rank 0's)
+        tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
     if prepared is not None:
