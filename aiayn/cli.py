@@ -223,7 +223,7 @@ def cmd_train_lm(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
     from aiayn.tasks.lm import stream_text
 
     for bad, message in ((args.max_new_tokens < 0, "--max-new-tokens must be >= 0"),
@@ -641,7 +641,7 @@ def _is_image_request(args) -> bool:
 def cmd_explain(args) -> int:
     from aiayn.checkpoint import load_model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
 
     text = " ".join(args.sentence)
     if _is_image_request(args):
@@ -861,8 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate, evaluate, explain.",
         epilog="Try: aiayn translate \"A man is riding a bicycle down the street.\"")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(show_help=parser.print_help)  # what `aiayn` alone prints
 
     train = sub.add_parser("train", help="train a model (translation or language model)")
+    train.set_defaults(show_help=train.print_help)  # what `aiayn train` alone prints
     tsub = train.add_subparsers(dest="task", metavar="TASK")
     tr = tsub.add_parser("translation", help="encoder-decoder translation (default: Multi30k en->de)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1048,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        (parser if args.command is None else parser._subparsers._group_actions[0].choices[args.command]).print_help()
+        args.show_help()
         return EXIT_USAGE
     from aiayn.checkpoint import CheckpointError
     from aiayn.data.corpus import DataError

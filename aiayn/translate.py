@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from aiayn.data.batching import pad
-from aiayn.inference import inference_model
+from aiayn.fast.inference import inference_model
 
 
 def default_workers(device: str = "cpu") -> int:
@@ -53,7 +53,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
     (translation, score). Sources longer than the model's maximum length are truncated.
 
     precision: fp32, bf16, int8 (CPU) or fp16 (GPU); decoding runs on an inference copy of the
-    model (aiayn.inference: oneDNN linears, cast or quantized weights), the model is left as it is.
+    model (aiayn.fast.inference: oneDNN linears, cast or quantized weights), the model is left as it is.
     workers: batches decoded at once, each in a thread of one torch thread (CPU only; default
     `default_workers`: one per torch thread). On 2 cores, 2 workers decode 15-25% more tokens/s than
     one batch at a time on 2 threads (docs/perf-log/2026-11.md)."""

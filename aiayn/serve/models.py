@@ -61,8 +61,8 @@ class TranslationModel:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def inference(self, precision: str) -> torch.nn.Module:
-        """The model's inference copy for a precision (aiayn.inference), made once."""
-        from aiayn.inference import inference_model
+        """The model's inference copy for a precision (aiayn.fast.inference), made once."""
+        from aiayn.fast.inference import inference_model
 
         with self._lock:
             if precision not in self._copies:

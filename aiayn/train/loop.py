@@ -24,8 +24,7 @@ from aiayn.capability import choose_precision
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
-from aiayn.memory import keep_freed_memory
-from aiayn.train.onednn import use_onednn_linears
+from aiayn.fast import for_training
 from aiayn.train.schedule import learning_rate
 
 CKPT_PREFIX = "step-"
@@ -150,9 +149,7 @@ class Trainer:
                  extra_meta: dict | None = None):
         # "auto" becomes what this machine runs natively; a precision it lacks is a PrecisionError
         cfg = cfg.replace(precision=choose_precision(cfg.precision, cfg.device, "train")[0])
-        model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
-        if torch.device(cfg.device).type == "cpu":
-            keep_freed_memory()
+        model = for_training(model.to(cfg.device), cfg.precision, cfg.device)  # aiayn.fast, in place
         # self.model holds the fp32 weights the optimizer updates; the passes run on self.twin's
         # bf16 copy with precision "bf16-model", on self.model itself otherwise
         self.task, self.model, self.tokenizer, self.cfg = task, model, tokenizer, cfg
