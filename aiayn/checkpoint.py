@@ -29,12 +29,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, safe_open, save_file, save_model
 
 from aiayn.config import ModelConfig, ViTConfig
+from aiayn.errors import InputError
 
 MODEL_FILE, TRAINER_TENSORS, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
 TMP, OLD, DEL = ".tmp", ".old", ".del"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint or model directory that cannot be used: the message says why, in one line."""
 
 

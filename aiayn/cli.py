@@ -13,6 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from aiayn.errors import InputError
+
 EXIT_USAGE, EXIT_ERROR = 2, 1
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
@@ -21,8 +23,8 @@ DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it nati
 DEFAULT_TRANSLATION_MODEL = "en-de"
 
 
-class UserError(Exception):
-    """A mistake in what the user gave us; printed as one line."""
+class UserError(InputError):
+    """A mistake in the command line itself; printed as one line, exit status 2."""
 
 
 def _default_model_dir(name: str) -> Path:
@@ -64,7 +66,10 @@ def _resume_settings(args) -> dict | None:
     if not run_json.is_file():
         raise UserError(f"{args.out}: nothing to resume (no run.json)")
     recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
-    return json.loads(run_json.read_text())
+    try:
+        return json.loads(run_json.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{run_json}: not a run's settings ({e})") from None
 
 
 def _resumed_run(args, previous: dict):
@@ -1052,8 +1057,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         args.show_help()
         return EXIT_USAGE
-    from aiayn.checkpoint import CheckpointError
-    from aiayn.data.corpus import DataError
     from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import TrainingError
 
@@ -1063,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.func(args)
-    except (UserError, DataError, CheckpointError, TrainingError, ValueError) as e:
+    except (InputError, TrainingError) as e:  # the user's input, or a run that cannot go on: one line
         if os.environ.get("AIAYN_DEBUG") == "1":  # the traceback, for a bug report
             raise
         print(f"aiayn: error: {e}", file=sys.stderr)

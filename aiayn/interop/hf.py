@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from aiayn.errors import InputError
 
-class InteropError(ValueError):
+
+class InteropError(InputError):
     """An HF directory or aiayn model that cannot be converted: the message says why, in one line."""
 
 
@@ -30,7 +32,7 @@ def read_config(directory: Path, model_types: tuple[str, ...]) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
+            raise InputError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         raise InteropError(f"{path}: corrupt config.json ({_first_line(e, 100)})") from None
     kind = cfg.get("model_type")

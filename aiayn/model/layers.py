@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn.config import ModelConfig
+from aiayn.errors import InputError
 from aiayn.model.attention import MultiHeadAttention
 
 
@@ -55,7 +56,7 @@ class Embedding(nn.Module):
 
     def positions(self, start: int, length: int) -> Tensor:
         if start + length > self.max_len:
-            raise ValueError(f"sequence of {start + length} positions is longer than the model's "
+            raise InputError(f"sequence of {start + length} positions is longer than the model's "
                              f"maximum length {self.max_len}")
         if self.learned is not None:
             return self.learned.weight[start:start + length]

@@ -24,6 +24,7 @@ from aiayn.capability import choose_precision
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
+from aiayn.errors import InputError
 from aiayn.fast import for_training
 from aiayn.train.schedule import learning_rate
 
@@ -58,7 +59,7 @@ def autocast(cfg: TrainConfig):
     device_type = torch.device(cfg.device).type
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if dtype == torch.float16 and device_type != "cuda":
-        raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
+        raise InputError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
 
 
