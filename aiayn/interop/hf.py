@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from aiayn.checkpoint import replace_directory
 from aiayn.errors import InputError
 
 
@@ -114,18 +113,7 @@ def write_directory(out: Path, write) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"{out}: exists and is not an empty directory")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    replace_directory(out, write)
 
 
 def activation_from_hf(name: str, where: Path) -> str:
