@@ -35,13 +35,14 @@ def _default_model_dir(name: str) -> Path:
 
 # -------------------------------------------------------------------------------------- train
 def _train_config(args, **defaults):
+    """A TrainConfig of the defaults and every option of the command that names one of its fields."""
+    import dataclasses
+
     from aiayn.config import TrainConfig
 
-    fields = {f: getattr(args, f) for f in (
-        "max_steps", "max_epochs", "max_minutes", "lr", "warmup", "precision", "max_tokens", "update_freq",
-        "clip_norm", "label_smoothing", "rdrop", "eval_every", "seed", "device", "keep_last", "batch_size", "context",
-        "weight_decay", "log_every") if getattr(args, f, None) is not None}
-    merged = {**defaults, **fields}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    merged = {**defaults, **given}
     if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
         merged["max_epochs"] = defaults.get("max_epochs", 1)
     return TrainConfig(**merged)
