@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from aiayn.decode.greedy import evaluating
+from aiayn.decode.greedy import evaluating, row_argmax
 from aiayn.errors import InputError
 
 
@@ -63,7 +63,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     """
     _check(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return row_argmax(logits.reshape(-1, logits.size(-1))).view(logits.shape[:-1])
     logits = logits.float()
     # shifted so that the largest is 0: a tiny temperature then gives -inf, never inf - inf; and
     # 0 / a temperature that is 0 in float32 (below ~1e-45) stays 0
