@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, write_model
+from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, replace_directory, write_model
 from aiayn.train.loop import checkpoints
 
 
@@ -35,13 +34,6 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
         if name not in state or state[name].shape != t.shape:
             raise CheckpointError(f"{path}: checkpoints of different models cannot be averaged ({name})")
         state[name].copy_(t / len(chosen))
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     extra = {**extra, "averaged": [p.name for p in chosen], **({"alpha": alpha} if alpha is not None else {})}
-    write_model(tmp, model, tokenizer, task, extra)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    replace_directory(out, lambda tmp: write_model(tmp, model, tokenizer, task, extra))
+    return Path(out)

@@ -76,7 +76,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, clock=time.per
 
     On a CPU both of torch's GEMM back ends are tried -- its default (MKL for fp32) and oneDNN, which
     aiayn's fp32 training and inference use (2x MKL on AMD CPUs) -- and the faster one is the peak."""
-    from aiayn.inference import onednn_available
+    from aiayn.fast.inference import onednn_available
 
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     products = [lambda: a @ b]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aiayn.errors import InputError
+
 # x86 instruction-set levels, lowest first: what decides bf16 and the kernels' build flags
 X86_LEVELS = ("sse", "avx2", "avx512", "avx512_bf16", "amx")
 # ONEDNN_MAX_CPU_ISA values (oneDNN's names, upper case) and ATEN_CPU_CAPABILITY values -> a level
@@ -37,7 +39,7 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "bf16-model", "fp16")
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(InputError):
     """A precision this machine cannot run natively: the message says what is missing and what to use."""
 
 

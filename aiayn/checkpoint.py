@@ -29,12 +29,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, safe_open, save_file, save_model
 
 from aiayn.config import ModelConfig, ViTConfig
+from aiayn.errors import InputError
 
 MODEL_FILE, TRAINER_TENSORS, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
 TMP, OLD, DEL = ".tmp", ".old", ".del"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint or model directory that cannot be used: the message says why, in one line."""
 
 
@@ -242,11 +243,7 @@ def save_checkpoint(directory: Path, model, tokenizer, task: str, optimizer, tra
     On any error (a full disk, non-finite weights) the partial copy is removed and whatever was
     saved before is left as it was.
     """
-    directory = Path(directory)
-    _recover_one(directory)
-    tmp = directory.with_name(directory.name + TMP)
-    tmp.mkdir(parents=True)
-    try:
+    def write(tmp: Path) -> None:
         write_model(tmp, model, tokenizer, task, extra)
         tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
         rng_tensors, rng_meta = _rng_state()
@@ -254,6 +251,21 @@ def save_checkpoint(directory: Path, model, tokenizer, task: str, optimizer, tra
         state = {**trainer_state, "optimizer": optim_meta, "rng": rng_meta,
                  "scaler": scaler.state_dict() if scaler is not None else {}}
         (tmp / TRAINER_JSON).write_text(json.dumps(state))
+
+    replace_directory(directory, write)
+
+
+def replace_directory(directory: Path, write) -> None:
+    """(Re)write `directory` atomically: write(tmp) fills `directory.tmp`, which is fsynced, then
+    swapped in (through `directory.old` when there is an old one, removed last). A crash at any point
+    leaves the old directory or the new one (`recover` finishes an interrupted swap); an error in
+    write() removes the partial copy and leaves the old one as it was."""
+    directory = Path(directory)
+    _recover_one(directory)
+    tmp = directory.with_name(directory.name + TMP)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,7 +273,7 @@ def save_checkpoint(directory: Path, model, tokenizer, task: str, optimizer, tra
     if directory.exists():  # never delete the old one before the new one is complete
         old = directory.with_name(directory.name + OLD)
         os.replace(directory, old)
-        os.replace(tmp, directory)  # killed just before this line? recover() promotes tmp
+        os.replace(tmp, directory)  # killed just before this line? recover() promotes a complete tmp
         _fsync_dir(directory.parent)
         shutil.rmtree(old)
     else:

@@ -13,6 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from aiayn.errors import InputError
+
 EXIT_USAGE, EXIT_ERROR = 2, 1
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
@@ -21,8 +23,8 @@ DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it nati
 DEFAULT_TRANSLATION_MODEL = "en-de"
 
 
-class UserError(Exception):
-    """A mistake in what the user gave us; printed as one line."""
+class UserError(InputError):
+    """A mistake in the command line itself; printed as one line, exit status 2."""
 
 
 def _default_model_dir(name: str) -> Path:
@@ -33,13 +35,14 @@ def _default_model_dir(name: str) -> Path:
 
 # -------------------------------------------------------------------------------------- train
 def _train_config(args, **defaults):
+    """A TrainConfig of the defaults and every option of the command that names one of its fields."""
+    import dataclasses
+
     from aiayn.config import TrainConfig
 
-    fields = {f: getattr(args, f) for f in (
-        "max_steps", "max_epochs", "max_minutes", "lr", "warmup", "precision", "max_tokens", "update_freq",
-        "clip_norm", "label_smoothing", "rdrop", "eval_every", "seed", "device", "keep_last", "batch_size", "context",
-        "weight_decay", "log_every") if getattr(args, f, None) is not None}
-    merged = {**defaults, **fields}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    merged = {**defaults, **given}
     if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
         merged["max_epochs"] = defaults.get("max_epochs", 1)
     return TrainConfig(**merged)
@@ -67,7 +70,10 @@ def _resume_settings(args) -> dict | None:
 
     with main_first():  # several ranks: rank 0 repairs, the others then read
         recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
-    return json.loads(run_json.read_text())
+    try:
+        return json.loads(run_json.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{run_json}: not a run's settings ({e})") from None
 
 
 def _resumed_run(args, previous: dict):
@@ -340,7 +346,7 @@ def cmd_train_lm(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
     from aiayn.tasks.lm import stream_text
 
     for bad, message in ((args.max_new_tokens < 0, "--max-new-tokens must be >= 0"),
@@ -758,7 +764,7 @@ def _is_image_request(args) -> bool:
 def cmd_explain(args) -> int:
     from aiayn.checkpoint import load_model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
 
     text = " ".join(args.sentence)
     if _is_image_request(args):
@@ -1014,8 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate, evaluate, explain.",
         epilog="Try: aiayn translate \"A man is riding a bicycle down the street.\"")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(show_help=parser.print_help)  # what `aiayn` alone prints
 
     train = sub.add_parser("train", help="train a model (translation or language model)")
+    train.set_defaults(show_help=train.print_help)  # what `aiayn train` alone prints
     tsub = train.add_subparsers(dest="task", metavar="TASK")
     tr = tsub.add_parser("translation", help="encoder-decoder translation (default: Multi30k en->de)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1208,10 +1216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        (parser if args.command is None else parser._subparsers._group_actions[0].choices[args.command]).print_help()
+        args.show_help()
         return EXIT_USAGE
-    from aiayn.checkpoint import CheckpointError
-    from aiayn.data.corpus import DataError
     from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import TrainingError
 
@@ -1221,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.func(args)
-    except (UserError, DataError, CheckpointError, TrainingError, ValueError) as e:
+    except (InputError, TrainingError) as e:  # the user's input, or a run that cannot go on: one line
         if os.environ.get("AIAYN_DEBUG") == "1":  # the traceback, for a bug report
             raise
         print(f"aiayn: error: {e}", file=sys.stderr)

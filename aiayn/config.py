@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from aiayn.errors import InputError
+
 
 ACTIVATIONS = ("relu", "gelu", "gelu-tanh", "swish")  # swish = SiLU; gelu-tanh = GPT-2's approximation
 
@@ -38,15 +40,15 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.n_heads < 1 or self.d_model < 1 or self.d_ff < 1:
-            raise ValueError("d_model, n_heads and d_ff must be positive")
+            raise InputError("d_model, n_heads and d_ff must be positive")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise InputError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.tie_embeddings and self.n_encoder_layers and not self.shared_vocab:
-            raise ValueError("tie_embeddings needs a shared source/target vocabulary")
+            raise InputError("tie_embeddings needs a shared source/target vocabulary")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}")
+            raise InputError(f"unknown activation {self.activation!r}")
         if self.positional not in ("sinusoidal", "sinusoidal-split", "learned"):
-            raise ValueError(f"unknown positional encoding {self.positional!r}")
+            raise InputError(f"unknown positional encoding {self.positional!r}")
 
     @property
     def shared_vocab(self) -> bool:
@@ -71,7 +73,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+            raise InputError(f"unknown model config fields: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -93,7 +95,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **changes) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name].replace(**changes)
 
 
@@ -131,13 +133,13 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "bf16-model", "fp16"):
-            raise ValueError(f"unknown precision {self.precision!r}")
+            raise InputError(f"unknown precision {self.precision!r}")
         if self.rdrop < 0:
-            raise ValueError("rdrop must be >= 0")
+            raise InputError("rdrop must be >= 0")
         if self.update_freq < 1:
-            raise ValueError("update_freq must be >= 1")
+            raise InputError("update_freq must be >= 1")
         if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
-            raise ValueError("give at least one of max_steps, max_epochs, max_minutes")
+            raise InputError("give at least one of max_steps, max_epochs, max_minutes")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -167,15 +169,15 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise InputError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.n_classes < 2:
-            raise ValueError("a classifier needs at least 2 classes")
+            raise InputError("a classifier needs at least 2 classes")
         if self.positional not in ("sincos2d", "learned"):
-            raise ValueError(f"unknown positional encoding {self.positional!r}: use sincos2d or learned")
+            raise InputError(f"unknown positional encoding {self.positional!r}: use sincos2d or learned")
         if self.positional == "sincos2d" and self.d_model % 4:
-            raise ValueError(f"2-D sinusoidal positions need d_model divisible by 4, got {self.d_model}")
+            raise InputError(f"2-D sinusoidal positions need d_model divisible by 4, got {self.d_model}")
         if self.pool not in ("cls", "mean"):
-            raise ValueError(f"unknown pooling {self.pool!r}: use cls or mean")
+            raise InputError(f"unknown pooling {self.pool!r}: use cls or mean")
         self.encoder()  # checks d_model, n_heads, d_ff, activation
 
     @property
@@ -206,5 +208,5 @@ class ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ViT config fields: {sorted(unknown)}")
+            raise InputError(f"unknown ViT config fields: {sorted(unknown)}")
         return cls(**d)

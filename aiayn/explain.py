@@ -24,6 +24,7 @@ from torch import Tensor
 
 from aiayn.decode import apply_temperature, generate, greedy, max_output_lengths
 from aiayn.decode.greedy import evaluating
+from aiayn.errors import InputError
 
 TEMPERATURES = (0.5, 1.0, 1.5)
 PE_MIN_POSITIONS = 64  # the positional-encoding picture shows at least this many positions
@@ -94,11 +95,11 @@ def next_token_distributions(logits: Tensor, top_k: int, temperatures=TEMPERATUR
 
 def _check(text: str, top_k: int, temperatures) -> None:
     if not text.strip():
-        raise ValueError("nothing to explain: the input is empty")
+        raise InputError("nothing to explain: the input is empty")
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     if not temperatures or min(temperatures) <= 0:
-        raise ValueError("temperatures must be > 0")
+        raise InputError("temperatures must be > 0")
 
 
 def _positional(model, used: int) -> dict[str, Tensor]:
@@ -137,7 +138,7 @@ def explain_translation(model, tokenizer, sentence: str, top_k: int = 5, tempera
     """
     _check(sentence, top_k, temperatures)
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = model.cfg
     ids = tokenizer.encode(sentence) or [tokenizer.unk_id]
     truncated = len(ids) > cfg.max_len - 1
@@ -161,7 +162,7 @@ def explain_lm(model, tokenizer, prompt: str, top_k: int = 5, temperatures=TEMPE
     the attention weights. The prompt keeps its last tokens if the whole does not fit the model."""
     _check(prompt, top_k, temperatures)
     if not 1 <= max_new_tokens < model.cfg.max_len:
-        raise ValueError(f"max_new_tokens must be in 1..{model.cfg.max_len - 1}, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be in 1..{model.cfg.max_len - 1}, got {max_new_tokens}")
     ids = tokenizer.encode(prompt)  # a character model rejects unknown characters here
     keep = model.cfg.max_len - max_new_tokens
     truncated, ids = len(ids) > keep, ids[-keep:]

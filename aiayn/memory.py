@@ -8,7 +8,7 @@ import os
 import sys
 
 
-@functools.cache  # once a process: inference_model calls it at every translate(), validation included
+@functools.cache  # once a process
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep the memory a training step frees, for the next step to reuse.
 
@@ -17,8 +17,8 @@ def keep_freed_memory() -> None:
     (logits, activations, gradients) in again, page by page, each page zeroed by the kernel. Small
     bf16 training step here: ~40k page faults and ~60 ms of kernel time a step, 9-18% of the step
     (120k faults in fp32). With mmap off and no trimming, ~10k. Beam search gains 12-26% the same
-    way. The Trainer (on a CPU), inference_model and the CLI call this. The setting is process-wide
-    and lasts. Elsewhere than glibc, nothing happens.
+    way. The CLI calls this for every command (library code does not: the setting is process-wide
+    and lasts; a program of its own calls it if it wants it). Elsewhere than glibc, nothing happens.
 
     The price is memory: freed blocks stay in the heap, which fragments as big temporaries change
     size from batch to batch. A `multi30k`-preset R-Drop run held 7.3 GB after 300 updates with it,

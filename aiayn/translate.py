@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from aiayn.data.batching import pad
-from aiayn.inference import inference_model
+from aiayn.decode.greedy import evaluating
+from aiayn.fast.inference import inference_model
 
 
 def default_workers(device: str = "cpu") -> int:
@@ -53,12 +54,10 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
     (translation, score). Sources longer than the model's maximum length are truncated.
 
     precision: fp32, bf16, int8 (CPU) or fp16 (GPU); decoding runs on an inference copy of the
-    model (aiayn.inference: oneDNN linears, cast or quantized weights), the model is left as it is.
+    model (aiayn.fast.inference: oneDNN linears, cast or quantized weights), the model is left as it is.
     workers: batches decoded at once, each in a thread of one torch thread (CPU only; default
     `default_workers`: one per torch thread). On 2 cores, 2 workers decode 15-25% more tokens/s than
     one batch at a time on 2 threads (docs/perf-log/2026-11.md)."""
-    from aiayn.decode import beam_search, greedy
-
     max_src = model.cfg.max_len - 1
     ids = [tokenizer.encode(s) for s in sentences]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_src]
@@ -67,8 +66,20 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
                       f"truncated (the first is input {too_long[0] + 1})", stacklevel=2)
     ids = [x[:max_src] or [tokenizer.unk_id] for x in ids]
     chunks = _length_sorted_batches(ids, beam, max_tokens)
-    was_training = model.training
-    fast = inference_model(model, precision)
+    with evaluating(model):  # inference_model may decode on the model itself (fp32 on a GPU)
+        outs = _decode_chunks(inference_model(model, precision), tokenizer, ids, chunks, beam, alpha, n_best,
+                              device, workers)
+    results: list = [None] * len(ids)
+    for chunk, out in zip(chunks, outs):
+        for i, hyps in zip(chunk, out):
+            results[i] = [(tokenizer.decode(toks), float(score)) for toks, score in hyps]
+    return [r[0][0] for r in results] if n_best == 1 else results
+
+
+def _decode_chunks(fast, tokenizer, ids, chunks, beam, alpha, n_best, device, workers) -> list:
+    """Each chunk of `ids` (indices) decoded on the inference copy `fast`: per chunk, per sentence,
+    its best-first (token ids, score) hypotheses."""
+    from aiayn.decode import beam_search, greedy
 
     def decode(chunk: list[int]) -> list[list[tuple[list[int], float]]]:
         # no autocast: the inference copy has its precision (a training run validates inside one);
@@ -82,15 +93,8 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
 
     workers = min(default_workers(device) if workers is None else workers, len(chunks))
     if workers > 1 and torch.device(device).type == "cpu":
-        outs = map_in_workers(decode, chunks, workers)
-    else:
-        outs = [decode(chunk) for chunk in chunks]
-    results: list = [None] * len(ids)
-    for chunk, out in zip(chunks, outs):
-        for i, hyps in zip(chunk, out):
-            results[i] = [(tokenizer.decode(toks), float(score)) for toks, score in hyps]
-    model.train(was_training)  # inference_model may have set eval mode on the model itself (fp32 on a GPU)
-    return [r[0][0] for r in results] if n_best == 1 else results
+        return map_in_workers(decode, chunks, workers)
+    return [decode(chunk) for chunk in chunks]
 
 
 def split_texts(texts: list[str], lang: str = "en") -> tuple[list[list[tuple[str, str]]], list[str]]:

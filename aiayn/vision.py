@@ -14,6 +14,7 @@ from torch import Tensor
 
 from aiayn.data.corpus import DataError
 from aiayn.data.images import read_image
+from aiayn.errors import InputError
 from aiayn.tasks.vision import predict
 
 
@@ -54,7 +55,7 @@ def vit_attention(model, image: Tensor) -> tuple[Tensor, list[Tensor]]:
     from aiayn.model.vit import images_to_input
 
     if model.cfg.pool != "cls":
-        raise ValueError("this ViT pools the mean of its patches: it has no class token to explain")
+        raise InputError("this ViT pools the mean of its patches: it has no class token to explain")
     with evaluating(model):
         pooled, weights = model.features(images_to_input(image[None]), need_weights=True)
         probs = model.head(pooled).float().softmax(-1)[0]

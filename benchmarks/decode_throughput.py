@@ -11,7 +11,7 @@ weights. Time covers encoding and decoding of all 512 sentences after one warm-u
 checked to be 20 tokens long.
 
   aiayn plain   greedy / beam_search (aiayn.decode) on the model itself, under torch.inference_mode
-  aiayn fp32    the same on aiayn.inference.inference_model(model, "fp32") (what translate() runs):
+  aiayn fp32    the same on aiayn.fast.inference.inference_model(model, "fp32") (what translate() runs):
                 linears on oneDNN, not MKL
   aiayn bf16    weights cast to bfloat16, linears on oneDNN
   aiayn int8    every nn.Linear dynamically quantized to int8 (torch.ao quantize_dynamic)
@@ -59,9 +59,11 @@ def model_config(name: str) -> ModelConfig:
 def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
     """-> decode(src (B, S), beam) -> list of output lengths."""
     from aiayn.decode import beam_search, greedy
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
+    from aiayn.memory import keep_freed_memory
     from aiayn.model import build_model
 
+    keep_freed_memory()  # as the CLI does
     torch.manual_seed(0)
     model = inference_model(build_model(cfg), precision)
 

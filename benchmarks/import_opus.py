@@ -7,7 +7,7 @@ One MarianMTModel of OPUS-MT's shape (d_model 512, 6+6 layers, 8 heads, d_ff 204
 58,101 with <pad> last, scaled and tied embeddings, a final_logits_bias; random weights) is saved
 once as an HF directory with its tokenizer files. Then, each in a fresh process:
   aiayn fp32 / int8   `aiayn import marian` of that directory (aiayn.interop.import_marian), decoded
-                      with greedy / beam_search on aiayn.inference.inference_model(model, precision)
+                      with greedy / beam_search on aiayn.fast.inference.inference_model(model, precision)
   HF generate fp32    MarianMTModel.from_pretrained(directory).generate
   CTranslate2 f32/int8  ct2-transformers-converter's Marian loader (TransformersConverter) on the same
                       directory, translate_batch
@@ -68,7 +68,7 @@ def run_cell(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "aiayn":
             from aiayn.decode import beam_search, greedy
-            from aiayn.inference import inference_model
+            from aiayn.fast.inference import inference_model
             from aiayn.interop import import_marian
 
             model, tok, _ = import_marian(directory)

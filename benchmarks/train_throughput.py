@@ -93,12 +93,12 @@ def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.tasks.translation import translation_loss
     from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
-    from aiayn.train.onednn import use_onednn_linears
+    from aiayn.fast import for_training
 
     keep_freed_memory()  # as the Trainer does on a CPU
     tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
     torch.manual_seed(0)
-    model = use_onednn_linears(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
+    model = for_training(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
     optimizer = make_optimizer(model, tcfg)
     twin = Bf16Twin(model) if precision == "bf16-model" else None
 

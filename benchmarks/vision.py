@@ -17,7 +17,7 @@ and are trained by the same loop here: the same batches of 128 (the shuffled tra
 held out as `aiayn train vit` does), the same augmentation (aiayn.tasks.vision.augment, drawn from
 the same seed), AdamW lr 2e-3 (0.9, 0.999), weight decay 0.05 on matrices, label smoothing 0.1,
 gradients clipped at 1, 200 warm-up steps then a cosine over the wall-clock budget, fp32. aiayn's
-linears take oneDNN as in `aiayn train` (aiayn.train.onednn). Reported: t10k accuracy, training
+linears take oneDNN as in `aiayn train` (aiayn.fast.onednn). Reported: t10k accuracy, training
 images/s, inference images/s (t10k in batches of 256). The SVM is scikit-learn's SVC(C=5,
 gamma="scale") on pixels / 255, fitted on all 8,006 training images.
 
@@ -43,7 +43,7 @@ from aiayn.model import build_model
 from aiayn.model.vit import VisionTransformer, images_to_input
 from aiayn.tasks.pixels import ANY_CLASS_FRACTION, bits_per_pixel, pixel_config
 from aiayn.tasks.vision import augment, split_train_val
-from aiayn.train.onednn import use_onednn_linears
+from aiayn.fast import for_training
 from aiayn.train.schedule import cosine
 
 
@@ -123,7 +123,7 @@ def run_vit(args) -> None:
     train, _ = split_train_val(train_all)
     cfg = ViTConfig()
     rows = []
-    for name, make in (("aiayn ViT", lambda: use_onednn_linears(VisionTransformer(cfg), "fp32", "cpu")),
+    for name, make in (("aiayn ViT", lambda: for_training(VisionTransformer(cfg), "fp32", "cpu")),
                        ("HF ViTForImageClassification", lambda: HFViT(cfg))):
         torch.manual_seed(args.seed)
         model = make()
@@ -181,7 +181,7 @@ def run_pixels(args) -> None:
     if args.quick or args.test_images:
         test = test.subset(torch.arange(16 if args.quick else args.test_images))
     rows = []
-    for name, make in (("aiayn LanguageModel", lambda: use_onednn_linears(build_model(mcfg), "fp32", "cpu")),
+    for name, make in (("aiayn LanguageModel", lambda: for_training(build_model(mcfg), "fp32", "cpu")),
                        ("HF ImageGPTForCausalImageModeling", lambda: HFImageGPT(mcfg))):
         torch.manual_seed(args.seed)
         model = make()

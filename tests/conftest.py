@@ -28,6 +28,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["reference", "fast"])
+def both_paths(request, monkeypatch):
+    """Runs a test twice: on the reference model (aiayn/model: plain PyTorch, no C kernel anywhere)
+    and on the fast path (every module the test builds in its aiayn.fast form, every C kernel that
+    takes the inputs), on every machine: without a compiler the fast path is its Python fallbacks.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("both_paths")`."""
+    if request.param == "reference":
+        monkeypatch.setenv("AIAYN_KERNELS", "0")
+    else:
+        from aiayn.fast.modules import FAST
+
+        for base, fast in FAST.items():
+            monkeypatch.setattr(base, "__init__", _then_fast(base.__init__, base, fast))
+    return request.param
+
+
+def _then_fast(init, base, fast):
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self) is base:
+            self.__class__ = fast
+    return __init__
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "bf16: needs a CPU that computes bf16 natively (skipped elsewhere)")
 

@@ -140,7 +140,7 @@ def test_unknown_precisions_and_purposes_are_refused():
 # -------------------------------------------------------------------- the library refuses too
 def test_trainer_and_inference_refuse_bf16_without_it(machine, tmp_path):
     from aiayn.config import ModelConfig, TrainConfig
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
     from aiayn.model import build_model
     from aiayn.train.loop import Trainer, autocast
 

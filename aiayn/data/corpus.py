@@ -6,13 +6,15 @@ import gzip
 from importlib import resources
 from pathlib import Path
 
+from aiayn.errors import InputError
+
 ASSETS = Path(str(resources.files("aiayn") / "assets"))
 MULTI30K = ASSETS / "multi30k"
 MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 SHAKESPEARE = ASSETS / "tinyshakespeare" / "input.txt"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data given by a user: the message names the file (and line)."""
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from aiayn.data.corpus import ASSETS, DataError
+from aiayn.errors import InputError
 
 MNIST10K = ASSETS / "mnist10k"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -218,5 +219,5 @@ class Labels:
 
         data = json.loads((Path(directory) / cls.filename).read_text())
         if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-            raise ValueError(f"{cls.filename} has no list of classes")
+            raise InputError(f"{cls.filename} has no list of classes")
         return cls([str(c) for c in data["classes"]])

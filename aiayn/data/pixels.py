@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from aiayn.errors import InputError
+
 
 class PixelTokenizer:
     """Uniform gray levels: level i stands for intensity round(255 i / (levels - 1)).
@@ -25,9 +27,9 @@ class PixelTokenizer:
 
     def __init__(self, levels: int, classes: list[str], image_size: int):
         if not 2 <= levels <= 256:
-            raise ValueError(f"a palette needs 2 to 256 gray levels, got {levels}")
+            raise InputError(f"a palette needs 2 to 256 gray levels, got {levels}")
         if not classes:
-            raise ValueError("a pixel tokenizer needs at least one class")
+            raise InputError("a pixel tokenizer needs at least one class")
         self.levels, self.classes, self.image_size = levels, list(classes), image_size
 
     @property
@@ -47,7 +49,7 @@ class PixelTokenizer:
         if label is None:
             return self.any_class_id
         if not 0 <= label < len(self.classes):
-            raise ValueError(f"class {label} outside 0..{len(self.classes) - 1}")
+            raise InputError(f"class {label} outside 0..{len(self.classes) - 1}")
         return self.levels + label
 
     def palette(self) -> Tensor:
@@ -61,7 +63,7 @@ class PixelTokenizer:
     def dequantize(self, ids: Tensor) -> Tensor:
         """Level ids (...) -> uint8 intensities (...)."""
         if bool(((ids < 0) | (ids >= self.levels)).any()):
-            raise ValueError("ids outside the palette")
+            raise InputError("ids outside the palette")
         return self.palette()[ids]
 
     def encode(self, images: Tensor, labels: Tensor | None) -> Tensor:
@@ -84,5 +86,5 @@ class PixelTokenizer:
     def load(cls, directory: Path) -> "PixelTokenizer":
         d = json.loads((Path(directory) / cls.filename).read_text())
         if not isinstance(d, dict):
-            raise ValueError(f"{cls.filename} is not a JSON object")
+            raise InputError(f"{cls.filename} is not a JSON object")
         return cls(int(d["levels"]), [str(c) for c in d["classes"]], int(d["image_size"]))

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from aiayn.errors import InputError
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
@@ -43,7 +45,7 @@ class BPETokenizer:
                 input_sentence_size=2_000_000, shuffle_input_sentence=True)
         except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 294."
             reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]
-            raise ValueError(f"cannot build a {vocab_size}-token BPE vocabulary from this text: {reason}") from None
+            raise InputError(f"cannot build a {vocab_size}-token BPE vocabulary from this text: {reason}") from None
         return cls(out.getvalue())
 
     @property
@@ -93,7 +95,7 @@ class CharTokenizer:
             return [self.index[c] for c in text]
         except KeyError:
             unknown = sorted({c for c in text if c not in self.index})
-            raise ValueError("characters outside the model's vocabulary: "
+            raise InputError("characters outside the model's vocabulary: "
                              + " ".join(repr(c) for c in unknown)) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -137,10 +139,10 @@ class MarianTokenizer:
         target = target_vocab if target_vocab is not None else vocab
         for name, token in (("unk", unk), ("eos", eos), ("pad", pad)):
             if token not in vocab or token not in target:
-                raise ValueError(f"vocab.json has no {name} token {token!r}")
+                raise InputError(f"vocab.json has no {name} token {token!r}")
         self.unk_id, self.eos_id, self.pad_id = vocab[unk], vocab[eos], vocab[pad]
         if (target[unk], target[eos], target[pad]) != (self.unk_id, self.eos_id, self.pad_id):
-            raise ValueError("the source and target vocabularies give the special tokens different ids")
+            raise InputError("the source and target vocabularies give the special tokens different ids")
         self.bos_id = self.pad_id if decoder_start is None else int(decoder_start)  # Marian's: <pad>
         self.tokens = {"unk": unk, "eos": eos, "pad": pad}
         self.id_to_piece = {i: p for p, i in target.items()}
@@ -205,7 +207,7 @@ class ByteBPETokenizer:
         self.tk = tokenizer
         eos_id = tokenizer.token_to_id(eos)
         if eos_id is None:
-            raise ValueError(f"the vocabulary has no {eos!r} token")
+            raise InputError(f"the vocabulary has no {eos!r} token")
         self.pad_id = self.unk_id = self.bos_id = self.eos_id = eos_id
 
     @classmethod

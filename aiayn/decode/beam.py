@@ -20,6 +20,7 @@ from torch import Tensor
 
 from aiayn import kernels
 from aiayn.decode.greedy import evaluating, max_output_lengths
+from aiayn.errors import InputError
 
 Hypothesis = tuple[list[int], float]  # tokens without BOS and EOS, length-normalised log-probability
 
@@ -159,9 +160,9 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
     pad id is never generated, nor EOS before min_len tokens.
     """
     if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        raise InputError(f"beam_size must be >= 1, got {beam_size}")
     if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+        raise InputError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
     cfg = model.cfg
     max_lens = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
     with evaluating(model):

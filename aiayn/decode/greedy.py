@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from aiayn import kernels
+from aiayn.errors import InputError
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def max_output_lengths(src: Tensor, pad_id: int, max_extra: int, max_len: int) -
     decoder reads BOS + y, as in training, where |y| + 1 <= max_len.
     """
     if max_extra < 0:
-        raise ValueError(f"max_extra must be >= 0, got {max_extra}")
+        raise InputError(f"max_extra must be >= 0, got {max_extra}")
     return ((src != pad_id).sum(1) + max_extra).clamp(1, max_len - 1)
 
 

@@ -11,22 +11,23 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from aiayn.decode.greedy import evaluating
+from aiayn.decode.greedy import evaluating, row_argmax
+from aiayn.errors import InputError
 
 
 def _check(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InputError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     """logits / temperature: below 1 sharpens the distribution, above 1 flattens it."""
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 to scale logits, got {temperature}")
+        raise InputError(f"temperature must be > 0 to scale logits, got {temperature}")
     return logits / temperature
 
 
@@ -62,7 +63,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     """
     _check(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return row_argmax(logits.reshape(-1, logits.size(-1))).view(logits.shape[:-1])
     logits = logits.float()
     # shifted so that the largest is 0: a tiny temperature then gives -inf, never inf - inf; and
     # 0 / a temperature that is 0 in float32 (below ~1e-45) stays 0
@@ -97,13 +98,13 @@ def generate(model, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, tem
     """
     _check(temperature, top_k, top_p)
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise InputError(f"num_samples must be >= 1, got {num_samples}")
     param = next(model.parameters())
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=param.device).view(-1)  # (T,)
     if prompt.numel() == 0:
-        raise ValueError("the prompt needs at least one token (e.g. BOS)")
+        raise InputError("the prompt needs at least one token (e.g. BOS)")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)

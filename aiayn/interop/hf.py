@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from aiayn.checkpoint import replace_directory
+from aiayn.errors import InputError
 
-class InteropError(ValueError):
+
+class InteropError(InputError):
     """An HF directory or aiayn model that cannot be converted: the message says why, in one line."""
 
 
@@ -30,7 +31,7 @@ def read_config(directory: Path, model_types: tuple[str, ...]) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
+            raise InputError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         raise InteropError(f"{path}: corrupt config.json ({_first_line(e, 100)})") from None
     kind = cfg.get("model_type")
@@ -112,18 +113,7 @@ def write_directory(out: Path, write) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"{out}: exists and is not an empty directory")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    replace_directory(out, write)
 
 
 def activation_from_hf(name: str, where: Path) -> str:

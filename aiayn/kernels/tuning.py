@@ -188,7 +188,7 @@ def _residual(dtype):
 
     def step():
         from aiayn import kernels
-        from aiayn.model.dropout import add_dropout
+        from aiayn.fast.modules import add_dropout
 
         out = kernels.residual_layer_norm(x, y, norm, 0.1)
         if out is None:
@@ -198,7 +198,7 @@ def _residual(dtype):
 
 
 def _dropout(dtype):
-    from aiayn.model.dropout import dropout
+    from aiayn.fast.modules import dropout
 
     x = torch.randn(2048, 1024, dtype=dtype)
     return lambda: dropout(x, 0.1)
@@ -214,7 +214,7 @@ def _loss(dtype):
 
 def _tiny_model(dtype):
     from aiayn.config import ModelConfig
-    from aiayn.inference import inference_model
+    from aiayn.fast.inference import inference_model
     from aiayn.model import build_model
 
     # the vocabulary of a Multi30k model (8,000): beam search's step works on every token's score

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn import kernels
-from aiayn.model.dropout import dropout as dropout_fn
 
 
 # ---------------------------------------------------------------------------------------- masks
@@ -32,20 +30,18 @@ def causal_mask(length: int, device=None, offset: int = 0) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ attention
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: nn.Module | None = None,
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh).
+    """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh); `dropout` (a
+    Dropout module, in training mode or not) on the weights.
 
     The fast path is PyTorch's fused kernel; the explicit path also returns the weights (B, H, T, S).
-    A decoding step (a few queries per row, no gradient) on a CPU takes aiayn's own C kernel when it
-    is built (aiayn.kernels: 2-3x faster than the fused kernel there).
     On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
     fwd+bwd, torch 2.13: docs/perf-log/2026-11.md), so the fused kernel is used only where it wins.
     """
-    if not need_weights and not dropout and q.size(2) <= kernels.MAX_QUERIES and kernels.supports(q, k, v, mask):
-        return kernels.decode_attention(q, k, v, mask), None  # a decoding step: aiayn/kernels/decode_step.c
+    dropping = dropout is not None and dropout.training and dropout.p > 0
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout.p if dropping else 0.0), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is not None:  # a -inf bias at the mask's own (broadcast) size: cheaper than masked_fill on scores
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
@@ -57,11 +53,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     if mask is not None and not bool(mask.any(dim=-1).all()):
         # a row with nothing to attend to (an all-padding source): zeros, as SDPA gives
         weights = weights.masked_fill(~mask, 0.0)
-    out = dropout_fn(weights, dropout) @ v if dropout else weights @ v
+    out = (dropout(weights) if dropping else weights) @ v
     return out, weights
 
 
-def attend_to_source(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
+def attend_to_source(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: nn.Module | None = None,
                      need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """Cross-attention with the heads merged: q (B, H, T, Dh) -> (B, T, H * Dh) [, weights (B, H, T, S)].
 
@@ -90,7 +86,7 @@ def split_kv(kv: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
 
 def linear_rows(linear: nn.Linear, x: Tensor, rows: slice) -> Tensor:
     """The outputs `rows` of linear(x): cross-attention's query or key/value part of the fused in_proj.
-    A linear layer with a faster product for its own weight (aiayn.train.onednn) computes it too."""
+    A linear layer with a faster product for its own weight (aiayn.fast.onednn) computes it too."""
     own = getattr(linear, "forward_rows", None)
     if own is not None:
         return own(x, rows)
@@ -102,9 +98,10 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
-        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.d_model, self.n_heads = d_model, n_heads
         self.in_proj = nn.Linear(d_model, 3 * d_model)   # rows: W_q, W_k, W_v
         self.out_proj = nn.Linear(d_model, d_model)      # W_o
+        self.dropout = nn.Dropout(dropout)               # on the attention weights (not in the paper)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -130,45 +127,38 @@ class MultiHeadAttention(nn.Module):
         written at positions start..start+T of the (B, H, L, Dh) buffers and the queries attend to
         everything up to there.
         """
-        D = self.d_model
-        step = not need_weights and not (self.training and self.dropout)  # aiayn.kernels may do it all
-        whole = self.training and step and cache is None  # teacher-forced training: aiayn.kernels, forward and backward
         if kv is None:
-            qkv = self.in_proj(x)
-            if whole:
-                out = kernels.training_attention(qkv, qkv, mask, self.n_heads, D, k_col=D)
-                if out is not None:
-                    return self.out_proj(out), None
-            if step and cache is not None and mask is None:  # one new token sees every position
-                out = kernels.self_attention_step(qkv, *cache, self.n_heads)
-                if out is not None:
-                    return self.out_proj(out), None
-            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-            if cache is not None:
-                k_buf, v_buf, start = cache
-                end = start + x.size(1)
-                k_buf[:, :, start:end] = k
-                v_buf[:, :, start:end] = v
-                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            out, weights = self.self_attention(self.in_proj(x), mask, cache, need_weights)
         else:
-            q = linear_rows(self.in_proj, x, slice(None, D))
-            if isinstance(kv, Tensor):
-                if whole:
-                    out = kernels.training_attention(q, kv, mask, self.n_heads, D, k_col=0)
-                    if out is not None:
-                        return self.out_proj(out), None
-                kv = split_kv(kv, self.n_heads)
-            if step:
-                out = kernels.cross_attention_step(q, *kv, mask)
-                if out is not None:
-                    return self.out_proj(out), None
-            q = self._heads(q)
-            out, weights = attend_to_source(q, *kv, mask, self.dropout if self.training else 0.0, need_weights)
-            return self.out_proj(out), weights
-        out, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)
-        B, H, T, Dh = out.shape
-        out = out.transpose(1, 2).reshape(B, T, H * Dh)  # (B, H, T, Dh) -> (B, T, D)
+            q = linear_rows(self.in_proj, x, slice(None, self.d_model))
+            out, weights = self.cross_attention(q, kv, mask, need_weights)
         return self.out_proj(out), weights
+
+    def self_attention(self, qkv: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor, int] | None,
+                       need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """The fused projection [q | k | v] (B, T, 3D) -> the heads' outputs merged (B, T, D) [, weights]."""
+        q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
+        if cache is not None:
+            k_buf, v_buf, start = cache
+            end = start + qkv.size(1)
+            k_buf[:, :, start:end] = k
+            v_buf[:, :, start:end] = v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        out, weights = self.attend(q, k, v, mask, need_weights)
+        B, H, T, Dh = out.shape
+        return out.transpose(1, 2).reshape(B, T, H * Dh), weights  # (B, H, T, Dh) -> (B, T, D)
+
+    def cross_attention(self, q: Tensor, kv: Tensor | tuple[Tensor, Tensor], mask: Tensor | None,
+                        need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """Queries (B, T, D), heads not yet split, and a source's keys and values -> (B, T, D) [, weights]."""
+        if isinstance(kv, Tensor):
+            kv = split_kv(kv, self.n_heads)
+        return attend_to_source(self._heads(q), *kv, mask, self.dropout, need_weights)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+               need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """Eq. (1) for the heads q (B, H, T, Dh), k and v (B, H, S, Dh)."""
+        return attend(q, k, v, mask, self.dropout, need_weights)
 
 
 # ------------------------------------------------------------------------------------ KV cache

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from aiayn.errors import InputError
+
 
 class EnsembleCache:
     """The members' KV caches, reordered together."""
@@ -41,12 +43,12 @@ class Ensemble(nn.Module):
     def __init__(self, models: Sequence[nn.Module]):
         super().__init__()
         if not models:
-            raise ValueError("an ensemble needs at least one model")
+            raise InputError("an ensemble needs at least one model")
         first = models[0].cfg
         for m in models[1:]:
             c = m.cfg
             if (c.target_vocab, c.pad_id) != (first.target_vocab, first.pad_id):
-                raise ValueError(f"ensemble members must share one vocabulary: {first.target_vocab} tokens "
+                raise InputError(f"ensemble members must share one vocabulary: {first.target_vocab} tokens "
                                  f"(pad {first.pad_id}) against {c.target_vocab} (pad {c.pad_id})")
         self.members = nn.ModuleList(models)
         # the shortest maximum length holds for all (decoding caps outputs at cfg.max_len)

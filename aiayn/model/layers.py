@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn import kernels
 from aiayn.config import ModelConfig
+from aiayn.errors import InputError
 from aiayn.model.attention import MultiHeadAttention
-from aiayn.model.dropout import Dropout, add_dropout
 
 
 def sinusoidal_encoding(max_len: int, d_model: int, split: bool = False) -> Tensor:
@@ -52,12 +51,12 @@ class Embedding(nn.Module):
             self.learned = None
         else:
             self.learned = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.max_len = cfg.max_len
 
     def positions(self, start: int, length: int) -> Tensor:
         if start + length > self.max_len:
-            raise ValueError(f"sequence of {start + length} positions is longer than the model's "
+            raise InputError(f"sequence of {start + length} positions is longer than the model's "
                              f"maximum length {self.max_len}")
         if self.learned is not None:
             return self.learned.weight[start:start + length]
@@ -65,10 +64,6 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
         positions = self.positions(start, tokens.size(1))
-        if not (self.training and self.dropout.p):  # a decoding step: maybe one kernel call
-            x = kernels.embed(tokens, self.tokens.weight, self.scale, positions)
-            if x is not None:
-                return x
         x = self.tokens(tokens) * self.scale  # (B, T, D)
         return self.dropout(x + positions.to(x.dtype))
 
@@ -103,20 +98,22 @@ class TransformerLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cross_attention else None
         self.ff = FeedForward(cfg)
         self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer) -> tuple[Tensor, Tensor | None]:
         if self.norm_first:
             y, w = sublayer(norm(x))
-            return add_dropout(x, y, self.dropout.p, self.training), w
+            return self.add(x, y), w
         y, w = sublayer(x)
-        if self.training:  # one kernel call forward and one backward (aiayn/kernels/train_step.c)
-            out = kernels.residual_layer_norm(x, y, norm, self.dropout.p)
-        else:  # decoding: one kernel call, into y (the sublayer's own new tensor)
-            out = kernels.add_layer_norm(x, y, norm, out=y)
-        if out is not None:
-            return out, w
-        return norm(add_dropout(x, y, self.dropout.p, self.training)), w
+        return self.add_norm(x, y, norm), w
+
+    def add(self, x: Tensor, y: Tensor) -> Tensor:
+        """The residual connection of §5.4: x + Dropout(y)."""
+        return x + self.dropout(y)
+
+    def add_norm(self, x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """The post-norm residual of §3.1: LayerNorm(x + Dropout(y))."""
+        return norm(self.add(x, y))
 
     def forward(self, x: Tensor, mask: Tensor | None, *,
                 memory_kv: Tensor | tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None,

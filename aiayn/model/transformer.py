@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from aiayn.config import ModelConfig
+from aiayn.errors import InputError
 from aiayn.model.attention import KVCache, causal_mask, padding_mask
 from aiayn.model.layers import Embedding, Stack
 
@@ -52,7 +53,7 @@ class _Decoding(nn.Module):
         """
         start, T = cache.length, tokens.size(1)
         if start + T > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} positions; {start + T} needed")
+            raise InputError(f"KV cache holds {cache.capacity} positions; {start + T} needed")
         x = self.tgt_embed(tokens, start=start)
         mask = None if T == 1 else causal_mask(T, tokens.device, offset=start)  # one new token sees all
         h, _ = self.decoder(x, mask, memory_mask=cache.memory_mask, cache=cache)
@@ -66,7 +67,7 @@ class Transformer(_Decoding):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.n_encoder_layers < 1:
-            raise ValueError("an encoder-decoder needs n_encoder_layers >= 1")
+            raise InputError("an encoder-decoder needs n_encoder_layers >= 1")
         self.cfg = cfg
         self.src_embed = Embedding(cfg.vocab_size, cfg)
         shared = self.src_embed.tokens if cfg.tie_embeddings else None  # §3.4: one matrix, three uses

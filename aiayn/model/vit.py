@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from aiayn.config import ViTConfig
-from aiayn.model.dropout import Dropout
 from aiayn.model.layers import Stack, sinusoidal_encoding
 
 
@@ -47,7 +46,7 @@ class VisionTransformer(nn.Module):
             self.pos = nn.Parameter(torch.randn(1, cfg.n_patches, cfg.d_model) * 0.02)
         else:
             self.register_buffer("pos", sincos_2d(cfg.grid, cfg.d_model)[None], persistent=False)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.encoder = Stack(cfg.encoder(), cfg.n_layers)  # the same layers as translation and the LMs
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         for name, p in self.encoder.named_parameters():

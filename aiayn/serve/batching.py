@@ -22,6 +22,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiayn.errors import InputError
+
 
 class QueueFull(Exception):
     """The batcher's queue has no room for the jobs of a request."""
@@ -49,7 +51,7 @@ class DynamicBatcher:
     def __init__(self, run_batch: Callable[[Hashable, list], Sequence], executor: Executor,
                  max_wait_ms: float = 20.0, max_tokens: int = 8192, max_queue: int = 512, gap_ms: float = 2.0):
         if max_wait_ms < 0 or gap_ms < 0 or max_tokens < 1 or max_queue < 1:
-            raise ValueError("max_wait_ms and gap_ms must be >= 0, max_tokens and max_queue >= 1")
+            raise InputError("max_wait_ms and gap_ms must be >= 0, max_tokens and max_queue >= 1")
         self.run_batch, self.executor = run_batch, executor
         self.max_wait, self.gap, self.max_tokens, self.max_queue = max_wait_ms / 1000, gap_ms / 1000, max_tokens, max_queue
         self._queue: deque[_Job] = deque()

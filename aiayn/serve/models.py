@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from aiayn.capability import choose_precision
+from aiayn.errors import InputError
 
 SERVE_PRECISIONS = ("auto", "fp32", "int8", "bf16")
 
@@ -23,7 +24,7 @@ def decode_precision(requested: str | None, default: str = "auto", device: str =
     and a precision it lacks is a ValueError of one line (bf16 on an AVX2-only CPU)."""
     precision = default if requested is None else requested
     if precision not in SERVE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(SERVE_PRECISIONS)}, got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(SERVE_PRECISIONS)}, got {precision!r}")
     return choose_precision(precision, device, "decode")[0]
 
 
@@ -61,8 +62,8 @@ class TranslationModel:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def inference(self, precision: str) -> torch.nn.Module:
-        """The model's inference copy for a precision (aiayn.inference), made once."""
-        from aiayn.inference import inference_model
+        """The model's inference copy for a precision (aiayn.fast.inference), made once."""
+        from aiayn.fast.inference import inference_model
 
         with self._lock:
             if precision not in self._copies:
@@ -121,13 +122,13 @@ def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str =
     if translation_dir is not None:
         model, tokenizer, task, extra = load_model_dir(translation_dir, device)
         if task != "translation":
-            raise ValueError(f"{translation_dir} holds a {task} model, not a translation model")
+            raise InputError(f"{translation_dir} holds a {task} model, not a translation model")
         src, tgt = extra.get("src", "en"), extra.get("tgt", "de")
         translation = TranslationModel(Path(translation_dir).name, Path(translation_dir), model, tokenizer,
                                        src, tgt, float(extra.get("alpha", 0.6)), device)
     if lm_dir is not None:
         model, tokenizer, task, _ = load_model_dir(lm_dir, device)
         if task != "lm":
-            raise ValueError(f"{lm_dir} holds a {task} model, not a language model")
+            raise InputError(f"{lm_dir} holds a {task} model, not a language model")
         lm = LanguageModel(Path(lm_dir).name, Path(lm_dir), model, tokenizer, device)
     return Models(translation, lm)

@@ -17,6 +17,7 @@ from torch import Tensor
 from aiayn.config import ModelConfig, TrainConfig
 from aiayn.data.corpus import DataError
 from aiayn.data.tokenizer import BPETokenizer, CharTokenizer
+from aiayn.errors import InputError
 from aiayn.train.loss import label_smoothed_cross_entropy
 
 TRAIN_FRACTION = 0.9     # the first 90% of the text trains, the last 10% validates (nanoGPT's split)
@@ -63,14 +64,14 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Char
         return CharTokenizer.train([text])
     if kind == "bpe":
         if not vocab_size:
-            raise ValueError("a BPE tokenizer needs --vocab-size")
+            raise InputError("a BPE tokenizer needs --vocab-size")
         lines = text[: int(len(text) * TRAIN_FRACTION)].split("\n")
         try:
             return BPETokenizer.train((line for line in lines if line.strip()), vocab_size)
         except RuntimeError as e:  # sentencepiece: e.g. a vocabulary too large for the text
-            raise ValueError(f"cannot learn a {vocab_size}-token BPE vocabulary from this text "
+            raise InputError(f"cannot learn a {vocab_size}-token BPE vocabulary from this text "
                              f"({str(e).splitlines()[-1][:160]})") from None
-    raise ValueError(f"unknown tokenizer {kind!r}: use char or bpe")
+    raise InputError(f"unknown tokenizer {kind!r}: use char or bpe")
 
 
 def encode_text(tokenizer, text: str) -> Tensor:

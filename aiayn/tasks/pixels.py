@@ -18,6 +18,7 @@ from aiayn.data.images import ImageSet
 from aiayn.data.pixels import PixelTokenizer
 from aiayn.decode.greedy import evaluating
 from aiayn.decode.sampling import _check, sample_next
+from aiayn.errors import InputError
 from aiayn.train.loss import label_smoothed_cross_entropy
 
 ANY_CLASS_FRACTION = 0.1  # training images shown with the "any class" token: completion without a label
@@ -122,9 +123,9 @@ def generate_images(model, tokenizer: PixelTokenizer, labels: list[int | None], 
     _check(temperature, top_k, top_p)
     size = tokenizer.image_size
     if not 0 <= keep_rows <= size:
-        raise ValueError(f"keep_rows must be in 0..{size}, got {keep_rows}")
+        raise InputError(f"keep_rows must be in 0..{size}, got {keep_rows}")
     if keep_rows and prompt is None:
-        raise ValueError("keep_rows needs a prompt image")
+        raise InputError("keep_rows needs a prompt image")
     n = len(labels)
     param = next(model.parameters())
     device = param.device

@@ -6,6 +6,7 @@ import torch
 
 from aiayn.config import TrainConfig
 from aiayn.data.batching import Batch, collate, token_batches
+from aiayn.errors import InputError
 from aiayn.evaluate import bleu
 from aiayn.train.loss import label_smoothed_cross_entropy, symmetric_kl
 
@@ -21,7 +22,7 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     """
     if rdrop:
         if reduction != "mean":
-            raise ValueError("R-Drop trains with the mean loss")
+            raise InputError("R-Drop trains with the mean loss")
         batch = Batch(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1), batch.tgt_out.repeat(2, 1), batch.pad_id)
     memory, memory_mask = model.encode(batch.src)
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)

@@ -15,6 +15,7 @@ from torch import Tensor
 from aiayn.config import TrainConfig, ViTConfig
 from aiayn.data.corpus import DataError
 from aiayn.data.images import ImageSet
+from aiayn.decode.greedy import evaluating
 from aiayn.model.vit import images_to_input
 from aiayn.train.loss import label_smoothed_cross_entropy
 
@@ -68,13 +69,8 @@ def split_train_val(data: ImageSet, val_fraction: float = VAL_FRACTION, seed: in
 @torch.no_grad()
 def predict(model, images: Tensor, batch_size: int = EVAL_BATCH) -> Tensor:
     """uint8 images (N, H, W) -> class probabilities (N, K), in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model(images_to_input(chunk)).float().softmax(-1) for chunk in images.split(batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    with evaluating(model):
+        return torch.cat([model(images_to_input(chunk)).float().softmax(-1) for chunk in images.split(batch_size)])
 
 
 def accuracy(model, data: ImageSet) -> float:

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from aiayn.errors import InputError
+
 STRATEGIES = ("ddp", "fsdp")
 TIMEOUT = datetime.timedelta(hours=2)  # rank 0 validates (BLEU of a large model) while the others wait
 
@@ -76,13 +78,13 @@ def from_main(make):
     if is_main():
         try:
             box[0] = make()
-        except ValueError as e:  # a user error: every rank says it and stops
+        except InputError as e:  # the user's: every rank says it and stops
             error = e
     box = [(box[0], str(error) if error else None)]
     dist.broadcast_object_list(box, src=0)
     value, message = box[0]
     if message is not None:
-        raise ValueError(message)
+        raise InputError(message)
     return value
 
 
@@ -94,7 +96,7 @@ def init(strategy: str | None, device: str) -> tuple["Parallel | None", str]:
     trains as it always did, whatever `strategy` says.
     """
     if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"unknown --distributed {strategy!r}: use {' or '.join(STRATEGIES)}")
+        raise InputError(f"unknown --distributed {strategy!r}: use {' or '.join(STRATEGIES)}")
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return None, device
     cuda = device.startswith("cuda")
@@ -155,12 +157,14 @@ class Parallel:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+            from aiayn.model.layers import TransformerLayer
+
             # one group per layer: a layer's weights are gathered only while it computes. The decoder
             # stack projects the encoder output to each layer's cross-attention keys and values
             # before the layer runs (kv_projection, not forward): cross-attention is a group of its
             # own, gathered for that method too.
             for module in model.modules():
-                if type(module).__name__ == "TransformerLayer":
+                if isinstance(module, TransformerLayer):
                     if getattr(module, "cross_attn", None) is not None:
                         fully_shard(module.cross_attn)
                         register_fsdp_forward_method(module.cross_attn, "kv_projection")
@@ -272,10 +276,12 @@ def _fsdp_no_sync(runner):
 
 
 def _plain_copy(model: nn.Module, weights: dict | None, device: str) -> nn.Module:
-    """A plain (unsharded) model of the same config, with `weights` if given."""
+    """A plain (unsharded) model of the same config, with `weights` if given (and the fast paths
+    that the Trainer's model has, for validation)."""
+    from aiayn.fast import accelerate
     from aiayn.model import build_model
 
-    plain = build_model(model.cfg)
+    plain = accelerate(build_model(model.cfg))
     if weights is not None:
         plain.load_state_dict(weights)
     return plain.to(device if weights is not None else "cpu")

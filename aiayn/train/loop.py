@@ -24,8 +24,8 @@ from aiayn.capability import choose_precision
 from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
                               remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
-from aiayn.memory import keep_freed_memory
-from aiayn.train.onednn import use_onednn_linears
+from aiayn.errors import InputError
+from aiayn.fast import for_training
 from aiayn.train.schedule import learning_rate
 
 CKPT_PREFIX = "step-"
@@ -59,7 +59,7 @@ def autocast(cfg: TrainConfig):
     device_type = torch.device(cfg.device).type
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if dtype == torch.float16 and device_type != "cuda":
-        raise ValueError("fp16 needs --device cuda; use bf16 on a CPU")
+        raise InputError("fp16 needs --device cuda; use bf16 on a CPU")
     return torch.autocast(device_type, dtype=dtype)
 
 
@@ -150,9 +150,7 @@ class Trainer:
                  extra_meta: dict | None = None, parallel=None):
         # "auto" becomes what this machine runs natively; a precision it lacks is a PrecisionError
         cfg = cfg.replace(precision=choose_precision(cfg.precision, cfg.device, "train")[0])
-        model = use_onednn_linears(model.to(cfg.device), cfg.precision, cfg.device)  # fp32 on a CPU
-        if torch.device(cfg.device).type == "cpu":
-            keep_freed_memory()
+        model = for_training(model.to(cfg.device), cfg.precision, cfg.device)  # aiayn.fast, in place
         # self.model holds the fp32 weights the optimizer updates; the passes run on self.twin's
         # bf16 copy with precision "bf16-model", on self.model itself otherwise
         self.task, self.model, self.tokenizer, self.cfg = task, model, tokenizer, cfg
@@ -163,7 +161,7 @@ class Trainer:
         self.parallel = parallel
         if parallel is not None:
             if self.twin is not None:
-                raise ValueError("precision bf16-model trains in one process; with several, use bf16")
+                raise InputError("precision bf16-model trains in one process; with several, use bf16")
             model = self.model = parallel.wrap(task, model, cfg)  # FSDP: sharded before the optimizer sees it
         self.main = parallel is None or parallel.main  # the process that prints and writes files
         self.optimizer = make_optimizer(model, cfg)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from aiayn import kernels
+from aiayn.errors import InputError
 
 ROWS = 128  # rows a block: the block's fp32 copy (4 MB at V = 8k) is reused, never reallocated
 LOG2_E = math.log2(math.e)
@@ -102,9 +103,9 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing
     §5.4 (1 - eps on the true class, eps spread uniformly over all V classes: F.cross_entropy's
     convention). reduction: "mean", "sum" or "none". The result is fp32 (float64 for float64 logits)."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"expected (N, V) logits and (N,) targets, got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise InputError(f"expected (N, V) logits and (N,) targets, got {tuple(logits.shape)} and {tuple(target.shape)}")
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"unknown reduction {reduction!r}")
+        raise InputError(f"unknown reduction {reduction!r}")
     return _LabelSmoothedCE.apply(logits, target, float(label_smoothing), reduction)
 
 
@@ -152,5 +153,5 @@ def symmetric_kl(logits: Tensor) -> Tensor:
     q from its last N. R-Drop's consistency term (Liang et al., 2021), computed in fp32 blocks like
     the cross-entropy above; gradients flow into both halves, as in the authors' code. -> (N,)"""
     if logits.dim() != 2 or logits.shape[0] % 2:
-        raise ValueError(f"expected (2N, V) logits, got {tuple(logits.shape)}")
+        raise InputError(f"expected (2N, V) logits, got {tuple(logits.shape)}")
     return _SymmetricKL.apply(logits)

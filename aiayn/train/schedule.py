@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from aiayn.errors import InputError
+
 
 def inverse_sqrt(step: int, peak: float, warmup: int) -> float:
     """§5.3's lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), parametrized by its peak
@@ -27,6 +29,6 @@ def learning_rate(cfg, step: int, total: int | None) -> float:
         return inverse_sqrt(step, cfg.lr, cfg.warmup)
     if cfg.schedule == "cosine":
         if total is None:
-            raise ValueError("the cosine schedule needs max_steps")
+            raise InputError("the cosine schedule needs max_steps")
         return cosine(step, cfg.lr, cfg.warmup, total, cfg.min_lr)
     return cfg.lr

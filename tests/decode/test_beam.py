@@ -11,6 +11,8 @@ from aiayn.config import preset
 from aiayn.decode import beam_search, beam_step, greedy, length_penalty, max_output_lengths
 from aiayn.model import Transformer
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 V = 5
 

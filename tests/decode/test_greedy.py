@@ -7,6 +7,8 @@ from aiayn.config import preset
 from aiayn.decode import greedy, max_output_lengths
 from aiayn.model import Transformer
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 PAD, BOS = 0, 1
 
 

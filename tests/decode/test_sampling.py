@@ -10,6 +10,8 @@ from aiayn.config import preset
 from aiayn.decode import apply_temperature, generate, sample_next, top_k_filter, top_p_filter
 from aiayn.model import LanguageModel
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 INF = float("-inf")
 
 

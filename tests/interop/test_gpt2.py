@@ -9,7 +9,7 @@ import torch
 
 from aiayn.data.batching import pad
 from aiayn.decode.sampling import generate
-from aiayn.inference import inference_model
+from aiayn.fast.inference import inference_model
 from aiayn.interop import import_gpt2
 from tests.interop import hf_models as H
 

@@ -9,7 +9,7 @@ import torch
 
 from aiayn.data.batching import pad
 from aiayn.decode import beam_search, greedy
-from aiayn.inference import inference_model
+from aiayn.fast.inference import inference_model
 from aiayn.interop import InteropError, import_marian
 from tests.interop import hf_models as H
 

@@ -7,6 +7,8 @@ from torch import nn
 from aiayn.model.attention import (KVCache, MultiHeadAttention, attend, attend_to_source, causal_mask,
                                    padding_mask)
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 D, H = 16, 4
 
 

@@ -5,7 +5,7 @@ import torch
 
 from aiayn.config import preset
 from aiayn.decode import beam_search, greedy
-from aiayn.inference import inference_model
+from aiayn.fast.inference import inference_model
 from aiayn.model import Transformer
 from aiayn.model.ensemble import Ensemble
 

@@ -118,21 +118,29 @@ def test_merging_heads_after_the_kernel_is_a_view(kernel):
     assert merged.data_ptr() == out.data_ptr()
 
 
-def test_attend_takes_the_kernel_only_for_decoding_steps(kernel, monkeypatch):
+def test_fast_attention_takes_the_kernel_only_for_decoding_steps(kernel, monkeypatch):
+    from aiayn.fast import accelerate
+    from aiayn.model.attention import MultiHeadAttention
+
     calls = []
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    mha = accelerate(MultiHeadAttention(16, 2)).eval()
     q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     with torch.no_grad():
-        attend(q, k, v)
+        out, _ = mha.attend(q, k, v, None, False)
         assert len(calls) == 1
-        attend(q, k, v, need_weights=True)                # the weights: explicit path
-        attend(torch.randn(2, 2, 9, 8), k, v)            # a whole sequence of queries: PyTorch's kernel
-        attend(q.double(), k.double(), v.double())       # float64: PyTorch
-        attend(q, k, v, torch.ones(1, 1, 1, 6, dtype=torch.bool))  # a mask shape it does not take
+        torch.testing.assert_close(out, attend(q, k, v)[0])  # the reference's result
+        mha.attend(q, k, v, None, True)                         # the weights: explicit path
+        mha.attend(torch.randn(2, 2, 9, 8), k, v, None, False)  # a whole sequence of queries: PyTorch's kernel
+        mha.attend(q.double(), k.double(), v.double(), None, False)  # float64: PyTorch
+        mha.attend(q, k, v, torch.ones(1, 1, 1, 6, dtype=torch.bool), False)  # a mask shape it does not take
     q.requires_grad_(True)
-    out, _ = attend(q, k, v)                             # training: PyTorch, with a gradient
+    out, _ = mha.attend(q, k, v, None, False)                  # training: PyTorch, with a gradient
     out.sum().backward()
     assert len(calls) == 1 and q.grad is not None
+    with torch.no_grad():
+        attend(q, k, v)                                         # the reference never takes it
+    assert len(calls) == 1
 
 
 def test_kernel_and_pytorch_decode_the_same_tokens(monkeypatch):
@@ -282,10 +290,12 @@ def test_greedy_step_records_outputs_and_counts_rows_done(kernel):
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_embed_matches_the_embedding_layer(kernel, dtype):
     from aiayn.config import ModelConfig
+    from aiayn.fast import accelerate
     from aiayn.model.layers import Embedding
 
     torch.manual_seed(0)
     emb = Embedding(50, ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, max_len=40)).to(DTYPES[dtype]).eval()
+    accelerate(emb)
     tokens = torch.randint(0, 50, (3, 5))
     with torch.no_grad():
         out = kernels.embed(tokens, emb.tokens.weight, emb.scale, emb.positions(7, 5))

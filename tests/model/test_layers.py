@@ -10,6 +10,8 @@ from aiayn.config import preset
 from aiayn.model.attention import causal_mask
 from aiayn.model.layers import Embedding, FeedForward, Stack, TransformerLayer, sinusoidal_encoding
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 
 # --------------------------------------------------------------------------- §3.5 positional encoding
 @pytest.mark.parametrize("d_model", [8, 512])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from aiayn import kernels
 from aiayn.config import ModelConfig
+from aiayn.fast import accelerate
 from aiayn.model import build_model
 from aiayn.model.attention import causal_mask
 
@@ -136,7 +137,7 @@ def test_a_training_step_gives_the_same_gradients_with_and_without_kernels(monke
     cfg = ModelConfig(vocab_size=60, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
                       dropout=0.0, max_len=64)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = accelerate(build_model(cfg)).train()
     src = torch.randint(4, 60, (6, 11))
     src[2, 7:] = cfg.pad_id
     tgt = torch.randint(4, 60, (6, 9))

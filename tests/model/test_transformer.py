@@ -13,7 +13,7 @@ PAD = 0
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64: equal up to summation order
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "both_paths")  # tests/conftest.py
 
 
 def _seq2seq(seed=0) -> Transformer:

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from aiayn.train import loss as loss_mod
 from aiayn.train.loss import label_smoothed_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # tests/conftest.py
+
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -1,4 +1,4 @@
-"""Inference copies (aiayn.inference) decode like the model and leave it alone; translate() uses them."""
+"""Inference copies (aiayn.fast.inference) decode like the model and leave it alone; translate() uses them."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from aiayn.config import preset
 from aiayn.decode import beam_search, greedy
-from aiayn.inference import inference_model, onednn_available, quantize_int8
+from aiayn.fast.inference import inference_model, onednn_available, quantize_int8
 from aiayn.model import Transformer
 from aiayn.translate import translate
 

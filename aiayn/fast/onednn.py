@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiayn.inference import onednn_available
+from aiayn.fast.inference import onednn_available
 
 _gemm = torch.ops.mkldnn._linear_pointwise  # (x (N, in), w (out, in), b) -> x wᵀ + b
 

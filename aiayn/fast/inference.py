@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from aiayn import capability, kernels
 from aiayn.capability import PrecisionError
-from aiayn.memory import keep_freed_memory
+from aiayn.fast import accelerate
 
 
 class _SplitCrossAttention(nn.Module):
@@ -29,7 +29,7 @@ class _SplitCrossAttention(nn.Module):
     def __init__(self, mha):
         super().__init__()
         D = mha.d_model
-        self.d_model, self.n_heads, self.dropout = D, mha.n_heads, 0.0
+        self.d_model, self.n_heads = D, mha.n_heads
         w = mha.in_proj.weight
         self.q_proj = nn.Linear(D, D, device=w.device, dtype=w.dtype)
         self.kv_proj = nn.Linear(D, 2 * D, device=w.device, dtype=w.dtype)
@@ -64,7 +64,7 @@ class _SplitCrossAttention(nn.Module):
             out = kernels.cross_attention_step(q, *kv, mask)
             if out is not None:
                 return self.out_proj(out), None
-        out, weights = attend_to_source(self._heads(q), *kv, mask, 0.0, need_weights)
+        out, weights = attend_to_source(self._heads(q), *kv, mask, None, need_weights)
         return self.out_proj(out), weights
 
 
@@ -144,9 +144,9 @@ class OneDNNLinear(nn.Linear):
 def onednn_linears(model: nn.Module, pack: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """An inference copy of `model` (cast to `dtype` if given) whose nn.Linear layers (cross-attention's
     split in two, see _SplitCrossAttention) compute with oneDNN: OneDNNLinear. Where torch was built
-    without oneDNN or the model is not on a CPU: the model itself, or a cast copy for a `dtype`."""
+    without oneDNN or the model is not on a CPU: a copy (cast to `dtype`) with only the fast modules."""
     if not onednn_available() or any(p.device.type != "cpu" for p in model.parameters()):
-        return copy.deepcopy(model).to(dtype).eval() if dtype else model.eval()
+        return accelerate(copy.deepcopy(model).to(dtype).eval())
     q = _inference_copy(model)
     if dtype:
         q.to(dtype)  # in place
@@ -183,8 +183,8 @@ def onednn_available() -> bool:
 
 def _inference_copy(model: nn.Module) -> nn.Module:
     """A copy in eval mode whose linear layers are plain nn.Linear (a model being trained in fp32 has
-    aiayn.train.onednn's subclass) and whose cross-attention projections are split."""
-    q = copy.deepcopy(model).eval()
+    aiayn.fast.onednn's subclass) and whose cross-attention projections are split."""
+    q = accelerate(copy.deepcopy(model).eval())
     for m in q.modules():
         if isinstance(m, nn.Linear):
             m.__class__ = nn.Linear
@@ -215,13 +215,12 @@ def check_precision(precision: str, device: str | torch.device) -> None:
 def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """The fastest inference form of `model` for a precision, in eval mode:
 
-    - plain: the model itself;
+    - plain: the model itself (as it is: the reference model unless aiayn.fast.accelerate was run on it);
     - fp32: on a CPU, a copy with oneDNN linears (1.65-2x faster decoding, the same IEEE results);
     - bf16 / fp16: a copy with its weights cast (and oneDNN linears on a CPU); fp16 on CUDA only;
     - int8: a copy with dynamically quantized linears (CPU only).
-    An Ensemble gets an Ensemble of its members' inference forms. The model itself is never changed
-    (except for eval mode). On a CPU (except plain), glibc is also told to keep freed memory for
-    reuse (aiayn.memory.keep_freed_memory: beam search 12-26% faster)."""
+    Every copy has the fast modules (aiayn.fast.accelerate). An Ensemble gets an Ensemble of its
+    members' inference forms. The model itself is never changed (except for eval mode)."""
     from aiayn.model.ensemble import Ensemble
 
     if isinstance(model, Ensemble):
@@ -230,8 +229,6 @@ def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     check_precision(precision, "cpu" if on_cpu else "cuda")
     if precision == "plain" or (precision == "fp32" and not on_cpu):
         return model.eval()
-    if on_cpu:
-        keep_freed_memory()
     if precision == "fp32":
         return onednn_linears(model)
     if precision in ("bf16", "fp16"):  # one copy, cast (with oneDNN linears on a CPU)

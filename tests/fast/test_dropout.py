@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aiayn.model.dropout import Dropout, add_dropout, dropout
+from aiayn.fast.modules import FastDropout as Dropout, add_dropout, dropout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from aiayn.config import preset
-from aiayn.inference import onednn_available, inference_model, quantize_int8
+from aiayn.fast.inference import onednn_available, inference_model, quantize_int8
 from aiayn.model import Transformer
-from aiayn.train.onednn import OneDNNTrainingLinear, use_onednn_linears
+from aiayn.fast.onednn import OneDNNTrainingLinear, use_onednn_linears
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")
 
@@ -71,7 +71,7 @@ def test_cross_attention_projections_of_part_of_the_rows_run_on_onednn_with_grad
 
 @pytest.mark.parametrize("n_in, n_out", [(24, 40), (40, 24), (32, 32)])  # x or dy copied, or either
 def test_weight_gradient_equals_float64(n_in, n_out):
-    from aiayn.train.onednn import _weight_grads
+    from aiayn.fast.onednn import _weight_grads
 
     torch.manual_seed(0)
     dy, x = torch.randn(300, n_out), torch.randn(300, n_in)
