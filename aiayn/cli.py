@@ -572,7 +572,10 @@ DEFAULT_VIT_MODEL, DEFAULT_PIXEL_MODEL = "mnist-vit", "mnist-pixels"
 def _vision_run(args, task_name: str):
     """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
     from aiayn.config import ModelConfig, TrainConfig, ViTConfig
+    from aiayn.train.distributed import launched
 
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:  # N copies would write one run directory
+        raise UserError(f"train {args.task} runs in one process; torchrun trains translation and lm")
     previous = _resume_settings(args)
     if not previous:
         return None

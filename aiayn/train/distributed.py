@@ -177,7 +177,8 @@ class Parallel:
             self.runner = runner
         else:
             ids = None if torch.device(self.device).type == "cpu" else [torch.device(self.device)]
-            self.runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids)
+            # buffers (the sinusoidal positions) are the same constants on every rank: not broadcast
+            self.runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, broadcast_buffers=False)
         return model
 
     def sync(self, last: bool):

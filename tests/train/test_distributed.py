@@ -182,3 +182,11 @@ def test_two_ddp_ranks_with_update_freq_train_an_lm_as_one_process(tmp_path):
     assert_close_losses(one, two)
     for step in (2, 4):
         assert_close_weights(one / f"step-{step:08d}", two / f"step-{step:08d}")
+
+
+def test_vision_training_refuses_several_ranks(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "vit", "--out", str(tmp_path / "run")]) == 2
+    assert "train vit runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
