@@ -13,7 +13,7 @@ import torch
 from aiayn import cli
 from aiayn.data.batching import token_batches
 from aiayn.data.corpus import DataError
-from aiayn.data.prepared import Prepared, TokenArray, length_batches, prepare_lm, prepare_translation
+from aiayn.data.prepared import Prepared, TokenArray, iter_lines, length_batches, prepare_lm, prepare_translation
 from aiayn.data.tokenizer import CharTokenizer
 from aiayn.model import build_model
 from aiayn.tasks.lm import LMTask, split_ids
@@ -102,6 +102,9 @@ def test_bad_input_is_one_clear_error(tmp_path, prepared, capsys):
     assert not (tmp_path / "p2").exists() and not list(tmp_path.glob("*.tmp-prepare"))
     with pytest.raises(DataError, match="not empty"):
         prepare_translation(prepared.dir, src, tgt, src, tgt, tiny.tokenizer())
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match="bad.txt, line 2: invalid UTF-8"):
+        list(iter_lines(tmp_path / "bad.txt"))
     with pytest.raises(DataError, match="prepared for translation, not lm"):
         Prepared(prepared.dir, "lm")
     meta = json.loads((prepared.dir / "prepared.json").read_text())
