@@ -20,17 +20,10 @@ DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
                          "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
                          "dynamically quantized linears)")
-DEFAULT_TRANSLATION_MODEL = "en-de"
 
 
 class UserError(InputError):
     """A mistake in the command line itself; printed as one line, exit status 2."""
-
-
-def _default_model_dir(name: str) -> Path:
-    from aiayn.data.corpus import ASSETS
-
-    return ASSETS / "models" / name
 
 
 # -------------------------------------------------------------------------------------- train
@@ -229,6 +222,7 @@ def cmd_train_lm(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from aiayn.checkpoint import load_model
     from aiayn.fast.inference import inference_model
     from aiayn.tasks.lm import stream_text
 
@@ -240,14 +234,7 @@ def cmd_generate(args) -> int:
         if bad:
             raise UserError(message)
     _check_device(args.device)
-    if args.model:
-        model_dir = _resolve_model(Path(args.model))
-    else:
-        model_dir = _default_model_dir("shakespeare-char")
-        if not model_dir.is_dir():
-            raise UserError("no shipped language model in this install; train one (aiayn train lm --out RUN_DIR) "
-                            "and pass --model RUN_DIR")
-    model, tokenizer, _ = _load(model_dir, args.device, "lm")
+    model, tokenizer, _, _ = load_model(args.model, "lm", args.device)
     tokenizer.encode(args.prompt)  # characters outside the vocabulary: an error before any output
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -291,60 +278,6 @@ def _read_inputs(args) -> list[str]:
     return lines
 
 
-def _load(model_dir, device: str, want_task: str):
-    from aiayn.checkpoint import load_model_dir
-
-    model, tokenizer, task, extra = load_model_dir(model_dir, device)
-    if task != want_task:
-        raise UserError(f"{model_dir} holds a {task} model, not a {want_task} model")
-    return model, tokenizer, extra
-
-
-def _load_translation(args) -> tuple:
-    """--model (repeatable) -> (model, tokenizer, extra, model directories). Several models make an
-    Ensemble (the mean of their probabilities), which needs one tokenizer for all."""
-    from aiayn.checkpoint import tokenizer_digest
-    from aiayn.model.ensemble import Ensemble
-
-    dirs = [_translation_model_dir(arg) for arg in (args.model or [None])]
-    loaded = [_load(d, args.device, "translation") for d in dirs]
-    model, tokenizer, extra = loaded[0]
-    if len(loaded) > 1:
-        digests = [tokenizer_digest(d, t) for d, (_, t, _) in zip(dirs, loaded)]
-        for d, digest in zip(dirs[1:], digests[1:]):
-            if digest != digests[0]:
-                raise UserError(f"{d}: its tokenizer is not {dirs[0]}'s; an ensemble needs models of one vocabulary")
-        try:
-            model = Ensemble([m for m, _, _ in loaded])
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    return model, tokenizer, extra, dirs
-
-
-def _translation_model_dir(arg: str | None) -> Path:
-    if arg:
-        return _resolve_model(Path(arg))
-    path = _default_model_dir(DEFAULT_TRANSLATION_MODEL)
-    if not path.is_dir():
-        raise UserError("no shipped translation model in this install; train one (aiayn train translation) "
-                        "and pass --model RUN_DIR")
-    return path
-
-
-def _resolve_model(path: Path) -> Path:
-    """A model directory, or a run directory (its best checkpoint)."""
-    from aiayn.train.loop import best_checkpoint
-
-    if not path.exists():
-        raise UserError(f"{path}: no such model or run directory")
-    if (path / "model.safetensors").is_file():
-        return path
-    best = best_checkpoint(path)
-    if best is None:
-        raise UserError(f"{path}: neither a model directory nor a run directory with checkpoints")
-    return best
-
-
 def _check_workers(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be >= 1")
@@ -373,6 +306,7 @@ def _alpha(args, extra: dict) -> float:
 
 
 def cmd_translate(args) -> int:
+    from aiayn.checkpoint import load_translation_models
     from aiayn.translate import translate, translate_text
 
     if args.beam < 1:
@@ -380,7 +314,7 @@ def cmd_translate(args) -> int:
     _check_device(args.device)
     _check_workers(args)
     lines = _read_inputs(args)
-    model, tokenizer, extra, _ = _load_translation(args)
+    model, tokenizer, extra, _ = load_translation_models(args.model, args.device)
     _choose_precision(args)
     empty = [i for i, line in enumerate(lines) if not line.strip()]
     options = dict(beam=args.beam, alpha=_alpha(args, extra), device=args.device, precision=args.precision,
@@ -400,15 +334,16 @@ def cmd_translate(args) -> int:
 
 # ----------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
-    from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
     import time
 
+    from aiayn.checkpoint import load_translation_models
+    from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
     from aiayn.evaluate import bleu, bleu_signature, chrf, lc_tok_bleu
     from aiayn.translate import translate
 
     _check_device(args.device)
     _check_workers(args)
-    model, tokenizer, extra, model_dirs = _load_translation(args)
+    model, tokenizer, extra, model_dirs = load_translation_models(args.model, args.device)
     _choose_precision(args)
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
     if args.src_file:
@@ -449,9 +384,6 @@ def cmd_average(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- vision
-DEFAULT_VIT_MODEL, DEFAULT_PIXEL_MODEL = "mnist-vit", "mnist-pixels"
-
-
 def _vision_run(args, task_name: str):
     """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
     from aiayn.config import ModelConfig, TrainConfig, ViTConfig
@@ -517,6 +449,7 @@ def cmd_train_vit(args) -> int:
 def cmd_train_pixels(args) -> int:
     import torch
 
+    from aiayn.checkpoint import model_dir
     from aiayn.data.pixels import PixelTokenizer
     from aiayn.model import build_model
     from aiayn.tasks.pixels import PixelLMTask, pixel_config, pixel_train
@@ -531,7 +464,7 @@ def cmd_train_pixels(args) -> int:
         raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: use square images")
     if resumed:
         mcfg, tcfg, _ = resumed
-        tokenizer = PixelTokenizer.load(_resolve_model(Path(args.out)))
+        tokenizer = PixelTokenizer.load(model_dir(args.out))
     else:
         tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
         _choose_precision(args, "train")
@@ -552,15 +485,10 @@ def cmd_train_pixels(args) -> int:
     return 0
 
 
-def _vision_model(arg: str | None, default: str, want_task: str, device: str = "cpu"):
-    if arg:
-        model_dir = _resolve_model(Path(arg))
-    else:
-        model_dir = _default_model_dir(default)
-        if not model_dir.is_dir():
-            raise UserError(f"no shipped {want_task} model in this install; train one (aiayn train {want_task} "
-                            "--out RUN_DIR) and pass --model RUN_DIR")
-    model, tokenizer, _ = _load(model_dir, device, want_task)
+def _vision_model(arg: str | None, task: str, device: str = "cpu"):
+    from aiayn.checkpoint import load_model
+
+    model, tokenizer, _, model_dir = load_model(arg, task, device)
     return model, tokenizer, model_dir
 
 
@@ -569,7 +497,7 @@ def cmd_classify(args) -> int:
 
     if args.top_k < 1:
         raise UserError("--top-k must be >= 1")
-    model, labels, _ = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit")
+    model, labels, _ = _vision_model(args.model, "vit")
     failed = 0
     for r in classify_files(model, labels, args.images, args.top_k):
         if r.error:
@@ -594,7 +522,7 @@ def cmd_generate_image(args) -> int:
             raise UserError(message)
     if not str(args.out).lower().endswith(".png"):
         raise UserError(f"{args.out}: the grid is written as PNG; give a file name ending in .png")
-    model, tokenizer, model_dir = _vision_model(args.model, DEFAULT_PIXEL_MODEL, "image-gpt")
+    model, tokenizer, model_dir = _vision_model(args.model, "image-gpt")
     label = None
     if args.label is not None:
         if args.label not in tokenizer.classes:
@@ -621,7 +549,7 @@ def _explain_image(args, image_arg: str) -> int:
     from aiayn.data.images import read_image
     from aiayn.vision import explain_image
 
-    model, labels, model_dir = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit", args.device)
+    model, labels, model_dir = _vision_model(args.model, "vit", args.device)
     image = read_image(image_arg, (model.cfg.image_size,) * 2)
     text, paths = explain_image(model, labels, image, Path(args.out))
     print(f"model: {model_dir} (vit)")
@@ -633,19 +561,19 @@ def _explain_image(args, image_arg: str) -> int:
 # ------------------------------------------------------------------------------------ explain
 def _is_image_request(args) -> bool:
     """explain IMAGE: one argument that is an image file, or a --model that is a ViT."""
-    from aiayn.checkpoint import read_model_meta
+    from aiayn.checkpoint import model_dir, read_model_meta
     from aiayn.data.images import IMAGE_SUFFIXES
 
     if args.model:
         try:
-            return read_model_meta(_resolve_model(Path(args.model)))[1] == "vit"
-        except (UserError, ValueError):
+            return read_model_meta(model_dir(args.model))[1] == "vit"
+        except InputError:
             return False  # the text path reports the problem
     return len(args.sentence) == 1 and Path(args.sentence[0]).suffix.lower() in IMAGE_SUFFIXES
 
 
 def cmd_explain(args) -> int:
-    from aiayn.checkpoint import load_model_dir
+    from aiayn.checkpoint import load_model_dir, model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
     from aiayn.fast.inference import inference_model
 
@@ -661,10 +589,10 @@ def cmd_explain(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     _check_device(args.device)
-    model_dir = _translation_model_dir(args.model)
-    model, tokenizer, task, _ = load_model_dir(model_dir, args.device)
+    directory = model_dir(args.model, "translation")
+    model, tokenizer, task, _ = load_model_dir(directory, args.device)
     if task not in ("translation", "lm"):
-        raise UserError(f"{model_dir} holds a {task} model; explain knows translation and lm models")
+        raise UserError(f"{directory} holds a {task} model; explain knows translation and lm models")
     tokenizer.encode(text)  # characters outside the vocabulary: an error before anything else is said
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -707,15 +635,15 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from aiayn.checkpoint import load_model_dir
+    from aiayn.checkpoint import load_model_dir, model_dir
     from aiayn.interop import export_hf
     from aiayn.interop.hf import write_directory
 
-    model_dir = _resolve_model(Path(args.model))
-    model, tokenizer, task, extra = load_model_dir(model_dir)
+    directory = model_dir(args.model)
+    model, tokenizer, task, extra = load_model_dir(directory)
     written = []
     write_directory(Path(args.out), lambda d: written.append(export_hf(model, tokenizer, task, d, extra)))
-    print(f"exported {model_dir} ({task}) as {written[0]} into {args.out}")
+    print(f"exported {directory} ({task}) as {written[0]} into {args.out}")
     return 0
 
 
@@ -726,6 +654,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
+        from aiayn.checkpoint import CheckpointError, model_dir
         from aiayn.serve.app import create_app
         from aiayn.serve.models import Limits, load_models
     except ImportError as e:
@@ -738,12 +667,15 @@ def cmd_serve(args) -> int:
     if args.batch_wait_ms < 0:
         raise UserError("--batch-wait-ms must be >= 0")
     _check_device(args.device)
-    translation_dir = None if args.no_translation else _translation_model_dir(args.model)
+    translation_dir = None if args.no_translation else model_dir(args.model, "translation")
     lm_dir = None
-    if not args.no_lm:
-        lm_dir = _resolve_model(Path(args.lm)) if args.lm else _default_model_dir("shakespeare-char")
-        if not args.lm and not lm_dir.is_dir():
-            lm_dir = None
+    if args.lm:
+        lm_dir = model_dir(args.lm, "lm")
+    elif not args.no_lm:
+        try:  # the shipped language model, where this install has one
+            lm_dir = model_dir(None, "lm")
+        except CheckpointError:
+            pass
     if translation_dir is None and lm_dir is None:
         raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
     _choose_precision(args)

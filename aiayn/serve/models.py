@@ -114,21 +114,17 @@ class Models:
 
 
 def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str = "cpu") -> Models:
-    """Load the models of a server (either may be None). Raises CheckpointError/ValueError on a bad
-    model directory, or a model of the wrong task."""
-    from aiayn.checkpoint import load_model_dir
+    """Load the models of a server (either may be None). Raises CheckpointError on a bad model
+    directory, or a model of the wrong task."""
+    from aiayn.checkpoint import load_model
 
     translation = lm = None
     if translation_dir is not None:
-        model, tokenizer, task, extra = load_model_dir(translation_dir, device)
-        if task != "translation":
-            raise InputError(f"{translation_dir} holds a {task} model, not a translation model")
+        model, tokenizer, extra, _ = load_model(translation_dir, "translation", device)
         src, tgt = extra.get("src", "en"), extra.get("tgt", "de")
         translation = TranslationModel(Path(translation_dir).name, Path(translation_dir), model, tokenizer,
                                        src, tgt, float(extra.get("alpha", 0.6)), device)
     if lm_dir is not None:
-        model, tokenizer, task, _ = load_model_dir(lm_dir, device)
-        if task != "lm":
-            raise InputError(f"{lm_dir} holds a {task} model, not a language model")
+        model, tokenizer, _, _ = load_model(lm_dir, "lm", device)
         lm = LanguageModel(Path(lm_dir).name, Path(lm_dir), model, tokenizer, device)
     return Models(translation, lm)

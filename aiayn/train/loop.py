@@ -21,14 +21,13 @@ import torch
 from tqdm import tqdm
 
 from aiayn.capability import choose_precision
-from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
-                              remove_tree, save_checkpoint)
+from aiayn.checkpoint import (CKPT_PREFIX, CheckpointError, atomic_write_text, checkpoints, load_checkpoint,
+                              recover, remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
 from aiayn.errors import InputError
 from aiayn.fast import for_training
 from aiayn.train.schedule import learning_rate
 
-CKPT_PREFIX = "step-"
 
 
 class TrainingError(RuntimeError):
@@ -108,31 +107,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=True)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a partial one is never under its final name)."""
-    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
-             if p.is_dir() and p.suffix == "" and p.name[len(CKPT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the best validation score, as the newest checkpoint records it.
-
-    The record lives in the newest checkpoint's trainer.json (no separate pointer file that a crash
-    could leave out of step); without one, the newest checkpoint.
-    """
-    found = checkpoints(run_dir)
-    if not found:
-        return None
-    try:
-        best = json.loads((found[-1] / TRAINER_JSON).read_text()).get("best")
-    except (OSError, ValueError, AttributeError):
-        best = None
-    if isinstance(best, dict) and (Path(run_dir) / str(best.get("checkpoint"))).is_dir():
-        return Path(run_dir) / best["checkpoint"]
-    return found[-1]
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
