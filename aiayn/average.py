@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, replace_directory, write_model
-from aiayn.train.loop import checkpoints
+from aiayn.checkpoint import MODEL_FILE, CheckpointError, checkpoints, load_model_dir, replace_directory, write_model
 
 
 def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:

@@ -59,7 +59,10 @@ def _resume_settings(args) -> dict | None:
     run_json = Path(args.out) / "run.json"
     if not run_json.is_file():
         raise UserError(f"{args.out}: nothing to resume (no run.json)")
-    recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
+    from aiayn.train.distributed import main_first
+
+    with main_first():  # several ranks: rank 0 repairs, the others then read
+        recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
     try:
         return json.loads(run_json.read_text())
     except json.JSONDecodeError as e:
@@ -70,7 +73,7 @@ def _resumed_run(args, previous: dict):
     """-> (ModelConfig, TrainConfig with the new stopping point, tokenizer) of the run to resume."""
     from aiayn.config import ModelConfig, TrainConfig
     from aiayn.data.tokenizer import load_tokenizer
-    from aiayn.train.loop import checkpoints
+    from aiayn.checkpoint import checkpoints
 
     found = checkpoints(Path(args.out))
     if not found:
@@ -99,15 +102,44 @@ def _resumed_precision(args, tcfg):
         return tcfg.replace(precision=args.precision)
 
 
+def _distributed(args):
+    """Under torchrun: this rank's Parallel and device (aiayn.train.distributed); else (None, device)."""
+    from aiayn.train.distributed import init
+
+    parallel, args.device = init(args.distributed, args.device)
+    return parallel
+
+
+def _say(*args) -> None:
+    """A line on stderr, from rank 0 only when several processes train."""
+    from aiayn.train.distributed import is_main
+
+    if is_main():
+        print(*args, file=sys.stderr)
+
+
+def _run_trainer(trainer, args) -> dict | None:
+    """The run's summary; None on ranks other than 0."""
+    from aiayn.train.distributed import close
+
+    try:
+        summary = trainer.run(resume=args.resume, progress=not args.quiet)
+        return summary if trainer.main else None
+    finally:
+        close()
+
+
 def cmd_train_translation(args) -> int:
     from aiayn.config import preset
     from aiayn.data.corpus import multi30k, read_parallel
     from aiayn.data.tokenizer import BPETokenizer
     from aiayn.model import build_model
     from aiayn.tasks.translation import TranslationTask
+    from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    parallel = _distributed(args)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     previous = _resume_settings(args)
@@ -117,9 +149,19 @@ def cmd_train_translation(args) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, previous.get(name))
         args.src, args.tgt = previous.get("src", args.src), previous.get("tgt", args.tgt)
+        args.prepared = args.prepared or previous.get("prepared")
     if bool(args.train_src) != bool(args.train_tgt) or bool(args.val_src) != bool(args.val_tgt):
         raise UserError("give both --train-src and --train-tgt (and both --val-src and --val-tgt)")
-    if args.train_src:
+    prepared = None
+    if args.prepared:  # a corpus from `aiayn prepare`: streamed from memory-mapped shards
+        from aiayn.data.prepared import Prepared
+
+        if args.train_src or args.init_from:
+            raise UserError("--prepared holds the training data and its vocabulary: without --train-src/"
+                            "--train-tgt and --init-from")
+        prepared = Prepared(args.prepared, "translation")
+        train, val = [], []
+    elif args.train_src:
         train = read_parallel(args.train_src, args.train_tgt)
         if not args.val_src:
             raise UserError("with your own training data, also give --val-src and --val-tgt")
@@ -148,26 +190,79 @@ def cmd_train_translation(args) -> int:
             extra = {"init_from": str(Path(args.init_from).resolve())}
             print(f"starting from {args.init_from} (its shape and vocabulary; --preset and --vocab-size "
                   "do not apply)", file=sys.stderr)
+        elif prepared is not None:
+            tokenizer = prepared.tokenizer()
+            mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
         else:
-            print(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs",
-                  file=sys.stderr)
-            tokenizer = BPETokenizer.train([x for pair in train for x in pair], args.vocab_size)
+            _say(f"training a {args.vocab_size}-token joint BPE vocabulary on {len(train):,} sentence pairs")
+            # several ranks: learned once, on rank 0
+            tokenizer = BPETokenizer(from_main(
+                lambda: BPETokenizer.train([x for pair in train for x in pair], args.vocab_size).proto))
             mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, tgt_vocab_size=None, **overrides)
     import torch
 
+    if parallel is not None:  # each rank on its own GPU (a resumed run's settings name rank 0's)
+        tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    task = TranslationTask(tokenizer, train, val, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
+    if prepared is not None:
+        from aiayn.tasks.translation import PreparedTranslationTask
+
+        task = PreparedTranslationTask(prepared, tokenizer, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
+        extra["prepared"] = str(Path(args.prepared).resolve())
+    else:
+        task = TranslationTask(tokenizer, train, val, tcfg.max_tokens, mcfg.max_len, tcfg.device, tcfg.eval_bleu)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; "
-          f"run directory {out}", file=sys.stderr)
+    _say(f"model: {n_params / 1e6:.1f}M parameters; {len(task.train):,} training pairs; run directory {out}")
     paths = {name: str(Path(getattr(args, name)).resolve()) for name in files if getattr(args, name)}
     trainer = Trainer(task, model, tokenizer, tcfg, out,
-                      extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra})
-    summary = trainer.run(resume=args.resume, progress=not args.quiet)
-    print(json.dumps({k: v for k, v in summary.items()}, default=str))
+                      extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra}, parallel=parallel)
+    summary = _run_trainer(trainer, args)
+    if summary is not None:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+def cmd_prepare_translation(args) -> int:
+    from aiayn.data.corpus import multi30k_path
+    from aiayn.data.prepared import iter_pairs, prepare_translation
+    from aiayn.data.tokenizer import BPETokenizer, load_tokenizer
+
+    files = [args.train_src, args.train_tgt, args.val_src, args.val_tgt]
+    if any(files) and not all(files):
+        raise UserError("give --train-src, --train-tgt, --val-src and --val-tgt (or none: Multi30k)")
+    if not any(files):
+        files = [multi30k_path(split, lang) for split in ("train", "val") for lang in (args.src, args.tgt)]
+    if args.tokenizer:
+        tokenizer = load_tokenizer(Path(args.tokenizer))
+    else:
+        print(f"training a {args.vocab_size}-token joint BPE vocabulary on {files[0]} and {files[1]}", file=sys.stderr)
+        sentences = (x for pair in iter_pairs(files[0], files[1]) for x in pair)
+        tokenizer = BPETokenizer.train(sentences, args.vocab_size)  # sentencepiece samples 2M sentences
+    out = prepare_translation(args.out, *files, tokenizer)
+    print(json.dumps(json.loads((out / "prepared.json").read_text())["splits"]))
+    return 0
+
+
+def cmd_prepare_lm(args) -> int:
+    from aiayn.data.corpus import SHAKESPEARE
+    from aiayn.data.prepared import iter_lines, prepare_lm
+    from aiayn.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+    data = args.data or SHAKESPEARE
+    if args.tokenizer_from:
+        tokenizer = load_tokenizer(Path(args.tokenizer_from))
+    elif args.tokenizer == "char":  # every character of the text (one pass), as aiayn train lm
+        chars = {"\n"}
+        for line in iter_lines(data):
+            chars.update(line)
+        tokenizer = CharTokenizer.train(["".join(chars)])
+    else:
+        tokenizer = BPETokenizer.train((line for line in iter_lines(data) if line.strip()), args.vocab_size)
+    out = prepare_lm(args.out, data, tokenizer)
+    print(json.dumps(json.loads((out / "prepared.json").read_text())["splits"]))
     return 0
 
 
@@ -176,28 +271,43 @@ def cmd_train_lm(args) -> int:
 
     from aiayn.data.corpus import SHAKESPEARE, read_text
     from aiayn.model import build_model
+    from aiayn.data.tokenizer import BPETokenizer
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
+    from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    parallel = _distributed(args)
     out = Path(args.out)
     previous = _resume_settings(args)
+    prepared = None
+    if args.prepared or (previous or {}).get("prepared"):  # tokens from `aiayn prepare`, memory-mapped
+        from aiayn.data.prepared import Prepared
+
+        if args.data:
+            raise UserError("--prepared holds the text already: without --data")
+        prepared = Prepared(args.prepared or previous["prepared"], "lm")
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
         # the run's own text, unless --data says where it is now (the same text, moved)
         data, kind = str(args.data or previous["data"]), previous["tokenizer"]
-        if not args.data and not Path(data).is_file():
+        if prepared is None and not args.data and not Path(data).is_file():
             raise UserError(f"{data}: this run's training text is gone; give its new place with --data")
-        text = read_text(data)
+        text = read_text(data) if prepared is None else None
     else:
         model_preset, train_preset = PRESETS[args.preset]
         _choose_precision(args, "train")
         tcfg = _train_config(args, **train_preset.to_dict())
         data, kind = str(args.data or SHAKESPEARE), args.tokenizer
-        text = read_text(data)
-        if kind == "bpe":
-            print(f"training a {args.vocab_size}-token BPE vocabulary on {data}", file=sys.stderr)
-        tokenizer = train_tokenizer(kind, text, args.vocab_size)
+        text = read_text(data) if prepared is None else None
+        if prepared is not None:
+            tokenizer = prepared.tokenizer()
+            data, kind = str(prepared.dir.resolve()), prepared.meta["tokenizer"]
+        elif kind == "bpe":  # several ranks: learned once, on rank 0
+            _say(f"training a {args.vocab_size}-token BPE vocabulary on {data}")
+            tokenizer = BPETokenizer(from_main(lambda: train_tokenizer(kind, text, args.vocab_size).proto))
+        else:
+            tokenizer = train_tokenizer(kind, text, args.vocab_size)
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout),
                                    ("attn_dropout", args.dropout), ("positional", args.positional)) if v is not None}
@@ -206,15 +316,22 @@ def cmd_train_lm(args) -> int:
         if args.post_norm:
             shape["norm_first"] = False
         mcfg = model_preset.replace(vocab_size=tokenizer.vocab_size, max_len=tcfg.context, **shape)
+    if parallel is not None:  # each rank on its own GPU (a resumed run's settings name rank 0's)
+        tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
-    task = LMTask.from_text(text, tokenizer, tcfg.batch_size, tcfg.context, tcfg.device)
+    if prepared is not None:
+        task = LMTask(prepared.tokens("train"), prepared.tokens("val"), tcfg.batch_size, tcfg.context, tcfg.device)
+    else:
+        task = LMTask.from_text(text, tokenizer, tcfg.batch_size, tcfg.context, tcfg.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
-          f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}", file=sys.stderr)
-    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta={"data": data, "tokenizer": kind})
-    summary = trainer.run(resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary, default=str))
+    _say(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
+         f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}")
+    meta = {"data": data, "tokenizer": kind, **({"prepared": data} if prepared is not None else {})}
+    trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta=meta, parallel=parallel)
+    summary = _run_trainer(trainer, args)
+    if summary is not None:
+        print(json.dumps(summary, default=str))
     return 0
 
 
@@ -387,7 +504,10 @@ def cmd_average(args) -> int:
 def _vision_run(args, task_name: str):
     """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
     from aiayn.config import ModelConfig, TrainConfig, ViTConfig
+    from aiayn.train.distributed import launched
 
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:  # N copies would write one run directory
+        raise UserError(f"train {args.task} runs in one process; torchrun trains translation and lm")
     previous = _resume_settings(args)
     if not previous:
         return None
@@ -722,6 +842,42 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel (default) or FSDP (weights, gradients and "
+                        "optimizer state sharded across ranks); see docs/DISTRIBUTED.md")
+
+
+def _add_prepare_parsers(sub) -> None:
+    prep = sub.add_parser("prepare", help="tokenize a corpus once into memory-mapped shards (for corpora "
+                          "larger than memory)")
+    psub = prep.add_subparsers(dest="task", metavar="TASK")
+    p = psub.add_parser("translation", help="a parallel corpus (default: Multi30k)",
+                        description="Learn (or reuse) a joint BPE vocabulary and write the training pairs as "
+                        "NumPy .npy shards of token ids (format: aiayn/data/prepared.py), which `aiayn train "
+                        "translation --prepared DIR` streams with length bucketing.")
+    p.add_argument("--train-src", help="training source file (plain or .gz, one sentence a line)")
+    p.add_argument("--train-tgt", help="training target file, aligned with --train-src")
+    p.add_argument("--val-src", help="validation source file")
+    p.add_argument("--val-tgt", help="validation target file")
+    p.add_argument("--src", default="en", help="Multi30k source language (without files)")
+    p.add_argument("--tgt", default="de", help="Multi30k target language (without files)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size (default 8000)")
+    p.add_argument("--tokenizer", metavar="DIR", help="reuse the tokenizer of a model, run checkpoint or "
+                   "prepared directory instead of learning one")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    p.set_defaults(func=cmd_prepare_translation)
+    q = psub.add_parser("lm", help="a text file (default: Tiny Shakespeare)",
+                        description="Tokenize a text into train.npy and val.npy (the first 90%% of its tokens "
+                        "train), which `aiayn train lm --prepared DIR` memory-maps.")
+    q.add_argument("--data", help="a UTF-8 text file, plain or .gz")
+    q.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="default char")
+    q.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size (default 2000)")
+    q.add_argument("--tokenizer-from", metavar="DIR", help="reuse the tokenizer of a model or prepared directory")
+    q.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    q.set_defaults(func=cmd_prepare_lm)
+
+
 def _add_vision_train_parsers(tsub) -> None:
     v = tsub.add_parser("vit", help="Vision Transformer image classifier (default: the shipped mnist10k digits)",
                         description="Train a ViT (Dosovitskiy et al. 2021) on the project's own pre-norm encoder "
@@ -823,7 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
     tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
                     "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
+    tr.add_argument("--prepared", metavar="DIR", help="a corpus made by `aiayn prepare translation`: streamed "
+                    "from memory-mapped shards (its vocabulary; not with --train-src)")
     _add_train_options(tr)
+    _add_distributed_options(tr)
     tr.set_defaults(func=cmd_train_translation)
     lm = tsub.add_parser("lm", help="decoder-only language model (default: Tiny Shakespeare, characters)",
                          description="Train a GPT-style decoder-only model (pre-norm, GELU, learned positions, "
@@ -850,10 +1009,14 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--positional", choices=("learned", "sinusoidal"), help="position encoding (default learned)")
     lm.add_argument("--post-norm", action="store_true", help="the paper's post-norm layers instead of pre-norm")
     lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    lm.add_argument("--prepared", metavar="DIR", help="tokens made by `aiayn prepare lm`: memory-mapped (its "
+                    "vocabulary; not with --data)")
     _add_train_options(lm)
+    _add_distributed_options(lm)
     lm.set_defaults(func=cmd_train_lm)
     _add_vision_train_parsers(tsub)
 
+    _add_prepare_parsers(sub)
     t = sub.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     t.add_argument("sentences", nargs="*", help="sentences to translate")
     t.add_argument("--input", "-i", help="a file with one sentence a line ('-' = stdin)")

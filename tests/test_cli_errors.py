@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import aiayn.checkpoint as ckpt
-from aiayn.checkpoint import load_checkpoint
+from aiayn.checkpoint import checkpoints, load_checkpoint
 from aiayn.cli import main
 from aiayn.model import build_model
 from aiayn.tasks.translation import TranslationTask
-from aiayn.train.loop import checkpoints, make_optimizer
+from aiayn.train.loop import make_optimizer
 
 from train import tiny
 

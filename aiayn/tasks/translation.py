@@ -90,3 +90,23 @@ class TranslationTask:
             hyps = translate(model, self.tokenizer, self.val_src, beam=1, device=self.device)
             result["val_bleu"] = bleu(hyps, self.val_refs).score
         return result
+
+
+class PreparedTranslationTask(TranslationTask):
+    """TranslationTask over a corpus prepared by `aiayn prepare` (aiayn.data.prepared): the training
+    pairs stay in memory-mapped shards, read as each batch is taken; only their lengths are held
+    (for the length-bucketed batches). The validation pairs are small and held as usual."""
+
+    def __init__(self, prepared, tokenizer, max_tokens: int, max_len: int, device: str = "cpu",
+                 eval_bleu: bool = True):
+        from aiayn.data.prepared import MappedPairs
+
+        super().__init__(tokenizer, [], prepared.val_text(), max_tokens, max_len, device, eval_bleu)
+        self.train: MappedPairs = prepared.pairs("train")
+        src, tgt = self.train.src_len, self.train.tgt_len
+        self.keep = (src > 0) & (tgt > 0) & (src <= max_len) & (tgt < max_len)  # as TranslationTask's filter
+
+    def epoch_batches(self, epoch: int, seed: int):
+        from aiayn.data.prepared import length_batches
+
+        return length_batches(self.train.src_len, self.train.tgt_len, self.max_tokens, self.keep, seed, epoch)

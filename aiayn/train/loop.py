@@ -121,7 +121,7 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, task: Task, model: torch.nn.Module, tokenizer, cfg: TrainConfig, run_dir: Path,
-                 extra_meta: dict | None = None):
+                 extra_meta: dict | None = None, parallel=None):
         # "auto" becomes what this machine runs natively; a precision it lacks is a PrecisionError
         cfg = cfg.replace(precision=choose_precision(cfg.precision, cfg.device, "train")[0])
         model = for_training(model.to(cfg.device), cfg.precision, cfg.device)  # aiayn.fast, in place
@@ -131,6 +131,13 @@ class Trainer:
         self.twin = Bf16Twin(model) if cfg.precision == "bf16-model" else None
         self.run_dir = Path(run_dir)
         self.extra_meta = extra_meta or {}
+        # several processes (torchrun): an aiayn.train.distributed.Parallel; None: this process alone
+        self.parallel = parallel
+        if parallel is not None:
+            if self.twin is not None:
+                raise InputError("precision bf16-model trains in one process; with several, use bf16")
+            model = self.model = parallel.wrap(task, model, cfg)  # FSDP: sharded before the optimizer sees it
+        self.main = parallel is None or parallel.main  # the process that prints and writes files
         self.optimizer = make_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "best": None, "tokens": 0,
@@ -140,21 +147,29 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- run directory
     def prepare(self, resume: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        recover(self.run_dir)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            recover(self.run_dir)
+        if self.parallel is not None:  # every rank sees the repaired directory, and stops alike
+            from aiayn.train.distributed import barrier
+            barrier()
         found = checkpoints(self.run_dir)
         if resume:
             if not found:
                 raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
-            self.state = {**self.state, **load_checkpoint(found[-1], self.model, self.optimizer, self.scaler)}
+            load = load_checkpoint if self.parallel is None else self.parallel.load
+            self.state = {**self.state, **load(found[-1], self.model, self.optimizer, self.scaler)}
             if self.twin is not None:
                 self.twin.sync()
-            self._truncate_metrics(self.state["step"])
+            if self.main:
+                self._truncate_metrics(self.state["step"])
         elif found:
             raise CheckpointError(f"{self.run_dir} already holds a run; use --resume to continue it "
                                   "or choose another --out")
-        else:  # a run killed before its first checkpoint left nothing worth keeping
+        elif self.main:  # a run killed before its first checkpoint left nothing worth keeping
             self.metrics_path.unlink(missing_ok=True)
+        if not self.main:
+            return
         atomic_write_text(self.run_dir / "run.json", json.dumps(
             {"task": self.task.name, "model": self.model.cfg.to_dict(), "train": self.cfg.to_dict(),
              **self.extra_meta}, indent=2))
@@ -176,11 +191,14 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def save(self) -> Path:
+    def save(self, model=None, optimizer=None) -> Path:
+        """Write a checkpoint of `model` and `optimizer` (default: the Trainer's own; FSDP: their
+        gathered full copies)."""
         step = self.state["step"]
         path = self.run_dir / f"{CKPT_PREFIX}{step:08d}"
-        save_checkpoint(path, self.model, self.tokenizer, self.task.name, self.optimizer, self.state,
-                        extra=self.extra_meta, scaler=self.scaler)
+        save_checkpoint(path, self.model if model is None else model, self.tokenizer, self.task.name,
+                        self.optimizer if optimizer is None else optimizer, self.state, extra=self.extra_meta,
+                        scaler=self.scaler)
         self.prune(newest=path)
         return path
 
@@ -219,17 +237,27 @@ class Trainer:
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
-        cfg, model, twin = self.cfg, self.model, self.twin
+        cfg, model, twin, parallel = self.cfg, self.model, self.twin, self.parallel
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
-        for _ in range(cfg.update_freq):
+        if parallel is not None:
+            parallel.seed(cfg.seed, self.state["step"])
+        for i in range(cfg.update_freq):
             batch = self._next_batch()
-            with autocast(cfg) if twin is None else contextlib.nullcontext():
-                loss, n_tokens = self.task.loss(model if twin is None else twin.model, batch, cfg)
-            self.scaler.scale(loss / cfg.update_freq).backward()
+            # several processes: this rank's shard, weighted so that the ranks' mean gradient is one
+            # process's; gradients all-reduced on the last micro-batch only
+            sync = contextlib.nullcontext() if parallel is None else parallel.sync(last=i == cfg.update_freq - 1)
+            with sync:
+                with autocast(cfg) if twin is None else contextlib.nullcontext():
+                    if parallel is None:
+                        loss, n_tokens = self.task.loss(model if twin is None else twin.model, batch, cfg)
+                        value = loss.item()
+                    else:
+                        loss, n_tokens, value = parallel.loss(batch)
+                self.scaler.scale(loss / cfg.update_freq).backward()
             if twin is not None:
                 twin.collect_grads()
-            total_loss += loss.item() / cfg.update_freq
+            total_loss += value / cfg.update_freq
             total_tokens += n_tokens
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if cfg.clip_norm is not None:
@@ -259,16 +287,18 @@ class Trainer:
         warnings.warn(f"non-finite {what} at step {s['step'] + 1}: update skipped", RuntimeWarning, stacklevel=3)
         return math.nan, 0
 
-    def validate(self) -> dict:
+    def validate(self, model=None) -> dict:
+        """Validate `model` (default: the Trainer's own; FSDP: its gathered full copy)."""
+        model = self.model if model is None else model
         device, cuda = torch.device(self.cfg.device), []
         if device.type == "cuda":
             cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-        self.model.eval()
+        model.eval()
         try:  # validation never draws from training's random stream: when it runs cannot change the run
             with torch.no_grad(), autocast(self.cfg), torch.random.fork_rng(devices=cuda):
-                result = self.task.validate(self.model, self.cfg)
+                result = self.task.validate(model, self.cfg)
         finally:
-            self.model.train()
+            model.train()
         name, mode = self.task.best_metric
         best = self.state["best"]
         value = result[name]
@@ -285,7 +315,7 @@ class Trainer:
         self.model.train()
         if self.twin is not None:
             self.twin.model.train()
-        bar = tqdm(total=total, initial=s["step"], disable=not progress, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=s["step"], disable=not (progress and self.main), unit="step", dynamic_ncols=True,
                    desc=f"train {self.task.name}")
         window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
         t_window = time.perf_counter()
@@ -301,6 +331,8 @@ class Trainer:
             now = time.perf_counter()
             s["elapsed"] += now - t_last  # wall time of the run, validation and saving included
             t_last = now
+            if self.parallel is not None and cfg.max_minutes is not None:  # all ranks stop together
+                s["elapsed"] = self.parallel.agree(s["elapsed"])
             if math.isfinite(loss):
                 window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens += n_tokens
@@ -309,7 +341,7 @@ class Trainer:
             evaluate = s["step"] % cfg.eval_every == 0 or self._done()
             save = evaluate or (cfg.save_every and s["step"] % cfg.save_every == 0)
             # the window is also closed at every checkpoint, so a resumed run logs exactly the same rows
-            if s["step"] % cfg.log_every == 0 or save:
+            if (s["step"] % cfg.log_every == 0 or save) and self.main:
                 dt = time.perf_counter() - t_window
                 row = {"step": s["step"], "epoch": s["epoch"],
                        "loss": window_loss / window_steps if window_steps else None,
@@ -324,12 +356,17 @@ class Trainer:
                 t_window = time.perf_counter()
             if save:
                 t_pause = time.perf_counter()
+                model, optimizer = self.model, self.optimizer
+                if self.parallel is not None:  # FSDP: the full weights, gathered on rank 0
+                    model, optimizer = self.parallel.full_state(self.model, self.optimizer)
+                if not self.main:
+                    continue
                 if evaluate:
-                    result = self.validate()
+                    result = self.validate(model)
                     self.log({"step": s["step"], "epoch": s["epoch"], **result,
                               "eval_s": round(time.perf_counter() - t_pause, 1)})
                     bar.write(f"step {s['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-                self.save()  # every evaluation is saved, so the best checkpoint always exists
+                self.save(model, optimizer)  # every evaluation is saved, so the best checkpoint always exists
                 self.plot()
                 t_window += time.perf_counter() - t_pause  # tokens/s measures training alone
         bar.close()
