@@ -112,6 +112,7 @@ def cmd_train_translation(args) -> int:
     _check_device(args.device)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     previous = _resume_settings(args)
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
     if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
@@ -176,22 +177,37 @@ def _finetune_model(args, model, task: str, previous: dict | None, model_extra: 
     """--init-from's model made trainable as asked (--freeze, --lora-*), or a resumed run's as it
     was (aiayn.finetune) -> what run.json and the checkpoints record of it."""
     from aiayn import finetune
-    from aiayn.lora import LoRAConfig, parse_targets
 
     if previous:
         finetune.prepare_resumed(model, previous)
         extra = {k: previous[k] for k in ("init_from", "freeze", "lora") if k in previous}
     else:
-        lora_cfg = None
-        if args.lora_rank is not None:
-            lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets))
-        elif args.lora_alpha is not None or args.lora_targets != ",".join(DEFAULT_LORA_TARGETS):
-            raise UserError("--lora-alpha and --lora-targets need --lora-rank")
-        extra = finetune.prepare(model, task, init_from=args.init_from, freeze_parts=finetune.parse_freeze(args.freeze),
+        lora_cfg, freeze_parts = _finetune_request(args)
+        extra = finetune.prepare(model, task, init_from=args.init_from, freeze_parts=freeze_parts,
                                  lora_cfg=lora_cfg, extra=model_extra, seed=getattr(args, "seed", None) or 1)
     if "init_from" in extra:
         print(f"fine-tuning{' with LoRA' if 'lora' in extra else ''}: {finetune.describe(model)}", file=sys.stderr)
     return extra
+
+
+def _finetune_request(args):
+    """--lora-* and --freeze, checked before any work -> (LoRAConfig or None, parts to freeze)."""
+    from aiayn.finetune import parse_freeze
+    from aiayn.lora import LoRAConfig, parse_targets
+
+    if args.resume:
+        return None, ()
+    lora_cfg = None
+    if args.lora_rank is not None:
+        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets))
+    elif args.lora_alpha is not None or args.lora_targets != ",".join(DEFAULT_LORA_TARGETS):
+        raise UserError("--lora-alpha and --lora-targets need --lora-rank")
+    freeze_parts = parse_freeze(args.freeze)
+    if (lora_cfg is not None or freeze_parts) and not args.init_from:
+        raise UserError("--lora-rank and --freeze fine-tune a trained model: give --init-from MODEL")
+    if lora_cfg is not None and freeze_parts:
+        raise UserError("LoRA trains its adapters only (everything else is frozen): drop --freeze")
+    return lora_cfg, freeze_parts
 
 
 def _finish_finetune(out: Path, extra: dict) -> None:
@@ -215,9 +231,10 @@ def cmd_train_lm(args) -> int:
 
     _check_device(args.device)
     out = Path(args.out)
-    previous = _resume_settings(args)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
+    previous = _resume_settings(args)
     init = None
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)

@@ -231,12 +231,18 @@ def _write(path: Path, tensors: dict[str, Tensor], cfg: LoRAConfig) -> None:
 
 
 def adapter_path(path: Path | str) -> Path:
-    """An adapter file, a directory holding adapter.safetensors, or a LoRA run directory (its adapter.safetensors)."""
+    """An adapter file, a directory holding adapter.safetensors, or a LoRA run directory: its
+    adapter.safetensors, else (a run killed before it wrote one) its best checkpoint."""
+    from aiayn.train.loop import best_checkpoint
+
     path = Path(path)
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
         return path / ADAPTER_FILE
     if path.is_file():
         return path
+    best = best_checkpoint(path) if path.is_dir() else None
+    if best is not None:
+        return best
     raise AdapterError(f"{path}: no such adapter (an {ADAPTER_FILE} file, or a directory holding one)")
 
 
@@ -245,6 +251,8 @@ def read_adapter(path: Path | str) -> tuple[LoRAConfig, dict[str, Tensor]]:
     from safetensors.torch import load_file, safe_open
 
     path = adapter_path(path)
+    if path.is_dir():  # a LoRA run's checkpoint
+        return _checkpoint_adapter(path)
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
@@ -296,16 +304,26 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_run_adapter(checkpoint: Path, out: Path) -> Path:
-    """The adapter of a LoRA run's checkpoint (its model.safetensors holds base and adapter) -> `out`."""
+def _checkpoint_adapter(checkpoint: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """The adapter in a LoRA run's checkpoint (its model.safetensors holds base and adapter)."""
+    from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     from aiayn.checkpoint import MODEL_FILE
 
-    with safe_open(str(Path(checkpoint) / MODEL_FILE), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("extra", "{}"))
-        if "lora" not in meta:
-            raise AdapterError(f"{checkpoint}: not a checkpoint of a LoRA run")
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.endswith((".lora_A", ".lora_B"))}
-    _write(Path(out), tensors, LoRAConfig.from_dict(meta["lora"]))
+    try:
+        with safe_open(str(Path(checkpoint) / MODEL_FILE), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("extra", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.endswith((".lora_A", ".lora_B"))}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{checkpoint}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if "lora" not in meta or not tensors:
+        raise AdapterError(f"{checkpoint}: not a checkpoint of a LoRA run (no adapter)")
+    return LoRAConfig.from_dict(meta["lora"]), tensors
+
+
+def export_run_adapter(checkpoint: Path, out: Path) -> Path:
+    """The adapter of a LoRA run's checkpoint -> `out` (an adapter file)."""
+    cfg, tensors = _checkpoint_adapter(checkpoint)
+    _write(Path(out), tensors, cfg)
     return Path(out)
