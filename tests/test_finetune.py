@@ -86,6 +86,22 @@ def test_resuming_a_lora_run_is_exact(base, tmp_path):
     assert load_file(str(legs / ADAPTER_FILE)).keys() == load_file(str(straight / ADAPTER_FILE)).keys()
 
 
+def test_serve_and_explain_take_the_adapter(base, lora_run, tmp_path, capsys):
+    from aiayn.checkpoint import load_model_dir
+    from aiayn.serve.models import load_models
+
+    _, checkpoint = base
+    models = load_models(checkpoint, None, adapters=[lora_run / ADAPTER_FILE])
+    expected, *_ = load_model_dir(lora_run / "step-00000004")  # a LoRA checkpoint loads merged
+    for (name, a), b in zip(models.translation.model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="no translation model is served"):
+        load_models(None, None, adapters=[lora_run / ADAPTER_FILE])
+    out = _out(capsys, "explain", "--model", str(checkpoint), "--adapter", str(lora_run), "the red dog",
+               "--out", str(tmp_path / "x"), "--precision", "fp32")
+    assert "wrote" in out
+
+
 def test_a_run_killed_before_writing_its_adapter_still_gives_it(base, lora_run, tmp_path, capsys):
     _, checkpoint = base
     args = ["translate", "--model", str(checkpoint), "--precision", "fp32", "the red dog sees the ball"]
