@@ -156,9 +156,9 @@ def load_model_dir(directory: Path | str, device="cpu"):
     if "lora" in meta["extra"]:  # a LoRA run's checkpoint: base + adapter, merged here (aiayn.lora)
         from aiayn.lora import LoRAConfig, add_lora, merge
 
-        add_lora(model, LoRAConfig.from_dict(meta["extra"]["lora"]))
+        add_lora(model, LoRAConfig.from_dict(meta["extra"].pop("lora")))
         load_weights(model, directory / MODEL_FILE)
-        merge(model).requires_grad_(True)
+        merge(model).requires_grad_(True)  # a plain model now (its metadata no longer says "lora")
     else:
         load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval(), tokenizer, meta["task"], meta["extra"]

@@ -9,7 +9,6 @@ best checkpoint's adapter is written alone to RUN_DIR/adapter.safetensors.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -158,6 +157,3 @@ def merge_to_directory(model_dir: Path | str, adapter: Path | str, out: Path | s
     write_directory(Path(out), lambda d: write_model(d, model, tokenizer, task, extra))
     return Path(out)
 
-
-def note(message: str) -> None:
-    print(f"aiayn: {message}", file=sys.stderr)

@@ -75,6 +75,17 @@ def test_the_adapter_decodes_the_same_merged_unmerged_or_as_a_run(base, lora_run
     assert 0 <= score["sacrebleu"] <= 100
 
 
+def test_a_lora_run_averages_into_a_plain_model(base, lora_run, tmp_path, capsys):
+    from aiayn.checkpoint import load_model_dir
+
+    _out(capsys, "average", str(lora_run), "--last", "2", "--out", str(tmp_path / "avg"))
+    model, _, _, extra = load_model_dir(tmp_path / "avg")
+    assert "lora" not in extra
+    a, b = (load_model_dir(lora_run / f"step-0000000{i}")[0].state_dict() for i in (2, 4))
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, (a[name] + b[name]) / 2, rtol=0, atol=1e-6, msg=name)
+
+
 def test_resuming_a_lora_run_is_exact(base, tmp_path):
     d, checkpoint = base
     options = ["--init-from", str(checkpoint), "--lora-rank", "2", "--eval-every", "2", "--lr", "1e-2"]
