@@ -157,7 +157,14 @@ def load_model_dir(directory: Path | str, device="cpu"):
     if digest and digest != tokenizer_digest(directory, tokenizer):
         raise CheckpointError(f"{directory}: the tokenizer is not the one these weights were trained with")
     model = VisionTransformer(cfg) if isinstance(cfg, ViTConfig) else build_model(cfg)
-    load_weights(model, directory / MODEL_FILE)
+    if "lora" in meta["extra"]:  # a LoRA run's checkpoint: base + adapter, merged here (aiayn.lora)
+        from aiayn.lora import LoRAConfig, add_lora, merge
+
+        add_lora(model, LoRAConfig.from_dict(meta["extra"].pop("lora")))
+        load_weights(model, directory / MODEL_FILE)
+        merge(model).requires_grad_(True)  # a plain model now (its metadata no longer says "lora")
+    else:
+        load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval(), tokenizer, meta["task"], meta["extra"]
 
 

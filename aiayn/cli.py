@@ -20,6 +20,7 @@ DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
                          "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
                          "dynamically quantized linears)")
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")  # aiayn.lora.DEFAULT_TARGETS (not imported: cli imports lazily)
 
 
 class UserError(InputError):
@@ -36,7 +37,7 @@ def _train_config(args, **defaults):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     merged = {**defaults, **given}
-    if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
+    if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes")):
         merged["max_epochs"] = defaults.get("max_epochs", 1)
     return TrainConfig(**merged)
 
@@ -78,7 +79,7 @@ def _resumed_run(args, previous: dict):
     found = checkpoints(Path(args.out))
     if not found:
         raise UserError(f"{args.out}: nothing to resume (no checkpoint)")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes") if getattr(args, k) is not None}
     tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
     return ModelConfig.from_dict(previous["model"]), _resumed_precision(args, tcfg), load_tokenizer(found[-1])
 
@@ -142,6 +143,7 @@ def cmd_train_translation(args) -> int:
     parallel = _distributed(args)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     previous = _resume_settings(args)
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
     if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
@@ -169,7 +171,7 @@ def cmd_train_translation(args) -> int:
     else:
         train, val = multi30k("train", args.src, args.tgt), multi30k("val", args.src, args.tgt)
     out = Path(args.out)
-    init, extra = None, {}
+    init = None
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
     else:
@@ -179,15 +181,12 @@ def cmd_train_translation(args) -> int:
         overrides = {k: v for k, v in (("dropout", args.dropout), ("norm_first", args.norm_first or None))
                      if v is not None}
         if args.init_from:  # fine-tuning: the trained model's weights, shape and vocabulary
-            from aiayn.checkpoint import load_model_dir
+            from aiayn.finetune import load_base
 
             if args.norm_first:
                 raise UserError("--norm-first changes the layers of the model given by --init-from")
-            init, tokenizer, task_name, _ = load_model_dir(args.init_from)
-            if task_name != "translation":
-                raise UserError(f"{args.init_from}: a {task_name} model, not a translation model")
+            init, tokenizer, _ = load_base(args.init_from, "translation")
             mcfg = init.cfg.replace(**overrides)
-            extra = {"init_from": str(Path(args.init_from).resolve())}
             print(f"starting from {args.init_from} (its shape and vocabulary; --preset and --vocab-size "
                   "do not apply)", file=sys.stderr)
         elif prepared is not None:
@@ -207,6 +206,7 @@ def cmd_train_translation(args) -> int:
     model = build_model(mcfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
+    extra = _finetune_model(args, model, "translation", previous, {"src": args.src, "tgt": args.tgt})
     if prepared is not None:
         from aiayn.tasks.translation import PreparedTranslationTask
 
@@ -221,6 +221,7 @@ def cmd_train_translation(args) -> int:
                       extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra}, parallel=parallel)
     summary = _run_trainer(trainer, args)
     if summary is not None:
+        _finish_finetune(out, extra)
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
 
@@ -266,10 +267,58 @@ def cmd_prepare_lm(args) -> int:
     return 0
 
 
+def _finetune_model(args, model, task: str, previous: dict | None, model_extra: dict) -> dict:
+    """--init-from's model made trainable as asked (--freeze, --lora-*), or a resumed run's as it
+    was (aiayn.finetune) -> what run.json and the checkpoints record of it."""
+    from aiayn import finetune
+
+    if previous:
+        finetune.prepare_resumed(model, previous)
+        extra = {k: previous[k] for k in ("init_from", "freeze", "lora") if k in previous}
+    else:
+        lora_cfg, freeze_parts = _finetune_request(args)
+        extra = finetune.prepare(model, task, init_from=args.init_from, freeze_parts=freeze_parts,
+                                 lora_cfg=lora_cfg, extra=model_extra, seed=getattr(args, "seed", None) or 1)
+    if "init_from" in extra:
+        print(f"fine-tuning{' with LoRA' if 'lora' in extra else ''}: {finetune.describe(model)}", file=sys.stderr)
+    return extra
+
+
+def _finetune_request(args):
+    """--lora-* and --freeze, checked before any work -> (LoRAConfig or None, parts to freeze)."""
+    from aiayn.finetune import parse_freeze
+    from aiayn.lora import LoRAConfig, parse_targets
+
+    if args.resume:
+        return None, ()
+    lora_cfg = None
+    if args.lora_rank is not None:
+        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets))
+    elif args.lora_alpha is not None or args.lora_targets != ",".join(DEFAULT_LORA_TARGETS):
+        raise UserError("--lora-alpha and --lora-targets need --lora-rank")
+    freeze_parts = parse_freeze(args.freeze)
+    if (lora_cfg is not None or freeze_parts) and not args.init_from:
+        raise UserError("--lora-rank and --freeze fine-tune a trained model: give --init-from MODEL")
+    if lora_cfg is not None and freeze_parts:
+        raise UserError("LoRA trains its adapters only (everything else is frozen): drop --freeze")
+    return lora_cfg, freeze_parts
+
+
+def _finish_finetune(out: Path, extra: dict) -> None:
+    if "lora" in extra:
+        from aiayn.finetune import finish
+
+        path = finish(out)
+        if path is not None:
+            print(f"aiayn: adapter of the best checkpoint: {path} ({path.stat().st_size / 1024:.0f} KB)",
+                  file=sys.stderr)
+
+
 def cmd_train_lm(args) -> int:
     import torch
 
     from aiayn.data.corpus import SHAKESPEARE, read_text
+    from aiayn.finetune import fit_text, load_base
     from aiayn.model import build_model
     from aiayn.data.tokenizer import BPETokenizer
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
@@ -279,6 +328,9 @@ def cmd_train_lm(args) -> int:
     _check_device(args.device)
     parallel = _distributed(args)
     out = Path(args.out)
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     previous = _resume_settings(args)
     prepared = None
     if args.prepared or (previous or {}).get("prepared"):  # tokens from `aiayn prepare`, memory-mapped
@@ -287,6 +339,7 @@ def cmd_train_lm(args) -> int:
         if args.data:
             raise UserError("--prepared holds the text already: without --data")
         prepared = Prepared(args.prepared or previous["prepared"], "lm")
+    init = None
     if previous:
         mcfg, tcfg, tokenizer = _resumed_run(args, previous)
         # the run's own text, unless --data says where it is now (the same text, moved)
@@ -294,6 +347,29 @@ def cmd_train_lm(args) -> int:
         if prepared is None and not args.data and not Path(data).is_file():
             raise UserError(f"{data}: this run's training text is gone; give its new place with --data")
         text = read_text(data) if prepared is None else None
+        if text is not None and "init_from" in previous:
+            text = fit_text(text, tokenizer)
+    elif args.init_from:  # fine-tuning: the trained model's weights, shape and tokenizer
+        if prepared is not None:
+            raise UserError("--prepared holds its own vocabulary: without --init-from")
+        init, tokenizer, _ = load_base(args.init_from, "lm")
+        mcfg = init.cfg
+        ignored = [o for o in ("n_layers", "n_heads", "d_model", "d_ff", "positional") if getattr(args, o) is not None]
+        if ignored or args.post_norm or args.tokenizer != "char":
+            raise UserError("--init-from keeps the model's shape and tokenizer: drop --"
+                            + ", --".join(o.replace("_", "-") for o in ignored or ["tokenizer"]))
+        if args.context is not None and args.context > mcfg.max_len:
+            raise UserError(f"--context {args.context}: the model reads at most {mcfg.max_len} tokens")
+        if args.dropout is not None:
+            mcfg = mcfg.replace(dropout=args.dropout, attn_dropout=args.dropout)
+        _choose_precision(args, "train")
+        recipe = {**PRESETS[args.preset][1].to_dict(), "context": mcfg.max_len, "max_steps": 500, "warmup": 50,
+                  "eval_every": 100, "lr": 1e-3 if args.lora_rank else 3e-4}
+        recipe["min_lr"] = (args.lr or recipe["lr"]) / 10
+        tcfg = _train_config(args, **recipe)
+        data, kind = str(args.data or SHAKESPEARE), "init-from"
+        text = fit_text(read_text(data), tokenizer)
+        print(f"starting from {args.init_from} (its shape and tokenizer)", file=sys.stderr)
     else:
         model_preset, train_preset = PRESETS[args.preset]
         _choose_precision(args, "train")
@@ -320,6 +396,9 @@ def cmd_train_lm(args) -> int:
         tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    extra = _finetune_model(args, model, "lm", previous, {})
     if prepared is not None:
         task = LMTask(prepared.tokens("train"), prepared.tokens("val"), tcfg.batch_size, tcfg.context, tcfg.device)
     else:
@@ -327,10 +406,11 @@ def cmd_train_lm(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
          f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}")
-    meta = {"data": data, "tokenizer": kind, **({"prepared": data} if prepared is not None else {})}
+    meta = {"data": data, "tokenizer": kind, **({"prepared": data} if prepared is not None else {}), **extra}
     trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta=meta, parallel=parallel)
     summary = _run_trainer(trainer, args)
     if summary is not None:
+        _finish_finetune(out, extra)
         print(json.dumps(summary, default=str))
     return 0
 
@@ -351,7 +431,8 @@ def cmd_generate(args) -> int:
         if bad:
             raise UserError(message)
     _check_device(args.device)
-    model, tokenizer, _, _ = load_model(args.model, "lm", args.device)
+    model, tokenizer, extra, _ = load_model(args.model, "lm", args.device)
+    _with_adapter(args, model, extra, "lm")
     tokenizer.encode(args.prompt)  # characters outside the vocabulary: an error before any output
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -395,6 +476,25 @@ def _read_inputs(args) -> list[str]:
     return lines
 
 
+def _load_translation(args) -> tuple:
+    """--model (repeatable: an ensemble) and --adapter -> (model, tokenizer, extra, model directories)."""
+    from aiayn.checkpoint import load_translation_models
+
+    if getattr(args, "adapter", None) and len(args.model or []) > 1:
+        raise UserError("--adapter fine-tunes one model: give one --model")
+    model, tokenizer, extra, dirs = load_translation_models(args.model, args.device)
+    return model, tokenizer, _with_adapter(args, model, extra, "translation"), dirs
+
+
+def _with_adapter(args, model, extra: dict, task: str) -> dict:
+    """--adapter PATH: the LoRA adapter merged into the loaded model (aiayn.finetune) -> its metadata."""
+    if not getattr(args, "adapter", None):
+        return extra
+    from aiayn.finetune import apply_adapter
+
+    return apply_adapter(model, extra, args.adapter, task)
+
+
 def _check_workers(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be >= 1")
@@ -423,7 +523,6 @@ def _alpha(args, extra: dict) -> float:
 
 
 def cmd_translate(args) -> int:
-    from aiayn.checkpoint import load_translation_models
     from aiayn.translate import translate, translate_text
 
     if args.beam < 1:
@@ -431,7 +530,7 @@ def cmd_translate(args) -> int:
     _check_device(args.device)
     _check_workers(args)
     lines = _read_inputs(args)
-    model, tokenizer, extra, _ = load_translation_models(args.model, args.device)
+    model, tokenizer, extra, _ = _load_translation(args)
     _choose_precision(args)
     empty = [i for i, line in enumerate(lines) if not line.strip()]
     options = dict(beam=args.beam, alpha=_alpha(args, extra), device=args.device, precision=args.precision,
@@ -453,14 +552,13 @@ def cmd_translate(args) -> int:
 def cmd_evaluate(args) -> int:
     import time
 
-    from aiayn.checkpoint import load_translation_models
     from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
     from aiayn.evaluate import bleu, bleu_signature, chrf, lc_tok_bleu
     from aiayn.translate import translate
 
     _check_device(args.device)
     _check_workers(args)
-    model, tokenizer, extra, model_dirs = load_translation_models(args.model, args.device)
+    model, tokenizer, extra, model_dirs = _load_translation(args)
     _choose_precision(args)
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
     if args.src_file:
@@ -513,7 +611,7 @@ def _vision_run(args, task_name: str):
         return None
     if previous.get("task") != task_name:
         raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
+    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes") if getattr(args, k) is not None}
     tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
     kind = ViTConfig if task_name == "vit" else ModelConfig
     return kind.from_dict(previous["model"]), _resumed_precision(args, tcfg), args.data or previous.get("data")
@@ -710,9 +808,10 @@ def cmd_explain(args) -> int:
         raise UserError("--max-new-tokens must be >= 1")
     _check_device(args.device)
     directory = model_dir(args.model, "translation")
-    model, tokenizer, task, _ = load_model_dir(directory, args.device)
+    model, tokenizer, task, extra = load_model_dir(directory, args.device)
     if task not in ("translation", "lm"):
         raise UserError(f"{directory} holds a {task} model; explain knows translation and lm models")
+    _with_adapter(args, model, extra, task)
     tokenizer.encode(text)  # characters outside the vocabulary: an error before anything else is said
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -799,7 +898,7 @@ def cmd_serve(args) -> int:
     if translation_dir is None and lm_dir is None:
         raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
     _choose_precision(args)
-    models = load_models(translation_dir, lm_dir, args.device)
+    models = load_models(translation_dir, lm_dir, args.device, adapters=args.adapter or [])
     api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
     limits = Limits(max_queue=args.max_queue, timeout_s=args.timeout, batch_wait_ms=args.batch_wait_ms,
                     max_new_tokens=args.max_new_tokens)
@@ -817,6 +916,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- merge
+def cmd_merge(args) -> int:
+    from aiayn.checkpoint import model_dir
+    from aiayn.finetune import merge_to_directory
+
+    out = merge_to_directory(model_dir(args.model), args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.model}: {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
@@ -831,6 +940,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, help="stop after this many updates")
     g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
     g.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    g.add_argument("--max-cpu-minutes", type=float, help="stop after this much CPU time of the training loop "
+                   "(validation and saving included): equal compute for runs on a shared machine")
     g.add_argument("--lr", type=float, help="peak learning rate (end of warm-up)")
     g.add_argument("--warmup", type=int, help="warm-up updates (§5.3)")
     g.add_argument("--update-freq", type=int, help="accumulate gradients over N batches per update")
@@ -876,6 +987,22 @@ def _add_prepare_parsers(sub) -> None:
     q.add_argument("--tokenizer-from", metavar="DIR", help="reuse the tokenizer of a model or prepared directory")
     q.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     q.set_defaults(func=cmd_prepare_lm)
+
+
+def _add_finetune_options(p: argparse.ArgumentParser, task: str) -> None:
+    g = p.add_argument_group("fine-tuning (docs/FINETUNING.md)")
+    recipe = ("" if task == "translation" else "; recipe: 500 steps, lr 3e-4 (LoRA 1e-3) cosine to a tenth, "
+              "context = the model's")
+    g.add_argument("--init-from", metavar="MODEL", help=f"fine-tune: start from a trained {task} model or run "
+                   "directory (its shape and tokenizer), with a fresh optimizer and schedule" + recipe)
+    g.add_argument("--freeze", metavar="PARTS", help="with --init-from: parts that do not train, comma-separated: "
+                   "embeddings (with a tied output projection), encoder, decoder")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="with --init-from: train LoRA adapters of rank R "
+                   "only (Hu et al. 2021); the run also writes RUN_DIR/adapter.safetensors")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (the update is alpha/R * B A; default R)")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
+                   help="layers to adapt: q,k,v (rows of every attention's in_proj), o (out_proj), ff "
+                   "(feed-forward) (default q,k,v,o)")
 
 
 def _add_vision_train_parsers(tsub) -> None:
@@ -977,10 +1104,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdrop", type=float, help="R-Drop alpha (Liang et al., 2021; 5 for small data): each "
                     "batch runs twice and a KL term pulls the two dropout outputs together; ~2.4x a step")
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
-    tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
-                    "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
     tr.add_argument("--prepared", metavar="DIR", help="a corpus made by `aiayn prepare translation`: streamed "
                     "from memory-mapped shards (its vocabulary; not with --train-src)")
+    _add_finetune_options(tr, "translation")
     _add_train_options(tr)
     _add_distributed_options(tr)
     tr.set_defaults(func=cmd_train_translation)
@@ -1011,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     lm.add_argument("--prepared", metavar="DIR", help="tokens made by `aiayn prepare lm`: memory-mapped (its "
                     "vocabulary; not with --data)")
+    _add_finetune_options(lm, "lm")
     _add_train_options(lm)
     _add_distributed_options(lm)
     lm.set_defaults(func=cmd_train_lm)
@@ -1029,6 +1156,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     t.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
+    t.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     t.set_defaults(func=cmd_translate)
 
     g = sub.add_parser("generate", help="generate text from a prompt with a language model",
@@ -1051,6 +1179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
+    g.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
@@ -1066,6 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     e.add_argument("--hyp-out", help="write the translations to this file")
+    e.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     e.set_defaults(func=cmd_evaluate)
 
     a = sub.add_parser("average", help="average the last N checkpoints of a run (§6.1)")
@@ -1089,6 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "length + 50; language model default: 10)")
     x.add_argument("--device", default="cpu")
     x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
+    x.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     x.set_defaults(func=cmd_explain)
     _add_vision_parsers(sub)
     s = sub.add_parser("serve", help="serve models over HTTP: an API and a web page",
@@ -1115,7 +1246,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--adapter", action="append", help="a LoRA adapter, merged into the served model of its "
+                   "task (translation or lm); repeatable")
     s.set_defaults(func=cmd_serve)
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
+                        description="Write MODEL with the adapter merged into its weights as a plain model "
+                        "directory: it decodes at the base model's speed with every command. The adapter must "
+                        "have been trained on MODEL (its weights' SHA-256 is checked).")
+    mg.add_argument("model", help="the base model or run directory the adapter was trained on")
+    mg.add_argument("--adapter", required=True, help="the adapter (adapter.safetensors, or a LoRA run directory)")
+    mg.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    mg.set_defaults(func=cmd_merge)
     im = sub.add_parser("import", help="import a pretrained HF model directory (OPUS-MT Marian, GPT-2)",
                         description="Convert a local HF-format directory (config.json, model.safetensors or "
                         "pytorch_model.bin, tokenizer files) into an aiayn model directory.")

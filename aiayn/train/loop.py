@@ -100,12 +100,13 @@ class Bf16Twin:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]  # fine-tuning may freeze some (aiayn.finetune)
     if cfg.optimizer == "adamw":  # no weight decay on biases, norms and embeddings' 1-d params
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return torch.optim.Adam(trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -233,7 +234,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         return ((cfg.max_steps is not None and s["step"] >= cfg.max_steps)
                 or (cfg.max_epochs is not None and s["epoch"] >= cfg.max_epochs)
-                or (cfg.max_minutes is not None and s["elapsed"] >= 60 * cfg.max_minutes))
+                or (cfg.max_minutes is not None and s["elapsed"] >= 60 * cfg.max_minutes)
+                or (cfg.max_cpu_minutes is not None and s.get("cpu_s", 0.0) >= 60 * cfg.max_cpu_minutes))
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
@@ -320,7 +322,7 @@ class Trainer:
         window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
         t_window = time.perf_counter()
         result: dict = {}
-        t_last = time.perf_counter()
+        t_last, cpu_last = time.perf_counter(), time.process_time()
         while not self._done():
             lr = learning_rate(cfg, s["step"] + 1, total)
             for group in self.optimizer.param_groups:
@@ -333,6 +335,11 @@ class Trainer:
             t_last = now
             if self.parallel is not None and cfg.max_minutes is not None:  # all ranks stop together
                 s["elapsed"] = self.parallel.agree(s["elapsed"])
+            cpu_now = time.process_time()  # CPU time of this process (all its threads), the same way
+            s["cpu_s"] = s.get("cpu_s", 0.0) + cpu_now - cpu_last
+            cpu_last = cpu_now
+            if self.parallel is not None and cfg.max_cpu_minutes is not None:
+                s["cpu_s"] = self.parallel.agree(s["cpu_s"])
             if math.isfinite(loss):
                 window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens += n_tokens
