@@ -52,55 +52,21 @@ def _check_device(device: str) -> None:
 
 
 def _resume_settings(args) -> dict | None:
-    """On --resume, the run's own settings win, except its stopping point, which may be moved."""
-    if not args.resume:
-        return None
-    from aiayn.checkpoint import recover
+    """On --resume, the settings of the run in --out (aiayn.train.runs); else None."""
+    from aiayn.train.runs import read_settings
 
-    run_json = Path(args.out) / "run.json"
-    if not run_json.is_file():
-        raise UserError(f"{args.out}: nothing to resume (no run.json)")
-    from aiayn.train.distributed import main_first
-
-    with main_first():  # several ranks: rank 0 repairs, the others then read
-        recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
-    try:
-        return json.loads(run_json.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run_json}: not a run's settings ({e})") from None
+    return read_settings(args.out) if args.resume else None
 
 
 def _resumed_run(args, previous: dict):
-    """-> (ModelConfig, TrainConfig with the new stopping point, tokenizer) of the run to resume."""
-    from aiayn.config import ModelConfig, TrainConfig
-    from aiayn.data.tokenizer import load_tokenizer
-    from aiayn.checkpoint import checkpoints
+    """-> (model config, TrainConfig) of the run to resume, with this command's stopping point and
+    precision (aiayn.train.runs.resumed)."""
+    from aiayn.train.runs import STOPS, resumed
 
-    found = checkpoints(Path(args.out))
-    if not found:
-        raise UserError(f"{args.out}: nothing to resume (no checkpoint)")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes") if getattr(args, k) is not None}
-    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-    return ModelConfig.from_dict(previous["model"]), _resumed_precision(args, tcfg), load_tokenizer(found[-1])
-
-
-def _resumed_precision(args, tcfg):
-    """A resumed run keeps its precision where this machine runs it natively; --precision changes it
-    (every precision keeps fp32 master weights, so a run may change it between legs); a precision
-    this machine lacks (a run started on another machine) gives way to auto's choice, said on stderr."""
-    from aiayn.capability import PrecisionError, check_precision
-
-    if args.precision not in (None, "auto"):
-        _choose_precision(args, "train")
-        return tcfg.replace(precision=args.precision)
-    try:
-        check_precision(tcfg.precision, tcfg.device)
-        return tcfg
-    except PrecisionError as e:
-        args.precision = None
-        _choose_precision(args, "train")
-        print(f"aiayn: resuming in {args.precision}, not the run's {tcfg.precision} ({e})", file=sys.stderr)
-        return tcfg.replace(precision=args.precision)
+    cfg, tcfg, note = resumed(args.out, previous, {k: getattr(args, k, None) for k in STOPS}, args.precision)
+    if note:
+        _say(f"aiayn: {note}")
+    return cfg, tcfg
 
 
 def _distributed(args):
@@ -138,6 +104,7 @@ def cmd_train_translation(args) -> int:
     from aiayn.tasks.translation import TranslationTask
     from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
+    from aiayn.train.runs import newest_tokenizer
 
     _check_device(args.device)
     parallel = _distributed(args)
@@ -173,7 +140,8 @@ def cmd_train_translation(args) -> int:
     out = Path(args.out)
     init = None
     if previous:
-        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
+        mcfg, tcfg = _resumed_run(args, previous)
+        tokenizer = newest_tokenizer(args.out)
     else:
         _choose_precision(args, "train")
         tcfg = _train_config(args, lr=1e-3, warmup=1000, max_tokens=4096,
@@ -324,6 +292,7 @@ def cmd_train_lm(args) -> int:
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
     from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
+    from aiayn.train.runs import newest_tokenizer
 
     _check_device(args.device)
     parallel = _distributed(args)
@@ -341,7 +310,8 @@ def cmd_train_lm(args) -> int:
         prepared = Prepared(args.prepared or previous["prepared"], "lm")
     init = None
     if previous:
-        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
+        mcfg, tcfg = _resumed_run(args, previous)
+        tokenizer = newest_tokenizer(args.out)
         # the run's own text, unless --data says where it is now (the same text, moved)
         data, kind = str(args.data or previous["data"]), previous["tokenizer"]
         if prepared is None and not args.data and not Path(data).is_file():
@@ -601,7 +571,6 @@ def cmd_average(args) -> int:
 # ------------------------------------------------------------------------------------- vision
 def _vision_run(args, task_name: str):
     """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
-    from aiayn.config import ModelConfig, TrainConfig, ViTConfig
     from aiayn.train.distributed import launched
 
     if launched() and int(os.environ["WORLD_SIZE"]) > 1:  # N copies would write one run directory
@@ -611,10 +580,8 @@ def _vision_run(args, task_name: str):
         return None
     if previous.get("task") != task_name:
         raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes") if getattr(args, k) is not None}
-    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-    kind = ViTConfig if task_name == "vit" else ModelConfig
-    return kind.from_dict(previous["model"]), _resumed_precision(args, tcfg), args.data or previous.get("data")
+    cfg, tcfg = _resumed_run(args, previous)
+    return cfg, tcfg, args.data or previous.get("data")
 
 
 def _image_data(path):
