@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from aiayn.checkpoint import MODEL_FILE, CheckpointError, load_model_dir, replace_directory, write_model
-from aiayn.train.loop import checkpoints
+from aiayn.checkpoint import (MODEL_FILE, CheckpointError, checkpoints, load_model_dir, read_model_meta,
+                              replace_directory, write_model)
 
 
 def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:
@@ -26,8 +26,10 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
     chosen = found[-last:]
     model, tokenizer, task, extra = load_model_dir(chosen[-1])
     total: dict[str, torch.Tensor] = {}
+    lora = "lora" in read_model_meta(chosen[-1])[2]  # a LoRA run: average the merged weights
     for path in chosen:
-        for name, t in load_file(str(path / MODEL_FILE)).items():
+        weights = load_model_dir(path)[0].state_dict() if lora else load_file(str(path / MODEL_FILE))
+        for name, t in weights.items():
             total[name] = total.get(name, 0) + t.double()
     state = model.state_dict()
     for name, t in total.items():

@@ -26,13 +26,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, safe_open, save_file, save_model
+from safetensors.torch import load_file, safe_open, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_into
 
 from aiayn.config import ModelConfig, ViTConfig
 from aiayn.errors import InputError
 
 MODEL_FILE, TRAINER_TENSORS, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
 TMP, OLD, DEL = ".tmp", ".old", ".del"
+CKPT_PREFIX = "step-"  # a run directory's checkpoints: step-00001000, ...
+SHIPPED = {"translation": "en-de", "lm": "shakespeare-char", "vit": "mnist-vit", "image-gpt": "mnist-pixels"}
 
 
 class CheckpointError(InputError):
@@ -154,13 +157,20 @@ def load_model_dir(directory: Path | str, device="cpu"):
     if digest and digest != tokenizer_digest(directory, tokenizer):
         raise CheckpointError(f"{directory}: the tokenizer is not the one these weights were trained with")
     model = VisionTransformer(cfg) if isinstance(cfg, ViTConfig) else build_model(cfg)
-    load_weights(model, directory / MODEL_FILE)
+    if "lora" in meta["extra"]:  # a LoRA run's checkpoint: base + adapter, merged here (aiayn.lora)
+        from aiayn.lora import LoRAConfig, add_lora, merge
+
+        add_lora(model, LoRAConfig.from_dict(meta["extra"].pop("lora")))
+        load_weights(model, directory / MODEL_FILE)
+        merge(model).requires_grad_(True)  # a plain model now (its metadata no longer says "lora")
+    else:
+        load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval(), tokenizer, meta["task"], meta["extra"]
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        missing, unexpected = load_safetensors_into(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit this model ({_first_line(e)})") from None
     if missing or unexpected:
@@ -334,3 +344,79 @@ def recover(run_dir: Path) -> None:
     finals = {p.with_suffix("") for s in (TMP, OLD, DEL) for p in run_dir.glob("*" + s)}
     for final in sorted(finals):
         _recover_one(final)
+
+
+# ------------------------------------------------------------------------- runs and models
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a partial one is never under its final name)."""
+    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
+             if p.is_dir() and p.suffix == "" and p.name[len(CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the best validation score, as the newest checkpoint records it.
+
+    The record lives in the newest checkpoint's trainer.json (no separate pointer file that a crash
+    could leave out of step); without one, the newest checkpoint.
+    """
+    found = checkpoints(run_dir)
+    if not found:
+        return None
+    try:
+        best = json.loads((found[-1] / TRAINER_JSON).read_text()).get("best")
+    except (OSError, ValueError, AttributeError):
+        best = None
+    if isinstance(best, dict) and (Path(run_dir) / str(best.get("checkpoint"))).is_dir():
+        return Path(run_dir) / best["checkpoint"]
+    return found[-1]
+
+
+def model_dir(path: str | Path | None, task: str = "translation") -> Path:
+    """The model directory a user means: `path` (a model directory, or a run directory: its best
+    checkpoint), or, without one, the model of `task` shipped with aiayn. CheckpointError if none."""
+    if path is None:
+        from aiayn.data.corpus import ASSETS
+
+        shipped = ASSETS / "models" / SHIPPED[task]
+        if not shipped.is_dir():
+            kind = "language" if task == "lm" else task
+            raise CheckpointError(f"no shipped {kind} model in this install; train one (aiayn train ...) "
+                                  "and pass its run directory")
+        return shipped
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model or run directory")
+    if (path / MODEL_FILE).is_file():
+        return path
+    best = best_checkpoint(path)
+    if best is None:
+        raise CheckpointError(f"{path}: neither a model directory nor a run directory with checkpoints")
+    return best
+
+
+def load_model(path: str | Path | None, task: str, device="cpu"):
+    """`model_dir(path, task)` loaded: -> (model in eval mode, tokenizer, extra metadata, its directory).
+    CheckpointError if it holds a model of another task."""
+    directory = model_dir(path, task)
+    model, tokenizer, found, extra = load_model_dir(directory, device)
+    if found != task:
+        raise CheckpointError(f"{directory} holds a {found} model, not a {task} model")
+    return model, tokenizer, extra, directory
+
+
+def load_translation_models(paths: list, device="cpu"):
+    """One translation model (paths empty: the shipped one), or several as an Ensemble (the mean of
+    their probabilities), which needs one vocabulary. -> (model, tokenizer, extra, directories)."""
+    from aiayn.model.ensemble import Ensemble
+
+    loaded = [load_model(p, "translation", device) for p in (paths or [None])]
+    model, tokenizer, extra, first = loaded[0]
+    if len(loaded) > 1:
+        digest = tokenizer_digest(first, tokenizer)
+        for _, other, _, directory in loaded[1:]:
+            if tokenizer_digest(directory, other) != digest:
+                raise CheckpointError(f"{directory}: its tokenizer is not {first}'s; an ensemble needs models "
+                                      "of one vocabulary")
+        model = Ensemble([m for m, _, _, _ in loaded])
+    return model, tokenizer, extra, [d for _, _, _, d in loaded]

@@ -20,17 +20,11 @@ DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
                          "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
                          "dynamically quantized linears)")
-DEFAULT_TRANSLATION_MODEL = "en-de"
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")  # aiayn.lora.DEFAULT_TARGETS (not imported: cli imports lazily)
 
 
 class UserError(InputError):
     """A mistake in the command line itself; printed as one line, exit status 2."""
-
-
-def _default_model_dir(name: str) -> Path:
-    from aiayn.data.corpus import ASSETS
-
-    return ASSETS / "models" / name
 
 
 # -------------------------------------------------------------------------------------- train
@@ -43,7 +37,7 @@ def _train_config(args, **defaults):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     merged = {**defaults, **given}
-    if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes")):
+    if not any(merged.get(k) is not None for k in ("max_steps", "max_epochs", "max_minutes", "max_cpu_minutes")):
         merged["max_epochs"] = defaults.get("max_epochs", 1)
     return TrainConfig(**merged)
 
@@ -58,55 +52,21 @@ def _check_device(device: str) -> None:
 
 
 def _resume_settings(args) -> dict | None:
-    """On --resume, the run's own settings win, except its stopping point, which may be moved."""
-    if not args.resume:
-        return None
-    from aiayn.checkpoint import recover
+    """On --resume, the settings of the run in --out (aiayn.train.runs); else None."""
+    from aiayn.train.runs import read_settings
 
-    run_json = Path(args.out) / "run.json"
-    if not run_json.is_file():
-        raise UserError(f"{args.out}: nothing to resume (no run.json)")
-    from aiayn.train.distributed import main_first
-
-    with main_first():  # several ranks: rank 0 repairs, the others then read
-        recover(Path(args.out))  # finish a checkpoint swap that a crash interrupted, before looking for one
-    try:
-        return json.loads(run_json.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run_json}: not a run's settings ({e})") from None
+    return read_settings(args.out) if args.resume else None
 
 
 def _resumed_run(args, previous: dict):
-    """-> (ModelConfig, TrainConfig with the new stopping point, tokenizer) of the run to resume."""
-    from aiayn.config import ModelConfig, TrainConfig
-    from aiayn.data.tokenizer import load_tokenizer
-    from aiayn.train.loop import checkpoints
+    """-> (model config, TrainConfig) of the run to resume, with this command's stopping point and
+    precision (aiayn.train.runs.resumed)."""
+    from aiayn.train.runs import STOPS, resumed
 
-    found = checkpoints(Path(args.out))
-    if not found:
-        raise UserError(f"{args.out}: nothing to resume (no checkpoint)")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
-    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-    return ModelConfig.from_dict(previous["model"]), _resumed_precision(args, tcfg), load_tokenizer(found[-1])
-
-
-def _resumed_precision(args, tcfg):
-    """A resumed run keeps its precision where this machine runs it natively; --precision changes it
-    (every precision keeps fp32 master weights, so a run may change it between legs); a precision
-    this machine lacks (a run started on another machine) gives way to auto's choice, said on stderr."""
-    from aiayn.capability import PrecisionError, check_precision
-
-    if args.precision not in (None, "auto"):
-        _choose_precision(args, "train")
-        return tcfg.replace(precision=args.precision)
-    try:
-        check_precision(tcfg.precision, tcfg.device)
-        return tcfg
-    except PrecisionError as e:
-        args.precision = None
-        _choose_precision(args, "train")
-        print(f"aiayn: resuming in {args.precision}, not the run's {tcfg.precision} ({e})", file=sys.stderr)
-        return tcfg.replace(precision=args.precision)
+    cfg, tcfg, note = resumed(args.out, previous, {k: getattr(args, k, None) for k in STOPS}, args.precision)
+    if note:
+        _say(f"aiayn: {note}")
+    return cfg, tcfg
 
 
 def _distributed(args):
@@ -144,11 +104,13 @@ def cmd_train_translation(args) -> int:
     from aiayn.tasks.translation import TranslationTask
     from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
+    from aiayn.train.runs import newest_tokenizer
 
     _check_device(args.device)
     parallel = _distributed(args)
     if args.init_from and args.resume:
         raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     previous = _resume_settings(args)
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
     if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
@@ -176,9 +138,10 @@ def cmd_train_translation(args) -> int:
     else:
         train, val = multi30k("train", args.src, args.tgt), multi30k("val", args.src, args.tgt)
     out = Path(args.out)
-    init, extra = None, {}
+    init = None
     if previous:
-        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
+        mcfg, tcfg = _resumed_run(args, previous)
+        tokenizer = newest_tokenizer(args.out)
     else:
         _choose_precision(args, "train")
         tcfg = _train_config(args, lr=1e-3, warmup=1000, max_tokens=4096,
@@ -186,15 +149,12 @@ def cmd_train_translation(args) -> int:
         overrides = {k: v for k, v in (("dropout", args.dropout), ("norm_first", args.norm_first or None))
                      if v is not None}
         if args.init_from:  # fine-tuning: the trained model's weights, shape and vocabulary
-            from aiayn.checkpoint import load_model_dir
+            from aiayn.finetune import load_base
 
             if args.norm_first:
                 raise UserError("--norm-first changes the layers of the model given by --init-from")
-            init, tokenizer, task_name, _ = load_model_dir(args.init_from)
-            if task_name != "translation":
-                raise UserError(f"{args.init_from}: a {task_name} model, not a translation model")
+            init, tokenizer, _ = load_base(args.init_from, "translation")
             mcfg = init.cfg.replace(**overrides)
-            extra = {"init_from": str(Path(args.init_from).resolve())}
             print(f"starting from {args.init_from} (its shape and vocabulary; --preset and --vocab-size "
                   "do not apply)", file=sys.stderr)
         elif prepared is not None:
@@ -214,6 +174,7 @@ def cmd_train_translation(args) -> int:
     model = build_model(mcfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
+    extra = _finetune_model(args, model, "translation", previous, {"src": args.src, "tgt": args.tgt})
     if prepared is not None:
         from aiayn.tasks.translation import PreparedTranslationTask
 
@@ -228,6 +189,7 @@ def cmd_train_translation(args) -> int:
                       extra_meta={"src": args.src, "tgt": args.tgt, **paths, **extra}, parallel=parallel)
     summary = _run_trainer(trainer, args)
     if summary is not None:
+        _finish_finetune(out, extra)
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
 
@@ -273,19 +235,71 @@ def cmd_prepare_lm(args) -> int:
     return 0
 
 
+def _finetune_model(args, model, task: str, previous: dict | None, model_extra: dict) -> dict:
+    """--init-from's model made trainable as asked (--freeze, --lora-*), or a resumed run's as it
+    was (aiayn.finetune) -> what run.json and the checkpoints record of it."""
+    from aiayn import finetune
+
+    if previous:
+        finetune.prepare_resumed(model, previous)
+        extra = {k: previous[k] for k in ("init_from", "freeze", "lora") if k in previous}
+    else:
+        lora_cfg, freeze_parts = _finetune_request(args)
+        extra = finetune.prepare(model, task, init_from=args.init_from, freeze_parts=freeze_parts,
+                                 lora_cfg=lora_cfg, extra=model_extra, seed=getattr(args, "seed", None) or 1)
+    if "init_from" in extra:
+        print(f"fine-tuning{' with LoRA' if 'lora' in extra else ''}: {finetune.describe(model)}", file=sys.stderr)
+    return extra
+
+
+def _finetune_request(args):
+    """--lora-* and --freeze, checked before any work -> (LoRAConfig or None, parts to freeze)."""
+    from aiayn.finetune import parse_freeze
+    from aiayn.lora import LoRAConfig, parse_targets
+
+    if args.resume:
+        return None, ()
+    lora_cfg = None
+    if args.lora_rank is not None:
+        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets))
+    elif args.lora_alpha is not None or args.lora_targets != ",".join(DEFAULT_LORA_TARGETS):
+        raise UserError("--lora-alpha and --lora-targets need --lora-rank")
+    freeze_parts = parse_freeze(args.freeze)
+    if (lora_cfg is not None or freeze_parts) and not args.init_from:
+        raise UserError("--lora-rank and --freeze fine-tune a trained model: give --init-from MODEL")
+    if lora_cfg is not None and freeze_parts:
+        raise UserError("LoRA trains its adapters only (everything else is frozen): drop --freeze")
+    return lora_cfg, freeze_parts
+
+
+def _finish_finetune(out: Path, extra: dict) -> None:
+    if "lora" in extra:
+        from aiayn.finetune import finish
+
+        path = finish(out)
+        if path is not None:
+            print(f"aiayn: adapter of the best checkpoint: {path} ({path.stat().st_size / 1024:.0f} KB)",
+                  file=sys.stderr)
+
+
 def cmd_train_lm(args) -> int:
     import torch
 
     from aiayn.data.corpus import SHAKESPEARE, read_text
+    from aiayn.finetune import fit_text, load_base
     from aiayn.model import build_model
     from aiayn.data.tokenizer import BPETokenizer
     from aiayn.tasks.lm import PRESETS, LMTask, train_tokenizer
     from aiayn.train.distributed import from_main
     from aiayn.train.loop import Trainer
+    from aiayn.train.runs import newest_tokenizer
 
     _check_device(args.device)
     parallel = _distributed(args)
     out = Path(args.out)
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     previous = _resume_settings(args)
     prepared = None
     if args.prepared or (previous or {}).get("prepared"):  # tokens from `aiayn prepare`, memory-mapped
@@ -294,13 +308,38 @@ def cmd_train_lm(args) -> int:
         if args.data:
             raise UserError("--prepared holds the text already: without --data")
         prepared = Prepared(args.prepared or previous["prepared"], "lm")
+    init = None
     if previous:
-        mcfg, tcfg, tokenizer = _resumed_run(args, previous)
+        mcfg, tcfg = _resumed_run(args, previous)
+        tokenizer = newest_tokenizer(args.out)
         # the run's own text, unless --data says where it is now (the same text, moved)
         data, kind = str(args.data or previous["data"]), previous["tokenizer"]
         if prepared is None and not args.data and not Path(data).is_file():
             raise UserError(f"{data}: this run's training text is gone; give its new place with --data")
         text = read_text(data) if prepared is None else None
+        if text is not None and "init_from" in previous:
+            text = fit_text(text, tokenizer)
+    elif args.init_from:  # fine-tuning: the trained model's weights, shape and tokenizer
+        if prepared is not None:
+            raise UserError("--prepared holds its own vocabulary: without --init-from")
+        init, tokenizer, _ = load_base(args.init_from, "lm")
+        mcfg = init.cfg
+        ignored = [o for o in ("n_layers", "n_heads", "d_model", "d_ff", "positional") if getattr(args, o) is not None]
+        if ignored or args.post_norm or args.tokenizer != "char":
+            raise UserError("--init-from keeps the model's shape and tokenizer: drop --"
+                            + ", --".join(o.replace("_", "-") for o in ignored or ["tokenizer"]))
+        if args.context is not None and args.context > mcfg.max_len:
+            raise UserError(f"--context {args.context}: the model reads at most {mcfg.max_len} tokens")
+        if args.dropout is not None:
+            mcfg = mcfg.replace(dropout=args.dropout, attn_dropout=args.dropout)
+        _choose_precision(args, "train")
+        recipe = {**PRESETS[args.preset][1].to_dict(), "context": mcfg.max_len, "max_steps": 500, "warmup": 50,
+                  "eval_every": 100, "lr": 1e-3 if args.lora_rank else 3e-4}
+        recipe["min_lr"] = (args.lr or recipe["lr"]) / 10
+        tcfg = _train_config(args, **recipe)
+        data, kind = str(args.data or SHAKESPEARE), "init-from"
+        text = fit_text(read_text(data), tokenizer)
+        print(f"starting from {args.init_from} (its shape and tokenizer)", file=sys.stderr)
     else:
         model_preset, train_preset = PRESETS[args.preset]
         _choose_precision(args, "train")
@@ -327,6 +366,9 @@ def cmd_train_lm(args) -> int:
         tcfg = tcfg.replace(device=parallel.device)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    extra = _finetune_model(args, model, "lm", previous, {})
     if prepared is not None:
         task = LMTask(prepared.tokens("train"), prepared.tokens("val"), tcfg.batch_size, tcfg.context, tcfg.device)
     else:
@@ -334,10 +376,11 @@ def cmd_train_lm(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"model: {n_params / 1e6:.2f}M parameters; {len(task.train):,} training and {len(task.val):,} "
          f"validation tokens ({kind}, {tokenizer.vocab_size} types); run directory {out}")
-    meta = {"data": data, "tokenizer": kind, **({"prepared": data} if prepared is not None else {})}
+    meta = {"data": data, "tokenizer": kind, **({"prepared": data} if prepared is not None else {}), **extra}
     trainer = Trainer(task, model, tokenizer, tcfg, out, extra_meta=meta, parallel=parallel)
     summary = _run_trainer(trainer, args)
     if summary is not None:
+        _finish_finetune(out, extra)
         print(json.dumps(summary, default=str))
     return 0
 
@@ -346,6 +389,7 @@ def cmd_train_lm(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from aiayn.checkpoint import load_model
     from aiayn.fast.inference import inference_model
     from aiayn.tasks.lm import stream_text
 
@@ -357,14 +401,8 @@ def cmd_generate(args) -> int:
         if bad:
             raise UserError(message)
     _check_device(args.device)
-    if args.model:
-        model_dir = _resolve_model(Path(args.model))
-    else:
-        model_dir = _default_model_dir("shakespeare-char")
-        if not model_dir.is_dir():
-            raise UserError("no shipped language model in this install; train one (aiayn train lm --out RUN_DIR) "
-                            "and pass --model RUN_DIR")
-    model, tokenizer, _ = _load(model_dir, args.device, "lm")
+    model, tokenizer, extra, _ = load_model(args.model, "lm", args.device)
+    _with_adapter(args, model, extra, "lm")
     tokenizer.encode(args.prompt)  # characters outside the vocabulary: an error before any output
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -408,58 +446,23 @@ def _read_inputs(args) -> list[str]:
     return lines
 
 
-def _load(model_dir, device: str, want_task: str):
-    from aiayn.checkpoint import load_model_dir
-
-    model, tokenizer, task, extra = load_model_dir(model_dir, device)
-    if task != want_task:
-        raise UserError(f"{model_dir} holds a {task} model, not a {want_task} model")
-    return model, tokenizer, extra
-
-
 def _load_translation(args) -> tuple:
-    """--model (repeatable) -> (model, tokenizer, extra, model directories). Several models make an
-    Ensemble (the mean of their probabilities), which needs one tokenizer for all."""
-    from aiayn.checkpoint import tokenizer_digest
-    from aiayn.model.ensemble import Ensemble
+    """--model (repeatable: an ensemble) and --adapter -> (model, tokenizer, extra, model directories)."""
+    from aiayn.checkpoint import load_translation_models
 
-    dirs = [_translation_model_dir(arg) for arg in (args.model or [None])]
-    loaded = [_load(d, args.device, "translation") for d in dirs]
-    model, tokenizer, extra = loaded[0]
-    if len(loaded) > 1:
-        digests = [tokenizer_digest(d, t) for d, (_, t, _) in zip(dirs, loaded)]
-        for d, digest in zip(dirs[1:], digests[1:]):
-            if digest != digests[0]:
-                raise UserError(f"{d}: its tokenizer is not {dirs[0]}'s; an ensemble needs models of one vocabulary")
-        try:
-            model = Ensemble([m for m, _, _ in loaded])
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    return model, tokenizer, extra, dirs
+    if getattr(args, "adapter", None) and len(args.model or []) > 1:
+        raise UserError("--adapter fine-tunes one model: give one --model")
+    model, tokenizer, extra, dirs = load_translation_models(args.model, args.device)
+    return model, tokenizer, _with_adapter(args, model, extra, "translation"), dirs
 
 
-def _translation_model_dir(arg: str | None) -> Path:
-    if arg:
-        return _resolve_model(Path(arg))
-    path = _default_model_dir(DEFAULT_TRANSLATION_MODEL)
-    if not path.is_dir():
-        raise UserError("no shipped translation model in this install; train one (aiayn train translation) "
-                        "and pass --model RUN_DIR")
-    return path
+def _with_adapter(args, model, extra: dict, task: str) -> dict:
+    """--adapter PATH: the LoRA adapter merged into the loaded model (aiayn.finetune) -> its metadata."""
+    if not getattr(args, "adapter", None):
+        return extra
+    from aiayn.finetune import apply_adapter
 
-
-def _resolve_model(path: Path) -> Path:
-    """A model directory, or a run directory (its best checkpoint)."""
-    from aiayn.train.loop import best_checkpoint
-
-    if not path.exists():
-        raise UserError(f"{path}: no such model or run directory")
-    if (path / "model.safetensors").is_file():
-        return path
-    best = best_checkpoint(path)
-    if best is None:
-        raise UserError(f"{path}: neither a model directory nor a run directory with checkpoints")
-    return best
+    return apply_adapter(model, extra, args.adapter, task)
 
 
 def _check_workers(args) -> None:
@@ -517,9 +520,9 @@ def cmd_translate(args) -> int:
 
 # ----------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
-    from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
     import time
 
+    from aiayn.data.corpus import multi30k, multi30k_tok_reference, read_parallel
     from aiayn.evaluate import bleu, bleu_signature, chrf, lc_tok_bleu
     from aiayn.translate import translate
 
@@ -566,12 +569,8 @@ def cmd_average(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- vision
-DEFAULT_VIT_MODEL, DEFAULT_PIXEL_MODEL = "mnist-vit", "mnist-pixels"
-
-
 def _vision_run(args, task_name: str):
     """-> (model config, TrainConfig, data path) of a new run, or of the run in --out with --resume."""
-    from aiayn.config import ModelConfig, TrainConfig, ViTConfig
     from aiayn.train.distributed import launched
 
     if launched() and int(os.environ["WORLD_SIZE"]) > 1:  # N copies would write one run directory
@@ -581,10 +580,8 @@ def _vision_run(args, task_name: str):
         return None
     if previous.get("task") != task_name:
         raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
-    stop = {k: getattr(args, k) for k in ("max_steps", "max_epochs", "max_minutes") if getattr(args, k) is not None}
-    tcfg = TrainConfig(**{**previous["train"], "betas": tuple(previous["train"]["betas"]), **stop})
-    kind = ViTConfig if task_name == "vit" else ModelConfig
-    return kind.from_dict(previous["model"]), _resumed_precision(args, tcfg), args.data or previous.get("data")
+    cfg, tcfg = _resumed_run(args, previous)
+    return cfg, tcfg, args.data or previous.get("data")
 
 
 def _image_data(path):
@@ -637,6 +634,7 @@ def cmd_train_vit(args) -> int:
 def cmd_train_pixels(args) -> int:
     import torch
 
+    from aiayn.checkpoint import model_dir
     from aiayn.data.pixels import PixelTokenizer
     from aiayn.model import build_model
     from aiayn.tasks.pixels import PixelLMTask, pixel_config, pixel_train
@@ -651,7 +649,7 @@ def cmd_train_pixels(args) -> int:
         raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: use square images")
     if resumed:
         mcfg, tcfg, _ = resumed
-        tokenizer = PixelTokenizer.load(_resolve_model(Path(args.out)))
+        tokenizer = PixelTokenizer.load(model_dir(args.out))
     else:
         tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
         _choose_precision(args, "train")
@@ -672,15 +670,10 @@ def cmd_train_pixels(args) -> int:
     return 0
 
 
-def _vision_model(arg: str | None, default: str, want_task: str, device: str = "cpu"):
-    if arg:
-        model_dir = _resolve_model(Path(arg))
-    else:
-        model_dir = _default_model_dir(default)
-        if not model_dir.is_dir():
-            raise UserError(f"no shipped {want_task} model in this install; train one (aiayn train {want_task} "
-                            "--out RUN_DIR) and pass --model RUN_DIR")
-    model, tokenizer, _ = _load(model_dir, device, want_task)
+def _vision_model(arg: str | None, task: str, device: str = "cpu"):
+    from aiayn.checkpoint import load_model
+
+    model, tokenizer, _, model_dir = load_model(arg, task, device)
     return model, tokenizer, model_dir
 
 
@@ -689,7 +682,7 @@ def cmd_classify(args) -> int:
 
     if args.top_k < 1:
         raise UserError("--top-k must be >= 1")
-    model, labels, _ = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit")
+    model, labels, _ = _vision_model(args.model, "vit")
     failed = 0
     for r in classify_files(model, labels, args.images, args.top_k):
         if r.error:
@@ -714,7 +707,7 @@ def cmd_generate_image(args) -> int:
             raise UserError(message)
     if not str(args.out).lower().endswith(".png"):
         raise UserError(f"{args.out}: the grid is written as PNG; give a file name ending in .png")
-    model, tokenizer, model_dir = _vision_model(args.model, DEFAULT_PIXEL_MODEL, "image-gpt")
+    model, tokenizer, model_dir = _vision_model(args.model, "image-gpt")
     label = None
     if args.label is not None:
         if args.label not in tokenizer.classes:
@@ -741,7 +734,7 @@ def _explain_image(args, image_arg: str) -> int:
     from aiayn.data.images import read_image
     from aiayn.vision import explain_image
 
-    model, labels, model_dir = _vision_model(args.model, DEFAULT_VIT_MODEL, "vit", args.device)
+    model, labels, model_dir = _vision_model(args.model, "vit", args.device)
     image = read_image(image_arg, (model.cfg.image_size,) * 2)
     text, paths = explain_image(model, labels, image, Path(args.out))
     print(f"model: {model_dir} (vit)")
@@ -753,19 +746,19 @@ def _explain_image(args, image_arg: str) -> int:
 # ------------------------------------------------------------------------------------ explain
 def _is_image_request(args) -> bool:
     """explain IMAGE: one argument that is an image file, or a --model that is a ViT."""
-    from aiayn.checkpoint import read_model_meta
+    from aiayn.checkpoint import model_dir, read_model_meta
     from aiayn.data.images import IMAGE_SUFFIXES
 
     if args.model:
         try:
-            return read_model_meta(_resolve_model(Path(args.model)))[1] == "vit"
-        except (UserError, ValueError):
+            return read_model_meta(model_dir(args.model))[1] == "vit"
+        except InputError:
             return False  # the text path reports the problem
     return len(args.sentence) == 1 and Path(args.sentence[0]).suffix.lower() in IMAGE_SUFFIXES
 
 
 def cmd_explain(args) -> int:
-    from aiayn.checkpoint import load_model_dir
+    from aiayn.checkpoint import load_model_dir, model_dir
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
     from aiayn.fast.inference import inference_model
 
@@ -781,10 +774,11 @@ def cmd_explain(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     _check_device(args.device)
-    model_dir = _translation_model_dir(args.model)
-    model, tokenizer, task, _ = load_model_dir(model_dir, args.device)
+    directory = model_dir(args.model, "translation")
+    model, tokenizer, task, extra = load_model_dir(directory, args.device)
     if task not in ("translation", "lm"):
-        raise UserError(f"{model_dir} holds a {task} model; explain knows translation and lm models")
+        raise UserError(f"{directory} holds a {task} model; explain knows translation and lm models")
+    _with_adapter(args, model, extra, task)
     tokenizer.encode(text)  # characters outside the vocabulary: an error before anything else is said
     _choose_precision(args)
     model = inference_model(model, args.precision)
@@ -827,15 +821,15 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from aiayn.checkpoint import load_model_dir
+    from aiayn.checkpoint import load_model_dir, model_dir
     from aiayn.interop import export_hf
     from aiayn.interop.hf import write_directory
 
-    model_dir = _resolve_model(Path(args.model))
-    model, tokenizer, task, extra = load_model_dir(model_dir)
+    directory = model_dir(args.model)
+    model, tokenizer, task, extra = load_model_dir(directory)
     written = []
     write_directory(Path(args.out), lambda d: written.append(export_hf(model, tokenizer, task, d, extra)))
-    print(f"exported {model_dir} ({task}) as {written[0]} into {args.out}")
+    print(f"exported {directory} ({task}) as {written[0]} into {args.out}")
     return 0
 
 
@@ -846,6 +840,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
+        from aiayn.checkpoint import CheckpointError, model_dir
         from aiayn.serve.app import create_app
         from aiayn.serve.models import Limits, load_models
     except ImportError as e:
@@ -858,16 +853,19 @@ def cmd_serve(args) -> int:
     if args.batch_wait_ms < 0:
         raise UserError("--batch-wait-ms must be >= 0")
     _check_device(args.device)
-    translation_dir = None if args.no_translation else _translation_model_dir(args.model)
+    translation_dir = None if args.no_translation else model_dir(args.model, "translation")
     lm_dir = None
-    if not args.no_lm:
-        lm_dir = _resolve_model(Path(args.lm)) if args.lm else _default_model_dir("shakespeare-char")
-        if not args.lm and not lm_dir.is_dir():
-            lm_dir = None
+    if args.lm:
+        lm_dir = model_dir(args.lm, "lm")
+    elif not args.no_lm:
+        try:  # the shipped language model, where this install has one
+            lm_dir = model_dir(None, "lm")
+        except CheckpointError:
+            pass
     if translation_dir is None and lm_dir is None:
         raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
     _choose_precision(args)
-    models = load_models(translation_dir, lm_dir, args.device)
+    models = load_models(translation_dir, lm_dir, args.device, adapters=args.adapter or [])
     api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
     limits = Limits(max_queue=args.max_queue, timeout_s=args.timeout, batch_wait_ms=args.batch_wait_ms,
                     max_new_tokens=args.max_new_tokens)
@@ -885,6 +883,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- merge
+def cmd_merge(args) -> int:
+    from aiayn.checkpoint import model_dir
+    from aiayn.finetune import merge_to_directory
+
+    out = merge_to_directory(model_dir(args.model), args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.model}: {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
@@ -899,6 +907,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, help="stop after this many updates")
     g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
     g.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    g.add_argument("--max-cpu-minutes", type=float, help="stop after this much CPU time of the training loop "
+                   "(validation and saving included): equal compute for runs on a shared machine")
     g.add_argument("--lr", type=float, help="peak learning rate (end of warm-up)")
     g.add_argument("--warmup", type=int, help="warm-up updates (§5.3)")
     g.add_argument("--update-freq", type=int, help="accumulate gradients over N batches per update")
@@ -944,6 +954,22 @@ def _add_prepare_parsers(sub) -> None:
     q.add_argument("--tokenizer-from", metavar="DIR", help="reuse the tokenizer of a model or prepared directory")
     q.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     q.set_defaults(func=cmd_prepare_lm)
+
+
+def _add_finetune_options(p: argparse.ArgumentParser, task: str) -> None:
+    g = p.add_argument_group("fine-tuning (docs/FINETUNING.md)")
+    recipe = ("" if task == "translation" else "; recipe: 500 steps, lr 3e-4 (LoRA 1e-3) cosine to a tenth, "
+              "context = the model's")
+    g.add_argument("--init-from", metavar="MODEL", help=f"fine-tune: start from a trained {task} model or run "
+                   "directory (its shape and tokenizer), with a fresh optimizer and schedule" + recipe)
+    g.add_argument("--freeze", metavar="PARTS", help="with --init-from: parts that do not train, comma-separated: "
+                   "embeddings (with a tied output projection), encoder, decoder")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="with --init-from: train LoRA adapters of rank R "
+                   "only (Hu et al. 2021); the run also writes RUN_DIR/adapter.safetensors")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (the update is alpha/R * B A; default R)")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
+                   help="layers to adapt: q,k,v (rows of every attention's in_proj), o (out_proj), ff "
+                   "(feed-forward) (default q,k,v,o)")
 
 
 def _add_vision_train_parsers(tsub) -> None:
@@ -1045,10 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdrop", type=float, help="R-Drop alpha (Liang et al., 2021; 5 for small data): each "
                     "batch runs twice and a KL term pulls the two dropout outputs together; ~2.4x a step")
     tr.add_argument("--norm-first", action="store_true", help="pre-norm layers instead of the paper's post-norm")
-    tr.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from a trained translation model "
-                    "or checkpoint directory (its shape and vocabulary), with a fresh optimizer and schedule")
     tr.add_argument("--prepared", metavar="DIR", help="a corpus made by `aiayn prepare translation`: streamed "
                     "from memory-mapped shards (its vocabulary; not with --train-src)")
+    _add_finetune_options(tr, "translation")
     _add_train_options(tr)
     _add_distributed_options(tr)
     tr.set_defaults(func=cmd_train_translation)
@@ -1079,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     lm.add_argument("--prepared", metavar="DIR", help="tokens made by `aiayn prepare lm`: memory-mapped (its "
                     "vocabulary; not with --data)")
+    _add_finetune_options(lm, "lm")
     _add_train_options(lm)
     _add_distributed_options(lm)
     lm.set_defaults(func=cmd_train_lm)
@@ -1097,6 +1123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     t.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
+    t.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     t.set_defaults(func=cmd_translate)
 
     g = sub.add_parser("generate", help="generate text from a prompt with a language model",
@@ -1119,6 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
+    g.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of a translation model on a test set")
@@ -1134,6 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
     e.add_argument("--hyp-out", help="write the translations to this file")
+    e.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     e.set_defaults(func=cmd_evaluate)
 
     a = sub.add_parser("average", help="average the last N checkpoints of a run (§6.1)")
@@ -1157,6 +1186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "length + 50; language model default: 10)")
     x.add_argument("--device", default="cpu")
     x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
+    x.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     x.set_defaults(func=cmd_explain)
     _add_vision_parsers(sub)
     s = sub.add_parser("serve", help="serve models over HTTP: an API and a web page",
@@ -1183,7 +1213,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--adapter", action="append", help="a LoRA adapter, merged into the served model of its "
+                   "task (translation or lm); repeatable")
     s.set_defaults(func=cmd_serve)
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
+                        description="Write MODEL with the adapter merged into its weights as a plain model "
+                        "directory: it decodes at the base model's speed with every command. The adapter must "
+                        "have been trained on MODEL (its weights' SHA-256 is checked).")
+    mg.add_argument("model", help="the base model or run directory the adapter was trained on")
+    mg.add_argument("--adapter", required=True, help="the adapter (adapter.safetensors, or a LoRA run directory)")
+    mg.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    mg.set_defaults(func=cmd_merge)
     im = sub.add_parser("import", help="import a pretrained HF model directory (OPUS-MT Marian, GPT-2)",
                         description="Convert a local HF-format directory (config.json, model.safetensors or "
                         "pytorch_model.bin, tokenizer files) into an aiayn model directory.")

@@ -106,6 +106,7 @@ class TrainConfig:
     max_steps: int | None = None       # optimizer updates; None = until max_epochs / max_minutes
     max_epochs: int | None = None
     max_minutes: float | None = None   # wall-clock budget
+    max_cpu_minutes: float | None = None  # CPU-time budget of the training process (equal-compute comparisons)
     lr: float = 1e-3                   # peak learning rate (end of warm-up)
     min_lr: float = 0.0                # floor of the cosine schedule
     warmup: int = 4000                 # §5.3: warmup_steps
@@ -138,8 +139,8 @@ class TrainConfig:
             raise InputError("rdrop must be >= 0")
         if self.update_freq < 1:
             raise InputError("update_freq must be >= 1")
-        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
-            raise InputError("give at least one of max_steps, max_epochs, max_minutes")
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None and self.max_cpu_minutes is None:
+            raise InputError("give at least one of max_steps, max_epochs, max_minutes, max_cpu_minutes")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

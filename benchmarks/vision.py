@@ -210,14 +210,13 @@ def run_shipped(args) -> None:
     """The shipped models as `aiayn classify` / `generate-image` use them: the ViT's t10k accuracy,
     the pixel model's t10k bits/pixel, and the fraction of its samples (temperature 1, --per-class
     per class, seeds 0-9) that the ViT classifies as the label asked for."""
-    from aiayn.checkpoint import load_model_dir
-    from aiayn.cli import DEFAULT_PIXEL_MODEL, DEFAULT_VIT_MODEL, _default_model_dir
+    from aiayn.checkpoint import load_model_dir, model_dir
     from aiayn.tasks.pixels import generate_images, image_grid, save_png
     from aiayn.tasks.vision import accuracy, predict
 
     test = load_images(split="t10k")
-    vit, labels, _, _ = load_model_dir(_default_model_dir(DEFAULT_VIT_MODEL))
-    pix, tok, _, _ = load_model_dir(_default_model_dir(DEFAULT_PIXEL_MODEL))
+    vit, labels, _, _ = load_model_dir(model_dir(None, "vit"))
+    pix, tok, _, _ = load_model_dir(model_dir(None, "image-gpt"))
     per_class = 2 if args.quick else args.per_class
     rows = [("mnist-vit t10k accuracy %", f"{100 * accuracy(vit, test):.2f}")]
     start = time.process_time()

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import aiayn.checkpoint as ckpt
-from aiayn.checkpoint import CheckpointError, load_checkpoint, load_model_dir, recover, save_checkpoint
+from aiayn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_model_dir, recover,
+                              save_checkpoint)
 from aiayn.model import build_model
-from aiayn.train.loop import checkpoints, make_optimizer
+from aiayn.train.loop import make_optimizer
 
 from train import tiny
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aiayn import cli
 from aiayn.cli import main
 
 TEXT = "".join(f"{w} is a word of the text, line {i % 7}.\n" for i, w in enumerate(["ROMEO", "JULIET", "NURSE"] * 40))
@@ -109,7 +108,7 @@ def test_bad_generate_input_is_one_line(run_dir, capsys, args, message):
 
 def test_generate_without_a_model(tmp_path, capsys, monkeypatch):
     _bad(capsys, ["generate", "--model", str(tmp_path / "nowhere")], "no such model or run directory")
-    monkeypatch.setattr(cli, "_default_model_dir", lambda name: tmp_path / "none")
+    monkeypatch.setattr("aiayn.data.corpus.ASSETS", tmp_path)
     _bad(capsys, ["generate", "--prompt", "ROMEO"], "no shipped language model")
 
 

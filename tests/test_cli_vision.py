@@ -121,5 +121,5 @@ def test_pixels_train_generate_and_complete(data, tmp_path, capsys):
 
 def test_wrong_model_kind(vit_run, data, capsys):
     capsys.readouterr()
-    assert main(["generate-image", "--model", str(vit_run), "--out", "x.png"]) == 2
+    assert main(["generate-image", "--model", str(vit_run), "--out", "x.png"]) == 1
     assert "holds a vit model, not a image-gpt model" in capsys.readouterr().err

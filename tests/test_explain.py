@@ -218,7 +218,7 @@ def test_cli_language_model(saved, tmp_path, capsys):
 @pytest.mark.parametrize("argv, rc, message", [
     (["explain", ""], 2, "nothing to explain"),
     (["explain"], 2, "nothing to explain"),
-    (["explain", "A dog.", "--model", "/no/such/model"], 2, "no such model or run directory"),
+    (["explain", "A dog.", "--model", "/no/such/model"], 1, "no such model or run directory"),
     (["explain", "Zebra!", "--model", "{saved}/lm"], 1, "outside the model's vocabulary"),
     (["explain", "A dog.", "--model", "{saved}/mt", "--top-k", "0"], 2, "--top-k must be >= 1"),
 ])

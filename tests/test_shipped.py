@@ -3,14 +3,15 @@
 import json
 
 from aiayn.checkpoint import load_model_dir
-from aiayn.cli import _default_model_dir, main
+from aiayn.checkpoint import model_dir
+from aiayn.cli import main
 from aiayn.translate import translate
 
 SHIPPED_SCORES = (42.03, 41.62)  # en-de, test_2016_flickr: lowercased tokenized BLEU, sacreBLEU (README)
 
 
 def test_shipped_translation_model_translates_english_to_german():
-    model, tokenizer, task, extra = load_model_dir(_default_model_dir("en-de"))
+    model, tokenizer, task, extra = load_model_dir(model_dir(None, "translation"))
     assert task == "translation" and (extra["src"], extra["tgt"]) == ("en", "de")
     out = translate(model, tokenizer, ["A man is riding a bicycle down the street.", "A dog runs on the beach."],
                     beam=4)
@@ -31,7 +32,7 @@ def test_shipped_language_model_writes_shakespeare(capsys):
     from aiayn.data.corpus import SHAKESPEARE, read_text
     from aiayn.tasks.lm import LMTask
 
-    model, tokenizer, task, _ = load_model_dir(_default_model_dir("shakespeare-char"))
+    model, tokenizer, task, _ = load_model_dir(model_dir(None, "lm"))
     assert task == "lm"
     lm = LMTask.from_text(read_text(SHAKESPEARE), tokenizer, 64, model.cfg.max_len)
     with torch.no_grad():  # the whole validation text (last 10%), as training reported it: 1.498

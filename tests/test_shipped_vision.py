@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from aiayn.checkpoint import load_model_dir
-from aiayn.cli import DEFAULT_PIXEL_MODEL, DEFAULT_VIT_MODEL, _default_model_dir, main
+from aiayn.checkpoint import model_dir
+from aiayn.cli import main
 from aiayn.data.images import load_images
 from aiayn.tasks.pixels import generate_images
 from aiayn.tasks.vision import accuracy
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_vit_classifies_t10k():
-    model, labels, task, _ = load_model_dir(_default_model_dir(DEFAULT_VIT_MODEL))
+    model, labels, task, _ = load_model_dir(model_dir(None, "vit"))
     assert task == "vit" and labels.classes == [str(d) for d in range(10)]
     test = load_images(split="t10k")
     assert accuracy(model, test.subset(torch.arange(300))) >= 0.97
@@ -39,7 +40,7 @@ def test_shipped_pixel_model_scores_and_draws():
     one, and samples made of palette levels only."""
     from aiayn.tasks.pixels import bits_per_pixel
 
-    pix, tok, task, _ = load_model_dir(_default_model_dir(DEFAULT_PIXEL_MODEL))
+    pix, tok, task, _ = load_model_dir(model_dir(None, "image-gpt"))
     assert task == "image-gpt" and tok.image_size == 28 and tok.levels == 8
     test = load_images(split="t10k").subset(torch.arange(24))
     true = bits_per_pixel(pix, tok, test)

@@ -183,8 +183,11 @@ def onednn_available() -> bool:
 
 def _inference_copy(model: nn.Module) -> nn.Module:
     """A copy in eval mode whose linear layers are plain nn.Linear (a model being trained in fp32 has
-    aiayn.fast.onednn's subclass) and whose cross-attention projections are split."""
-    q = accelerate(copy.deepcopy(model).eval())
+    aiayn.fast.onednn's subclass, one being fine-tuned aiayn.lora's) and whose cross-attention
+    projections are split."""
+    from aiayn.lora import merge
+
+    q = accelerate(merge(copy.deepcopy(model).eval()))  # an unmerged LoRA adapter is folded in, never dropped
     for m in q.modules():
         if isinstance(m, nn.Linear):
             m.__class__ = nn.Linear

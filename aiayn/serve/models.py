@@ -113,22 +113,32 @@ class Models:
     lm: LanguageModel | None
 
 
-def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str = "cpu") -> Models:
-    """Load the models of a server (either may be None). Raises CheckpointError/ValueError on a bad
-    model directory, or a model of the wrong task."""
-    from aiayn.checkpoint import load_model_dir
+def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str = "cpu",
+                adapters: list[str | Path] = ()) -> Models:
+    """Load the models of a server (either may be None), each with the LoRA adapters of its task
+    merged in (aiayn.finetune). Raises CheckpointError/InputError on a bad model directory or
+    adapter, or a model of the wrong task."""
+    from aiayn.checkpoint import load_model
+    from aiayn.finetune import apply_adapter
+    from aiayn.lora import read_adapter
 
+    by_task: dict[str, list] = {}
+    for path in adapters:
+        by_task.setdefault(read_adapter(path)[0].task, []).append(path)
+    for task, wanted in (("translation", translation_dir), ("lm", lm_dir)):
+        if by_task.get(task) and wanted is None:
+            raise ValueError(f"{by_task[task][0]}: an adapter for a {task} model, and no {task} model is served")
     translation = lm = None
     if translation_dir is not None:
-        model, tokenizer, task, extra = load_model_dir(translation_dir, device)
-        if task != "translation":
-            raise InputError(f"{translation_dir} holds a {task} model, not a translation model")
+        model, tokenizer, extra, _ = load_model(translation_dir, "translation", device)
+        for path in by_task.get("translation", []):
+            extra = apply_adapter(model, extra, path, "translation")
         src, tgt = extra.get("src", "en"), extra.get("tgt", "de")
         translation = TranslationModel(Path(translation_dir).name, Path(translation_dir), model, tokenizer,
                                        src, tgt, float(extra.get("alpha", 0.6)), device)
     if lm_dir is not None:
-        model, tokenizer, task, _ = load_model_dir(lm_dir, device)
-        if task != "lm":
-            raise InputError(f"{lm_dir} holds a {task} model, not a language model")
+        model, tokenizer, extra, _ = load_model(lm_dir, "lm", device)
+        for path in by_task.get("lm", []):
+            apply_adapter(model, extra, path, "lm")
         lm = LanguageModel(Path(lm_dir).name, Path(lm_dir), model, tokenizer, device)
     return Models(translation, lm)

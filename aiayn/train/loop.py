@@ -21,14 +21,13 @@ import torch
 from tqdm import tqdm
 
 from aiayn.capability import choose_precision
-from aiayn.checkpoint import (TRAINER_JSON, CheckpointError, atomic_write_text, load_checkpoint, recover,
-                              remove_tree, save_checkpoint)
+from aiayn.checkpoint import (CKPT_PREFIX, CheckpointError, atomic_write_text, checkpoints, load_checkpoint,
+                              recover, remove_tree, save_checkpoint)
 from aiayn.config import TrainConfig
 from aiayn.errors import InputError
 from aiayn.fast import for_training
 from aiayn.train.schedule import learning_rate
 
-CKPT_PREFIX = "step-"
 
 
 class TrainingError(RuntimeError):
@@ -101,38 +100,14 @@ class Bf16Twin:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]  # fine-tuning may freeze some (aiayn.finetune)
     if cfg.optimizer == "adamw":  # no weight decay on biases, norms and embeddings' 1-d params
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return torch.optim.Adam(trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=True)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a partial one is never under its final name)."""
-    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
-             if p.is_dir() and p.suffix == "" and p.name[len(CKPT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the best validation score, as the newest checkpoint records it.
-
-    The record lives in the newest checkpoint's trainer.json (no separate pointer file that a crash
-    could leave out of step); without one, the newest checkpoint.
-    """
-    found = checkpoints(run_dir)
-    if not found:
-        return None
-    try:
-        best = json.loads((found[-1] / TRAINER_JSON).read_text()).get("best")
-    except (OSError, ValueError, AttributeError):
-        best = None
-    if isinstance(best, dict) and (Path(run_dir) / str(best.get("checkpoint"))).is_dir():
-        return Path(run_dir) / best["checkpoint"]
-    return found[-1]
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -259,7 +234,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         return ((cfg.max_steps is not None and s["step"] >= cfg.max_steps)
                 or (cfg.max_epochs is not None and s["epoch"] >= cfg.max_epochs)
-                or (cfg.max_minutes is not None and s["elapsed"] >= 60 * cfg.max_minutes))
+                or (cfg.max_minutes is not None and s["elapsed"] >= 60 * cfg.max_minutes)
+                or (cfg.max_cpu_minutes is not None and s.get("cpu_s", 0.0) >= 60 * cfg.max_cpu_minutes))
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
@@ -346,7 +322,7 @@ class Trainer:
         window_loss, window_tokens, window_steps, window_skipped = 0.0, 0, 0, 0
         t_window = time.perf_counter()
         result: dict = {}
-        t_last = time.perf_counter()
+        t_last, cpu_last = time.perf_counter(), time.process_time()
         while not self._done():
             lr = learning_rate(cfg, s["step"] + 1, total)
             for group in self.optimizer.param_groups:
@@ -359,6 +335,11 @@ class Trainer:
             t_last = now
             if self.parallel is not None and cfg.max_minutes is not None:  # all ranks stop together
                 s["elapsed"] = self.parallel.agree(s["elapsed"])
+            cpu_now = time.process_time()  # CPU time of this process (all its threads), the same way
+            s["cpu_s"] = s.get("cpu_s", 0.0) + cpu_now - cpu_last
+            cpu_last = cpu_now
+            if self.parallel is not None and cfg.max_cpu_minutes is not None:
+                s["cpu_s"] = self.parallel.agree(s["cpu_s"])
             if math.isfinite(loss):
                 window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens += n_tokens

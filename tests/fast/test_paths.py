@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import aiayn.model
-from aiayn import kernels
 from aiayn.config import ModelConfig
 from aiayn.data.batching import Batch
 from aiayn.decode import beam_search, generate, greedy

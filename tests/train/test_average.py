@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from aiayn.average import average_checkpoints
-from aiayn.checkpoint import CheckpointError, load_model_dir
+from aiayn.checkpoint import CheckpointError, checkpoints, load_model_dir
 from aiayn.cli import main
-from aiayn.train.loop import checkpoints
 
 from train import tiny
 

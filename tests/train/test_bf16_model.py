@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from aiayn.model import build_model
-from aiayn.train.loop import Bf16Twin, checkpoints
+from aiayn.checkpoint import checkpoints
+from aiayn.train.loop import Bf16Twin
 
 from train import tiny
 

@@ -27,8 +27,7 @@ import pytest
 import torch
 
 from aiayn import cli
-from aiayn.checkpoint import load_model_dir
-from aiayn.train.loop import best_checkpoint
+from aiayn.checkpoint import best_checkpoint, load_model_dir
 
 from train import tiny
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aiayn.checkpoint import recover
-from aiayn.train.loop import checkpoints
+from aiayn.checkpoint import checkpoints, recover
 
 from train import tiny
 

@@ -13,7 +13,8 @@ import torch
 
 from aiayn.checkpoint import load_checkpoint
 from aiayn.tasks.translation import TranslationTask
-from aiayn.train.loop import TrainingError, best_checkpoint, checkpoints
+from aiayn.checkpoint import best_checkpoint, checkpoints
+from aiayn.train.loop import TrainingError
 
 from train import tiny
 

@@ -9,7 +9,7 @@ import torch
 
 from aiayn.cli import main
 from aiayn.tasks.translation import TranslationTask
-from aiayn.train.loop import checkpoints
+from aiayn.checkpoint import checkpoints
 
 from train import tiny
 
