@@ -25,7 +25,6 @@ time and shards written one at a time, so preparing takes memory for one shard, 
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import os
@@ -53,14 +52,13 @@ def iter_lines(path: Path | str) -> Iterator[str]:
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
-    stream = gzip.open(path, "rb") if gz else open(path, "rb")
-    with stream, io.TextIOWrapper(stream, encoding="utf-8", newline="\n") as text:
-        n = 0
+    n = 0
+    with gzip.open(path, "rb") if gz else open(path, "rb") as stream:
         try:
-            for n, line in enumerate(text, 1):
-                yield line.rstrip("\n")
+            for n, raw in enumerate(stream, 1):  # decoded line by line: an error names its line
+                yield raw.decode("utf-8").rstrip("\n")
         except UnicodeDecodeError:
-            raise DataError(f"{path}, line {n + 1}: invalid UTF-8") from None
+            raise DataError(f"{path}, line {n}: invalid UTF-8") from None
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: corrupt gzip file ({e})") from None
 

@@ -169,11 +169,11 @@ class Parallel:
                         fully_shard(module.cross_attn)
                         register_fsdp_forward_method(module.cross_attn, "kv_projection")
                     fully_shard(module)
-            fully_shard(runner)
+            fully_shard(runner)  # the rest (embeddings, generator, final norm) in the root group
             # FSDP2 warns that a group returning a view would lose its backward hook to an in-place
             # op on that view; the model makes none (tests/train/test_distributed.py checks FSDP's
             # gradients against one process's)
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # the rest (embeddings, generator, final norms) in the root group
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             self.runner = runner
         else:
             ids = None if torch.device(self.device).type == "cpu" else [torch.device(self.device)]

@@ -13,7 +13,7 @@ import torch
 from aiayn import cli
 from aiayn.data.batching import token_batches
 from aiayn.data.corpus import DataError
-from aiayn.data.prepared import Prepared, TokenArray, length_batches, prepare_lm, prepare_translation
+from aiayn.data.prepared import Prepared, TokenArray, iter_lines, length_batches, prepare_lm, prepare_translation
 from aiayn.data.tokenizer import CharTokenizer
 from aiayn.model import build_model
 from aiayn.tasks.lm import LMTask, split_ids
@@ -102,6 +102,9 @@ def test_bad_input_is_one_clear_error(tmp_path, prepared, capsys):
     assert not (tmp_path / "p2").exists() and not list(tmp_path.glob("*.tmp-prepare"))
     with pytest.raises(DataError, match="not empty"):
         prepare_translation(prepared.dir, src, tgt, src, tgt, tiny.tokenizer())
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match="bad.txt, line 2: invalid UTF-8"):
+        list(iter_lines(tmp_path / "bad.txt"))
     with pytest.raises(DataError, match="prepared for translation, not lm"):
         Prepared(prepared.dir, "lm")
     meta = json.loads((prepared.dir / "prepared.json").read_text())
@@ -112,3 +115,24 @@ def test_bad_input_is_one_clear_error(tmp_path, prepared, capsys):
     assert "not a prepared corpus" in capsys.readouterr().err
     assert cli.main(["prepare", "translation", "--train-src", str(src), "--out", str(tmp_path / "p3")]) == 2
     assert "give --train-src, --train-tgt" in capsys.readouterr().err
+
+
+def test_the_commands_prepare_train_and_resume(tmp_path):
+    src, tgt = tiny.write_corpus(tmp_path, tiny.TRAIN, "train")
+    val_src, val_tgt = tiny.write_corpus(tmp_path, tiny.VAL, "val")
+    tiny.tokenizer().save(tmp_path)  # --tokenizer reuses a directory's tokenizer
+    prep, run = tmp_path / "prep", tmp_path / "run"
+    assert cli.main(["prepare", "translation", "--train-src", str(src), "--train-tgt", str(tgt), "--val-src",
+                     str(val_src), "--val-tgt", str(val_tgt), "--tokenizer", str(tmp_path), "--out", str(prep)]) == 0
+    train = ["train", "translation", "--prepared", str(prep), "--preset", "tiny", "--max-tokens", "256",
+             "--precision", "fp32", "--eval-every", "2", "--log-every", "1", "--quiet", "--out", str(run)]
+    assert cli.main([*train, "--max-steps", "2"]) == 0
+    assert json.loads((run / "run.json").read_text())["prepared"] == str(prep.resolve())
+    assert cli.main(["train", "translation", "--resume", "--max-steps", "3", "--quiet", "--out", str(run)]) == 0
+    assert [r[0] for r in tiny.train_rows(run)] == [1, 2, 3]
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{s}\n" for s, _ in tiny.TRAIN[:60]), encoding="utf-8")
+    assert cli.main(["prepare", "lm", "--data", str(text), "--out", str(tmp_path / "lm")]) == 0
+    assert cli.main(["train", "lm", "--prepared", str(tmp_path / "lm"), "--n-layers", "1", "--d-model", "32",
+                     "--n-heads", "2", "--context", "16", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2",
+                     "--precision", "fp32", "--quiet", "--out", str(tmp_path / "lmrun")]) == 0

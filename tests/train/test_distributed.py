@@ -189,3 +189,17 @@ def test_vision_training_refuses_several_ranks(monkeypatch, tmp_path, capsys):
     assert cli.main(["train", "vit", "--out", str(tmp_path / "run")]) == 2
     assert "train vit runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_each_rank_takes_every_nth_example_and_an_empty_share_weighs_nothing():
+    from aiayn.train.distributed import Parallel
+
+    ranks = []
+    for rank in range(3):
+        p = Parallel.__new__(Parallel)  # no process group: shard() is pure
+        p.rank, p.world = rank, 3
+        ranks.append(p)
+    batch = list(range(7))
+    assert [p.shard(batch) for p in ranks] == [([0, 3, 6], True), ([1, 4], True), ([2, 5], True)]
+    assert ranks[2].shard([9, 8]) == ([9], False)  # a copy of one example, with weight 0
+    assert ranks[1].shard(torch.tensor([5, 6]))[0].tolist() == [6]  # LM batches are tensors
