@@ -262,11 +262,13 @@ def tables(out: Path) -> str:
         rows = [r for r in res.values() if r.get("pairs") == n]
         lines += [f"EN->FR, {n:,} training pairs, {rows[0]['cpu_minutes']} CPU-minutes each, test_2016_flickr "
                   "(beam 4):", "",
-                  "| arm | trainable params | steps | CPU s | sacreBLEU | chrF |", "|---|---:|---:|---:|---:|---:|"]
+                  "| arm | trainable params | peak lr | steps | CPU s | sacreBLEU | chrF |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for arm in {**ARMS, **MORE_ARMS}:
             r = next((r for r in rows if r["arm"] == arm), None)
             if r:
-                lines.append(f"| {arm} | {r['trainable']:,} | {r['steps']} | {r['cpu_s']:.0f} | {r['bleu']:.2f} | "
+                lr = r["options"][r["options"].index("--lr") + 1]
+                lines.append(f"| {arm} | {r['trainable']:,} | {lr} | {r['steps']} | {r['cpu_s']:.0f} | {r['bleu']:.2f} | "
                              f"{r['chrf']:.2f} |")
         lines.append("")
     if "lm-base" in res:
