@@ -284,7 +284,7 @@ def speed(out: Path, n_sentences: int = 300, batch: int = 50, rounds: int = 5) -
 def tables(out: Path) -> str:
     res = {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
     cpu = _cpu()
-    lines = [f"CPU: {cpu}, 1 thread (OMP_NUM_THREADS=1, taskset -c 1)", ""]
+    lines = [f"CPU: {cpu}, one thread pinned to one core (OMP_NUM_THREADS=1, taskset), shared with other work", ""]
     for n in sorted({r["pairs"] for r in res.values() if "pairs" in r}):
         rows = [r for r in res.values() if r.get("pairs") == n]
         lines += [f"EN->FR, {n:,} training pairs, {rows[0]['cpu_minutes']} CPU-minutes each, test_2016_flickr "
