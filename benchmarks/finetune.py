@@ -227,8 +227,7 @@ def speed(out: Path, n_sentences: int = 300, batch: int = 50, rounds: int = 5) -
     from aiayn.checkpoint import load_model_dir
     from aiayn.data.corpus import multi30k
     from aiayn.finetune import apply_adapter
-    from aiayn.inference import inference_model
-    from aiayn.translate import translate
+    from aiayn.translate import inference_model, translate  # (inference_model: where decoding takes it from)
 
     if done(out, "speed"):
         return
