@@ -127,7 +127,7 @@ def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str =
         by_task.setdefault(read_adapter(path)[0].task, []).append(path)
     for task, wanted in (("translation", translation_dir), ("lm", lm_dir)):
         if by_task.get(task) and wanted is None:
-            raise ValueError(f"{by_task[task][0]}: an adapter for a {task} model, and no {task} model is served")
+            raise InputError(f"{by_task[task][0]}: an adapter for a {task} model, and no {task} model is served")
     translation = lm = None
     if translation_dir is not None:
         model, tokenizer, extra, _ = load_model(translation_dir, "translation", device)
