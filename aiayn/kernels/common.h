@@ -1,11 +1,13 @@
-/* What aiayn's C kernels share (decode_step.c, train_step.c): bf16 <-> fp32, a vectorizable exp,
- * 16-float vectors, prefetching, and argument addresses. */
+/* What aiayn's C kernels share (decode_step.c, train_step.c): their argument structs and limits
+ * (abi.h), bf16 <-> fp32, a vectorizable exp, 16-float vectors, prefetching. */
 #ifndef AIAYN_KERNELS_COMMON_H
 #define AIAYN_KERNELS_COMMON_H
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "abi.h"
 
 typedef uint16_t bf16;
 
@@ -19,16 +21,18 @@ static inline void to_bf16(bf16 *p, float x) {  /* round to nearest even, as PyT
 
 /* exp(x) for x <= 0, as a loop the compiler vectorizes (libm's expf is a call per element: a third
  * of this kernel's time with it): 2^n p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor
- * polynomial (relative error < 1e-7 before rounding); 0 below -87 (exp(-87) < 2e-38), and for -inf. */
+ * polynomial (relative error < 1e-7 before rounding); 0 below -87 (exp(-87) < 2e-38), and for -inf;
+ * NaN for NaN (a positive x counts as 0). x is clamped into [-87, 0] first (NaN to -87), so that the
+ * conversion of n to an integer is always in range: converting NaN or a huge float is undefined. */
 static inline float exp_nonpositive(float x) {
-    const float xc = x < -87.f ? -87.f : x;
+    const float xc = x > -87.f ? (x < 0.f ? x : 0.f) : -87.f;
     const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest: 1.5 * 2^23 */
     const float r = xc - n * 0.693145752f - n * 1.42860677e-6f;    /* ln 2 in two parts */
     const float p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                     + r * (1.f / 720 + r * (1.f / 5040)))))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
+    const int32_t bits = ((int32_t)n + 127) << 23;  /* n in [-126, 0] */
     float two_n; memcpy(&two_n, &bits, 4);
-    return x < -87.f ? 0.f : p * two_n;
+    return x < -87.f ? 0.f : x == x ? p * two_n : x;
 }
 
 /* 16 floats as one value: GCC/Clang vector extensions, lowered to whatever the CPU has (one AVX-512
@@ -67,12 +71,14 @@ static inline f32x16 pick16(i32x16 mask, f32x16 yes, f32x16 no) {
     f32x16 v; memcpy(&v, &y, 64); return v;
 }
 
+/* The larger of a and b, NaN if either is (a softmax's maximum: a NaN score makes its row NaN, as in
+ * PyTorch, rather than being skipped). */
+static inline float max_nan(float a, float b) { return a > b || a != a ? a : b; }
+
 /* Asks for n rows of `bytes` at a stride of `stride` bytes to be brought into the caches. */
 static inline void prefetch_rows(const void *p, int64_t n, int64_t stride, int64_t bytes) {
     for (int64_t r = 0; r < n; r++)
         for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + r * stride + c);
 }
-
-#define PTR(T, address) ((T *)(intptr_t)(address))
 
 #endif
