@@ -71,8 +71,9 @@ static inline f32x16 pick16(i32x16 mask, f32x16 yes, f32x16 no) {
     f32x16 v; memcpy(&v, &y, 64); return v;
 }
 
-/* The larger of a and b, NaN if either is (a softmax's maximum: a NaN score makes its row NaN, as in
- * PyTorch, rather than being skipped). */
+/* The larger of a and b, NaN if either is: a softmax's maximum, so that a NaN score makes its output
+ * NaN, as the arithmetic (and PyTorch's math attention) gives, rather than being skipped. (PyTorch's
+ * fused CPU attention gives zeros where every score of a query is NaN.) */
 static inline float max_nan(float a, float b) { return a > b || a != a ? a : b; }
 
 /* Asks for n rows of `bytes` at a stride of `stride` bytes to be brought into the caches. */

@@ -54,7 +54,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         }                                                                                             \
         if (m && !m[s]) d = -INFINITY;                                                                \
         scores[s] = d;                                                                                \
-        top = max_nan(d, top);  /* a NaN score: a NaN row, as PyTorch gives */                       \
+        top = max_nan(d, top);  /* a NaN score: a NaN output (see max_nan) */                          \
     }                                                                                                 \
     if (top == -INFINITY) {  /* nothing to attend to */                                               \
         for (int64_t j = 0; j < dh; j++) STORE(o + j, 0.f);                                           \
@@ -186,12 +186,13 @@ DEFINE_ADD_NORM(add_norm_bf16, bf16, from_bf16, to_bf16)
 
 /* Greedy search's next tokens: out[r] = the first index of row r's maximum, never one of the
  * n_banned ids in `banned` (padding; EOS before a minimum length). PyTorch's argmax over (64, 8000)
- * rows takes ~290 us on one core, this ~40. NaN is never a maximum here (PyTorch's argmax takes
- * it): a row of NaN or -inf gets its first allowed id, a row with every id banned -1. With record !=
- * NULL, it also writes the token at record[rows_of[r] * record_stride + column] (the sentence's
- * output; rows_of[r] outside [0, record_rows): not written) and sets `done` to how many rows are
- * done: their token is `eos` or their output reached limits[r] tokens with this one (step_len).
- * Arguments: argmax_args (abi.h). */
+ * rows takes ~290 us on one core, this ~40. A NaN is never chosen (PyTorch's argmax takes the first
+ * NaN, which would cost this scan a second test per logit, 10-20% of its time): a row of NaN and
+ * -inf gets its first allowed id, a row with every id banned -1. With record != NULL, it also writes
+ * the token at record[rows_of[r] * record_stride + column] (the sentence's output; rows_of[r]
+ * outside [0, record_rows): not written) and sets `done` to how many rows are done: their token is
+ * `eos` or their output reached limits[r] tokens with this one (step_len). Arguments: argmax_args
+ * (abi.h). */
 static int argmax_check(const argmax_args *a) {
     AIAYN_REQUIRE(a->x && a->out && (a->banned || a->n_banned == 0) && (!a->record || (a->rows_of && a->limits)),
                   AIAYN_NULL_POINTER);
@@ -227,7 +228,7 @@ int NAME(argmax_args *a)                                                        
                     if (v > best || at < 0) {                                                         \
                         int skip = 0;                                                                 \
                         for (int64_t i = 0; i < n_banned; i++) skip |= banned[i] == j;                \
-                        if (!skip) { best = v; at = j; }                                              \
+                        if (!skip) { best = v > best ? v : best; at = j; }  /* never best = NaN */    \
                     }                                                                                 \
                 }                                                                                     \
         }                                                                                             \
