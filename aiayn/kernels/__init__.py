@@ -127,11 +127,12 @@ class _Field(ctypes.Structure):  # abi.h's aiayn_field
                 ("size", ctypes.c_int64)]
 
 
-def _kind(ctype_or_c_type) -> str:
-    """pointer, int64 or float: a ctypes type's kind, or a C type's (as abi.h spells it)."""
-    if isinstance(ctype_or_c_type, str):
-        return "pointer" if "*" in ctype_or_c_type else {"int64_t": "int64", "float": "float"}.get(ctype_or_c_type, ctype_or_c_type)
-    return {ctypes.c_void_p: "pointer", ctypes.c_int64: "int64", ctypes.c_float: "float"}[ctype_or_c_type]
+_KINDS = {ctypes.c_void_p: "pointer", ctypes.c_int64: "int64", ctypes.c_float: "float"}  # a field's ctypes type
+
+
+def _c_kind(c_type: str) -> str:
+    """pointer, int64 or float: the kind of a C type as abi.h spells it ("const void *", "int64_t", "float")."""
+    return "pointer" if c_type.endswith("*") else {"int64_t": "int64", "float": "float"}.get(c_type, c_type)
 
 
 def _abi_mismatch(library: ctypes.CDLL) -> str | None:
@@ -155,8 +156,8 @@ def _abi_mismatch(library: ctypes.CDLL) -> str | None:
         theirs = []
         while table[len(theirs)].name is not None:
             f = table[len(theirs)]
-            theirs.append((f.name.decode(), _kind(f.type.decode()), f.offset, f.size))
-        ours = [(name, _kind(ctype), getattr(struct, name).offset, getattr(struct, name).size)
+            theirs.append((f.name.decode(), _c_kind(f.type.decode()), f.offset, f.size))
+        ours = [(name, _KINDS[ctype], getattr(struct, name).offset, getattr(struct, name).size)
                 for name, ctype in struct._fields_]
         if theirs != ours or size.value != ctypes.sizeof(struct):
             diff = next((f"{t} against {o}" for t, o in zip(theirs, ours) if t != o),

@@ -2,12 +2,13 @@
  *
  * - Every kernel takes one argument, a pointer to its own struct below, and returns an aiayn_status:
  *   AIAYN_OK, or why it refused the call. Each checks its sizes, limits, strides and required
- *   pointers once per call, before any work: a refused call has written nothing.
+ *   pointers once per call, before any work: a refused call has written nothing. (Python falls back
+ *   to PyTorch's operators where a wrapper may decline, raises MemoryError or KernelError elsewhere.)
  * - Each struct is declared once, as a list of (type, name): AIAYN_<KERNEL>_ARGS below (an X-macro).
  *   From it come the C typedef and a table of every field's name, type, offset and size (abi.c,
- *   aiayn_abi_fields). When Python loads the library it compares that table, field by field, and
- *   AIAYN_ABI_VERSION with its ctypes.Structure mirrors: any difference, and the library is not used
- *   (one RuntimeWarning; PyTorch's operators run, as after a failed build).
+ *   aiayn_abi_fields). When Python loads the library it compares that table, field by field, the
+ *   status names and AIAYN_ABI_VERSION with its own (ctypes.Structure mirrors): any difference, and
+ *   the library is not used (one RuntimeWarning; PyTorch's operators run, as after a failed build).
  * - Fields come in this order: pointers (typed where the kernel's element type is fixed, `void *`
  *   where it is the variant's: fp32 for `_f32`, bf16 for `_bf16`), int64 sizes and strides (in
  *   elements), floats. NULL is 0. What a kernel cannot check (that a pointer addresses as many
@@ -172,8 +173,8 @@ AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
 
 /* The entry points: <kernel>_f32 and <kernel>_bf16 (the residual norm also _f32_bf16: an fp32 stream,
  * a bf16 sublayer output, as under autocast). argmax writes its `done`: its struct is not const. */
-#define AIAYN_ENTRY(kernel, ...) int kernel##_f32(__VA_ARGS__ kernel##_args *); int kernel##_bf16(__VA_ARGS__ kernel##_args *);
-AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax) AIAYN_ENTRY(embed, const)
+#define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
+AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
 AIAYN_ENTRY(beam, const) AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)

@@ -54,10 +54,11 @@ static inline __attribute__((always_inline)) void NAME(                         
         }                                                                                             \
         if (m && !m[s]) d = -INFINITY;                                                                \
         scores[s] = d;                                                                                \
-        top = max_nan(d, top);  /* a NaN score: a NaN output (see max_nan) */                          \
+        top = d > top ? d : top;                                                                      \
     }                                                                                                 \
-    if (top == -INFINITY) {  /* nothing to attend to */                                               \
-        for (int64_t j = 0; j < dh; j++) STORE(o + j, 0.f);                                           \
+    if (top == -INFINITY) {  /* nothing to attend to: zeros (NaN if a score is) */                    \
+        const float zero = any_nan(scores, t) ? NAN : 0.f;                                            \
+        for (int64_t j = 0; j < dh; j++) STORE(o + j, zero);                                          \
         return;                                                                                       \
     }                                                                                                 \
     float total = 0.f;                                                                                \
@@ -97,7 +98,7 @@ static int attend_check(const attend_args *a) {
 }
 
 #define DEFINE_ATTEND(NAME, ONE, T)                                                                   \
-int NAME(const attend_args *a)                                                                        \
+HOT int NAME(const attend_args *a)                                                                    \
 {                                                                                                     \
     const int status = attend_check(a);                                                               \
     if (status != AIAYN_OK) return status;                                                            \
@@ -157,7 +158,7 @@ static int add_norm_check(const add_norm_args *a) {
 }
 
 #define DEFINE_ADD_NORM(NAME, T, LOAD, STORE)                                                         \
-int NAME(const add_norm_args *a)                                                                      \
+HOT int NAME(const add_norm_args *a)                                                                  \
 {                                                                                                     \
     const int status = add_norm_check(a);                                                             \
     if (status != AIAYN_OK) return status;                                                            \
@@ -204,7 +205,7 @@ static int argmax_check(const argmax_args *a) {
 }
 
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                                  \
-int NAME(argmax_args *a)                                                                              \
+HOT int NAME(argmax_args *a)                                                                          \
 {                                                                                                     \
     const int status = argmax_check(a);                                                               \
     if (status != AIAYN_OK) return status;                                                            \
@@ -228,7 +229,7 @@ int NAME(argmax_args *a)                                                        
                     if (v > best || at < 0) {                                                         \
                         int skip = 0;                                                                 \
                         for (int64_t i = 0; i < n_banned; i++) skip |= banned[i] == j;                \
-                        if (!skip) { best = v > best ? v : best; at = j; }  /* never best = NaN */    \
+                        if (!skip) { best = v == v ? v : best; at = j; }  /* best is never NaN */     \
                     }                                                                                 \
                 }                                                                                     \
         }                                                                                             \
@@ -258,7 +259,7 @@ static int embed_check(const embed_args *a) {
 }
 
 #define DEFINE_EMBED(NAME, T, LOAD, STORE)                                                            \
-int NAME(const embed_args *a)                                                                         \
+HOT int NAME(const embed_args *a)                                                                     \
 {                                                                                                     \
     const int status = embed_check(a);                                                                \
     if (status != AIAYN_OK) return status;                                                            \
@@ -294,7 +295,7 @@ static int beam_check(const beam_args *a) {
 }
 
 #define DEFINE_BEAM(NAME, T, LOAD)                                                                    \
-int NAME(const beam_args *a)                                                                          \
+HOT int NAME(const beam_args *a)                                                                      \
 {                                                                                                     \
     const int status = beam_check(a);                                                                 \
     if (status != AIAYN_OK) return status;                                                            \

@@ -173,30 +173,31 @@ INLINE void weighted_sum(float *out, const float *w, int64_t ws, const float *ro
     for (int64_t j = 0; j < dh; j++) out[j] *= scale;
 }
 
-/* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop), clamped as it
- * is: NaN to -87 before the conversion to integers, and NaN again in the result. */
+/* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop), 2^n from the
+ * rounded float's bits as there (a conversion to integers is undefined for NaN). */
 INLINE f32x16 exp16_nonpositive(f32x16 x) {
     const f32x16 zero = {0};
     const i32x16 low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
-    const f32x16 xc = pick16(x > -87.f, pick16(x < 0.f, x, zero), zero - 87.f);
-    const f32x16 n = (xc * 1.44269504f + 12582912.f) - 12582912.f;
+    const f32x16 xc = pick16(low, zero - 87.f, x);
+    const f32x16 big = xc * 1.44269504f + 12582912.f, n = big - 12582912.f;
     const f32x16 r = xc - n * 0.693145752f - n * 1.42860677e-6f;
     const f32x16 p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                      + r * (1.f / 720 + r * (1.f / 5040)))))));
-    const i32x16 two_n = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    u32x16 two_n;
+    memcpy(&two_n, &big, 64);
+    two_n = (two_n - 0x4B400000u + 127u) << 23;
     f32x16 scale;
     memcpy(&scale, &two_n, 64);
-    return pick16(x != x, x, pick16(low, zero, p * scale));
+    return pick16(low, zero, p * scale);  /* NaN where x is: r and p are */
 }
 
-/* The lanes' maxima, and the maximum of 16 lanes, NaN where a lane is (max_nan, common.h). */
-INLINE f32x16 max16v(f32x16 a, f32x16 b) { return pick16((a > b) | (a != a), a, b); }
+INLINE f32x16 max16v(f32x16 a, f32x16 b) { return pick16(a > b, a, b); }
 
 INLINE float max16(f32x16 v) {
     f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
-    for (int j = 0; j < 8; j++) a[j] = max_nan(a[j], b[j]);
+    for (int j = 0; j < 8; j++) a[j] = a[j] > b[j] ? a[j] : b[j];
     float m = a[0];
-    for (int j = 1; j < 8; j++) m = max_nan(a[j], m);
+    for (int j = 1; j < 8; j++) m = a[j] > m ? a[j] : m;
     return m;
 }
 
@@ -220,9 +221,10 @@ INLINE void forward_one(const float *q, const float *k, const float *v, const ui
         f32x16 top = load16_f32(et);
         for (int64_t s = 16; s < padded; s += 16) top = max16v(load16_f32(et + s), top);
         const float most = max16(top);
-        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights */
-            memset(pt, 0, sizeof(float) * ns);
-            memset(et, 0, sizeof(float) * padded);
+        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
+            const float fill = any_nan(et, ns) ? NAN : 0.f;
+            for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
+            memcpy(pt, et, sizeof(float) * ns);
             continue;
         }
         f32x16 sum = {0};
