@@ -355,7 +355,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     """softmax(q k^T / sqrt(Dh) + mask) v for q (B, H, T, Dh) and k, v (b, H, S, Dh), where each
     group of B / b consecutive rows of q attends to one row of k and v; mask (b, 1, 1, S) boolean,
     True = may attend. Returns (B, H, T, Dh), a view of a (B, T, H, Dh) tensor: merging the heads
-    after it is free. No gradient; the caller checks `supports` first."""
+    after it is free. No gradient; the caller checks `supports` first (else KernelError, nothing written)."""
     B, H, T, Dh = q.shape
     out = q.new_empty(B, T, H, Dh)
     _run(q, q.stride()[:3], k, v, mask, out, out.stride()[:3], B, H, T, k.size(2), Dh)
