@@ -22,18 +22,19 @@ static inline void to_bf16(bf16 *p, float x) {  /* round to nearest even, as PyT
 /* exp(x) for x <= 0, as a loop the compiler vectorizes (libm's expf is a call per element: a third
  * of this kernel's time with it): 2^n p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor
  * polynomial (relative error < 1e-7 before rounding); 0 below -87 (exp(-87) < 2e-38), and for -inf;
- * NaN for NaN (and for +inf, outside its domain). n is rounded by adding 1.5 * 2^23, whose float then
- * holds 0x4B400000 + n in its bits: 2^n's exponent comes from those bits, read as an unsigned integer,
- * not from converting n to an int, which is undefined for NaN (or a float out of the int's range). */
+ * NaN for NaN (and for +inf, outside its domain). n is rounded by adding 1.5 * 2^23 + 127, whose float
+ * then holds 0x4B400000 + n + 127 in its bits, the low 9 of them n + 127: shifted left by 23, 2^n. So
+ * the bits are read as an unsigned integer (defined for any float; p is NaN for NaN) where converting
+ * n to an int would be undefined for NaN, and one instruction longer. */
 static inline float exp_nonpositive(float x) {
     const float xc = x < -87.f ? -87.f : x;
-    const float big = xc * 1.44269504f + 12582912.f;           /* 1.5 * 2^23 + round(x / ln 2) */
-    const float n = big - 12582912.f;
+    const float big = xc * 1.44269504f + 12583039.f;           /* 1.5 * 2^23 + 127 + round(x / ln 2) */
+    const float n = big - 12583039.f;
     const float r = xc - n * 0.693145752f - n * 1.42860677e-6f;  /* ln 2 in two parts */
     const float p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                     + r * (1.f / 720 + r * (1.f / 5040)))))));
     uint32_t bits; memcpy(&bits, &big, 4);
-    bits = (bits - 0x4B400000u + 127u) << 23;  /* (n + 127) << 23; any bits for NaN, and p is NaN then */
+    bits <<= 23;  /* (n + 127) << 23, n in [-126, 0] */
     float two_n; memcpy(&two_n, &bits, 4);
     return x < -87.f ? 0.f : p * two_n;
 }

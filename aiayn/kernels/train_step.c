@@ -179,13 +179,13 @@ INLINE f32x16 exp16_nonpositive(f32x16 x) {
     const f32x16 zero = {0};
     const i32x16 low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
     const f32x16 xc = pick16(low, zero - 87.f, x);
-    const f32x16 big = xc * 1.44269504f + 12582912.f, n = big - 12582912.f;
+    const f32x16 big = xc * 1.44269504f + 12583039.f, n = big - 12583039.f;
     const f32x16 r = xc - n * 0.693145752f - n * 1.42860677e-6f;
     const f32x16 p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                      + r * (1.f / 720 + r * (1.f / 5040)))))));
     u32x16 two_n;
     memcpy(&two_n, &big, 64);
-    two_n = (two_n - 0x4B400000u + 127u) << 23;
+    two_n <<= 23;
     f32x16 scale;
     memcpy(&scale, &two_n, 64);
     return pick16(low, zero, p * scale);  /* NaN where x is: r and p are */
