@@ -7,7 +7,9 @@ step: attention and the post-norm residual (dropout + LayerNorm), forward and ba
 masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no PyTorch headers),
 compiled with the system's C compiler for this CPU (-march=native, capped like oneDNN by
 ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) into a cache directory, and called through ctypes, which
-releases the GIL.
+releases the GIL. Each kernel takes one struct of named, typed arguments and returns a status
+(abi.h states the contract); the structs' ctypes mirrors are below, compared field by field with
+the library's own table when it loads, and the kernels' limits are read from it.
 
 Whether a kernel pays depends on the CPU (on an AVX2-only one the training attention and the loss
 lose to PyTorch), so each family is timed against PyTorch's operators on this machine the first
@@ -32,9 +34,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import warnings
-from array import array as _array
+from enum import IntEnum
 from pathlib import Path
 
 import torch
@@ -44,13 +45,12 @@ from aiayn import capability
 from aiayn.kernels import tuning
 
 log = logging.getLogger(__name__)
-_ARGS = threading.local()  # each thread's last argument array
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_step.c", HERE / "train_step.c")  # one library; both include common.h
-MAX_KEYS, MAX_HEAD_DIM = 4096, 1024  # the C side's buffers
+SOURCES = (HERE / "decode_step.c", HERE / "train_step.c", HERE / "abi.c")  # one library
+HEADERS = (HERE / "common.h", HERE / "abi.h")
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
-MAX_ROW = 16384  # add_layer_norm's widest row
+_LIMITS: dict[str, int] = {}  # MAX_KEYS, MAX_HEAD_DIM, MAX_ROW: abi.h's, read from the library when it loads
 _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (train_step.c), then portable
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
@@ -58,6 +58,112 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
     ["-O2"],
 )
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
+
+
+def __getattr__(name: str) -> int:
+    """MAX_KEYS (keys per attention row), MAX_HEAD_DIM, MAX_ROW (add_layer_norm's row): the C side's
+    limits (abi.h), read from the library; an AttributeError where it is not built."""
+    if name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW"):
+        if _library() is None:
+            raise AttributeError(f"{name}: aiayn's C kernels are not built here")
+        return _LIMITS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------- the boundary
+ABI_VERSION = 1  # abi.h's AIAYN_ABI_VERSION
+
+
+class Status(IntEnum):
+    """What a kernel returns (abi.h's aiayn_status; the names are checked against the library's)."""
+    OK = 0
+    NULL_POINTER = 1  # a pointer it needs is NULL
+    BAD_SIZE = 2      # a size is negative, zero or inconsistent
+    OVER_LIMIT = 3    # a size is over MAX_KEYS, MAX_HEAD_DIM or MAX_ROW
+    BAD_STRIDE = 4    # a stride is negative or shorter than its row
+    BAD_INDEX = 5     # an id (token, target, EOS) is out of range
+    NO_MEMORY = 6     # its scratch could not be allocated
+
+
+class KernelError(RuntimeError):
+    """A kernel refused its arguments: this module broke abi.h's contract (a bug), caught by the kernel
+    before it touched any memory."""
+
+
+def _struct(kernel: str, pointers: str, sizes: str, floats: str = "") -> type[ctypes.Structure]:
+    """The ctypes mirror of abi.h's `<kernel>_args`: its pointers, int64 sizes and strides, and floats,
+    by name and in order. A misspelt keyword raises (__slots__); the fields are compared with the
+    library's table of the C struct when it loads."""
+    fields = ([(n, ctypes.c_void_p) for n in pointers.split()] + [(n, ctypes.c_int64) for n in sizes.split()]
+              + [(n, ctypes.c_float) for n in floats.split()])
+    return type(f"{kernel}_args", (ctypes.Structure,), {"__slots__": (), "_fields_": fields})
+
+
+_ATTENTION_STRIDES = "qs_b qs_t ks_b ks_s vs_b vs_s"
+_STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
+    "attend": _struct("attend", "q k v mask out k_new v_new",
+                      "B H n_queries t dh group qs_b qs_h qs_i ks_b ks_h ks_t vs_b vs_h vs_t ms_b os_b os_i os_h "
+                      "kn_b kn_h vn_b vn_h", "scale"),
+    "add_norm": _struct("add_norm", "x y weight bias out", "rows n xs ys os", "eps"),
+    "argmax": _struct("argmax", "x banned out record rows_of limits",
+                      "rows n xs n_banned record_stride record_rows column eos step_len done"),
+    "embed": _struct("embed", "tokens table positions out", "rows length vocab n", "scale"),
+    "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams",
+                    "sentences r V xs n n_forbid eos eos_banned"),
+    "attention_forward": _struct("attention_forward", "q k v mask out probs",
+                                 f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
+    "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
+                                  f"B H nt ns dh {_ATTENTION_STRIDES} gs_b gs_t dqs_b dqs_t dks_b dks_s dvs_b dvs_s "
+                                  "threads", "scale"),
+    "dropout_mask": _struct("dropout_mask", "mask", "n seed threshold threads", "scale"),
+    "residual_norm_forward": _struct("residual_norm_forward", "x y mask w b out z stats", "rows n threads", "eps"),
+    "residual_norm_backward": _struct("residual_norm_backward", "dout z mask w stats dx dy partial", "rows n threads"),
+    "cross_entropy": _struct("cross_entropy", "logits target losses grad", "stride rows V threads", "eps scale"),
+}
+
+
+class _Field(ctypes.Structure):  # abi.h's aiayn_field
+    _fields_ = [("name", ctypes.c_char_p), ("type", ctypes.c_char_p), ("offset", ctypes.c_int64),
+                ("size", ctypes.c_int64)]
+
+
+_KINDS = {ctypes.c_void_p: "pointer", ctypes.c_int64: "int64", ctypes.c_float: "float"}  # a field's ctypes type
+
+
+def _c_kind(c_type: str) -> str:
+    """pointer, int64 or float: the kind of a C type as abi.h spells it ("const void *", "int64_t", "float")."""
+    return "pointer" if c_type.endswith("*") else {"int64_t": "int64", "float": "float"}.get(c_type, c_type)
+
+
+def _abi_mismatch(library: ctypes.CDLL) -> str | None:
+    """Where the library's boundary differs from this module's view of it (version, statuses, every
+    field of every struct: name, kind, offset, size), or None."""
+    library.aiayn_abi_version.restype = ctypes.c_int
+    if (version := library.aiayn_abi_version()) != ABI_VERSION:
+        return f"its ABI version is {version}, this module's {ABI_VERSION}"
+    library.aiayn_status_name.restype = ctypes.c_char_p
+    library.aiayn_status_name.argtypes = [ctypes.c_int]
+    for status in Status:
+        if library.aiayn_status_name(status) != status.name.encode():
+            return f"its status {int(status)} is {library.aiayn_status_name(status)!r}, not {status.name}"
+    fields = library.aiayn_abi_fields
+    fields.restype, fields.argtypes = ctypes.POINTER(_Field), [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
+    for kernel, struct in _STRUCTS.items():
+        size = ctypes.c_int64()
+        table = fields(kernel.encode(), ctypes.byref(size))
+        if not table:
+            return f"it has no {kernel}_args"
+        theirs = []
+        while table[len(theirs)].name is not None:
+            f = table[len(theirs)]
+            theirs.append((f.name.decode(), _c_kind(f.type.decode()), f.offset, f.size))
+        ours = [(name, _KINDS[ctype], getattr(struct, name).offset, getattr(struct, name).size)
+                for name, ctype in struct._fields_]
+        if theirs != ours or size.value != ctypes.sizeof(struct):
+            diff = next((f"{t} against {o}" for t, o in zip(theirs, ours) if t != o),
+                        f"{len(theirs)} fields, {size.value} bytes against {len(ours)}, {ctypes.sizeof(struct)}")
+            return f"{kernel}_args differs: (name, kind, offset, size) {diff}"
+    return None
 
 
 def enabled() -> bool:
@@ -117,7 +223,7 @@ def _build(sources: tuple[Path, ...]) -> Path | None:
     if cc is None:
         log.info("no C compiler found: aiayn uses PyTorch's operators only")
         return None
-    texts = [p.read_bytes() for p in (*sources, HERE / "common.h")]
+    texts = [p.read_bytes() for p in (*sources, *HEADERS)]
     machine = _machine_key().encode()
     failed = []  # this process's failed builds
     for flags in _flag_sets():
@@ -156,18 +262,25 @@ def _library() -> ctypes.CDLL | None:
     except OSError as e:  # a read-only home, a broken compiler, a library that will not load
         log.info("aiayn's kernels are unavailable (%s): PyTorch's operators are used", e)
         return None
-    if library is not None:
-        ptr, f32 = ctypes.c_void_p, ctypes.c_float  # every function takes its int64 arguments as one array
-        i64 = ctypes.c_int64
-        signatures = {"attend": (None, [ptr, f32]), "add_norm": (None, [ptr, f32]), "argmax": (i64, [ptr]),
-                      "embed": (i64, [ptr, f32]), "beam": (None, [ptr]),
-                      "attention_forward": (i64, [ptr, f32]), "attention_backward": (i64, [ptr, f32]),
-                      "dropout_mask": (i64, [ptr, f32]), "residual_norm_forward": (i64, [ptr, f32]),
-                      "residual_norm_backward": (i64, [ptr, f32]), "cross_entropy": (i64, [ptr, f32])}
-        for kind, (restype, argtypes) in signatures.items():
-            for suffix in (*_FUNCTIONS.values(), *(("f32_bf16",) if kind.startswith("residual_norm") else ())):
-                fn = getattr(library, f"{kind}_{suffix}")
-                fn.restype, fn.argtypes = restype, argtypes
+    if library is None:
+        return None
+    try:
+        mismatch = _abi_mismatch(library)
+    except AttributeError as e:  # a function missing
+        mismatch = str(e)
+    if mismatch is not None:
+        warnings.warn(f"aiayn's C kernels ({path}) do not match this aiayn: {mismatch}. PyTorch's operators are "
+                      "used, slower on a CPU", RuntimeWarning, stacklevel=2)
+        return None
+    for kernel, struct in _STRUCTS.items():  # every function: int f(const <kernel>_args *)
+        for suffix in (*_FUNCTIONS.values(), *(("f32_bf16",) if kernel.startswith("residual_norm") else ())):
+            fn = getattr(library, f"{kernel}_{suffix}")
+            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.POINTER(struct)]
+    library.aiayn_status_message.restype, library.aiayn_status_message.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW"):
+        getter = getattr(library, f"aiayn_{name.lower()}")
+        getter.restype = ctypes.c_int64
+        _LIMITS[name] = getter()
     return library
 
 
@@ -190,28 +303,28 @@ def _on_cpu(*tensors: Tensor) -> bool:
     return dtype in _FUNCTIONS and available() and all(t.is_cpu and t.dtype == dtype for t in tensors)
 
 
-def _call(function: str, *values: int, scalar: float = 0.0) -> int:
-    """Runs a train_step.c entry point on its int64 arguments; its status, 0 when all went well
-    (-1, its scratch could not be allocated, raises MemoryError)."""
-    status = getattr(_library(), function)(_args(*values), scalar)
-    if status == -1:
+def _call(function: str, args: ctypes.Structure, declines: tuple[Status, ...] = ()) -> bool:
+    """Runs the C function `function` (<kernel>_<f32|bf16>) on its argument struct: True when it ran,
+    False when it refused with one of `declines` (the caller then uses PyTorch's operators). Any other
+    refusal raises: MemoryError for its scratch, else KernelError (nothing was touched)."""
+    status = getattr(_library(), function)(args)
+    if status == Status.OK:
+        return True
+    if status in declines:
+        return False
+    if status == Status.NO_MEMORY:
         raise MemoryError(f"out of memory for aiayn's {function} kernel")
-    return status
-
-
-def _args(*values: int) -> int:
-    """The address of an int64 array holding `values`: the C functions' one argument besides a float
-    (kept alive until the next call from this thread, which is after the C call returns)."""
-    array = _ARGS.array = _array("q", values)
-    return array.buffer_info()[0]
+    message = _library().aiayn_status_message(status).decode()
+    raise KernelError(f"aiayn's {function} kernel refused its arguments: {message} (status {status})")
 
 
 def _takes(B: int, H: int, Dh: int, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
-    """Whether the kernel takes keys/values k, v (b, H, S, Dh) and a mask for B rows of queries."""
+    """Whether the kernel takes keys/values k, v (b, H, S, Dh) and a mask for B rows of queries (the
+    library is loaded: its limits are known)."""
     b, S = k.size(0), k.size(2)
     return (k.shape == v.shape and k.size(1) == H and k.size(3) == Dh and b > 0 and B % b == 0
-            and 0 < S <= MAX_KEYS and Dh <= MAX_HEAD_DIM and k.stride(3) == 1 and v.stride(3) == 1
-            and (mask is None or (mask.dtype == torch.bool and mask.shape == (b, 1, 1, S))))
+            and 0 < S <= _LIMITS["MAX_KEYS"] and 0 < Dh <= _LIMITS["MAX_HEAD_DIM"] and k.stride(3) == 1
+            and v.stride(3) == 1 and (mask is None or (mask.dtype == torch.bool and mask.shape == (b, 1, 1, S))))
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
@@ -221,22 +334,28 @@ def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
 
 
 def _run(q: Tensor, q_strides, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor, out_strides,
-         B: int, H: int, T: int, S: int, Dh: int, new: tuple[int, int] | None = None, new_strides=(0,) * 4) -> None:
+         B: int, H: int, T: int, S: int, Dh: int, new: tuple[int, int] | None = None, new_strides=(0,) * 4,
+         declines: tuple[Status, ...] = ()) -> bool:
     """The C function: q's (row, head, query) strides and out's (row, query, head), in elements;
-    `new`: addresses of the keys and values to append at position S - 1."""
+    `new`: addresses of the keys and values to append at position S - 1. False if it declined."""
     if mask is not None and mask.stride(3) != 1:
         mask = mask.contiguous()
-    getattr(_library(), "attend_" + _FUNCTIONS[q.dtype])(_args(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else 0, out.data_ptr(),
-        *(new or (0, 0)), B, H, T, S, Dh, B // k.size(0), *q_strides, *k.stride()[:3], *v.stride()[:3],
-        mask.stride(0) if mask is not None else 0, *out_strides, *new_strides), 1.0 / math.sqrt(Dh))
+    (k_new, v_new), (kn_b, kn_h, vn_b, vn_h) = new or (0, 0), new_strides
+    (qs_b, qs_h, qs_i), (os_b, os_i, os_h) = q_strides, out_strides
+    (ks_b, ks_h, ks_t), (vs_b, vs_h, vs_t) = k.stride()[:3], v.stride()[:3]
+    return _call("attend_" + _FUNCTIONS[q.dtype], _STRUCTS["attend"](
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), mask=mask.data_ptr() if mask is not None else 0,
+        out=out.data_ptr(), k_new=k_new, v_new=v_new, B=B, H=H, n_queries=T, t=S, dh=Dh, group=B // k.size(0),
+        qs_b=qs_b, qs_h=qs_h, qs_i=qs_i, ks_b=ks_b, ks_h=ks_h, ks_t=ks_t, vs_b=vs_b, vs_h=vs_h, vs_t=vs_t,
+        ms_b=mask.stride(0) if mask is not None else 0, os_b=os_b, os_i=os_i, os_h=os_h,
+        kn_b=kn_b, kn_h=kn_h, vn_b=vn_b, vn_h=vn_h, scale=1.0 / math.sqrt(Dh)), declines)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v for q (B, H, T, Dh) and k, v (b, H, S, Dh), where each
     group of B / b consecutive rows of q attends to one row of k and v; mask (b, 1, 1, S) boolean,
     True = may attend. Returns (B, H, T, Dh), a view of a (B, T, H, Dh) tensor: merging the heads
-    after it is free. No gradient; the caller checks `supports` first."""
+    after it is free. No gradient; the caller checks `supports` first (else KernelError, nothing written)."""
     B, H, T, Dh = q.shape
     out = q.new_empty(B, T, H, Dh)
     _run(q, q.stride()[:3], k, v, mask, out, out.stride()[:3], B, H, T, k.size(2), Dh)
@@ -257,9 +376,9 @@ def self_attention_step(qkv: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, n
         return None
     out = qkv.new_empty(B, 1, D)
     rows, ptr, size = qkv.stride(0), qkv.data_ptr(), qkv.element_size()
-    _run(qkv, (rows, Dh, 0), k_buf, v_buf, None, out, (D, D, Dh), B, n_heads, 1, start + 1, Dh,
-         new=(ptr + D * size, ptr + 2 * D * size), new_strides=(rows, Dh, rows, Dh))
-    return out
+    ran = _run(qkv, (rows, Dh, 0), k_buf, v_buf, None, out, (D, D, Dh), B, n_heads, 1, start + 1, Dh,
+               new=(ptr + D * size, ptr + 2 * D * size), new_strides=(rows, Dh, rows, Dh), declines=(Status.OVER_LIMIT,))
+    return out if ran else None
 
 
 def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
@@ -271,8 +390,9 @@ def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
     if not (H * Dh == D and T <= MAX_QUERIES and q.stride(2) == 1 and usable(q, k, v) and _takes(B, H, Dh, k, v, mask)):
         return None
     out = q.new_empty(B, T, D)
-    _run(q, (q.stride(0), Dh, q.stride(1)), k, v, mask, out, (T * D, D, Dh), B, H, T, k.size(2), Dh)
-    return out
+    ran = _run(q, (q.stride(0), Dh, q.stride(1)), k, v, mask, out, (T * D, D, Dh), B, H, T, k.size(2), Dh,
+               declines=(Status.OVER_LIMIT,))
+    return out if ran else None
 
 
 def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, out: Tensor | None = None) -> Tensor | None:
@@ -282,15 +402,14 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, out: Tensor | None 
     D = x.size(-1)
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and norm.normalized_shape == (D,) and w is not None and b is not None
-            and D <= MAX_ROW and x.is_contiguous() and y.is_contiguous() and usable(x, y, w, b)
+            and x.is_contiguous() and y.is_contiguous() and usable(x, y, w, b) and 0 < D <= _LIMITS["MAX_ROW"]
             and (out is None or (out.shape == x.shape and out.is_contiguous() and out.dtype == x.dtype))):
         return None
     if out is None:
         out = x.new_empty(x.shape)
-    rows = x.numel() // D
-    getattr(_library(), "add_norm_" + _FUNCTIONS[x.dtype])(_args(
-        x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), rows, D, D, D, D), norm.eps)
-    return out
+    args = _STRUCTS["add_norm"](x=x.data_ptr(), y=y.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
+                                out=out.data_ptr(), rows=x.numel() // D, n=D, xs=D, ys=D, os=D, eps=norm.eps)
+    return out if _call("add_norm_" + _FUNCTIONS[x.dtype], args, declines=(Status.OVER_LIMIT,)) else None
 
 
 def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, rows_of: Tensor, column: int,
@@ -304,10 +423,12 @@ def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, 
             and tokens.shape == (b, 1) and tokens.is_contiguous() and record.stride(1) == 1 and 0 <= column < record.size(1)
             and rows_of.shape == limits.shape == (b,) and rows_of.is_contiguous() and limits.is_contiguous()):
         return None
-    return getattr(_library(), "argmax_" + _FUNCTIONS[logits.dtype])(_args(
-        logits.data_ptr(), b, V, logits.stride(0), banned.data_ptr(), banned.numel(), tokens.data_ptr(),
-        record.data_ptr(), record.stride(0), rows_of.data_ptr(), column, eos, limits.data_ptr(), column + 1,
-        record.size(0)))
+    args = _STRUCTS["argmax"](x=logits.data_ptr(), banned=banned.data_ptr(), out=tokens.data_ptr(),
+                              record=record.data_ptr(), rows_of=rows_of.data_ptr(), limits=limits.data_ptr(),
+                              rows=b, n=V, xs=logits.stride(0), n_banned=banned.numel(), record_stride=record.stride(0),
+                              record_rows=record.size(0), column=column, eos=eos, step_len=column + 1)
+    _call("argmax_" + _FUNCTIONS[logits.dtype], args)
+    return args.done
 
 
 def _takes_ids(*ids: Tensor) -> bool:
@@ -324,9 +445,9 @@ def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Ten
             and positions.shape == (T, D) and positions.is_contiguous() and usable(table, positions)):
         return None
     out = table.new_empty(B, T, D)
-    status = getattr(_library(), "embed_" + _FUNCTIONS[table.dtype])(_args(
-        tokens.data_ptr(), B * T, T, table.data_ptr(), table.size(0), positions.data_ptr(), out.data_ptr(), D), scale)
-    return out if status == 0 else None
+    args = _STRUCTS["embed"](tokens=tokens.data_ptr(), table=table.data_ptr(), positions=positions.data_ptr(),
+                             out=out.data_ptr(), rows=B * T, length=T, vocab=table.size(0), n=D, scale=scale)
+    return out if _call("embed_" + _FUNCTIONS[table.dtype], args, declines=(Status.BAD_INDEX,)) else None
 
 
 def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos: int, eos_banned: bool,
@@ -345,10 +466,11 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
         return None
     out = torch.empty(b, n, dtype=torch.float32)
     ids = torch.empty(2, b, n, dtype=torch.int64)  # tokens, beams
-    getattr(_library(), "beam_" + _FUNCTIONS[logits.dtype])(_args(
-        logits.data_ptr(), b, r, V, logits.stride(0), scores.data_ptr(), n, forbid.data_ptr(), forbid.numel(),
-        eos, int(eos_banned), at_limit.data_ptr() if at_limit is not None else 0,
-        out.data_ptr(), ids.data_ptr(), ids.data_ptr() + b * n * 8))
+    _call("beam_" + _FUNCTIONS[logits.dtype], _STRUCTS["beam"](
+        x=logits.data_ptr(), scores=scores.data_ptr(), forbid=forbid.data_ptr(),
+        at_limit=at_limit.data_ptr() if at_limit is not None else 0, out_scores=out.data_ptr(),
+        out_tokens=ids.data_ptr(), out_beams=ids.data_ptr() + b * n * 8, sentences=b, r=r, V=V,
+        xs=logits.stride(0), n=n, n_forbid=forbid.numel(), eos=eos, eos_banned=int(eos_banned)))
     return (out, *ids.unbind(0))
 
 
@@ -374,11 +496,11 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
     if x_q.dim() != 3 or x_kv.dim() != 3:
         return None
     (B, T, _), S = x_q.shape, x_kv.size(1)
-    if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH
-            and 0 < S <= MAX_TRAIN_LENGTH and B > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
+    if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH and 0 < S <= MAX_TRAIN_LENGTH and B > 0
+            and n_heads > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
-            and _on_cpu(x_q, x_kv) and _mask_strides(mask, B, T, S) is not None
-            and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads)):
+            and _on_cpu(x_q, x_kv) and 0 < d_model // n_heads <= _LIMITS["MAX_HEAD_DIM"]
+            and _mask_strides(mask, B, T, S) is not None and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads)):
         return None
     return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col)
 
@@ -400,11 +522,13 @@ class _TrainingAttention(torch.autograd.Function):
         B, T, S, Dh = x_q.size(0), x_q.size(1), x_kv.size(1), d_model // n_heads
         out = x_q.new_empty(B, T, d_model)
         probs = torch.empty(B, n_heads, T, S, dtype=torch.float32)
-        k, v = _column(x_kv, k_col), _column(x_kv, k_col + d_model)
-        _call("attention_forward_" + _FUNCTIONS[x_q.dtype],
-              x_q.data_ptr(), k, v, mask.data_ptr() if mask is not None else 0, out.data_ptr(), probs.data_ptr(),
-              B, n_heads, T, S, Dh, *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2],
-              *_mask_strides(mask, B, T, S), *out.stride()[:2], torch.get_num_threads(), scalar=1.0 / math.sqrt(Dh))
+        (qs_b, qs_t), (kv_b, kv_s), (ms_b, ms_t) = x_q.stride()[:2], x_kv.stride()[:2], _mask_strides(mask, B, T, S)
+        _call("attention_forward_" + _FUNCTIONS[x_q.dtype], _STRUCTS["attention_forward"](
+            q=x_q.data_ptr(), k=_column(x_kv, k_col), v=_column(x_kv, k_col + d_model),
+            mask=mask.data_ptr() if mask is not None else 0, out=out.data_ptr(), probs=probs.data_ptr(),
+            B=B, H=n_heads, nt=T, ns=S, dh=Dh, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
+            ms_b=ms_b, ms_t=ms_t, os_b=out.stride(0), os_t=out.stride(1), threads=torch.get_num_threads(),
+            scale=1.0 / math.sqrt(Dh)))
         ctx.save_for_backward(x_q, x_kv, probs)
         ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
         return out
@@ -421,11 +545,14 @@ class _TrainingAttention(torch.autograd.Function):
         else:
             d_q = x_q.new_empty(x_q.shape) if x_q.size(2) == D else x_q.new_zeros(x_q.shape)
             d_kv = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (0, 2 * D) else x_kv.new_zeros(x_kv.shape)
-        _call("attention_backward_" + _FUNCTIONS[x_q.dtype],
-              x_q.data_ptr(), _column(x_kv, k_col), _column(x_kv, k_col + D), d_out.data_ptr(), probs.data_ptr(),
-              d_q.data_ptr(), _column(d_kv, k_col), _column(d_kv, k_col + D), B, H, T, S, D // H,
-              *x_q.stride()[:2], *x_kv.stride()[:2], *x_kv.stride()[:2], *d_out.stride()[:2], *d_q.stride()[:2],
-              *d_kv.stride()[:2], *d_kv.stride()[:2], torch.get_num_threads(), scalar=1.0 / math.sqrt(D // H))
+        (qs_b, qs_t), (kv_b, kv_s), (gs_b, gs_t) = x_q.stride()[:2], x_kv.stride()[:2], d_out.stride()[:2]
+        (dqs_b, dqs_t), (dkv_b, dkv_s) = d_q.stride()[:2], d_kv.stride()[:2]
+        _call("attention_backward_" + _FUNCTIONS[x_q.dtype], _STRUCTS["attention_backward"](
+            q=x_q.data_ptr(), k=_column(x_kv, k_col), v=_column(x_kv, k_col + D), dout=d_out.data_ptr(),
+            probs=probs.data_ptr(), dq=d_q.data_ptr(), dk=_column(d_kv, k_col), dv=_column(d_kv, k_col + D),
+            B=B, H=H, nt=T, ns=S, dh=D // H, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
+            gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s, dvs_b=dkv_b, dvs_s=dkv_s,
+            threads=torch.get_num_threads(), scale=1.0 / math.sqrt(D // H)))
         return d_q, None if ctx.same else d_kv, None, None, None, None
 
 
@@ -446,8 +573,9 @@ def dropout_mask(like: Tensor, p: float) -> Tensor | None:
 def _dropout_mask(like: Tensor, p: float) -> Tensor:
     mask = torch.empty(like.shape, dtype=like.dtype)
     seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
-    _call("dropout_mask_" + _FUNCTIONS[like.dtype], mask.data_ptr(), mask.numel(), seed, round(p * 65536),
-          torch.get_num_threads(), scalar=1.0 / (1.0 - p))
+    _call("dropout_mask_" + _FUNCTIONS[like.dtype], _STRUCTS["dropout_mask"](
+        mask=mask.data_ptr(), n=mask.numel(), seed=seed, threshold=round(p * 65536), threads=torch.get_num_threads(),
+        scale=1.0 / (1.0 - p)))
     return mask
 
 
@@ -475,9 +603,10 @@ class _ResidualNorm(torch.autograd.Function):
         rows = x.numel() // D
         out, z = torch.empty_like(x), torch.empty_like(x)
         stats = torch.empty(rows, 2, dtype=torch.float32)
-        _call("residual_norm_forward_" + _suffix(x, y),
-              x.data_ptr(), y.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), b.data_ptr(),
-              out.data_ptr(), z.data_ptr(), stats.data_ptr(), rows, D, torch.get_num_threads(), scalar=eps)
+        _call("residual_norm_forward_" + _suffix(x, y), _STRUCTS["residual_norm_forward"](
+            x=x.data_ptr(), y=y.data_ptr(), mask=mask.data_ptr() if mask is not None else 0, w=w.data_ptr(),
+            b=b.data_ptr(), out=out.data_ptr(), z=z.data_ptr(), stats=stats.data_ptr(), rows=rows, n=D,
+            threads=torch.get_num_threads(), eps=eps))
         ctx.save_for_backward(z, mask, w, stats)
         ctx.y_dtype = y.dtype
         return out
@@ -491,9 +620,10 @@ class _ResidualNorm(torch.autograd.Function):
         threads = torch.get_num_threads()
         dx, dy = torch.empty_like(z), torch.empty_like(z, dtype=ctx.y_dtype)
         partial = torch.zeros(threads, 2, D, dtype=torch.float32)  # each part's sums of dw and db
-        _call("residual_norm_backward_" + _suffix(dx, dy),
-              d_out.data_ptr(), z.data_ptr(), mask.data_ptr() if mask is not None else 0, w.data_ptr(), stats.data_ptr(),
-              dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), rows, D, threads)
+        _call("residual_norm_backward_" + _suffix(dx, dy), _STRUCTS["residual_norm_backward"](
+            dout=d_out.data_ptr(), z=z.data_ptr(), mask=mask.data_ptr() if mask is not None else 0, w=w.data_ptr(),
+            stats=stats.data_ptr(), dx=dx.data_ptr(), dy=dy.data_ptr(), partial=partial.data_ptr(), rows=rows, n=D,
+            threads=threads))
         dw, db = partial.sum(0).to(w.dtype).unbind(0)
         return dx, dy, dw, db, None, None
 
@@ -516,10 +646,9 @@ def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
     n, V = logits.shape
     losses = torch.empty(n, dtype=torch.float32)
     grad = torch.empty(n, V, dtype=logits.dtype) if want_grad else None
-    floats = _array("f", [eps, scale])
-    status = _call("cross_entropy_" + _FUNCTIONS[logits.dtype], logits.data_ptr(), logits.stride(0), target.data_ptr(),
-                   losses.data_ptr(), grad.data_ptr() if grad is not None else 0, n, V, torch.get_num_threads(),
-                   floats.buffer_info()[0])
-    if status == -2:
+    args = _STRUCTS["cross_entropy"](logits=logits.data_ptr(), target=target.data_ptr(), losses=losses.data_ptr(),
+                                     grad=grad.data_ptr() if grad is not None else 0, stride=logits.stride(0), rows=n,
+                                     V=V, threads=torch.get_num_threads(), eps=eps, scale=scale)
+    if not _call("cross_entropy_" + _FUNCTIONS[logits.dtype], args, declines=(Status.BAD_INDEX,)):
         raise IndexError(f"target id out of range for {V} classes")
     return losses, grad

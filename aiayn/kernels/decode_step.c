@@ -26,8 +26,6 @@
  */
 #include "common.h"
 
-enum { MAX_KEYS = 4096, MAX_HEAD_DIM = 1024, MAX_ROW = 16384 };  /* the Python side checks them */
-
 /* One (row, head, query). `dh` is a constant where the caller inlines it for a common head size
  * (a multiple of 16: the vector path, its loops unrolled into registers); any other size takes the
  * scalar path. */
@@ -58,8 +56,9 @@ static inline __attribute__((always_inline)) void NAME(                         
         scores[s] = d;                                                                                \
         top = d > top ? d : top;                                                                      \
     }                                                                                                 \
-    if (top == -INFINITY) {  /* nothing to attend to */                                               \
-        for (int64_t j = 0; j < dh; j++) STORE(o + j, 0.f);                                           \
+    if (top == -INFINITY) {  /* nothing to attend to: zeros (NaN if a score is) */                    \
+        const float zero = any_nan(scores, t) ? NAN : 0.f;                                            \
+        for (int64_t j = 0; j < dh; j++) STORE(o + j, zero);                                          \
         return;                                                                                       \
     }                                                                                                 \
     float total = 0.f;                                                                                \
@@ -85,24 +84,33 @@ static inline __attribute__((always_inline)) void NAME(                         
     for (int64_t j = 0; j < dh; j++) STORE(o + j, acc[j]);                                            \
 }
 
-/* Arguments come as one array of int64 (ctypes converts each argument of a call separately, ~1 us
- * apiece): addresses q, k, v, mask, out, k_new, v_new, then B, H, n_queries, t, Dh, group, and the
- * strides, in elements: q (row, head, query), k and v (row, head, position), mask (row), out (row,
- * query, head), k_new and v_new (row, head). q is (B, H, n_queries, Dh), k and v (B / group, H, >= t,
- * Dh), mask (B / group, t) bytes or NULL, out (B, n_queries, H, Dh), k_new and v_new (B, H, Dh) or
- * NULL, each with its last dimension contiguous. */
+/* Arguments: attend_args (abi.h), one struct (ctypes converts each argument of a call separately,
+ * ~1 us apiece). Every last dimension is contiguous. */
+static int attend_check(const attend_args *a) {
+    AIAYN_REQUIRE(a->q && a->k && a->v && a->out && !a->k_new == !a->v_new, AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->B >= 0 && a->H >= 1 && a->n_queries >= 1 && a->t >= 1 && a->dh >= 1 && a->group >= 1
+                  && a->B % a->group == 0 && (!a->k_new || a->group == 1), AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->t <= AIAYN_MAX_KEYS && a->dh <= AIAYN_MAX_HEAD_DIM, AIAYN_OVER_LIMIT);
+    AIAYN_REQUIRE((a->qs_b | a->qs_h | a->qs_i | a->ks_b | a->ks_h | a->ks_t | a->vs_b | a->vs_h | a->vs_t
+                   | a->ms_b | a->os_b | a->os_i | a->os_h | a->kn_b | a->kn_h | a->vn_b | a->vn_h) >= 0,
+                  AIAYN_BAD_STRIDE);  /* (the OR of int64s is negative if any is) */
+    return AIAYN_OK;
+}
+
 #define DEFINE_ATTEND(NAME, ONE, T)                                                                   \
-void NAME(const int64_t *a, float scale)                                                              \
+HOT int NAME(const attend_args *a)                                                                    \
 {                                                                                                     \
-    const T *q = PTR(const T, a[0]); T *k = PTR(T, a[1]), *v = PTR(T, a[2]);                          \
-    const uint8_t *mask = PTR(const uint8_t, a[3]); T *out = PTR(T, a[4]);                            \
-    const T *k_new = PTR(const T, a[5]), *v_new = PTR(const T, a[6]);                                 \
-    const int64_t B = a[7], H = a[8], n_queries = a[9], t = a[10], dh = a[11], group = a[12];         \
-    const int64_t qs_b = a[13], qs_h = a[14], qs_i = a[15], ks_b = a[16], ks_h = a[17], ks_t = a[18]; \
-    const int64_t vs_b = a[19], vs_h = a[20], vs_t = a[21], ms_b = a[22];                             \
-    const int64_t os_b = a[23], os_i = a[24], os_h = a[25], kn_b = a[26], kn_h = a[27];               \
-    const int64_t vn_b = a[28], vn_h = a[29];                                                         \
-    float scores[MAX_KEYS], query[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];                                   \
+    const int status = attend_check(a);                                                               \
+    if (status != AIAYN_OK) return status;                                                            \
+    const T *q = a->q; T *k = a->k, *v = a->v;                                                        \
+    const uint8_t *mask = a->mask; T *out = a->out;                                                   \
+    const T *k_new = a->k_new, *v_new = a->v_new;                                                     \
+    const int64_t B = a->B, H = a->H, n_queries = a->n_queries, t = a->t, dh = a->dh, group = a->group; \
+    const int64_t qs_b = a->qs_b, qs_h = a->qs_h, qs_i = a->qs_i, ks_b = a->ks_b, ks_h = a->ks_h, ks_t = a->ks_t; \
+    const int64_t vs_b = a->vs_b, vs_h = a->vs_h, vs_t = a->vs_t, ms_b = a->ms_b;                     \
+    const int64_t os_b = a->os_b, os_i = a->os_i, os_h = a->os_h, kn_b = a->kn_b, kn_h = a->kn_h;     \
+    const int64_t vn_b = a->vn_b, vn_h = a->vn_h; const float scale = a->scale;                       \
+    float scores[AIAYN_MAX_KEYS], query[AIAYN_MAX_HEAD_DIM], acc[AIAYN_MAX_HEAD_DIM];                 \
     const int64_t sources = B / group;                                                                \
     for (int64_t src = 0; src < sources; src++) {                                                     \
         const uint8_t *m = mask ? mask + src * ms_b : 0;                                              \
@@ -130,6 +138,7 @@ void NAME(const int64_t *a, float scale)                                        
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
+    return AIAYN_OK;                                                                                  \
 }
 
 DEFINE_ONE(one_f32, float, from_f32, load16_f32, to_f32)
@@ -140,13 +149,23 @@ DEFINE_ATTEND(attend_bf16, one_bf16, bf16)
 /* ------------------------------------------------------------------ the rest of a decoding step
  * out[r] = LayerNorm(x[r] + y[r]) * weight + bias for rows of n: the post-norm residual of §3.1 in
  * one pass (PyTorch: an add, then layer_norm), statistics in fp32 as PyTorch computes them. */
+static int add_norm_check(const add_norm_args *a) {
+    AIAYN_REQUIRE(a->x && a->y && a->weight && a->bias && a->out, AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->n <= AIAYN_MAX_ROW, AIAYN_OVER_LIMIT);
+    AIAYN_REQUIRE(a->xs >= a->n && a->ys >= a->n && a->os >= a->n, AIAYN_BAD_STRIDE);
+    return AIAYN_OK;
+}
+
 #define DEFINE_ADD_NORM(NAME, T, LOAD, STORE)                                                         \
-void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row strides of x, y, out */ \
+HOT int NAME(const add_norm_args *a)                                                                  \
 {                                                                                                     \
-    const T *x = PTR(const T, a[0]), *y = PTR(const T, a[1]);                                         \
-    const T *weight = PTR(const T, a[2]), *bias = PTR(const T, a[3]); T *out = PTR(T, a[4]);          \
-    const int64_t rows = a[5], n = a[6], xs = a[7], ys = a[8], os = a[9];                             \
-    float sum_row[MAX_ROW];                                                                           \
+    const int status = add_norm_check(a);                                                             \
+    if (status != AIAYN_OK) return status;                                                            \
+    const T *x = a->x, *y = a->y, *weight = a->weight, *bias = a->bias; T *out = a->out;              \
+    const int64_t rows = a->rows, n = a->n, xs = a->xs, ys = a->ys, os = a->os;                       \
+    const float eps = a->eps;                                                                         \
+    float sum_row[AIAYN_MAX_ROW];                                                                     \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs, *yr = y + r * ys;                                                   \
         T *o = out + r * os;                                                                          \
@@ -160,6 +179,7 @@ void NAME(const int64_t *a, float eps)  /* x, y, weight, bias, out, rows, n, row
         for (int64_t j = 0; j < n; j++)                                                               \
             STORE(o + j, (sum_row[j] - mean) * inv * LOAD(weight[j]) + LOAD(bias[j]));                \
     }                                                                                                 \
+    return AIAYN_OK;                                                                                  \
 }
 
 DEFINE_ADD_NORM(add_norm_f32, float, from_f32, to_f32)
@@ -167,19 +187,33 @@ DEFINE_ADD_NORM(add_norm_bf16, bf16, from_bf16, to_bf16)
 
 /* Greedy search's next tokens: out[r] = the first index of row r's maximum, never one of the
  * n_banned ids in `banned` (padding; EOS before a minimum length). PyTorch's argmax over (64, 8000)
- * rows takes ~290 us on one core, this ~40. With record != NULL, it also writes the token at
- * record[rows_of[r] * record_stride + column] (the sentence's output) and returns how many rows are
- * done: their token is `eos` or their output reached limits[r] tokens with this one (step_len).
- * Arguments: x, rows, n, row stride of x, banned, n_banned, out, record, record_stride, rows_of,
- * column, eos, limits, step_len, record's rows. */
+ * rows takes ~290 us on one core, this ~40. A NaN is never chosen (PyTorch's argmax takes the first
+ * NaN, which would cost this scan a second test per logit, 10-20% of its time): a row of NaN and
+ * -inf gets its first allowed id, a row with every id banned -1. With record != NULL, it also writes
+ * the token at record[rows_of[r] * record_stride + column] (the sentence's output; rows_of[r]
+ * outside [0, record_rows): not written) and sets `done` to how many rows are done: their token is
+ * `eos` or their output reached limits[r] tokens with this one (step_len). Arguments: argmax_args
+ * (abi.h). */
+static int argmax_check(const argmax_args *a) {
+    AIAYN_REQUIRE(a->x && a->out && (a->banned || a->n_banned == 0) && (!a->record || (a->rows_of && a->limits)),
+                  AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1 && a->n_banned >= 0 && a->record_rows >= 0, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->xs >= a->n && a->record_stride >= 0, AIAYN_BAD_STRIDE);
+    AIAYN_REQUIRE(!a->record || (a->column >= 0 && (a->record_rows <= 1 || a->column < a->record_stride)),
+                  AIAYN_BAD_INDEX);
+    return AIAYN_OK;
+}
+
 #define DEFINE_ARGMAX(NAME, T, LOAD)                                                                  \
-int64_t NAME(const int64_t *a)                                                                        \
+HOT int NAME(argmax_args *a)                                                                          \
 {                                                                                                     \
-    const T *x = PTR(const T, a[0]); const int64_t rows = a[1], n = a[2], xs = a[3];                  \
-    const int64_t *banned = PTR(const int64_t, a[4]), n_banned = a[5]; int64_t *out = PTR(int64_t, a[6]); \
-    int64_t *record = PTR(int64_t, a[7]); const int64_t record_stride = a[8];                         \
-    const int64_t *rows_of = PTR(const int64_t, a[9]), column = a[10], eos = a[11];                   \
-    const int64_t *limits = PTR(const int64_t, a[12]), step_len = a[13], record_rows = a[14];         \
+    const int status = argmax_check(a);                                                               \
+    if (status != AIAYN_OK) return status;                                                            \
+    const T *x = a->x; const int64_t rows = a->rows, n = a->n, xs = a->xs;                            \
+    const int64_t *banned = a->banned, n_banned = a->n_banned; int64_t *out = a->out;                 \
+    int64_t *record = a->record; const int64_t record_stride = a->record_stride;                      \
+    const int64_t *rows_of = a->rows_of, column = a->column, eos = a->eos;                            \
+    const int64_t *limits = a->limits, step_len = a->step_len, record_rows = a->record_rows;          \
     int64_t done = 0;                                                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * xs;                                                                     \
@@ -195,7 +229,7 @@ int64_t NAME(const int64_t *a)                                                  
                     if (v > best || at < 0) {                                                         \
                         int skip = 0;                                                                 \
                         for (int64_t i = 0; i < n_banned; i++) skip |= banned[i] == j;                \
-                        if (!skip) { best = v; at = j; }                                              \
+                        if (!skip) { best = v == v ? v : best; at = j; }  /* best is never NaN */     \
                     }                                                                                 \
                 }                                                                                     \
         }                                                                                             \
@@ -206,30 +240,38 @@ int64_t NAME(const int64_t *a)                                                  
             done += at == eos || limits[r] <= step_len;                                               \
         }                                                                                             \
     }                                                                                                 \
-    return done;                                                                                      \
+    a->done = done;                                                                                   \
+    return AIAYN_OK;                                                                                  \
 }
 
 DEFINE_ARGMAX(argmax_f32, float, from_f32)
 DEFINE_ARGMAX(argmax_bf16, bf16, from_bf16)
 
 /* out[r] = table[tokens[r]] * scale + positions[r % length]: token embeddings and their positions
- * (§3.4, §3.5) for rows of n, one call (PyTorch: lookup, scale, slice, add). Returns -1, having
- * written nothing, if a token is outside [0, vocab). Arguments: tokens, rows, length, table, vocab,
- * positions (the rows of this call's positions, contiguous), out, n. */
+ * (§3.4, §3.5) for rows of n, one call (PyTorch: lookup, scale, slice, add). AIAYN_BAD_INDEX, having
+ * written nothing, if a token is outside [0, vocab). Arguments: embed_args (abi.h). */
+static int embed_check(const embed_args *a) {
+    AIAYN_REQUIRE(a->tokens && a->table && a->positions && a->out, AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->rows >= 0 && a->length >= 1 && a->vocab >= 1 && a->n >= 1, AIAYN_BAD_SIZE);
+    for (int64_t r = 0; r < a->rows; r++)
+        AIAYN_REQUIRE(a->tokens[r] >= 0 && a->tokens[r] < a->vocab, AIAYN_BAD_INDEX);
+    return AIAYN_OK;
+}
+
 #define DEFINE_EMBED(NAME, T, LOAD, STORE)                                                            \
-int64_t NAME(const int64_t *a, float scale)                                                           \
+HOT int NAME(const embed_args *a)                                                                     \
 {                                                                                                     \
-    const int64_t *tokens = PTR(const int64_t, a[0]); const int64_t rows = a[1], length = a[2];       \
-    const T *table = PTR(const T, a[3]); const int64_t vocab = a[4];                                  \
-    const T *positions = PTR(const T, a[5]); T *out = PTR(T, a[6]); const int64_t n = a[7];           \
-    for (int64_t r = 0; r < rows; r++)                                                                \
-        if (tokens[r] < 0 || tokens[r] >= vocab) return -1;                                           \
+    const int status = embed_check(a);                                                                \
+    if (status != AIAYN_OK) return status;                                                            \
+    const int64_t *tokens = a->tokens; const int64_t rows = a->rows, length = a->length;              \
+    const T *table = a->table, *positions = a->positions; T *out = a->out;                            \
+    const int64_t n = a->n; const float scale = a->scale;                                             \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *e = table + tokens[r] * n, *p = positions + (r % length) * n;                        \
         T *o = out + r * n;                                                                           \
         for (int64_t j = 0; j < n; j++) STORE(o + j, LOAD(e[j]) * scale + LOAD(p[j]));                \
     }                                                                                                 \
-    return 0;                                                                                         \
+    return AIAYN_OK;                                                                                  \
 }
 
 DEFINE_EMBED(embed_f32, float, from_f32, to_f32)
@@ -241,18 +283,27 @@ DEFINE_EMBED(embed_bf16, bf16, from_bf16, to_bf16)
  * sentence with at_limit[i] set gets EOS only. The log-softmax is taken before these bans (they do
  * not renormalize). Slots beyond the finite candidates get -inf, token 0, beam 0 (dead beams).
  * Each row's 64-logit blocks are searched only where the block's best could enter the n best, so
- * the pass is mostly a maximum per block. Arguments: x, sentences, r, n_vocab, row stride of x,
- * scores (fp32, one per row), n, forbid, n_forbid, eos, eos_banned, at_limit (bytes per sentence or
- * NULL), out_scores (fp32), out_tokens, out_beams (sentences x n each). */
+ * the pass is mostly a maximum per block. A row with a NaN logit (its log-softmax is NaN) gives no
+ * candidates. Arguments: beam_args (abi.h). */
+static int beam_check(const beam_args *a) {
+    AIAYN_REQUIRE(a->x && a->scores && a->out_scores && a->out_tokens && a->out_beams
+                  && (a->forbid || a->n_forbid == 0), AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->sentences >= 0 && a->r >= 1 && a->V >= 1 && a->n >= 1 && a->n_forbid >= 0, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->xs >= a->V, AIAYN_BAD_STRIDE);
+    AIAYN_REQUIRE(a->eos >= 0 && a->eos < a->V, AIAYN_BAD_INDEX);
+    return AIAYN_OK;
+}
+
 #define DEFINE_BEAM(NAME, T, LOAD)                                                                    \
-void NAME(const int64_t *a)                                                                           \
+HOT int NAME(const beam_args *a)                                                                      \
 {                                                                                                     \
-    const T *x = PTR(const T, a[0]); const int64_t sentences = a[1], r = a[2], V = a[3], xs = a[4];   \
-    const float *scores = PTR(const float, a[5]); const int64_t n = a[6];                             \
-    const int64_t *forbid = PTR(const int64_t, a[7]), n_forbid = a[8], eos = a[9], eos_banned = a[10]; \
-    const uint8_t *at_limit = PTR(const uint8_t, a[11]);                                              \
-    float *out_scores = PTR(float, a[12]); int64_t *out_tokens = PTR(int64_t, a[13]);                 \
-    int64_t *out_beams = PTR(int64_t, a[14]);                                                         \
+    const int status = beam_check(a);                                                                 \
+    if (status != AIAYN_OK) return status;                                                            \
+    const T *x = a->x; const int64_t sentences = a->sentences, r = a->r, V = a->V, xs = a->xs;        \
+    const float *scores = a->scores; const int64_t n = a->n;                                          \
+    const int64_t *forbid = a->forbid, n_forbid = a->n_forbid, eos = a->eos, eos_banned = a->eos_banned; \
+    const uint8_t *at_limit = a->at_limit;                                                            \
+    float *out_scores = a->out_scores; int64_t *out_tokens = a->out_tokens, *out_beams = a->out_beams; \
     for (int64_t i = 0; i < sentences; i++) {                                                         \
         float *best = out_scores + i * n; int64_t *tok = out_tokens + i * n, *beam = out_beams + i * n; \
         for (int64_t c = 0; c < n; c++) { best[c] = -INFINITY; tok[c] = 0; beam[c] = 0; }            \
@@ -289,6 +340,7 @@ void NAME(const int64_t *a)                                                     
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
+    return AIAYN_OK;                                                                                  \
 }
 
 DEFINE_BEAM(beam_f32, float, from_f32)

@@ -41,26 +41,26 @@ typedef float f32;  /* the entry points' suffixes: _f32, _bf16 */
  * pool (the library needs libgomp.so.1 by name, and the loader hands it the copy torch has already
  * loaded), whose threads are awake right after PyTorch's last parallel operator. Without OpenMP,
  * POSIX threads are started for each call. */
-typedef void (*part_fn)(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index);
-typedef struct { part_fn fn; const int64_t *a; float scale; int64_t lo, hi; float *scratch; int64_t index; } part;
+typedef void (*part_fn)(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index);
+typedef struct { part_fn fn; const void *args; int64_t lo, hi; float *scratch; int64_t index; } part;
 
 static void *run_part(void *p) {
     part *w = p;
-    w->fn(w->a, w->scale, w->lo, w->hi, w->scratch, w->index);
+    w->fn(w->args, w->lo, w->hi, w->scratch, w->index);
     return NULL;
 }
 
 /* fn over [0, n) in `threads` contiguous parts (index 0, 1, ... in order), each with `floats` of
- * scratch. Returns -1, having run nothing, if the scratch cannot be allocated. */
-static int64_t parallel(part_fn fn, const int64_t *a, float scale, int64_t n, int64_t threads, int64_t floats) {
+ * scratch. AIAYN_NO_MEMORY, having run nothing, if the scratch cannot be allocated. */
+static int parallel(part_fn fn, const void *args, int64_t n, int64_t threads, int64_t floats) {
     enum { MAX_THREADS = 256 };
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (threads > n) threads = n > 0 ? n : 1;
     float *scratch = malloc(sizeof(float) * (size_t)(floats * threads + 16));
-    if (!scratch) return -1;
+    if (!scratch) return AIAYN_NO_MEMORY;
     part parts[MAX_THREADS];
     for (int64_t i = 0; i < threads; i++)
-        parts[i] = (part){fn, a, scale, n * i / threads, n * (i + 1) / threads, scratch + i * floats, i};
+        parts[i] = (part){fn, args, n * i / threads, n * (i + 1) / threads, scratch + i * floats, i};
 #ifdef _OPENMP
     #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t i = 0; i < threads; i++) run_part(&parts[i]);
@@ -75,7 +75,7 @@ static int64_t parallel(part_fn fn, const int64_t *a, float scale, int64_t n, in
     }
 #endif
     free(scratch);
-    return 0;
+    return AIAYN_OK;
 }
 
 /* ---------------------------------------------------------------- one (row, head), on fp32 rows */
@@ -173,19 +173,22 @@ INLINE void weighted_sum(float *out, const float *w, int64_t ws, const float *ro
     for (int64_t j = 0; j < dh; j++) out[j] *= scale;
 }
 
-/* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop). */
+/* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop), 2^n from the
+ * rounded float's bits as there (a conversion to integers is undefined for NaN). */
 INLINE f32x16 exp16_nonpositive(f32x16 x) {
     const f32x16 zero = {0};
     const i32x16 low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
     const f32x16 xc = pick16(low, zero - 87.f, x);
-    const f32x16 n = (xc * 1.44269504f + 12582912.f) - 12582912.f;
+    const f32x16 big = xc * 1.44269504f + 12583039.f, n = big - 12583039.f;
     const f32x16 r = xc - n * 0.693145752f - n * 1.42860677e-6f;
     const f32x16 p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
                      + r * (1.f / 720 + r * (1.f / 5040)))))));
-    const i32x16 two_n = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    u32x16 two_n;
+    memcpy(&two_n, &big, 64);
+    two_n <<= 23;
     f32x16 scale;
     memcpy(&scale, &two_n, 64);
-    return pick16(low, zero, p * scale);
+    return pick16(low, zero, p * scale);  /* NaN where x is: r and p are */
 }
 
 INLINE f32x16 max16v(f32x16 a, f32x16 b) { return pick16(a > b, a, b); }
@@ -218,9 +221,10 @@ INLINE void forward_one(const float *q, const float *k, const float *v, const ui
         f32x16 top = load16_f32(et);
         for (int64_t s = 16; s < padded; s += 16) top = max16v(load16_f32(et + s), top);
         const float most = max16(top);
-        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights */
-            memset(pt, 0, sizeof(float) * ns);
-            memset(et, 0, sizeof(float) * padded);
+        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
+            const float fill = any_nan(et, ns) ? NAN : 0.f;
+            for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
+            memcpy(pt, et, sizeof(float) * ns);
             continue;
         }
         f32x16 sum = {0};
@@ -288,16 +292,26 @@ DEFINE_ROWS(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
     default: CALL(dh);                                                                                \
     }
 
-/* Forward arguments: q, k, v, mask, out, probs, B, H, T, S, dh, then the strides q (b, t), k (b, s),
- * v (b, s), mask (b, t), out (b, t), then threads. Scratch per thread: (2T + 2S) dh + T (S + 16) floats. */
+/* The checks both passes make: sizes within the limits (they bound the scratch), strides not
+ * negative (a stride 0 broadcasts the mask). */
+static int attention_check(int64_t B, int64_t H, int64_t T, int64_t S, int64_t dh, int64_t strides) {
+    AIAYN_REQUIRE(B >= 0 && H >= 1 && T >= 1 && S >= 1 && dh >= 1, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(T <= AIAYN_MAX_KEYS && S <= AIAYN_MAX_KEYS && dh <= AIAYN_MAX_HEAD_DIM, AIAYN_OVER_LIMIT);
+    AIAYN_REQUIRE(strides >= 0, AIAYN_BAD_STRIDE);  /* the strides' OR: negative if any is */
+    return AIAYN_OK;
+}
+
+/* Forward arguments: attention_forward_args (abi.h). Scratch per thread: (2T + 2S) dh + T (S + 16) floats. */
 #define DEFINE_FORWARD(T)                                                                             \
-static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
     (void)index;                                                                                      \
-    const T *q = PTR(const T, a[0]), *k = PTR(const T, a[1]), *v = PTR(const T, a[2]);                \
-    const uint8_t *mask = PTR(const uint8_t, a[3]); T *out = PTR(T, a[4]); float *probs = PTR(float, a[5]); \
-    const int64_t H = a[7], nt = a[8], ns = a[9], dh = a[10];                                         \
-    const int64_t qs_b = a[11], qs_t = a[12], ks_b = a[13], ks_s = a[14], vs_b = a[15], vs_s = a[16]; \
-    const int64_t ms_b = a[17], ms_t = a[18], os_b = a[19], os_t = a[20];                             \
+    const attention_forward_args *a = args;                                                           \
+    const T *q = a->q, *k = a->k, *v = a->v;                                                          \
+    const uint8_t *mask = a->mask; T *out = a->out; float *probs = a->probs;                          \
+    const int64_t H = a->H, nt = a->nt, ns = a->ns, dh = a->dh;                                         \
+    const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
+    const int64_t ms_b = a->ms_b, ms_t = a->ms_t, os_b = a->os_b, os_t = a->os_t;                     \
+    const float scale = a->scale;                                                                     \
     float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *of = vf + ns * dh, *e = of + nt * dh; \
     for (int64_t i = lo; i < hi; i++) {                                                               \
         const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
@@ -315,25 +329,28 @@ static void forward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t 
         store_rows_##T(out + b * os_b + h * dh, of, nt, os_t, dh);                                    \
     }                                                                                                 \
 }                                                                                                     \
-int64_t attention_forward_##T(const int64_t *a, float scale) {                                        \
-    const int64_t nt = a[8], ns = a[9], dh = a[10];                                                   \
-    return parallel(forward_part_##T, a, scale, a[6] * a[7], a[21], (2 * nt + 2 * ns) * dh + nt * (ns + 16)); \
+int attention_forward_##T(const attention_forward_args *a) {                                         \
+    AIAYN_REQUIRE(a->q && a->k && a->v && a->out && a->probs, AIAYN_NULL_POINTER);                    \
+    const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
+                                       | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->os_b | a->os_t); \
+    if (status != AIAYN_OK) return status;                                                            \
+    const int64_t nt = a->nt, ns = a->ns, dh = a->dh;                                                   \
+    return parallel(forward_part_##T, a, a->B * a->H, a->threads, (2 * nt + 2 * ns) * dh + nt * (ns + 16)); \
 }
 #define FORWARD_ONE(DH) forward_one(qf, kf, vf, m, ms_t, of, p, e, nt, ns, DH)
 
-/* Backward arguments: q, k, v, dout, probs, dq, dk, dv, B, H, T, S, dh, then the strides q (b, t),
- * k (b, s), v (b, s), dout (b, t), dq (b, t), dk (b, s), dv (b, s), then threads. Scratch per
- * thread: (3T + 4S) dh + TS floats. */
+/* Backward arguments: attention_backward_args (abi.h). Scratch per thread: (3T + 4S) dh + TS floats. */
 #define DEFINE_BACKWARD(T)                                                                            \
-static void backward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
     (void)index;                                                                                      \
-    const T *q = PTR(const T, a[0]), *k = PTR(const T, a[1]), *v = PTR(const T, a[2]);                \
-    const T *dout = PTR(const T, a[3]); const float *probs = PTR(const float, a[4]);                  \
-    T *dq = PTR(T, a[5]), *dk = PTR(T, a[6]), *dv = PTR(T, a[7]);                                     \
-    const int64_t H = a[9], nt = a[10], ns = a[11], dh = a[12];                                       \
-    const int64_t qs_b = a[13], qs_t = a[14], ks_b = a[15], ks_s = a[16], vs_b = a[17], vs_s = a[18]; \
-    const int64_t gs_b = a[19], gs_t = a[20], dqs_b = a[21], dqs_t = a[22];                           \
-    const int64_t dks_b = a[23], dks_s = a[24], dvs_b = a[25], dvs_s = a[26];                         \
+    const attention_backward_args *a = args;                                                          \
+    const T *q = a->q, *k = a->k, *v = a->v, *dout = a->dout; const float *probs = a->probs;          \
+    T *dq = a->dq, *dk = a->dk, *dv = a->dv;                                                          \
+    const int64_t H = a->H, nt = a->nt, ns = a->ns, dh = a->dh;                                         \
+    const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
+    const int64_t gs_b = a->gs_b, gs_t = a->gs_t, dqs_b = a->dqs_b, dqs_t = a->dqs_t;                 \
+    const int64_t dks_b = a->dks_b, dks_s = a->dks_s, dvs_b = a->dvs_b, dvs_s = a->dvs_s;             \
+    const float scale = a->scale;                                                                     \
     float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *gf = vf + ns * dh;                  \
     float *dqf = gf + nt * dh, *dkf = dqf + nt * dh, *dvf = dkf + ns * dh, *ds = dvf + ns * dh;        \
     for (int64_t i = lo; i < hi; i++) {                                                               \
@@ -355,9 +372,14 @@ static void backward_part_##T(const int64_t *a, float scale, int64_t lo, int64_t
         store_rows_##T(dv + b * dvs_b + h * dh, dvf, ns, dvs_s, dh);                                  \
     }                                                                                                 \
 }                                                                                                     \
-int64_t attention_backward_##T(const int64_t *a, float scale) {                                       \
-    const int64_t nt = a[10], ns = a[11], dh = a[12];                                                 \
-    return parallel(backward_part_##T, a, scale, a[8] * a[9], a[27], (3 * nt + 4 * ns) * dh + nt * ns); \
+int attention_backward_##T(const attention_backward_args *a) {                                       \
+    AIAYN_REQUIRE(a->q && a->k && a->v && a->dout && a->probs && a->dq && a->dk && a->dv, AIAYN_NULL_POINTER); \
+    const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
+                                       | a->ks_s | a->vs_b | a->vs_s | a->gs_b | a->gs_t | a->dqs_b | a->dqs_t \
+                                       | a->dks_b | a->dks_s | a->dvs_b | a->dvs_s);                  \
+    if (status != AIAYN_OK) return status;                                                            \
+    const int64_t nt = a->nt, ns = a->ns, dh = a->dh;                                                   \
+    return parallel(backward_part_##T, a, a->B * a->H, a->threads, (3 * nt + 4 * ns) * dh + nt * ns); \
 }
 #define BACKWARD_ONE(DH) backward_one(qf, kf, vf, gf, p, dqf, dkf, dvf, ds, nt, ns, DH, scale)
 
@@ -372,7 +394,7 @@ DEFINE_BACKWARD(bf16)
  * lane i % 4 of word i / 4 deciding element i, so the mask depends on the seed alone, not on how the
  * work is split. PyTorch draws one random number per element on one thread (~50 ms of a base
  * model's bf16 step); this is a few multiplies per four elements, on every thread.
- * Arguments: mask, n, seed, threshold, threads. */
+ * Arguments: dropout_mask_args (abi.h). */
 INLINE uint64_t splitmix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -380,10 +402,11 @@ INLINE uint64_t splitmix64(uint64_t z) {
 }
 
 #define DEFINE_DROPOUT(T, STORE)                                                                      \
-static void dropout_part_##T(const int64_t *a, float scale, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+static void dropout_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
     (void)scratch; (void)index;                                                                       \
-    T *mask = PTR(T, a[0]); const int64_t n = a[1]; const uint64_t seed = (uint64_t)a[2];             \
-    const uint64_t threshold = (uint64_t)a[3];                                                        \
+    const dropout_mask_args *a = args;                                                                \
+    T *mask = a->mask; const int64_t n = a->n; const uint64_t seed = (uint64_t)a->seed;               \
+    const uint64_t threshold = (uint64_t)a->threshold; const float scale = a->scale;                  \
     T keep, drop;                                                                                     \
     STORE(&keep, scale); STORE(&drop, 0.f);                                                           \
     const int64_t full = n / 4 < hi ? n / 4 : hi;  /* words whose four elements all exist */         \
@@ -398,8 +421,10 @@ static void dropout_part_##T(const int64_t *a, float scale, int64_t lo, int64_t 
             mask[4 * w + j] = ((r >> (16 * j)) & 0xFFFF) >= threshold ? keep : drop;                  \
     }                                                                                                 \
 }                                                                                                     \
-int64_t dropout_mask_##T(const int64_t *a, float scale) {                                             \
-    return parallel(dropout_part_##T, a, scale, (a[1] + 3) / 4, a[4], 0);                            \
+int dropout_mask_##T(const dropout_mask_args *a) {                                                   \
+    AIAYN_REQUIRE(a->mask || a->n == 0, AIAYN_NULL_POINTER);                                          \
+    AIAYN_REQUIRE(a->n >= 0 && a->threshold >= 0 && a->threshold <= 65536, AIAYN_BAD_SIZE);           \
+    return parallel(dropout_part_##T, a, (a->n + 3) / 4, a->threads, 0);                             \
 }
 
 DEFINE_DROPOUT(f32, to_f32)
@@ -413,16 +438,14 @@ DEFINE_DROPOUT(bf16, to_bf16)
  *     dw = sum over rows of dout xhat,   db = sum of dout,
  * the sums as one row of partial sums per part (`partial`: parts x 2n fp32, summed by the caller).
  * PyTorch: addcmul, layer_norm, its backward and a product, each a pass over the (rows, n) tensors.
- * Forward arguments: x, y, mask, w, b, out, z, stats (rows x 2 fp32), rows, n, threads; eps.
- * Backward arguments: dout, z, mask, w, stats, dx, dy, partial, rows, n, threads. y, mask and dy
- * have their own type (`_f32_bf16`: bf16 ones, the rest fp32, as under autocast).
- * Scratch: a row of n floats. */
+ * Arguments: residual_norm_forward_args, residual_norm_backward_args (abi.h). y, mask and dy have
+ * their own type (`_f32_bf16`: bf16 ones, the rest fp32, as under autocast). Scratch: a row of n floats. */
 #define DEFINE_RESIDUAL_NORM(NAME, T, LOAD, STORE, Y, LOADY, STOREY)                                                          \
-static void residual_norm_part_##NAME(const int64_t *a, float eps, int64_t lo, int64_t hi, float *row, int64_t index) { \
+static void residual_norm_part_##NAME(const void *args, int64_t lo, int64_t hi, float *row, int64_t index) { \
     (void)index;                                                                                      \
-    const T *x = PTR(const T, a[0]); const Y *y = PTR(const Y, a[1]), *mask = PTR(const Y, a[2]);   \
-    const T *w = PTR(const T, a[3]), *b = PTR(const T, a[4]);                                         \
-    T *out = PTR(T, a[5]), *z = PTR(T, a[6]); float *stats = PTR(float, a[7]); const int64_t n = a[9]; \
+    const residual_norm_forward_args *a = args;                                                       \
+    const T *x = a->x; const Y *y = a->y, *mask = a->mask; const T *w = a->w, *b = a->b;              \
+    T *out = a->out, *z = a->z; float *stats = a->stats; const int64_t n = a->n; const float eps = a->eps; \
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *xr = x + r * n; const Y *yr = y + r * n, *mr = mask ? mask + r * n : NULL;             \
         T *zr = z + r * n, *o = out + r * n;                                                          \
@@ -441,15 +464,17 @@ static void residual_norm_part_##NAME(const int64_t *a, float eps, int64_t lo, i
         stats[2 * r] = mean; stats[2 * r + 1] = rstd;                                                 \
     }                                                                                                 \
 }                                                                                                     \
-int64_t residual_norm_forward_##NAME(const int64_t *a, float eps) {                                      \
-    return parallel(residual_norm_part_##NAME, a, eps, a[8], a[10], a[9]);                               \
+int residual_norm_forward_##NAME(const residual_norm_forward_args *a) {                                 \
+    AIAYN_REQUIRE(a->x && a->y && a->w && a->b && a->out && a->z && a->stats, AIAYN_NULL_POINTER);       \
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);                                            \
+    return parallel(residual_norm_part_##NAME, a, a->rows, a->threads, a->n);                            \
 }                                                                                                     \
-static void residual_norm_back_part_##NAME(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
-    (void)unused;                                                                                     \
-    const T *dout = PTR(const T, a[0]), *z = PTR(const T, a[1]); const Y *mask = PTR(const Y, a[2]); \
-    const T *w = PTR(const T, a[3]); const float *stats = PTR(const float, a[4]);                     \
-    T *dx = PTR(T, a[5]); Y *dy = PTR(Y, a[6]); const int64_t n = a[9];                              \
-    float *dw = PTR(float, a[7]) + index * 2 * n, *db = dw + n;                                       \
+static void residual_norm_back_part_##NAME(const void *args, int64_t lo, int64_t hi, float *row, int64_t index) { \
+    const residual_norm_backward_args *a = args;                                                      \
+    const T *dout = a->dout, *z = a->z; const Y *mask = a->mask;                                      \
+    const T *w = a->w; const float *stats = a->stats;                                                 \
+    T *dx = a->dx; Y *dy = a->dy; const int64_t n = a->n;                                             \
+    float *dw = a->partial + index * 2 * n, *db = dw + n;                                             \
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *gr = dout + r * n, *zr = z + r * n; const Y *mr = mask ? mask + r * n : NULL;         \
         const float mean = stats[2 * r], rstd = stats[2 * r + 1];                                     \
@@ -470,8 +495,10 @@ static void residual_norm_back_part_##NAME(const int64_t *a, float unused, int64
         }                                                                                             \
     }                                                                                                 \
 }                                                                                                     \
-int64_t residual_norm_backward_##NAME(const int64_t *a, float unused) {                                  \
-    return parallel(residual_norm_back_part_##NAME, a, unused, a[8], a[10], a[9]);                       \
+int residual_norm_backward_##NAME(const residual_norm_backward_args *a) {                               \
+    AIAYN_REQUIRE(a->dout && a->z && a->w && a->stats && a->dx && a->dy && a->partial, AIAYN_NULL_POINTER); \
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);                                            \
+    return parallel(residual_norm_back_part_##NAME, a, a->rows, a->threads, a->n);                       \
 }
 
 DEFINE_RESIDUAL_NORM(f32, f32, from_f32, to_f32, f32, from_f32, to_f32)
@@ -484,18 +511,16 @@ DEFINE_RESIDUAL_NORM(f32_bf16, f32, from_f32, to_f32, bf16, from_bf16, to_bf16) 
  *     grad[r] = scale * (softmax(z) - (1 - eps) onehot(t) - eps / V)       (if grad != NULL)
  * aiayn/train/loss.py's _LabelSmoothedCE is the reference (and the fallback); here each row is read
  * once into fp32 scratch that stays in the caches for its other passes, and rows are split between
- * threads. Arguments: logits, row stride, targets (int64), losses (fp32), grad (contiguous) or NULL,
- * rows, V, threads; eps, scale. Returns -2 if a target is outside [0, V). */
-typedef struct { float eps, scale; } ce_floats;
-
+ * threads. A row with a NaN logit gets a NaN loss and gradient, as in PyTorch. Arguments:
+ * cross_entropy_args (abi.h). AIAYN_BAD_INDEX, having written nothing, if a target is outside [0, V). */
 #define DEFINE_CROSS_ENTROPY(T, LOAD, LOAD16, STORE, STORE16)                                         \
-static void cross_entropy_part_##T(const int64_t *a, float unused, int64_t lo, int64_t hi, float *row, int64_t index) { \
-    (void)unused; (void)index;                                                                        \
-    const T *logits = PTR(const T, a[0]); const int64_t stride = a[1];                                \
-    const int64_t *target = PTR(const int64_t, a[2]); float *losses = PTR(float, a[3]);               \
-    T *grad = PTR(T, a[4]); const int64_t V = a[6];                                                   \
-    const ce_floats *f = PTR(const ce_floats, a[8]);                                                  \
-    const float eps = f->eps, scale = f->scale;                                                       \
+static void cross_entropy_part_##T(const void *args, int64_t lo, int64_t hi, float *row, int64_t index) { \
+    (void)index;                                                                                      \
+    const cross_entropy_args *a = args;                                                               \
+    const T *logits = a->logits; const int64_t stride = a->stride;                                    \
+    const int64_t *target = a->target; float *losses = a->losses;                                     \
+    T *grad = a->grad; const int64_t V = a->V;                                                        \
+    const float eps = a->eps, scale = a->scale;                                                       \
     const int64_t body = V / 16 * 16;                                                                 \
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *z = logits + r * stride;                                                             \
@@ -528,11 +553,13 @@ static void cross_entropy_part_##T(const int64_t *a, float unused, int64_t lo, i
         STORE(g + t, p_scale * row[t] - shift - scale * (1.f - eps));                                 \
     }                                                                                                 \
 }                                                                                                     \
-int64_t cross_entropy_##T(const int64_t *a, float unused) {                                           \
-    const int64_t *target = PTR(const int64_t, a[2]), n = a[5], V = a[6];                             \
-    for (int64_t r = 0; r < n; r++)                                                                   \
-        if (target[r] < 0 || target[r] >= V) return -2;                                               \
-    return parallel(cross_entropy_part_##T, a, unused, n, a[7], V);                                   \
+int cross_entropy_##T(const cross_entropy_args *a) {                                                  \
+    AIAYN_REQUIRE(a->logits && a->target && a->losses, AIAYN_NULL_POINTER);                           \
+    AIAYN_REQUIRE(a->rows >= 0 && a->V >= 1, AIAYN_BAD_SIZE);                                         \
+    AIAYN_REQUIRE(a->stride >= a->V, AIAYN_BAD_STRIDE);                                               \
+    for (int64_t r = 0; r < a->rows; r++)                                                             \
+        AIAYN_REQUIRE(a->target[r] >= 0 && a->target[r] < a->V, AIAYN_BAD_INDEX);                     \
+    return parallel(cross_entropy_part_##T, a, a->rows, a->threads, a->V);                            \
 }
 
 DEFINE_CROSS_ENTROPY(f32, from_f32, load16_f32, to_f32, store16_f32)
