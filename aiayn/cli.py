@@ -260,9 +260,11 @@ def _finetune_request(args):
     if args.resume:
         return None, ()
     lora_cfg = None
-    if args.lora_rank is not None:
-        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=parse_targets(args.lora_targets))
-    elif args.lora_alpha is not None or args.lora_targets != ",".join(DEFAULT_LORA_TARGETS):
+    rank, alpha = getattr(args, "lora_rank", None), getattr(args, "lora_alpha", None)
+    targets = getattr(args, "lora_targets", ",".join(DEFAULT_LORA_TARGETS))
+    if rank is not None:
+        lora_cfg = LoRAConfig(rank=rank, alpha=alpha, targets=parse_targets(targets))
+    elif alpha is not None or targets != ",".join(DEFAULT_LORA_TARGETS):
         raise UserError("--lora-alpha and --lora-targets need --lora-rank")
     freeze_parts = parse_freeze(args.freeze)
     if (lora_cfg is not None or freeze_parts) and not args.init_from:
@@ -581,7 +583,7 @@ def _vision_run(args, task_name: str):
     if previous.get("task") != task_name:
         raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
     cfg, tcfg = _resumed_run(args, previous)
-    return cfg, tcfg, args.data or previous.get("data")
+    return cfg, tcfg, args.data or previous.get("data"), previous
 
 
 def _image_data(path):
@@ -603,9 +605,13 @@ def cmd_train_vit(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     resumed = _vision_run(args, "vit")
+    init, previous = None, None
     if resumed:
-        cfg, tcfg, data_path = resumed
+        cfg, tcfg, data_path, previous = resumed
     else:
         data_path = args.data
         _choose_precision(args, "train")
@@ -617,18 +623,45 @@ def cmd_train_vit(args) -> int:
                                    ("positional", args.positional), ("dropout", args.dropout)) if v is not None}
         if data.images.shape[1] != data.images.shape[2]:
             raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: the ViT takes square images")
-        cfg = ViTConfig(image_size=int(data.images.shape[1]), n_classes=len(data.classes), **shape)
+        if args.init_from:  # fine-tuning: the trained ViT's shape and weights; its head if the classes are its
+            init, cfg = _vit_base(args, data, shape)
+        else:
+            cfg = ViTConfig(image_size=int(data.images.shape[1]), n_classes=len(data.classes), **shape)
     train, val = split_train_val(data)
     torch.manual_seed(tcfg.seed)
     model = VisionTransformer(cfg)
+    if init is not None:
+        same_head = init.head.weight.shape == model.head.weight.shape and init.labels == list(data.classes)
+        state = {k: v for k, v in init.state_dict().items() if same_head or not k.startswith("head.")}
+        model.load_state_dict(state, strict=same_head)
+    extra = _finetune_model(args, model, "vit", previous, {})
     task = ViTTask(train, val, cfg, tcfg.batch_size, tcfg.device, augmentation=not args.no_augment)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; {len(train):,} training and {len(val):,} validation images; "
           f"run directory {args.out}", file=sys.stderr)
     trainer = Trainer(task, model, Labels(data.classes), tcfg, Path(args.out),
-                      extra_meta={"data": str(data_path) if data_path else None})
+                      extra_meta={"data": str(data_path) if data_path else None, **extra})
     print(json.dumps(trainer.run(resume=args.resume, progress=not args.quiet), default=str))
     return 0
+
+
+def _vit_base(args, data, shape: dict):
+    """--init-from for a ViT -> (the trained model, with its class names as .labels; the run's config:
+    its shape, the data's classes)."""
+    from aiayn.finetune import load_base
+
+    if set(shape) - {"dropout"}:
+        raise UserError("--init-from keeps the model's shape: drop --" + ", --".join(
+            k.replace("_", "-") for k in shape if k != "dropout"))
+    init, labels, _ = load_base(args.init_from, "vit")
+    if init.cfg.image_size != data.images.shape[1]:
+        raise UserError(f"{args.init_from} reads {init.cfg.image_size}x{init.cfg.image_size} images, the data "
+                        f"has {data.images.shape[2]}x{data.images.shape[1]}")
+    init.labels = list(labels.classes)
+    print(f"starting from {args.init_from} (its shape; "
+          f"{'its head' if init.labels == list(data.classes) else 'a new head for the data classes'})",
+          file=sys.stderr)
+    return init, init.cfg.replace(n_classes=len(data.classes), **shape)
 
 
 def cmd_train_pixels(args) -> int:
@@ -642,30 +675,50 @@ def cmd_train_pixels(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
+    _finetune_request(args)
     resumed = _vision_run(args, "image-gpt")
+    init, previous = None, resumed[3] if resumed else None
     data_path = resumed[2] if resumed else args.data
     data = _image_data(data_path)
     if data.images.shape[1] != data.images.shape[2]:
         raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: use square images")
     if resumed:
-        mcfg, tcfg, _ = resumed
+        mcfg, tcfg, _, _ = resumed
         tokenizer = PixelTokenizer.load(model_dir(args.out))
     else:
-        tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
         _choose_precision(args, "train")
         tcfg = _train_config(args, **pixel_train(max_steps=1500, max_minutes=60).to_dict())
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout)) if v is not None}
-        mcfg = pixel_config(tokenizer, **shape)
+        if args.init_from:  # fine-tuning: the trained model's shape, palette and classes
+            from aiayn.finetune import load_base
+
+            if set(shape) - {"dropout"}:
+                raise UserError("--init-from keeps the model's shape: drop --" + ", --".join(
+                    {"n_decoder_layers": "n-layers"}.get(k, k.replace("_", "-")) for k in shape if k != "dropout"))
+            init, tokenizer, _ = load_base(args.init_from, "image-gpt")
+            if (tokenizer.classes, tokenizer.image_size) != (list(data.classes), int(data.images.shape[1])):
+                raise UserError(f"{args.init_from} draws {tokenizer.image_size}-pixel images of classes "
+                                f"{','.join(tokenizer.classes)}: the data must have the same")
+            mcfg = init.cfg.replace(**{k: v for k, v in shape.items() if k == "dropout"})
+            print(f"starting from {args.init_from} (its shape, {tokenizer.levels} gray levels)", file=sys.stderr)
+        else:
+            tokenizer = PixelTokenizer(args.levels, data.classes, int(data.images.shape[1]))
+            mcfg = pixel_config(tokenizer, **shape)
     train, val = split_train_val(data)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    extra = _finetune_model(args, model, "image-gpt", previous, {})
     task = PixelLMTask(train, val, tokenizer, tcfg.batch_size, tcfg.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; {tokenizer.levels} gray levels; {len(train):,} training "
           f"and {len(val):,} validation images; run directory {args.out}", file=sys.stderr)
     trainer = Trainer(task, model, tokenizer, tcfg, Path(args.out),
-                      extra_meta={"data": str(data_path) if data_path else None})
+                      extra_meta={"data": str(data_path) if data_path else None, **extra})
     print(json.dumps(trainer.run(resume=args.resume, progress=not args.quiet), default=str))
     return 0
 
@@ -958,12 +1011,14 @@ def _add_prepare_parsers(sub) -> None:
 
 def _add_finetune_options(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("fine-tuning (docs/FINETUNING.md)")
-    recipe = ("" if task == "translation" else "; recipe: 500 steps, lr 3e-4 (LoRA 1e-3) cosine to a tenth, "
-              "context = the model's")
+    recipe = {"translation": "", "lm": "; recipe: 500 steps, lr 3e-4 (LoRA 1e-3) cosine to a tenth, context = "
+              "the model's", "vit": "; a new head where the data's classes differ from the model's"}.get(task, "")
     g.add_argument("--init-from", metavar="MODEL", help=f"fine-tune: start from a trained {task} model or run "
                    "directory (its shape and tokenizer), with a fresh optimizer and schedule" + recipe)
     g.add_argument("--freeze", metavar="PARTS", help="with --init-from: parts that do not train, comma-separated: "
-                   "embeddings (with a tied output projection), encoder, decoder")
+                   "embeddings (with a tied output projection; a ViT's patches and positions), encoder, decoder")
+    if task in ("vit", "image-gpt"):
+        return
     g.add_argument("--lora-rank", type=int, metavar="R", help="with --init-from: train LoRA adapters of rank R "
                    "only (Hu et al. 2021); the run also writes RUN_DIR/adapter.safetensors")
     g.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (the update is alpha/R * B A; default R)")
@@ -994,6 +1049,7 @@ def _add_vision_train_parsers(tsub) -> None:
     v.add_argument("--label-smoothing", type=float, help="default 0.1")
     v.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
     v.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    _add_finetune_options(v, "vit")
     _add_train_options(v)
     v.set_defaults(func=cmd_train_vit)
     g = tsub.add_parser("image-gpt", help="pixel-by-pixel image generator (default: mnist10k digits)",
@@ -1011,6 +1067,7 @@ def _add_vision_train_parsers(tsub) -> None:
     g.add_argument("--d-ff", type=int, help="feed-forward width (default 256)")
     g.add_argument("--dropout", type=float, help="residual and embedding dropout (default 0)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    _add_finetune_options(g, "image-gpt")
     _add_train_options(g)
     g.set_defaults(func=cmd_train_pixels)
 

@@ -43,18 +43,29 @@ def parse_freeze(text: str | None) -> tuple[str, ...]:
     return parts
 
 
+def _part(name: str) -> str | None:
+    """The freezable part a parameter belongs to, by its name: embeddings (a text model's token and
+    position embeddings, a ViT's patch embedding, class token and positions), encoder, decoder."""
+    top = name.split(".")[0]
+    if top in ("src_embed", "tgt_embed", "patches", "cls_token", "pos"):
+        return "embeddings"
+    return top if top in ("encoder", "decoder") else None
+
+
 def freeze(model: nn.Module, parts: tuple[str, ...]) -> None:
-    """In place: stop the gradients of whole parts. embeddings: token and position embeddings (and
-    so a tied output projection, which is the same matrix); encoder, decoder: their layer stacks."""
-    modules = {"embeddings": [getattr(model, n, None) for n in ("src_embed", "tgt_embed")],
-               "encoder": [getattr(model, "encoder", None)], "decoder": [getattr(model, "decoder", None)]}
+    """In place: stop the gradients of whole parts. embeddings: the token and position embeddings (and
+    so a tied output projection, which is the same matrix; a ViT's patch embedding, class token and
+    positions); encoder, decoder: their layer stacks. A ViT with embeddings and encoder frozen trains
+    its head alone (a linear probe)."""
+    found = set()
+    for name, p in model.named_parameters():
+        part = _part(name)
+        if part in parts:
+            p.requires_grad_(False)
+            found.add(part)
     for part in parts:
-        found = [m for m in modules[part] if m is not None]
-        if not found:
+        if part not in found:
             raise FinetuneError(f"--freeze {part}: this model has no {part}")
-        for m in found:
-            for p in m.parameters():
-                p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise FinetuneError("--freeze leaves nothing to train")
 

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aiayn.cli import main
@@ -91,10 +92,16 @@ def test_explain_image(vit_run, data, tmp_path, capsys):
     assert "empty file" in capsys.readouterr().err
 
 
-def test_pixels_train_generate_and_complete(data, tmp_path, capsys):
-    out = tmp_path / "pix"
+@pytest.fixture(scope="module")
+def pix_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pix") / "run"
     assert main(["train", "image-gpt", "--data", str(data), "--out", str(out), "--max-steps", "4",
                  "--eval-every", "4", *PIX]) == 0
+    return out
+
+
+def test_pixels_train_generate_and_complete(pix_run, data, tmp_path, capsys):
+    out = pix_run
     assert "val_bpp" in (out / "metrics.jsonl").read_text()
     grid = tmp_path / "grid.png"
     args = ["generate-image", "--model", str(out), "--label", "1", "--n", "4", "--seed", "1", "--scale", "1"]
@@ -123,3 +130,54 @@ def test_wrong_model_kind(vit_run, data, capsys):
     capsys.readouterr()
     assert main(["generate-image", "--model", str(vit_run), "--out", "x.png"]) == 1
     assert "holds a vit model, not a image-gpt model" in capsys.readouterr().err
+
+
+def _class_folders(root, data):
+    """The bars of `data` as a class-folder tree with other class names ("h", "v")."""
+    from aiayn.data.images import load_images
+
+    images = load_images(data, split="train")
+    for name, label in (("v", 0), ("h", 1)):
+        (root / name).mkdir(parents=True)
+        for i in (images.labels == label).nonzero().flatten().tolist()[:8]:
+            Image.fromarray(images.images[i].numpy(), mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_vit_fine_tuning_a_linear_probe_on_new_classes(vit_run, data, tmp_path, capsys):
+    """--init-from a ViT with other classes: a new head, and with embeddings and encoder frozen only
+    the head trains (the trained layers are left exactly as they were); the run resumes frozen."""
+    from aiayn.checkpoint import load_model_dir, model_dir
+
+    base, _, _, _ = load_model_dir(model_dir(vit_run))  # what --init-from RUN takes: its best checkpoint
+    folders = _class_folders(tmp_path / "folders", data)
+    out = tmp_path / "probe"
+    assert main(["train", "vit", "--data", str(folders), "--init-from", str(vit_run), "--freeze",
+                 "embeddings,encoder", "--out", str(out), "--max-steps", "3", "--eval-every", "3", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "a new head for the data classes" in err and "parameters trainable" in err
+    tuned, labels, _, extra = load_model_dir(out / "step-00000003")
+    assert labels.classes == ["h", "v"] and extra["freeze"] == ["embeddings", "encoder"]
+    base_state, tuned_state = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(base_state[k], v) for k, v in tuned_state.items() if not k.startswith("head."))
+    assert not torch.equal(tuned.head.weight, torch.zeros_like(tuned.head.weight))  # the head learned
+    assert main(["train", "vit", "--out", str(out), "--resume", "--max-steps", "5", "--quiet"]) == 0
+    resumed, _, _, _ = load_model_dir(out / "step-00000005")
+    assert torch.equal(resumed.encoder.layers[0].ff.w1.weight, base.encoder.layers[0].ff.w1.weight)
+
+
+def test_image_gpt_fine_tuning_keeps_the_palette(pix_run, data, tmp_path, capsys):
+    from aiayn.checkpoint import load_model_dir
+
+    out = tmp_path / "tuned"
+    assert main(["train", "image-gpt", "--data", str(data), "--init-from", str(pix_run), "--freeze", "embeddings",
+                 "--out", str(out), "--max-steps", "2", "--eval-every", "2", "--quiet"]) == 0
+    tuned, tok, _, extra = load_model_dir(out / "step-00000002")
+    assert tok.levels == 4 and extra["init_from"] == str(pix_run.resolve())
+    capsys.readouterr()
+    assert main(["train", "image-gpt", "--data", str(data), "--init-from", str(pix_run), "--d-model", "32",
+                 "--out", str(tmp_path / "x"), "--max-steps", "1"]) == 2
+    assert "--init-from keeps the model's shape: drop --d-model" in capsys.readouterr().err
+    assert main(["train", "vit", "--data", str(data), "--init-from", str(pix_run), "--out", str(tmp_path / "y"),
+                 "--max-steps", "1"]) == 1
+    assert "not a vit model" in capsys.readouterr().err
