@@ -609,7 +609,10 @@ def cmd_train_vit(args) -> int:
     else:
         data_path = args.data
         _choose_precision(args, "train")
-        tcfg = _train_config(args, **vit_train(max_steps=1400).to_dict())
+        defaults = vit_train(max_steps=1400).to_dict()
+        if args.max_steps is None and (args.max_cpu_minutes is not None or args.max_minutes is not None):
+            defaults["max_steps"] = None  # a time budget alone: the cosine ends where the budget does
+        tcfg = _train_config(args, **defaults)
     data = _image_data(data_path)
     if not resumed:
         shape = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers), ("n_heads", args.n_heads),
@@ -979,7 +982,9 @@ def _add_vision_train_parsers(tsub) -> None:
                         "shifts, rotations, zoom and shear of the training images. 1/16 of the images are held "
                         "out to choose the checkpoint. Default recipe: 4 layers, d_model 128, 4 "
                         "heads, patch 4, AdamW lr 2e-3, cosine over --max-steps 1400 batches of 128 images (the "
-                        "shipped model's recipe: ~10 CPU minutes on one core).")
+                        "shipped model's recipe: ~10 CPU minutes on one core). With --max-cpu-minutes (or "
+                        "--max-minutes) and no --max-steps, the cosine runs over the time budget instead and "
+                        "reaches its floor when the budget ends.")
     v.add_argument("--data", help="an IDX directory (train-images-idx3-ubyte[.gz] + labels), an IDX images "
                    "file, or a folder with one subfolder of images per class (default: mnist10k)")
     v.add_argument("--batch-size", type=int, help="images per batch (default 128)")
