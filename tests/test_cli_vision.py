@@ -2,6 +2,7 @@
 on tiny generated data: runs resume, bad files get one-line errors while others are classified."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -61,6 +62,20 @@ def test_train_vit_and_resume(vit_run, data, capsys):
     assert '"step": 8' in capsys.readouterr().out
     assert main(["train", "image-gpt", "--out", str(vit_run), "--resume", "--quiet"]) == 2
     assert "holds a vit run" in capsys.readouterr().err
+
+
+def test_a_time_budget_without_max_steps_sizes_the_cosine_to_the_budget(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vit", "--data", str(data), "--out", str(out), "--max-cpu-minutes", "0.005",
+                 "--warmup", "1", "--precision", "fp32", *VIT]) == 0
+    settings = json.loads((out / "run.json").read_text())["train"]
+    assert settings["max_steps"] is None and settings["max_cpu_minutes"] == 0.005
+    rates = [row["lr"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in row]
+    assert rates and rates[-1] < settings["lr"] / 10  # the budget is spent: the cosine is at its floor
+    capsys.readouterr()
+    assert main(["train", "vit", "--data", str(data), "--out", str(tmp_path / "steps"), "--max-steps", "2",
+                 "--max-cpu-minutes", "5", *VIT]) == 0
+    assert json.loads((tmp_path / "steps" / "run.json").read_text())["train"]["max_steps"] == 2
 
 
 def test_classify_prints_one_line_per_file_and_errors_for_bad_ones(vit_run, data, capsys):

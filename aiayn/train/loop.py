@@ -26,7 +26,7 @@ from aiayn.checkpoint import (CKPT_PREFIX, CheckpointError, atomic_write_text, c
 from aiayn.config import TrainConfig
 from aiayn.errors import InputError
 from aiayn.fast import for_training
-from aiayn.train.schedule import learning_rate
+from aiayn.train.schedule import budget_fraction, learning_rate
 
 
 
@@ -324,7 +324,7 @@ class Trainer:
         result: dict = {}
         t_last, cpu_last = time.perf_counter(), time.process_time()
         while not self._done():
-            lr = learning_rate(cfg, s["step"] + 1, total)
+            lr = learning_rate(cfg, s["step"] + 1, total, budget_fraction(cfg, s))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, n_tokens = self.train_step()
