@@ -595,6 +595,15 @@ def _image_data(path):
     return data
 
 
+def _default_stops(args, recipe) -> dict:
+    """A recipe's settings with its stopping rules, unless the command line gives any: then only
+    those apply (--max-cpu-minutes alone sizes a cosine to the time budget)."""
+    from aiayn.train.runs import STOPS
+
+    given = any(getattr(args, k, None) is not None for k in STOPS)
+    return {**recipe.to_dict(), **({k: None for k in STOPS} if given else {})}
+
+
 def cmd_train_vit(args) -> int:
     import torch
 
@@ -615,13 +624,8 @@ def cmd_train_vit(args) -> int:
     else:
         data_path = args.data
         _choose_precision(args, "train")
-        # default: a cosine over 15 minutes of the process's CPU time, ending where the budget does;
-        # any stopping option given replaces it (--max-steps sizes the cosine in steps)
-        from aiayn.train.runs import STOPS
-
-        given = any(getattr(args, k, None) is not None for k in STOPS)
-        defaults = {**vit_train(max_cpu_minutes=15).to_dict(), **({"max_cpu_minutes": None} if given else {})}
-        tcfg = _train_config(args, **defaults)
+        # default: a cosine over 15 minutes of the process's CPU time, ending where the budget does
+        tcfg = _train_config(args, **_default_stops(args, vit_train(max_cpu_minutes=15)))
     data = _image_data(data_path)
     if not resumed:
         shape = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers), ("n_heads", args.n_heads),
@@ -695,7 +699,7 @@ def cmd_train_pixels(args) -> int:
         tokenizer = PixelTokenizer.load(model_dir(args.out))
     else:
         _choose_precision(args, "train")
-        tcfg = _train_config(args, **pixel_train(max_steps=1500, max_minutes=60).to_dict())
+        tcfg = _train_config(args, **_default_stops(args, pixel_train(max_steps=1500, max_minutes=60)))
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout)) if v is not None}
         if args.init_from:  # fine-tuning: the trained model's shape, palette and classes
@@ -1065,7 +1069,8 @@ def _add_vision_train_parsers(tsub) -> None:
                         "intensities quantized to --levels gray levels, raster order, a class token first "
                         "(for 10%% of the images the 'any class' token, so that completion works without a "
                         "label). Validation: bits per pixel on 128 of the 1/16 of images held out. Default recipe: "
-                        "1500 steps of 8 images (at most 60 minutes), AdamW lr 2e-3, cosine.")
+                        "1500 steps of 8 images (at most 60 minutes), AdamW lr 2e-3, cosine; any --max-* option "
+                        "replaces both stops (--max-cpu-minutes alone: a cosine that ends with the budget).")
     g.add_argument("--data", help="as for train vit (default: mnist10k)")
     g.add_argument("--levels", type=int, default=8, help="gray levels of the palette (default 8)")
     g.add_argument("--batch-size", type=int, help="images per batch (default 8)")

@@ -78,6 +78,13 @@ def test_a_time_budget_without_max_steps_sizes_the_cosine_to_the_budget(data, tm
     assert json.loads((tmp_path / "steps" / "run.json").read_text())["train"]["max_steps"] == 2
 
 
+def test_image_gpt_stops_given_replace_both_defaults(data, tmp_path):
+    assert main(["train", "image-gpt", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-cpu-minutes", "0.003", "--warmup", "1", *PIX]) == 0
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["train"]
+    assert (settings["max_steps"], settings["max_minutes"], settings["max_cpu_minutes"]) == (None, None, 0.003)
+
+
 def test_classify_prints_one_line_per_file_and_errors_for_bad_ones(vit_run, data, capsys):
     capsys.readouterr()
     files = [data / "img0.png", data / "empty.png", data / "img1.png", data / "wide.png", data / "notes.png",
