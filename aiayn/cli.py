@@ -900,6 +900,9 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     import ipaddress
 
+    from aiayn.fast.inference import bound_primitive_caches
+
+    bound_primitive_caches()  # requests of every shape: memory stays flat
     try:
         import uvicorn
 
