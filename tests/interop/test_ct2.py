@@ -143,6 +143,31 @@ def test_quantized_export_translates(tmp_path):
     assert "Hund" in sp.decode(out[0].hypotheses[0])
 
 
+def test_imported_opus_mt_model(tmp_path):
+    """An imported OPUS-MT model (Marian tokenizer: <pad> last and the decoder's start, sources ending
+    with </s>, which CT2 appends itself): CT2 scores and decodes its sources' pieces as aiayn does."""
+    from aiayn.interop import import_marian
+
+    d = tmp_path / "opus"
+    H.marian(d, H.marian_tokenizer_files(d))
+    model, tok, _ = import_marian(d)
+    out = tmp_path / "ct2"
+    out.mkdir()
+    export_ct2(model, tok, "translation", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["add_source_eos"] and config["decoder_start_token"] == "<pad>"
+    assert {"source.spm", "target.spm"} <= {p.name for p in out.iterdir()}
+    tr = ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+    for s, t in zip(H.lines("val.en", 3), H.lines("val.de", 3)):
+        src, tgt = tok.encode(s), tok.encode_target_batch([t])[0]
+        res = tr.score_batch([tok.source_sp.encode(s, out_type=str)], [tok.pieces(tgt)])[0]
+        assert (torch.tensor(res.log_probs) - aiayn_log_probs(model, tok, src, tgt)).abs().max() < 1e-4
+        ours = greedy(model, torch.tensor([src]), tok.bos_id, tok.eos_id)[0]
+        theirs = tr.translate_batch([tok.source_sp.encode(s, out_type=str)], beam_size=1, min_decoding_length=0,
+                                    max_decoding_length=len(src) + 50)[0].hypotheses[0]
+        assert theirs == tok.pieces(ours)
+
+
 # --------------------------------------------------------------------------- language models
 def test_language_models_score_and_generate_as_aiayn(tmp_path):
     """The shipped character LM (pre-norm, GELU, learned positions) and a post-norm sinusoidal one."""
