@@ -885,14 +885,23 @@ def cmd_import(args) -> int:
 
 def cmd_export(args) -> int:
     from aiayn.checkpoint import load_model_dir, model_dir
-    from aiayn.interop import export_hf
+    from aiayn.interop import export_ct2, export_hf
     from aiayn.interop.hf import write_directory
 
+    if args.quantization and args.format != "ct2":
+        raise UserError("--quantization is for `export ct2` (an HF export keeps float32 weights)")
     directory = model_dir(args.model)
     model, tokenizer, task, extra = load_model_dir(directory)
+    if args.format == "ct2":
+        def write(d):
+            return export_ct2(model, tokenizer, task, d, args.quantization)
+    else:
+        def write(d):
+            return export_hf(model, tokenizer, task, d, extra)
     written = []
-    write_directory(Path(args.out), lambda d: written.append(export_hf(model, tokenizer, task, d, extra)))
-    print(f"exported {directory} ({task}) as {written[0]} into {args.out}")
+    write_directory(Path(args.out), lambda d: written.append(write(d)))
+    what = f"a CTranslate2 {written[0]} ({args.quantization or 'float32'})" if args.format == "ct2" else written[0]
+    print(f"exported {directory} ({task}) as {what} into {args.out}")
     return 0
 
 
@@ -1304,12 +1313,16 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("dir", help="the HF model directory")
     im.add_argument("--out", required=True, help="the aiayn model directory to write (new or empty)")
     im.set_defaults(func=cmd_import)
-    ex = sub.add_parser("export", help="export an aiayn model to another format (hf)",
+    ex = sub.add_parser("export", help="export an aiayn model to another format (hf, ct2)",
                         description="Write an aiayn model as an HF directory that transformers loads with "
-                        "from_pretrained: a translation model as MarianMTModel, a language model as GPT2LMHeadModel.")
-    ex.add_argument("format", choices=["hf"], help="hf: a transformers directory")
+                        "from_pretrained (a translation model as MarianMTModel, a language model as "
+                        "GPT2LMHeadModel), or as a CTranslate2 model directory (ctranslate2.Translator / "
+                        "Generator; pip install ctranslate2) with the model's tokenizer beside it.")
+    ex.add_argument("format", choices=["hf", "ct2"], help="hf: a transformers directory; ct2: a CTranslate2 model")
     ex.add_argument("model", help="the aiayn model directory (or a run directory)")
     ex.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    ex.add_argument("--quantization", help="ct2: the weights' type (float32 by default; int8, int8_float32, "
+                    "int8_float16, int8_bfloat16, int16, float16, bfloat16)")
     ex.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="speed benchmarks against peers",
                        description="Run benchmarks/ (a source checkout): tables comparing aiayn with HF "

@@ -1,8 +1,10 @@
-"""The shipped EN->DE model exported to the HF format and decoded by transformers' generate: the same
-BLEU as aiayn on test_2016_flickr, where both run the same search.
+"""The shipped EN->DE model exported to the HF format and decoded by transformers' generate, and
+exported to CTranslate2 and decoded by its Translator: the same BLEU as aiayn on test_2016_flickr,
+where each runs the same search, and CT2's speed against aiayn's on the same model.
 
-    python benchmarks/export_bleu.py            # 1000 sentences: greedy and beam 4
-    python benchmarks/export_bleu.py --quick    # the first 100
+    python benchmarks/export_bleu.py                 # 1000 sentences: greedy and beam 4, HF and CT2
+    python benchmarks/export_bleu.py --quick         # the first 100
+    taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/export_bleu.py --peers ct2   # CT2 only
 
 `aiayn export hf` writes the model as a MarianMTModel. aiayn's models read sources without a final
 </s>; transformers' MarianTokenizer appends one, so HF is run twice: on aiayn's own source ids (the
@@ -12,6 +14,13 @@ both); at 0 both rank by log-probability, so the beam rows use alpha = length_pe
 early_stopping=True (aiayn's rule: a sentence ends with beam-size finished hypotheses). The last rows
 give each the model's own penalty (its recorded alpha, which `aiayn evaluate` uses), a different
 search in each.
+
+CTranslate2 (`aiayn export ct2`, float32 and int8 weights) against aiayn's inference copies (fp32:
+oneDNN linears; int8: dynamically quantized linears): both decode the same length-sorted batches of
+--batch sentences on one thread, and the rate is target tokens (EOS not counted) per second of the
+process's CPU time. CT2's length_penalty divides by |Y| ** penalty; at 0 it also stops a sentence as
+soon as its best beam ends, where aiayn waits for beam-size finished hypotheses (CT2's rule under any
+non-zero penalty), so the "penalty 0" beam rows give CT2 a penalty of 1e-9: the same search as aiayn's.
 """
 
 from __future__ import annotations
@@ -31,26 +40,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers", default="hf,ct2", help="hf (transformers' generate), ct2 (CTranslate2), or both")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     n = 100 if args.quick else args.sentences
     torch.set_num_threads(args.threads)
 
-    from transformers import MarianMTModel, MarianTokenizer
-
     from aiayn.checkpoint import load_model_dir
-    from aiayn.data.batching import pad
     from aiayn.data.corpus import ASSETS, multi30k
-    from aiayn.evaluate import bleu
-    from aiayn.interop import export_hf
-    from aiayn.translate import translate
 
     pairs = multi30k("test_2016_flickr", "en", "de")[:n]
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     model, tok, task, extra = load_model_dir(ASSETS / "models" / "en-de")
-    print(bench.header("The shipped EN->DE model: aiayn vs its HF export decoded by transformers' generate"))
+    peers = args.peers.split(",")
+    print(bench.header("The shipped EN->DE model: aiayn vs its exports, decoded by "
+                       + " and ".join({"hf": "transformers' generate", "ct2": "CTranslate2"}[x] for x in peers)))
     print(f"test_2016_flickr, {n} sentences, batches of {args.batch}, {args.threads} thread(s); sacreBLEU")
-    rows = []
+    if "hf" in peers:
+        hf_table(model, tok, task, extra, sources, refs, args)
+    if "ct2" in peers:
+        ct2_table(model, tok, task, extra, sources, refs, args)
+    return 0
+
+
+def hf_table(model, tok, task, extra, sources, refs, args) -> None:
+    from transformers import MarianMTModel, MarianTokenizer
+
+    from aiayn.data.batching import pad
+    from aiayn.evaluate import bleu
+    from aiayn.interop import export_hf
+    from aiayn.translate import translate
+
+    n, rows = len(sources), []
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, tok, task, Path(tmp), extra)
         hf = MarianMTModel.from_pretrained(tmp).eval()
@@ -89,7 +110,75 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([search, name, f"{bleu(hyps, refs).score:.2f}", f"{seconds:.1f}", f"{same}/{n}"])
     print()
     print(bench.table(["search", "decoder", "BLEU", "seconds", "same output as aiayn"], rows))
-    return 0
+
+
+def ct2_table(model, tok, task, extra, sources, refs, args) -> None:
+    """aiayn fp32 / int8 and CTranslate2 float32 / int8 on the same batches: CPU-time tok/s, BLEU."""
+    import ctranslate2
+
+    from aiayn.data.batching import pad
+    from aiayn.decode import beam_search, greedy
+    from aiayn.evaluate import bleu
+    from aiayn.fast.inference import inference_model
+    from aiayn.interop import export_ct2
+
+    ids = [tok.encode(s) for s in sources]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[k:k + args.batch] for k in range(0, len(order), args.batch)]
+    alpha = float(extra.get("alpha", 0.6))
+    searches = [(1, 0.0, 0.0), (4, 0.0, 1e-9), (4, alpha, alpha)]  # (beam, aiayn's alpha, CT2's length_penalty)
+
+    def aiayn_run(fast, beam: int, a: float) -> list[list[int]]:
+        out = [None] * len(ids)
+        with torch.inference_mode():
+            for idx in batches:
+                src = pad([ids[i] for i in idx], tok.pad_id)
+                hyps = (greedy(fast, src, tok.bos_id, tok.eos_id) if beam == 1 else
+                        [h[0][0] for h in beam_search(fast, src, tok.bos_id, tok.eos_id, beam_size=beam, alpha=a)])
+                for i, h in zip(idx, hyps):
+                    out[i] = h
+        return out
+
+    def ct2_run(translator, beam: int, lp: float) -> list[list[int]]:
+        out = [None] * len(ids)
+        for idx in batches:
+            res = translator.translate_batch([tok.pieces(ids[i]) for i in idx], beam_size=beam, length_penalty=lp,
+                                             max_decoding_length=min(max(len(ids[i]) for i in idx) + 50,
+                                                                     model.cfg.max_len - 1),
+                                             min_decoding_length=0)
+            for i, r in zip(idx, res):
+                out[i] = [tok.sp.piece_to_id(p) for p in r.hypotheses[0]]
+        return out
+
+    engines = {f"aiayn {precision}": ("aiayn", inference_model(model, precision))
+               for precision in ("fp32", "int8") if bench.lacks(precision) is None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for ct2_type in ("float32", "int8"):
+            out = Path(tmp) / ct2_type
+            out.mkdir()
+            t0 = time.perf_counter()
+            export_ct2(model, tok, task, out, quantization=ct2_type)
+            print(f"aiayn export ct2 --quantization {ct2_type}: {time.perf_counter() - t0:.1f} s")
+            engines[f"CTranslate2 {ct2_type}"] = ("ct2", ctranslate2.Translator(
+                str(out), device="cpu", compute_type=ct2_type, inter_threads=1, intra_threads=args.threads))
+        rows = []
+        for beam, a, lp in searches:
+            search = "greedy" if beam == 1 else f"beam {beam}, aiayn alpha {a:g} / CT2 length_penalty {lp:g}"
+            reference = None
+            for name, (kind, engine) in engines.items():
+                run = (lambda: aiayn_run(engine, beam, a)) if kind == "aiayn" else (lambda: ct2_run(engine, beam, lp))
+                run()  # warm-up: oneDNN primitives, CT2's packed weights
+                t0 = time.process_time()
+                hyps = run()
+                seconds = time.process_time() - t0
+                reference = reference or hyps  # aiayn fp32's outputs
+                same = sum(h == r for h, r in zip(hyps, reference))
+                tokens = sum(len(h) for h in hyps)
+                rows.append([search, name, bench.fmt(tokens / seconds), f"{seconds:.1f}",
+                             f"{bleu([tok.decode(h) for h in hyps], refs).score:.2f}", f"{same}/{len(ids)}"])
+    print()
+    print(bench.table(["search", "engine", "target tok/s (CPU)", "CPU seconds", "BLEU", "same output as aiayn fp32"],
+                      rows))
 
 
 if __name__ == "__main__":

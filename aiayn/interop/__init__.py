@@ -1,13 +1,15 @@
 """Pretrained Transformers in and out: HF-format directories of MarianMTModel (OPUS-MT) and GPT-2
 become aiayn models (`import_marian`, `import_gpt2`), and aiayn models become HF directories
-(`export_hf`). What differs from the paper is carried by ModelConfig's options (activation,
-positional layout, embedding scale, output bias, pre-norm, LayerNorm epsilon): no second model class.
+(`export_hf`) or CTranslate2 model directories (`export_ct2`). What differs from the paper is carried
+by ModelConfig's options (activation, positional layout, embedding scale, output bias, pre-norm,
+LayerNorm epsilon): no second model class.
 
-Nothing here needs `transformers`; the HF files are read with json, safetensors, sentencepiece,
-`tokenizers`, and pickle-free torch.load(weights_only=True).
+Nothing here needs `transformers`, and only `export_ct2` needs `ctranslate2`; the HF files are read
+with json, safetensors, sentencepiece, `tokenizers`, and pickle-free torch.load(weights_only=True).
 """
 
 from aiayn.interop.hf import InteropError
+from aiayn.interop.ct2 import export_ct2
 from aiayn.interop.gpt2 import export_gpt2, import_gpt2
 from aiayn.interop.marian import export_marian, import_marian
 
@@ -24,4 +26,4 @@ def export_hf(model, tokenizer, task: str, out, extra: dict | None = None) -> st
     raise InteropError(f"a {task} model has no HF export (translation and lm models do)")
 
 
-__all__ = ["InteropError", "import_marian", "import_gpt2", "export_marian", "export_gpt2", "export_hf"]
+__all__ = ["InteropError", "import_marian", "import_gpt2", "export_marian", "export_gpt2", "export_hf", "export_ct2"]
