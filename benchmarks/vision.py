@@ -7,6 +7,8 @@ would give each model whatever share of the core it happened to get.
     python benchmarks/vision.py vit --minutes 5         # aiayn ViT vs HF ViTForImageClassification, + SVC(C=5)
     python benchmarks/vision.py pixels --minutes 5      # aiayn pixel model vs HF ImageGPTForCausalImageModeling
     python benchmarks/vision.py shipped                 # the shipped models: t10k accuracy, bits/pixel, samples
+    python benchmarks/vision.py shipped --pixels RUN    # the same for a trained run (its best checkpoint)
+    python benchmarks/vision.py shipped --guidance 2    # samples drawn with classifier-free guidance
     python benchmarks/vision.py vit --quick             # a few seconds: checks that it runs
 
 Data: the shipped mnist10k (train 8,006 images, t10k 997); scores on t10k.
@@ -215,8 +217,8 @@ def run_shipped(args) -> None:
     from aiayn.tasks.vision import accuracy, predict
 
     test = load_images(split="t10k")
-    vit, labels, _, _ = load_model_dir(model_dir(None, "vit"))
-    pix, tok, _, _ = load_model_dir(model_dir(None, "image-gpt"))
+    vit, labels, _, _ = load_model_dir(model_dir(args.vit, "vit"))
+    pix, tok, _, _ = load_model_dir(model_dir(args.pixels, "image-gpt"))
     per_class = 2 if args.quick else args.per_class
     rows = [("mnist-vit t10k accuracy %", f"{100 * accuracy(vit, test):.2f}")]
     start = time.process_time()
@@ -226,11 +228,12 @@ def run_shipped(args) -> None:
     hits, samples = [], []
     start = time.process_time()
     for label in range(10):
-        drawn = generate_images(pix, tok, [label] * per_class, temperature=1.0, seed=label)
+        drawn = generate_images(pix, tok, [label] * per_class, temperature=1.0, seed=label, guidance=args.guidance)
         samples.append(drawn[:10])
         hits.append((predict(vit, drawn).argmax(-1) == label).float().mean().item())
         print(f"label {label}: {100 * hits[-1]:.0f}% of {per_class} samples classified as {label}", flush=True)
-    rows.append((f"samples classified as their label % ({per_class}/class, T=1.0)", f"{100 * sum(hits) / 10:.1f}"))
+    rows.append((f"samples classified as their label % ({per_class}/class, T=1.0, guidance {args.guidance:g})",
+                 f"{100 * sum(hits) / 10:.1f}"))
     rows.append(("  worst class", f"{min(range(10), key=hits.__getitem__)} ({100 * min(hits):.0f}%)"))
     rows.append(("  (sampling CPU s)", f"{time.process_time() - start:.0f}"))
     if args.grid:
@@ -252,6 +255,11 @@ def main() -> None:
     p.add_argument("part", choices=["vit", "pixels", "shipped"])
     p.add_argument("--per-class", type=int, default=100, help="shipped: samples drawn per class (default 100)")
     p.add_argument("--test-images", type=int, help="pixels: score the first N t10k images only (default all 997)")
+    p.add_argument("--vit", help="shipped: score this ViT (a model or run directory) instead of mnist-vit")
+    p.add_argument("--pixels", help="shipped: score this pixel model (a model or run directory) instead of "
+                   "mnist-pixels")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="shipped: classifier-free guidance of the samples (default 1: the model's own)")
     p.add_argument("--grid", help="shipped: write the first 10 samples of each class as a PNG grid here")
     p.add_argument("--minutes", type=float, default=5.0, help="training CPU minutes per model (default 5)")
     p.add_argument("--seed", type=int, default=1)

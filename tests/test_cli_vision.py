@@ -132,6 +132,8 @@ def test_pixels_train_generate_and_complete(pix_run, data, tmp_path, capsys):
     assert first.shape == (2 * 10 + 2, 2 * 10 + 2) and set(np.unique(first)) <= {0, 85, 128, 170, 255}
     assert main([*args, "--out", str(grid)]) == 0
     assert np.array_equal(np.asarray(Image.open(grid)), first)  # the same seed, the same images
+    assert main([*args, "--guidance", "2", "--out", str(grid)]) == 0
+    assert np.asarray(Image.open(grid)).shape == first.shape
     assert main(["generate-image", "--model", str(out), "--prompt-image", str(data / "img1.png"), "--keep-rows", "4",
                  "--n", "2", "--scale", "1", "--seed", "2", "--out", str(grid)]) == 0
     done = np.asarray(Image.open(grid))
@@ -140,6 +142,8 @@ def test_pixels_train_generate_and_complete(pix_run, data, tmp_path, capsys):
     capsys.readouterr()
     for bad, message in ((["--label", "12"], "unknown label '12'"), (["--n", "0"], "--n must be >= 1"),
                          (["--temperature", "0"], "--temperature must be > 0"),
+                         (["--guidance", "-1"], "--guidance must be >= 0"),
+                         (["--guidance", "nan"], "--guidance must be >= 0"),
                          (["--keep-rows", "3"], "--keep-rows needs --prompt-image"),
                          (["--prompt-image", str(data / "wide.png")], "9x8 pixels"),
                          (["--out", str(tmp_path / "x.jpg")], "ending in .png")):
