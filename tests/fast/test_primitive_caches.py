@@ -49,7 +49,7 @@ def test_serve_bounds_the_caches_before_anything_else(monkeypatch, capsys):
     for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         monkeypatch.delenv(var, raising=False)
     assert main(["serve", "--port", "70000"]) != 0  # refused after the caches are bounded
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "64"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")
     main(["serve", "--port", "70000"])
     assert os.environ["LRU_CACHE_CAPACITY"] == "8"  # the user's own setting wins
