@@ -1059,7 +1059,7 @@ def _add_vision_train_parsers(tsub) -> None:
                         "heads, patch 4, AdamW lr 2e-3, batches of 128 images, a cosine over "
                         "--max-cpu-minutes 15 of the process's CPU time that reaches its floor when the budget "
                         "ends (~3,700 steps on one Zen 4 core in bf16); --max-steps N sizes the cosine in "
-                        "steps instead (a reproducible run; the shipped model: 1,400 steps).")
+                        "steps instead (a reproducible run). The shipped mnist-vit: this default, --seed 3.")
     v.add_argument("--data", help="an IDX directory (train-images-idx3-ubyte[.gz] + labels), an IDX images "
                    "file, or a folder with one subfolder of images per class (default: mnist10k)")
     v.add_argument("--batch-size", type=int, help="images per batch (default 128)")

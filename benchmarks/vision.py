@@ -23,8 +23,8 @@ linears take oneDNN as in `aiayn train` (aiayn.fast.onednn). Reported: t10k accu
 images/s, inference images/s (t10k in batches of 256). The SVM is scikit-learn's SVC(C=5,
 gamma="scale") on pixels / 255, fitted on all 8,006 training images.
 
-pixels: both decoder-only models have the shape of the shipped mnist-pixels model (d_model 64, 4
-layers, 2 heads, d_ff 256, no dropout; 8 gray levels, class token first, the same 19-token
+pixels: both decoder-only models have the same shape (default d_model 64, 4 layers, 2 heads,
+d_ff 256: --d-model, --n-layers, --n-heads, --d-ff; the shipped mnist-pixels is 128, 4, 4, 512; no dropout; 8 gray levels, class token first, the same 19-token
 vocabulary; ImageGPT's positions are learned, ours sinusoidal) and the same recipe (AdamW lr 2e-3 (0.9, 0.99), weight decay 0.1, clip 1, 100 warm-up
 steps then a cosine over the wall-clock budget, batches of 8 images, 10% of them with the "any
 class" token, fp32). Reported: t10k bits per pixel given the label, training images/s.
@@ -179,7 +179,7 @@ def run_pixels(args) -> None:
     train_all, test = load_images(), load_images(split="t10k")
     train, _ = split_train_val(train_all)
     tok = PixelTokenizer(8, train_all.classes, 28)
-    mcfg = pixel_config(tok, d_model=64, n_decoder_layers=4, n_heads=2, d_ff=256)
+    mcfg = pixel_config(tok, d_model=args.d_model, n_decoder_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff)
     if args.quick or args.test_images:
         test = test.subset(torch.arange(16 if args.quick else args.test_images))
     rows = []
@@ -261,6 +261,10 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="shipped: classifier-free guidance of the samples (default 1: the model's own)")
     p.add_argument("--grid", help="shipped: write the first 10 samples of each class as a PNG grid here")
+    p.add_argument("--d-model", type=int, default=64, help="pixels: width of both models (default 64)")
+    p.add_argument("--n-layers", type=int, default=4, help="pixels: layers (default 4)")
+    p.add_argument("--n-heads", type=int, default=2, help="pixels: heads (default 2)")
+    p.add_argument("--d-ff", type=int, default=256, help="pixels: feed-forward width (default 256)")
     p.add_argument("--minutes", type=float, default=5.0, help="training CPU minutes per model (default 5)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a few steps, a small SVM: checks that it runs")
