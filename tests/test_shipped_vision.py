@@ -36,8 +36,8 @@ def test_classify_uses_the_shipped_model(tmp_path, capsys):
 
 
 def test_shipped_pixel_model_scores_and_draws():
-    """bits/pixel near the measured 0.40 (docs/VISION.md), better given the true label than a wrong
-    one, and samples made of palette levels only."""
+    """bits/pixel near the measured 0.31 (docs/VISION.md; 0.33 on these 24 images), better given the
+    true label than a wrong one (0.36), and samples made of palette levels only."""
     from aiayn.tasks.pixels import bits_per_pixel
 
     pix, tok, task, _ = load_model_dir(model_dir(None, "image-gpt"))
@@ -45,6 +45,6 @@ def test_shipped_pixel_model_scores_and_draws():
     test = load_images(split="t10k").subset(torch.arange(24))
     true = bits_per_pixel(pix, tok, test)
     wrong = bits_per_pixel(pix, tok, type(test)(test.images, (test.labels + 5) % 10, test.classes))
-    assert 0.25 < true < 0.55 and wrong > true + 0.02
+    assert 0.25 < true < 0.4 and wrong > true + 0.02
     drawn = generate_images(pix, tok, [1, 7], seed=1)
     assert drawn.shape == (2, 28, 28) and set(np.unique(drawn.numpy())) <= set(tok.palette().tolist())
