@@ -108,8 +108,6 @@ def cmd_train_translation(args) -> int:
 
     _check_device(args.device)
     parallel = _distributed(args)
-    if args.init_from and args.resume:
-        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     _finetune_request(args)
     previous = _resume_settings(args)
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
@@ -253,10 +251,13 @@ def _finetune_model(args, model, task: str, previous: dict | None, model_extra: 
 
 
 def _finetune_request(args):
-    """--lora-* and --freeze, checked before any work -> (LoRAConfig or None, parts to freeze)."""
+    """--init-from (not with --resume), --lora-* and --freeze, checked before any work -> (LoRAConfig or
+    None, parts to freeze)."""
     from aiayn.finetune import parse_freeze
     from aiayn.lora import LoRAConfig, parse_targets
 
+    if args.init_from and args.resume:
+        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     if args.resume:
         return None, ()
     lora_cfg = None
@@ -299,8 +300,6 @@ def cmd_train_lm(args) -> int:
     _check_device(args.device)
     parallel = _distributed(args)
     out = Path(args.out)
-    if args.init_from and args.resume:
-        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     _finetune_request(args)
     previous = _resume_settings(args)
     prepared = None
@@ -614,8 +613,6 @@ def cmd_train_vit(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
-    if args.init_from and args.resume:
-        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     _finetune_request(args)
     resumed = _vision_run(args, "vit")
     init, previous = None, None
@@ -655,14 +652,21 @@ def cmd_train_vit(args) -> int:
     return 0
 
 
+def _keep_shape(shape: dict, flags: dict | None = None) -> None:
+    """--init-from keeps the trained model's shape: any shape option given but dropout is refused
+    (`flags`: an option's name where it is not the field's)."""
+    given = [k for k in shape if k != "dropout"]
+    if given:
+        raise UserError("--init-from keeps the model's shape: drop --" + ", --".join(
+            (flags or {}).get(k, k.replace("_", "-")) for k in given))
+
+
 def _vit_base(args, data, shape: dict):
     """--init-from for a ViT -> (the trained model, with its class names as .labels; the run's config:
     its shape, the data's classes)."""
     from aiayn.finetune import load_base
 
-    if set(shape) - {"dropout"}:
-        raise UserError("--init-from keeps the model's shape: drop --" + ", --".join(
-            k.replace("_", "-") for k in shape if k != "dropout"))
+    _keep_shape(shape)
     init, labels, _ = load_base(args.init_from, "vit")
     if init.cfg.image_size != data.images.shape[1]:
         raise UserError(f"{args.init_from} reads {init.cfg.image_size}x{init.cfg.image_size} images, the data "
@@ -685,8 +689,6 @@ def cmd_train_pixels(args) -> int:
     from aiayn.train.loop import Trainer
 
     _check_device(args.device)
-    if args.init_from and args.resume:
-        raise UserError("--init-from starts a new run from a trained model; --resume continues one: give one")
     _finetune_request(args)
     resumed = _vision_run(args, "image-gpt")
     init, previous = None, resumed[3] if resumed else None
@@ -705,9 +707,7 @@ def cmd_train_pixels(args) -> int:
         if args.init_from:  # fine-tuning: the trained model's shape, palette and classes
             from aiayn.finetune import load_base
 
-            if set(shape) - {"dropout"}:
-                raise UserError("--init-from keeps the model's shape: drop --" + ", --".join(
-                    {"n_decoder_layers": "n-layers"}.get(k, k.replace("_", "-")) for k in shape if k != "dropout"))
+            _keep_shape(shape, {"n_decoder_layers": "n-layers"})
             init, tokenizer, _ = load_base(args.init_from, "image-gpt")
             if (tokenizer.classes, tokenizer.image_size) != (list(data.classes), int(data.images.shape[1])):
                 raise UserError(f"{args.init_from} draws {tokenizer.image_size}-pixel images of classes "

@@ -98,20 +98,26 @@ def test_bits_per_pixel_of_a_uniform_model_is_log2_vocab():
     assert math.isclose(bits_per_pixel(model, tok, data, batch_size=2), math.log2(tok.vocab_size), rel_tol=1e-5)
 
 
-def test_pixel_task_learns_and_counts_pixels():
+def black_and_white(steps: int):
+    """A tiny pixel model trained `steps` batches on two classes: a all black, b all white ->
+    (model, tokenizer, task, train config, pixels in the last batch)."""
     model, tok = tiny_pixel_model()
-    # class a: all black; class b: all white
     images = torch.zeros(16, 4, 4, dtype=torch.uint8)
     images[8:] = 255
     data = ImageSet(images, (torch.arange(16) >= 8).long(), ["a", "b"])
     task = PixelLMTask(data, data, tok, batch_size=8)
     tcfg = pixel_train(max_steps=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(80):
+    for step in range(steps):
         loss, n = task.loss(model, task.epoch_batches(step, 1)[step % 2], tcfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model, tok, task, tcfg, n
+
+
+def test_pixel_task_learns_and_counts_pixels():
+    model, tok, task, tcfg, n = black_and_white(80)
     assert n == 8 * 16
     assert task.validate(model, tcfg)["val_bpp"] < 0.2
     drawn = generate_images(model, tok, [0, 1, 1], seed=3)
@@ -151,18 +157,7 @@ def test_guidance_mixes_the_labelled_and_the_any_class_distributions():
 def test_guidance_pulls_samples_towards_their_label():
     """Two classes that the model tells apart only a little: guidance 4 draws the labelled class's
     image far more often than the model's own samples do."""
-    model, tok = tiny_pixel_model()
-    images = torch.zeros(16, 4, 4, dtype=torch.uint8)
-    images[8:] = 255
-    data = ImageSet(images, (torch.arange(16) >= 8).long(), ["a", "b"])
-    task = PixelLMTask(data, data, tok, batch_size=8)
-    tcfg = pixel_train(max_steps=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(6):  # a few steps only: the label barely matters yet
-        loss, _ = task.loss(model, task.epoch_batches(step, 1)[step % 2], tcfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, tok, _, _, _ = black_and_white(6)  # a few steps only: the label barely matters yet
     labels = [0, 1] * 64
 
     def as_asked(guidance):  # the fraction of images mostly black for class a, mostly white for b
