@@ -12,6 +12,10 @@ import functools
 import re
 
 _LINE = re.compile(r"(\r\n|\r|\n)")
+# the characters that end a sentence in pysbd's rules for any of its languages (and the ellipsis):
+# a line with none of them before its last character is one sentence, and skips pysbd (~0.5 ms a
+# line; a server splits every request's text)
+_ENDS = re.compile("[.!?;:|\u2026\u3002\uff0e\uff01\uff1f\u0589\u055c\u061f\u060c\u06d4\u0964\u104b\u104f\u1362\u1367]")
 
 
 @functools.lru_cache(maxsize=8)
@@ -31,9 +35,12 @@ def split_sentences(line: str, lang: str = "en") -> list[tuple[str, str]]:
     out = [("", line[: len(line) - len(body)])] if len(body) < len(line) else []
     if not body:
         return out or [("", "")]
-    pieces = _segmenter(lang).segment(body)  # clean=False: the pieces are the text cut, spaces kept
-    if "".join(pieces) != body:  # never seen; but a splitter must not lose or change text
+    if _ENDS.search(body, 0, len(body.rstrip()) - 1) is None:
         pieces = [body]
+    else:
+        pieces = _segmenter(lang).segment(body)  # clean=False: the pieces are the text cut, spaces kept
+        if "".join(pieces) != body:  # never seen; but a splitter must not lose or change text
+            pieces = [body]
     for piece in pieces:
         sentence = piece.rstrip()
         out.append((sentence, piece[len(sentence):]))

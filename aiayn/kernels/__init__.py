@@ -181,7 +181,7 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
     if forced is not None:
         return (MAX_TRAIN_LENGTH if family == "attention" else True) if forced else False
     key = f"{family}_{_FUNCTIONS[dtype]}" + (f"_dh{head_dim}" if family == "attention" else "")
-    return tuning.decide(key, Path(_library()._name))  # (called once the library is known to be there)
+    return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
 
 def cache_dir() -> Path:

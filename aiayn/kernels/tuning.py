@@ -51,10 +51,11 @@ def forced(family: str) -> bool | None:
     return not (_state.off and family == timing)
 
 
-def decide(key: str, library_path: Path) -> bool | int:
+def decide(key: str, library_path: str | Path) -> bool | int:
     """The decision for `key` ("<family>_<f32|bf16>", and "_dh<head dim>" for attention) on this
-    library, CPU and thread count: measured the first time any process asks, then read."""
-    table = _table(library_path)
+    library, CPU and thread count: measured the first time any process asks, then read. A dictionary
+    lookup once known (decoding asks a few times a step)."""
+    table = _tables.get(torch.get_num_threads()) or _table(Path(library_path))
     found = table.get(key)
     if found is None:
         with _lock:
@@ -62,7 +63,7 @@ def decide(key: str, library_path: Path) -> bool | int:
             if found is None:
                 found, table[f"{key}_speedups"] = _measure(key)
                 table[key] = found
-                _save(table, library_path)
+                _save(table, Path(library_path))
     return found
 
 

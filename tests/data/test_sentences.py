@@ -33,3 +33,33 @@ def test_nothing_is_lost(text):
     pairs = segments(text)
     assert join([s for s, _ in pairs], [w for _, w in pairs]) == text
     assert all(s == s.strip() for s, _ in pairs) and all(not w.strip() for _, w in pairs)
+
+
+def _pysbd(line: str, lang: str) -> list[str]:
+    import pysbd
+
+    return [p.rstrip() for p in pysbd.Segmenter(language=lang, clean=False).segment(line.strip())]
+
+
+@pytest.mark.parametrize("lang", ["en", "de", "fr"])
+def test_one_sentence_lines_skip_the_splitter_and_agree_with_it(lang, monkeypatch):
+    """A line with no sentence end before its last character is one sentence without asking pysbd
+    (the server's hot path): what pysbd says of the same lines. Lines with an end inside still go to it."""
+    from aiayn.data import sentences
+    from aiayn.data.corpus import multi30k
+
+    lines = [pair[1 if lang != "en" else 0] for pair in multi30k("test_2016_flickr", "en", lang)][:300]
+    expected = {line: _pysbd(line, lang) for line in lines}
+    asked = []
+    real = sentences._segmenter
+
+    def counting(language):
+        asked.append(language)
+        return real(language)
+    monkeypatch.setattr(sentences, "_segmenter", counting)
+    for line in lines:
+        assert [s for s, _ in split_sentences(line, lang) if s] == expected[line]
+    assert len(asked) < len(lines) // 4  # most Multi30k lines end with their only full stop
+    asked.clear()
+    assert [s for s, _ in split_sentences("One dog. Two cats", lang) if s] == ["One dog.", "Two cats"]
+    assert asked == [lang]
