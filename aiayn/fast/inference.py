@@ -135,9 +135,14 @@ class OneDNNLinear(nn.Linear):
     """
 
     packed: Tensor | None = None  # the weight in oneDNN's blocked layout (set by onednn_linears)
+    tiles: Tensor | None = None   # the weight as aiayn's kernel for a few rows reads it (kernels.linear)
     post_op: str = "none"  # "relu": max(0, x W^T + b) in the GEMM's output stage
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tiles is not None:  # a decoding step's few rows, where the kernel beats oneDNN here
+            y = kernels.linear(x, self.tiles, self.bias, self.out_features, self.post_op == "relu")
+            if y is not None:
+                return y
         w = self.packed if self.packed is not None else self.weight
         return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, self.post_op, [], "")
 
@@ -151,14 +156,24 @@ def onednn_linears(model: nn.Module, pack: bool = True, dtype: torch.dtype | Non
     q = _inference_copy(model)
     if dtype:
         q.to(dtype)  # in place
-    for m in q.modules():
+    few_rows = kernels.linear_rows(next(q.parameters()).dtype) > 0
+    for name, m in q.named_modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
             if pack:  # 4-10% faster GEMMs at decoding shapes; the batch-size hint hardly matters
                 m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
+            if few_rows and _steps(name):  # one more copy of the weight: for steps of a few sentences
+                m.tiles = kernels.linear_tiles(m.weight)
     for ff in _relu_feed_forwards(q):  # (its w1 is a OneDNNLinear now, as every nn.Linear)
         ff.w1.post_op, ff.act = "relu", nn.Identity()
     return q
+
+
+def _steps(name: str) -> bool:
+    """Whether the linear layer `name` runs in decoding steps, one row per sentence (or beam), where
+    kernels.linear beats oneDNN's GEMM: not the encoder's, nor cross-attention's keys and values (a
+    row per source token), which see many rows."""
+    return not name.startswith("encoder.") and not name.endswith("kv_proj")
 
 
 def _relu_feed_forwards(model: nn.Module) -> list[nn.Module]:

@@ -110,6 +110,7 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "embed": _struct("embed", "tokens table positions out", "rows length vocab n", "scale"),
     "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams",
                     "sentences r V xs n n_forbid eos eos_banned"),
+    "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -179,7 +180,7 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
     if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
         forced = True
     if forced is not None:
-        return (MAX_TRAIN_LENGTH if family == "attention" else True) if forced else False
+        return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS}.get(family, True) if forced else False
     key = f"{family}_{_FUNCTIONS[dtype]}" + (f"_dh{head_dim}" if family == "attention" else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
@@ -429,6 +430,45 @@ def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, 
                               record_rows=record.size(0), column=column, eos=eos, step_len=column + 1)
     _call("argmax_" + _FUNCTIONS[logits.dtype], args)
     return args.done
+
+
+MAX_LINEAR_ROWS = 32  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all
+
+
+def linear_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows `linear` beats oneDNN's GEMM on this machine, for weights of `dtype`
+    (tuning.py; 0: never, or the kernels are not here)."""
+    if dtype not in _FUNCTIONS or not available():
+        return 0
+    return int(_wins("linear", dtype))
+
+
+def linear_tiles(weight: Tensor) -> Tensor:
+    """A linear layer's weight (n, k) in the tiles `linear` reads: (ceil(n / 16), k, 16), 16 output
+    rows side by side, zeros past row n. A copy: the weight stays as it is."""
+    n, k = weight.shape
+    padded = weight.detach().new_zeros(-(-n // 16) * 16, k)
+    padded[:n] = weight.detach()
+    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+
+
+def linear(x: Tensor, tiles: Tensor, bias: Tensor | None, n: int, relu: bool = False) -> Tensor | None:
+    """x W^T + b (then ReLU if `relu`) for x (..., k), W in `linear_tiles`' form, n outputs: where x
+    has few rows (up to `linear_rows`) of W's dtype and no gradient is wanted. None otherwise (the
+    caller uses oneDNN or PyTorch)."""
+    k = tiles.size(1)
+    rows = x.numel() // k if k else 0
+    if not (x.size(-1) == k and x.is_contiguous() and 0 < rows and tiles.size(2) == 16 and tiles.size(0) * 16 >= n
+            and (bias is None or (bias.shape == (n,) and bias.is_contiguous()))
+            and _on_cpu(x, tiles, *(() if bias is None else (bias,)))
+            and (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, tiles, bias)))
+            and rows <= _wins("linear", x.dtype)):
+        return None
+    out = x.new_empty(*x.shape[:-1], n)
+    _call("linear_" + _FUNCTIONS[x.dtype], _STRUCTS["linear"](
+        x=x.data_ptr(), w=tiles.data_ptr(), bias=0 if bias is None else bias.data_ptr(), out=out.data_ptr(),
+        rows=rows, n=n, k=k, xs=k, os=n, relu=int(relu)))
+    return out
 
 
 def _takes_ids(*ids: Tensor) -> bool:

@@ -56,6 +56,9 @@ TABLE(embed, AIAYN_EMBED_ARGS)
 #define ARGS_T beam_args
 TABLE(beam, AIAYN_BEAM_ARGS)
 #undef ARGS_T
+#define ARGS_T linear_args
+TABLE(linear, AIAYN_LINEAR_ARGS)
+#undef ARGS_T
 #define ARGS_T attention_forward_args
 TABLE(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 #undef ARGS_T

@@ -95,6 +95,14 @@ enum {
     X(int64_t, sentences) X(int64_t, r) X(int64_t, V) X(int64_t, xs) X(int64_t, n)                    \
     X(int64_t, n_forbid) X(int64_t, eos) X(int64_t, eos_banned)
 
+#define AIAYN_LINEAR_ARGS(X)                                                                          \
+    X(const void *, x)          /* rows of k at stride xs */                                          \
+    X(const void *, w)          /* the weight (n, k) in tiles: (ceil(n / 16), k, 16), zero past row n */ \
+    X(const void *, bias)       /* n; or NULL */                                                      \
+    X(void *, out)              /* rows of n at stride os; not overlapping x */                       \
+    X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \
+    X(int64_t, relu)            /* 1: max(0, .) of each output (NaN stays NaN) */
+
 /* ---------------------------------------------------------------------- train_step.c's kernels */
 #define AIAYN_ATTENTION_FORWARD_ARGS(X)                                                               \
     X(const void *, q)         /* (B, nt, >= H dh) at qs_b, qs_t: nt queries per row */                                    \
@@ -153,7 +161,7 @@ enum {
 
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
-    K(attend) K(add_norm) K(argmax) K(embed) K(beam)                                                  \
+    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear)                                        \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
     K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
 
@@ -164,6 +172,7 @@ AIAYN_STRUCT(add_norm, AIAYN_ADD_NORM_ARGS)
 AIAYN_STRUCT(argmax, AIAYN_ARGMAX_ARGS)
 AIAYN_STRUCT(embed, AIAYN_EMBED_ARGS)
 AIAYN_STRUCT(beam, AIAYN_BEAM_ARGS)
+AIAYN_STRUCT(linear, AIAYN_LINEAR_ARGS)
 AIAYN_STRUCT(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 AIAYN_STRUCT(attention_backward, AIAYN_ATTENTION_BACKWARD_ARGS)
 AIAYN_STRUCT(dropout_mask, AIAYN_DROPOUT_MASK_ARGS)
@@ -175,7 +184,7 @@ AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
  * a bf16 sublayer output, as under autocast). argmax writes its `done`: its struct is not const. */
 #define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
 AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
-AIAYN_ENTRY(beam, const) AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
+AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
 int residual_norm_forward_f32_bf16(const residual_norm_forward_args *);

@@ -7,7 +7,8 @@ family (and dtype) in a process, its decision for this library, CPU and thread c
 `kernels-<key>.tuning-<threads>t.json` beside the library; if it is not there, the family is timed
 against PyTorch's operators on the same inputs (the model's own modules, with the kernels on and
 off; a fraction of a second each) and the result is added there. A family is used where it was not
-slower; the training attention up to the longest length at which it was not slower.
+slower; the training attention up to the longest length at which it was not slower, the linear
+layers up to the most rows.
 
     family        what is timed (forward + backward where it trains)
     attention     training self-attention, causal, 4 heads of the model's head size, 2,048 tokens, lengths 32-128
@@ -17,6 +18,8 @@ slower; the training attention up to the longest length at which it was not slow
     decode        greedy decoding of 16 sentences by a 1+2-layer model, vocabulary 8,000 (attention
                   steps, residual + norm, argmax, embedding)
     beam          beam search (k = 4) of the same (its step kernel; the decoding kernels on in both)
+    linear        the linear layers of a decoding step (3 post-norm layers of d_model 256, d_ff 1024,
+                  and a generator of 8,000) against oneDNN's GEMM, at 1, 2, 4, ... 32 rows
 
 Each family is timed with its own kernels on and off and every other kernel on: what it adds.
 
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 ATTENTION_LENGTHS = (32, 64, 128)
+LINEAR_ROWS = (1, 2, 4, 8, 16, 32)
 VERSION = 3  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
@@ -144,6 +148,8 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
         torch.manual_seed(0)
         if family == "attention":
             return _attention(dtype, int(rest[0][2:]))
+        if family == "linear":
+            return _linear(dtype)
         on, off = _on_off(MEASURES[family](dtype), family)
         return _faster(on, off), [round(off / on, 3)]
 
@@ -179,6 +185,40 @@ def _attention(dtype: torch.dtype, head_dim: int) -> tuple[int, list[float]]:
         if not _faster(on, off):
             break
         longest = T
+    return longest, speedups
+
+
+def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
+    """The most rows (of LINEAR_ROWS) up to which the linear kernel was never slower than oneDNN's
+    GEMM on a decoding step's layers (the inference copy's OneDNNLinear, with and without its
+    tiles); 0 if it lost at one row. And the speed-ups measured."""
+    from aiayn import kernels
+    from aiayn.fast.inference import OneDNNLinear, onednn_available
+
+    if not onednn_available():  # nothing to beat here but PyTorch's own GEMM: not measured
+        return 0, []
+    shapes = [(256, 768), (256, 256), (256, 256), (256, 256), (256, 1024), (1024, 256)] * 3 + [(256, 8000)]
+    layers = []
+    for k, n in shapes:
+        layer = torch.nn.Linear(k, n).to(dtype).requires_grad_(False)
+        layer.__class__ = OneDNNLinear
+        layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, 64)
+        layer.tiles = kernels.linear_tiles(layer.weight)
+        layers.append(layer)
+    longest, speedups = 0, []
+    for rows in LINEAR_ROWS:
+        inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (256, 1024)}
+
+        def step():
+            with torch.no_grad():
+                for layer in layers:
+                    layer(inputs[layer.in_features])
+
+        on, off = _on_off(step, "linear", reps=3)
+        speedups.append(round(off / on, 3))
+        if not _faster(on, off):
+            break
+        longest = rows
     return longest, speedups
 
 

@@ -156,6 +156,8 @@ class Server:
             self.batcher.start()
             if warmup:  # the inference copy, and any kernel compiled at first use, before the first client
                 await self.batcher.submit((1, t.alpha, self.precision), ["A man is riding a bicycle."], [1])
+        if warmup and self.models.lm is not None:
+            await self.run(self.models.lm.inference, self.precision)
 
     async def stop(self) -> None:
         if self.batcher is not None:
@@ -374,7 +376,8 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
             raise APIError(503, f"the server is busy ({len(server.generations)} generations running)",
                            {"Retry-After": "1"})
         seed = body.seed if body.seed is not None else random.randrange(2**31)  # exact in JavaScript too
-        steps = stream_tokens(lm.model, lm.tokenizer, body.prompt, body.max_new_tokens, body.temperature,
+        model = await server.run(lm.inference, server.precision)  # (made at start, unless warm-up was off)
+        steps = stream_tokens(model, lm.tokenizer, body.prompt, body.max_new_tokens, body.temperature,
                               body.top_k, body.top_p, seed, body.stop, body.top_n_tokens)
         special = {lm.tokenizer.eos_id, lm.tokenizer.bos_id, lm.tokenizer.pad_id}
 

@@ -48,8 +48,20 @@ class Limits:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class _InferenceCopies:
+    """A served model's inference copies (aiayn.fast.inference), one per precision, made once."""
+
+    def inference(self, precision: str) -> torch.nn.Module:
+        from aiayn.fast.inference import inference_model
+
+        with self._lock:
+            if precision not in self._copies:
+                self._copies[precision] = inference_model(self.model, precision)
+            return self._copies[precision]
+
+
 @dataclass
-class TranslationModel:
+class TranslationModel(_InferenceCopies):
     name: str
     path: Path
     model: torch.nn.Module
@@ -60,15 +72,6 @@ class TranslationModel:
     device: str = "cpu"
     _copies: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def inference(self, precision: str) -> torch.nn.Module:
-        """The model's inference copy for a precision (aiayn.fast.inference), made once."""
-        from aiayn.fast.inference import inference_model
-
-        with self._lock:
-            if precision not in self._copies:
-                self._copies[precision] = inference_model(self.model, precision)
-            return self._copies[precision]
 
     def cost(self, sentence: str, beam: int) -> int:
         """What a sentence takes of a batch's token budget: as aiayn.translate counts it."""
@@ -92,12 +95,14 @@ class TranslationModel:
 
 
 @dataclass
-class LanguageModel:
+class LanguageModel(_InferenceCopies):
     name: str
     path: Path
     model: torch.nn.Module
     tokenizer: object
     device: str = "cpu"
+    _copies: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict:
         cfg = self.model.cfg

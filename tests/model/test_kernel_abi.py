@@ -112,6 +112,10 @@ def _valid(kernel):
         return dict(x=x.data_ptr(), scores=scores.data_ptr(), forbid=forbid.data_ptr(), out_scores=out.data_ptr(),
                     out_tokens=ids.data_ptr(), out_beams=ids.data_ptr() + 16, sentences=1, r=2, V=12, xs=12, n=2,
                     n_forbid=1, eos=2), (x, scores, forbid, ids), out
+    if kernel == "linear":
+        x, w, bias, out = torch.randn(3, 8), torch.randn(2, 8, 16), torch.randn(20), torch.zeros(3, 20)
+        return dict(x=x.data_ptr(), w=w.data_ptr(), bias=bias.data_ptr(), out=out.data_ptr(), rows=3, n=20, k=8,
+                    xs=8, os=20, relu=1), (x, w, bias), out
     if kernel == "attention_forward":
         qkv, out, probs = torch.randn(2, 3, 48), torch.zeros(2, 3, 16), torch.zeros(2, 2, 3, 3, dtype=f32)
         return dict(q=qkv.data_ptr(), k=qkv.data_ptr() + 64, v=qkv.data_ptr() + 128, out=out.data_ptr(),
@@ -143,6 +147,10 @@ REFUSALS = [  # (kernel, what changes, the status)
     ("embed", lambda: dict(vocab=4), Status.BAD_INDEX),        # token 4 is then out of range
     ("beam", lambda: dict(eos=12), Status.BAD_INDEX),
     ("beam", lambda: dict(xs=11), Status.BAD_STRIDE),
+    ("linear", lambda: dict(w=0), Status.NULL_POINTER),
+    ("linear", lambda: dict(n=0), Status.BAD_SIZE),
+    ("linear", lambda: dict(relu=2), Status.BAD_SIZE),
+    ("linear", lambda: dict(xs=7), Status.BAD_STRIDE),        # rows that overlap
     ("attention_forward", lambda: dict(ns=kernels.MAX_KEYS + 1), Status.OVER_LIMIT),
     ("attention_forward", lambda: dict(probs=0), Status.NULL_POINTER),
     ("attention_forward", lambda: dict(ms_t=-1), Status.BAD_STRIDE),

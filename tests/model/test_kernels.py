@@ -341,3 +341,61 @@ def test_beam_candidates_match_beam_step(kernel, sentences, r, k, vocab, eos_ban
     torch.testing.assert_close(every[rows, got[2][live], got[1][live]], got[0][live].double(), rtol=1e-5, atol=1e-5)
     pairs = (rows * r + got[2][live]) * vocab + got[1][live]
     assert pairs.unique().numel() == pairs.numel()
+
+
+@settings(deadline=None, max_examples=80)
+@given(rows=st.integers(1, kernels.MAX_LINEAR_ROWS), k=st.sampled_from([1, 7, 16, 256, 1024]),
+       n=st.sampled_from([1, 15, 16, 17, 40, 256, 1000]), bias=st.booleans(), relu=st.booleans(),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_linear_matches_float64(kernel, rows, k, n, bias, relu, dtype, seed):
+    """Any row count (tiles of 8, 4, 2, 1 rows), outputs not a multiple of 16 (a zero-padded last tile,
+    an odd number of tiles), with and without bias and ReLU: x W^T + b to fp32 rounding; in bf16,
+    the float64 result rounded to bf16, within one bf16 step."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    x, w = torch.randn(rows, 1, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt)
+    b = torch.randn(n, generator=g).to(dt) if bias else None
+    out = kernels.linear(x, kernels.linear_tiles(w), b, n, relu)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    ref = ref.relu() if relu else ref
+    assert out.shape == (rows, 1, n) and out.dtype == dt
+    tol = 2e-6 * math.sqrt(k) * max(1.0, ref.abs().max().item()) if dt == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref.to(dt).double() if dt != torch.float32 else ref, rtol=tol, atol=tol)
+
+
+def test_linear_relu_keeps_nan_and_declines_what_it_does_not_take(kernel):
+    w = torch.eye(16)
+    tiles = kernels.linear_tiles(w)
+    x = torch.tensor([[float("nan")] + [1.0] * 15, [-1.0] + [2.0] * 15])
+    out = kernels.linear(x, tiles, None, 16, relu=True)
+    assert out[0].isnan().all()  # NaN * 0 is NaN: the whole row, as in the arithmetic (and torch.relu keeps it)
+    assert out[1, 0] == 0 and torch.equal(out[1, 1:], torch.full((15,), 2.0))
+    assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS + 1, 16), tiles, None, 16) is None  # oneDNN's
+    assert kernels.linear(torch.randn(16, 2).t(), tiles, None, 16) is None  # not contiguous
+    assert kernels.linear(torch.randn(2, 16, dtype=torch.bfloat16), tiles, None, 16) is None  # dtypes differ
+    assert kernels.linear(torch.randn(2, 16, requires_grad=True), tiles, None, 16) is None  # it has no backward
+    assert kernels.linear(torch.randn(2, 8), tiles, None, 16) is None  # k differs
+
+
+def test_the_inference_copy_uses_the_linear_kernel_for_a_few_rows_only(kernel, monkeypatch):
+    from aiayn.config import ModelConfig
+    from aiayn.fast.inference import OneDNNLinear, inference_model, onednn_available
+    from aiayn.model import build_model
+
+    if not onednn_available():
+        pytest.skip("no oneDNN here: the inference copy keeps PyTorch's linear layers")
+    model = build_model(ModelConfig(vocab_size=50, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=1,
+                                    n_decoder_layers=1, max_len=32, dropout=0.0))
+    monkeypatch.setenv("AIAYN_KERNELS", "all")  # (the decision itself: tests/model/test_tuning.py)
+    copy = inference_model(model, "fp32")
+    tiled = {name for name, m in copy.named_modules() if isinstance(m, OneDNNLinear) and m.tiles is not None}
+    assert tiled and not any(name.startswith("encoder.") or name.endswith("kv_proj") for name in tiled)
+    layer = copy.decoder.layers[0].ff.w1
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **kw: calls.append(a[0].numel() // a[0].size(-1)) or real(*a, **kw))
+    with torch.no_grad():
+        few, many = torch.randn(3, 1, 32), torch.randn(kernels.MAX_LINEAR_ROWS + 1, 32)
+        torch.testing.assert_close(layer(few), F.relu(F.linear(few, layer.weight, layer.bias)))
+        torch.testing.assert_close(layer(many), F.relu(F.linear(many, layer.weight, layer.bias)))
+    assert calls == [3, kernels.MAX_LINEAR_ROWS + 1]  # asked both times; the second declined (oneDNN's GEMM)

@@ -76,6 +76,28 @@ def test_attention_is_measured_per_head_size_up_to_the_length_it_wins(measured, 
     assert measured == ["attention_f32_dh8", "attention_f32_dh16"]
 
 
+def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured, monkeypatch):
+    monkeypatch.setattr(tuning, "_linear", lambda dtype: (4, [1.5, 1.3, 1.1, 0.9]))
+    w = torch.randn(40, 24)
+    tiles = kernels.linear_tiles(w)
+    assert kernels.linear_rows(torch.float32) == 4
+    assert kernels.linear(torch.randn(4, 24), tiles, None, 40) is not None
+    assert kernels.linear(torch.randn(5, 24), tiles, None, 40) is None  # oneDNN's, from 5 rows
+    assert measured == ["linear_f32"]
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS, 24), tiles, None, 40) is not None
+
+
+def test_the_linear_measurement_times_its_kernel_against_onednn():
+    from aiayn.fast.inference import onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build: nothing to measure against")
+    rows, speedups = tuning._linear(torch.float32)
+    assert rows in (0, *tuning.LINEAR_ROWS) and 0 < len(speedups) <= len(tuning.LINEAR_ROWS)
+    assert all(s > 0 for s in speedups)
+
+
 def test_a_kernel_that_lost_is_not_used_unless_all_are_asked_for(measured, monkeypatch):
     monkeypatch.setattr(tuning, "_measure", lambda key: (False, [0.5]))
     logits, target = torch.randn(6, 11), torch.randint(0, 11, (6,))

@@ -61,7 +61,20 @@ def test_typing_translates_after_a_pause(page):
     sync_api.expect(page.get_by_test_id("translate-output")).to_have_text("Zwei Männer spielen Football.", timeout=30_000)
 
 
-def test_generation_streams_and_stops(page):
+@pytest.fixture
+def slow_generation(live_app):
+    """5 ms more per generated token: a long generation lasts long enough (5 s for 1,000 tokens) to
+    be stopped on any machine, however fast its model."""
+    import time
+
+    server = live_app.state.server
+    model = server.models.lm.inference(server.precision)  # the copy the server generates with
+    hook = model.generator.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    yield
+    hook.remove()
+
+
+def test_generation_streams_and_stops(page, slow_generation):
     page.get_by_test_id("generate-input").fill("ROMEO:")
     page.get_by_test_id("max-tokens").fill("40")
     page.get_by_test_id("temperature").fill("0")
