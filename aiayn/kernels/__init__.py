@@ -432,7 +432,7 @@ def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, 
     return args.done
 
 
-MAX_LINEAR_ROWS = 32  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all
+MAX_LINEAR_ROWS = 64  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all
 
 
 def linear_rows(dtype: torch.dtype) -> int:
@@ -444,21 +444,25 @@ def linear_rows(dtype: torch.dtype) -> int:
 
 
 def linear_tiles(weight: Tensor) -> Tensor:
-    """A linear layer's weight (n, k) in the tiles `linear` reads: (ceil(n / 16), k, 16), 16 output
-    rows side by side, zeros past row n. A copy: the weight stays as it is."""
+    """A linear layer's weight (n, k) in the tiles `linear` reads, 16 output rows side by side, zeros
+    past row n: fp32 (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2), pairs of inputs
+    side by side (zeros past column k), as a CPU's bf16 dot product takes them. A copy."""
     n, k = weight.shape
-    padded = weight.detach().new_zeros(-(-n // 16) * 16, k)
-    padded[:n] = weight.detach()
-    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+    pair = 2 if weight.dtype == torch.bfloat16 else 1
+    padded = weight.detach().new_zeros(-(-n // 16) * 16, -(-k // pair) * pair)
+    padded[:n, :k] = weight.detach()
+    tiles = padded.view(-1, 16, padded.size(1) // pair, pair).transpose(1, 2).contiguous()
+    return tiles if pair == 2 else tiles.view(-1, k, 16)
 
 
 def linear(x: Tensor, tiles: Tensor, bias: Tensor | None, n: int, relu: bool = False) -> Tensor | None:
     """x W^T + b (then ReLU if `relu`) for x (..., k), W in `linear_tiles`' form, n outputs: where x
     has few rows (up to `linear_rows`) of W's dtype and no gradient is wanted. None otherwise (the
     caller uses oneDNN or PyTorch)."""
-    k = tiles.size(1)
+    k = x.size(-1)
     rows = x.numel() // k if k else 0
-    if not (x.size(-1) == k and x.is_contiguous() and 0 < rows and tiles.size(2) == 16 and tiles.size(0) * 16 >= n
+    if not (tiles.size(2) == 16 and tiles.size(0) * 16 >= n and tiles.size(1) == (-(-k // 2) if tiles.dim() == 4 else k)
+            and tiles.dim() == (4 if x.dtype == torch.bfloat16 else 3) and x.is_contiguous() and 0 < rows
             and (bias is None or (bias.shape == (n,) and bias.is_contiguous()))
             and _on_cpu(x, tiles, *(() if bias is None else (bias,)))
             and (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, tiles, bias)))

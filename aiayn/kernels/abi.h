@@ -97,7 +97,8 @@ enum {
 
 #define AIAYN_LINEAR_ARGS(X)                                                                          \
     X(const void *, x)          /* rows of k at stride xs */                                          \
-    X(const void *, w)          /* the weight (n, k) in tiles: (ceil(n / 16), k, 16), zero past row n */ \
+    X(const void *, w)          /* the weight (n, k) in tiles, zero past row n (and column k): fp32 \
+                                   (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2) */   \
     X(const void *, bias)       /* n; or NULL */                                                      \
     X(void *, out)              /* rows of n at stride os; not overlapping x */                       \
     X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \

@@ -350,10 +350,19 @@ DEFINE_BEAM(beam_bf16, bf16, from_bf16)
 /* ------------------------------------------------------------------------ a few rows' linear layer
  * out[r, j] = relu?(sum_i x[r, i] w[j, i] + bias[j]) for a few rows r: the projections of a decoding
  * step (one row a sentence, or a beam). oneDNN's GEMM is built for many rows: at one row it reads a
- * small model's weights at ~15 GB/s (fp32: 5 GFLOP/s); this reads them once per 8 rows, as 16
- * outputs x k in a row (the weight in tiles: (ceil(n / 16), k, 16)), each weight vector multiplying
- * up to 8 rows held in registers, 2 tiles at a time. Arithmetic in fp32 (bf16 weights widened), one
- * sum per output in the order of i, as a dot product. Arguments: linear_args (abi.h). */
+ * small model's weights at ~15 GB/s (fp32: 5 GFLOP/s). Here the weight is read once per 8 rows, in
+ * tiles of 16 outputs (abi.h: fp32 (tiles, k, 16); bf16 (tiles, ceil(k / 2), 16, 2), pairs of
+ * inputs side by side, as AVX512_BF16's dot product takes them), each weight vector multiplying up
+ * to 8 rows held in registers, 2 tiles at a time. Arithmetic in fp32; bf16 pairs either by the
+ * CPU's bf16 dot product (vdpbf16ps: inputs below 2^-126 count as zero) or widened. Arguments:
+ * linear_args (abi.h). */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define BF16_DOT 1
+#else
+#define BF16_DOT 0
+#endif
+
 static int linear_check(const linear_args *a) {
     AIAYN_REQUIRE(a->x && a->w && a->out, AIAYN_NULL_POINTER);
     AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1 && a->k >= 1 && (a->relu == 0 || a->relu == 1), AIAYN_BAD_SIZE);
@@ -368,29 +377,68 @@ static inline f32x16 relu16(f32x16 v) {  /* max(0, v), NaN kept (as torch.relu) 
     return v;
 }
 
-/* MR rows (a constant: the accumulators stay in registers) against every tile of the weight */
-#define DEFINE_LINEAR_ROWS(NAME, T, LOAD, LOAD16, STORE16, STORE, MR)                                   \
+/* fp32: acc[m] (+)= x[m, i] * w[tile][i][:] over i */
+#define F32_PRODUCTS(MR)                                                                              \
+    for (int64_t i = 0; i < k; i++) {                                                                 \
+        const f32x16 v0 = load16_f32(w0 + i * 16), v1 = load16_f32(w1 + i * 16);                      \
+        for (int m = 0; m < MR; m++) {                                                                \
+            const float s = x[m * xs + i];                                                            \
+            a0[m] += s * v0;                                                                          \
+            a1[m] += s * v1;                                                                          \
+        }                                                                                             \
+    }
+
+/* bf16: the same over pairs p of inputs (2p, 2p + 1); the last pair of an odd k is (x, 0) */
+static inline uint32_t bf16_pair(const bf16 *x, int64_t i, int64_t k) {
+    uint32_t pair = x[i];
+    if (i + 1 < k) pair |= (uint32_t)x[i + 1] << 16;
+    return pair;
+}
+#if BF16_DOT
+#define BF16_PRODUCTS(MR)                                                                             \
+    for (int64_t p = 0; p < pairs; p++) {                                                             \
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32), v1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32); \
+        for (int m = 0; m < MR; m++) {                                                                \
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)bf16_pair(x + m * xs, 2 * p, k));   \
+            a0[m] = (f32x16)_mm512_dpbf16_ps((__m512)a0[m], xv, v0);                                  \
+            a1[m] = (f32x16)_mm512_dpbf16_ps((__m512)a1[m], xv, v1);                                  \
+        }                                                                                             \
+    }
+#else
+#define BF16_PRODUCTS(MR)                                                                             \
+    for (int64_t p = 0; p < pairs; p++) {                                                             \
+        u32x16 u0, u1; memcpy(&u0, w0 + p * 32, 64); memcpy(&u1, w1 + p * 32, 64);                    \
+        const u32x16 e0 = u0 << 16, o0 = u0 & 0xFFFF0000u, e1 = u1 << 16, o1 = u1 & 0xFFFF0000u;       \
+        f32x16 ve0, vo0, ve1, vo1;                                                                    \
+        memcpy(&ve0, &e0, 64); memcpy(&vo0, &o0, 64); memcpy(&ve1, &e1, 64); memcpy(&vo1, &o1, 64);   \
+        for (int m = 0; m < MR; m++) {                                                                \
+            const uint32_t pair = bf16_pair(x + m * xs, 2 * p, k);                                    \
+            const float se = from_bf16((bf16)(pair & 0xFFFF)), so = from_bf16((bf16)(pair >> 16));    \
+            a0[m] += se * ve0 + so * vo0;                                                             \
+            a1[m] += se * ve1 + so * vo1;                                                             \
+        }                                                                                             \
+    }
+#endif
+
+/* MR rows (a constant: the accumulators stay in registers) against every tile of the weight, then
+ * bias, ReLU and the store of each tile's (up to) 16 outputs */
+#define DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, MR)                          \
 static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out) \
 {                                                                                                     \
     const T *w = a->w, *bias = a->bias;                                                               \
     const int64_t n = a->n, k = a->k, xs = a->xs, os = a->os, tiles = (n + 15) / 16;                  \
+    const int64_t pairs = (k + 1) / 2, tile = TILE_ELEMS;                                             \
+    (void)pairs;                                                                                      \
     for (int64_t t = 0; t < tiles; t += 2) {                                                          \
         const int64_t t1 = t + 1 < tiles ? t + 1 : t;  /* an odd last tile: computed twice, kept once */ \
-        const T *w0 = w + t * k * 16, *w1 = w + t1 * k * 16;                                          \
+        const T *w0 = w + t * tile, *w1 = w + t1 * tile;                                              \
         f32x16 a0[MR], a1[MR];                                                                        \
         for (int m = 0; m < MR; m++) a0[m] = a1[m] = (f32x16){0};                                     \
-        for (int64_t i = 0; i < k; i++) {                                                             \
-            const f32x16 v0 = LOAD16(w0 + i * 16), v1 = LOAD16(w1 + i * 16);                          \
-            for (int m = 0; m < MR; m++) {                                                            \
-                const float s = LOAD(x[m * xs + i]);                                                  \
-                a0[m] += s * v0;                                                                      \
-                a1[m] += s * v1;                                                                      \
-            }                                                                                         \
-        }                                                                                             \
+        PRODUCTS(MR)                                                                                  \
         for (int64_t u = t; u <= t1 && u < t + 2; u++) {                                              \
             float b[16] = {0};                                                                        \
             const int64_t first = u * 16, width = n - first < 16 ? n - first : 16;                    \
-            if (bias) for (int64_t j = 0; j < width; j++) b[j] = LOAD(bias[first + j]);               \
+            if (bias) for (int64_t j = 0; j < width; j++) b[j] = (float)LOAD_##T(bias[first + j]);    \
             const f32x16 bv = load16_f32(b);                                                          \
             for (int m = 0; m < MR; m++) {                                                            \
                 f32x16 r = (u == t ? a0[m] : a1[m]) + bv;                                             \
@@ -402,12 +450,14 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
         }                                                                                             \
     }                                                                                                 \
 }
+#define LOAD_float from_f32
+#define LOAD_bf16 from_bf16
 
-#define DEFINE_LINEAR(NAME, T, LOAD, LOAD16, STORE16, STORE)                                          \
-DEFINE_LINEAR_ROWS(NAME, T, LOAD, LOAD16, STORE16, STORE, 8)                                          \
-DEFINE_LINEAR_ROWS(NAME, T, LOAD, LOAD16, STORE16, STORE, 4)                                          \
-DEFINE_LINEAR_ROWS(NAME, T, LOAD, LOAD16, STORE16, STORE, 2)                                          \
-DEFINE_LINEAR_ROWS(NAME, T, LOAD, LOAD16, STORE16, STORE, 1)                                          \
+#define DEFINE_LINEAR(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE)                                  \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 8)                                  \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 4)                                  \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 2)                                  \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 1)                                  \
 HOT int NAME(const linear_args *a)                                                                    \
 {                                                                                                     \
     const int status = linear_check(a);                                                               \
@@ -421,5 +471,5 @@ HOT int NAME(const linear_args *a)                                              
     return AIAYN_OK;                                                                                  \
 }
 
-DEFINE_LINEAR(linear_f32, float, from_f32, load16_f32, store16_f32, to_f32)
-DEFINE_LINEAR(linear_bf16, bf16, from_bf16, load16_bf16, store16_bf16, to_bf16)
+DEFINE_LINEAR(linear_f32, float, F32_PRODUCTS, k * 16, store16_f32, to_f32)
+DEFINE_LINEAR(linear_bf16, bf16, BF16_PRODUCTS, pairs * 32, store16_bf16, to_bf16)
