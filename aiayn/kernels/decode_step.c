@@ -350,12 +350,25 @@ DEFINE_BEAM(beam_bf16, bf16, from_bf16)
 /* ------------------------------------------------------------------------ a few rows' linear layer
  * out[r, j] = relu?(sum_i x[r, i] w[j, i] + bias[j]) for a few rows r: the projections of a decoding
  * step (one row a sentence, or a beam). oneDNN's GEMM is built for many rows: at one row it reads a
- * small model's weights at ~15 GB/s (fp32: 5 GFLOP/s). Here the weight is read once per 8 rows, in
- * tiles of 16 outputs (abi.h: fp32 (tiles, k, 16); bf16 (tiles, ceil(k / 2), 16, 2), pairs of
- * inputs side by side, as AVX512_BF16's dot product takes them), each weight vector multiplying up
- * to 8 rows held in registers, 2 tiles at a time. Arithmetic in fp32; bf16 pairs either by the
- * CPU's bf16 dot product (vdpbf16ps: inputs below 2^-126 count as zero) or widened. Arguments:
- * linear_args (abi.h). */
+ * small model's weights at ~15 GB/s (fp32: 5 GFLOP/s). Here the weight, in tiles of 16 outputs
+ * (abi.h: fp32 (tiles, k, 16); bf16 (tiles, ceil(k / 2), 16, 2), pairs of inputs side by side, as
+ * AVX512_BF16's dot product takes them), is read once per MR rows: a panel of 2 of the CPU's vectors
+ * (2 tiles with AVX-512, one tile with 8-float vectors: AVX2, NEON) times up to MR rows of
+ * accumulators held in registers (8 rows with AVX-512's 32 registers, 4 with AVX2's 16). Arithmetic
+ * in fp32; bf16 pairs by the CPU's bf16 dot product where it has one (vdpbf16ps: inputs below
+ * 2^-126 count as zero), else widened. Arguments: linear_args (abi.h). */
+#if defined(__AVX512F__)
+typedef f32x16 lin_vec;    /* the CPU's vector of floats */
+typedef u32x16 lin_uvec;
+#define LIN_VW 16
+#define LIN_MR 8
+#else
+typedef f32x8 lin_vec;
+typedef uint32_t lin_uvec __attribute__((vector_size(32)));
+#define LIN_VW 8
+#define LIN_MR 4
+#endif
+#define LIN_PW (2 * LIN_VW)  /* outputs per panel */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define BF16_DOT 1
@@ -377,14 +390,25 @@ static inline f32x16 relu16(f32x16 v) {  /* max(0, v), NaN kept (as torch.relu) 
     return v;
 }
 
-/* fp32: acc[m] (+)= x[m, i] * w[tile][i][:] over i */
+/* Where vector c (0, 1) of the panel that starts at tile t reads its weights: its tile (the last
+ * tile again past the end: computed, never stored) and its first output in that tile. */
+static inline int64_t lin_tile(int64_t t, int c, int64_t tiles) {
+    const int64_t u = t + (c * LIN_VW) / 16;
+    return u < tiles ? u : tiles - 1;
+}
+#define LIN_LANE(c) (((c) * LIN_VW) % 16)
+
+/* fp32: acc[m][c] += x[m, i] * (the panel's weights of input i) */
 #define F32_PRODUCTS(MR)                                                                              \
+    const float *w0 = w + lin_tile(t, 0, tiles) * k * 16 + LIN_LANE(0);                               \
+    const float *w1 = w + lin_tile(t, 1, tiles) * k * 16 + LIN_LANE(1);                               \
     for (int64_t i = 0; i < k; i++) {                                                                 \
-        const f32x16 v0 = load16_f32(w0 + i * 16), v1 = load16_f32(w1 + i * 16);                      \
+        lin_vec v0, v1;                                                                               \
+        memcpy(&v0, w0 + i * 16, sizeof v0); memcpy(&v1, w1 + i * 16, sizeof v1);                     \
         for (int m = 0; m < MR; m++) {                                                                \
             const float s = x[m * xs + i];                                                            \
-            a0[m] += s * v0;                                                                          \
-            a1[m] += s * v1;                                                                          \
+            acc[m][0] += s * v0;                                                                      \
+            acc[m][1] += s * v1;                                                                      \
         }                                                                                             \
     }
 
@@ -396,52 +420,56 @@ static inline uint32_t bf16_pair(const bf16 *x, int64_t i, int64_t k) {
 }
 #if BF16_DOT
 #define BF16_PRODUCTS(MR)                                                                             \
+    const bf16 *w0 = w + lin_tile(t, 0, tiles) * pairs * 32, *w1 = w + lin_tile(t, 1, tiles) * pairs * 32; \
     for (int64_t p = 0; p < pairs; p++) {                                                             \
         const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32), v1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32); \
         for (int m = 0; m < MR; m++) {                                                                \
             const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)bf16_pair(x + m * xs, 2 * p, k));   \
-            a0[m] = (f32x16)_mm512_dpbf16_ps((__m512)a0[m], xv, v0);                                  \
-            a1[m] = (f32x16)_mm512_dpbf16_ps((__m512)a1[m], xv, v1);                                  \
+            acc[m][0] = (lin_vec)_mm512_dpbf16_ps((__m512)acc[m][0], xv, v0);                         \
+            acc[m][1] = (lin_vec)_mm512_dpbf16_ps((__m512)acc[m][1], xv, v1);                         \
         }                                                                                             \
     }
 #else
 #define BF16_PRODUCTS(MR)                                                                             \
+    const bf16 *w0 = w + lin_tile(t, 0, tiles) * pairs * 32 + 2 * LIN_LANE(0);                        \
+    const bf16 *w1 = w + lin_tile(t, 1, tiles) * pairs * 32 + 2 * LIN_LANE(1);                        \
     for (int64_t p = 0; p < pairs; p++) {                                                             \
-        u32x16 u0, u1; memcpy(&u0, w0 + p * 32, 64); memcpy(&u1, w1 + p * 32, 64);                    \
-        const u32x16 e0 = u0 << 16, o0 = u0 & 0xFFFF0000u, e1 = u1 << 16, o1 = u1 & 0xFFFF0000u;       \
-        f32x16 ve0, vo0, ve1, vo1;                                                                    \
-        memcpy(&ve0, &e0, 64); memcpy(&vo0, &o0, 64); memcpy(&ve1, &e1, 64); memcpy(&vo1, &o1, 64);   \
+        lin_uvec u0, u1; memcpy(&u0, w0 + p * 32, sizeof u0); memcpy(&u1, w1 + p * 32, sizeof u1);    \
+        const lin_uvec e0 = u0 << 16, o0 = u0 & 0xFFFF0000u, e1 = u1 << 16, o1 = u1 & 0xFFFF0000u;     \
+        lin_vec ve0, vo0, ve1, vo1;                                                                   \
+        memcpy(&ve0, &e0, sizeof ve0); memcpy(&vo0, &o0, sizeof vo0);                                 \
+        memcpy(&ve1, &e1, sizeof ve1); memcpy(&vo1, &o1, sizeof vo1);                                 \
         for (int m = 0; m < MR; m++) {                                                                \
             const uint32_t pair = bf16_pair(x + m * xs, 2 * p, k);                                    \
             const float se = from_bf16((bf16)(pair & 0xFFFF)), so = from_bf16((bf16)(pair >> 16));    \
-            a0[m] += se * ve0 + so * vo0;                                                             \
-            a1[m] += se * ve1 + so * vo1;                                                             \
+            acc[m][0] += se * ve0 + so * vo0;                                                         \
+            acc[m][1] += se * ve1 + so * vo1;                                                         \
         }                                                                                             \
     }
 #endif
 
-/* MR rows (a constant: the accumulators stay in registers) against every tile of the weight, then
- * bias, ReLU and the store of each tile's (up to) 16 outputs */
-#define DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, MR)                          \
+/* MR rows (a constant: the accumulators stay in registers) against every panel of the weight, then
+ * bias, ReLU and the store of each of the panel's tiles (up to 16 outputs each) */
+#define DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, MR)                                \
 static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out) \
 {                                                                                                     \
     const T *w = a->w, *bias = a->bias;                                                               \
     const int64_t n = a->n, k = a->k, xs = a->xs, os = a->os, tiles = (n + 15) / 16;                  \
-    const int64_t pairs = (k + 1) / 2, tile = TILE_ELEMS;                                             \
+    const int64_t pairs = (k + 1) / 2;                                                                \
     (void)pairs;                                                                                      \
-    for (int64_t t = 0; t < tiles; t += 2) {                                                          \
-        const int64_t t1 = t + 1 < tiles ? t + 1 : t;  /* an odd last tile: computed twice, kept once */ \
-        const T *w0 = w + t * tile, *w1 = w + t1 * tile;                                              \
-        f32x16 a0[MR], a1[MR];                                                                        \
-        for (int m = 0; m < MR; m++) a0[m] = a1[m] = (f32x16){0};                                     \
+    for (int64_t t = 0; t < tiles; t += LIN_PW / 16) {                                                \
+        lin_vec acc[MR][2];                                                                           \
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = (lin_vec){0};                            \
         PRODUCTS(MR)                                                                                  \
-        for (int64_t u = t; u <= t1 && u < t + 2; u++) {                                              \
+        float res[MR][LIN_PW];                                                                        \
+        for (int m = 0; m < MR; m++) memcpy(res[m], acc[m], sizeof res[m]);                           \
+        for (int64_t u = t; u < t + LIN_PW / 16 && u < tiles; u++) {                                  \
             float b[16] = {0};                                                                        \
             const int64_t first = u * 16, width = n - first < 16 ? n - first : 16;                    \
-            if (bias) for (int64_t j = 0; j < width; j++) b[j] = (float)LOAD_##T(bias[first + j]);    \
+            if (bias) for (int64_t j = 0; j < width; j++) b[j] = LOAD(bias[first + j]);               \
             const f32x16 bv = load16_f32(b);                                                          \
             for (int m = 0; m < MR; m++) {                                                            \
-                f32x16 r = (u == t ? a0[m] : a1[m]) + bv;                                             \
+                f32x16 r = load16_f32(res[m] + (u - t) * 16) + bv;                                    \
                 if (a->relu) r = relu16(r);                                                           \
                 T *o = out + m * os + first;                                                          \
                 if (width == 16) STORE16(o, r);                                                       \
@@ -450,26 +478,24 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
         }                                                                                             \
     }                                                                                                 \
 }
-#define LOAD_float from_f32
-#define LOAD_bf16 from_bf16
 
-#define DEFINE_LINEAR(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE)                                  \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 8)                                  \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 4)                                  \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 2)                                  \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, TILE_ELEMS, STORE16, STORE, 1)                                  \
+#define DEFINE_LINEAR(NAME, T, PRODUCTS, LOAD, STORE16, STORE)                                        \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, LIN_MR)  /* named NAME_LIN_MR */          \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 4)                                        \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 2)                                        \
+DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 1)                                        \
 HOT int NAME(const linear_args *a)                                                                    \
 {                                                                                                     \
     const int status = linear_check(a);                                                               \
     if (status != AIAYN_OK) return status;                                                            \
     const T *x = a->x; T *out = a->out;                                                               \
     int64_t r = 0;                                                                                    \
-    for (; r + 8 <= a->rows; r += 8) NAME##_8(a, x + r * a->xs, out + r * a->os);                     \
+    for (; r + LIN_MR <= a->rows; r += LIN_MR) NAME##_LIN_MR(a, x + r * a->xs, out + r * a->os);      \
     if (r + 4 <= a->rows) { NAME##_4(a, x + r * a->xs, out + r * a->os); r += 4; }                    \
-    if (r + 2 <= a->rows) { NAME##_2(a, x + r * a->xs, out + r * a->os); r += 2; }                    \
+    for (; r + 2 <= a->rows; r += 2) NAME##_2(a, x + r * a->xs, out + r * a->os);                     \
     if (r < a->rows) NAME##_1(a, x + r * a->xs, out + r * a->os);                                     \
     return AIAYN_OK;                                                                                  \
 }
 
-DEFINE_LINEAR(linear_f32, float, F32_PRODUCTS, k * 16, store16_f32, to_f32)
-DEFINE_LINEAR(linear_bf16, bf16, BF16_PRODUCTS, pairs * 32, store16_bf16, to_bf16)
+DEFINE_LINEAR(linear_f32, float, F32_PRODUCTS, from_f32, store16_f32, to_f32)
+DEFINE_LINEAR(linear_bf16, bf16, BF16_PRODUCTS, from_bf16, store16_bf16, to_bf16)
