@@ -40,7 +40,11 @@ import torch
 
 ATTENTION_LENGTHS = (32, 64, 128)
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64)
-VERSION = 3  # a new version measures again (what is measured, or the library's boundary, changed)
+# The linear layers timed alone win more than in a decoding step (where the rest of the step shares
+# the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
+# as won from 10% faster.
+LINEAR_MARGIN = 1.10
+VERSION = 4  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now
@@ -216,7 +220,7 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
 
         on, off = _on_off(step, "linear", reps=3)
         speedups.append(round(off / on, 3))
-        if not _faster(on, off):
+        if not on * LINEAR_MARGIN < off:
             break
         longest = rows
     return longest, speedups

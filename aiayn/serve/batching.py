@@ -4,11 +4,8 @@ Every job (one sentence, say) goes into a bounded queue with its cost in tokens 
 different keys, e.g. beam sizes, cannot share a batch). A single task on the event loop waits for
 the first job, gathers more while they keep coming (until none came for `gap_ms`), for at most
 `max_wait_ms` after the oldest one arrived, or until `max_tokens` are queued: a lone request waits
-`gap_ms`, a burst of clients is gathered into one batch. Both clocks start no earlier than the end of
-the previous batch (once its answers are on their way): clients that send their next request when
-they get an answer then join the jobs that queued meanwhile, instead of the two halves of them
-taking turns in batches half as large. It then takes the jobs of one key up to that budget, sorted
-by length, and runs them in the model's worker thread, off the event loop. Then:
+`gap_ms`, a burst of clients is gathered into one batch. It then takes the jobs of one key up to that budget, sorted by length,
+and runs them in the model's worker thread, off the event loop. Then:
 - each job's result goes to its own future; an exception goes to every future of the batch, so
   no request hangs;
 - a job whose future was cancelled (its client went away) before its batch started is dropped;
@@ -60,7 +57,6 @@ class DynamicBatcher:
         self._queue: deque[_Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._ended = 0.0  # time.monotonic() when the last batch's results were handed out
         # for /healthz and tests: batches run, the jobs in them, jobs dropped because their client left
         self.batches = self.jobs = self.dropped = 0
 
@@ -127,9 +123,8 @@ class DynamicBatcher:
     async def _gather(self) -> None:
         """Wait until max_tokens are queued, no job came for `gap`, or the oldest has waited max_wait."""
         while self._queue and self._queued_tokens() < self.max_tokens:
-            now, ended = time.monotonic(), self._ended
-            left = min(max(self._queue[0].arrived, ended) + self.max_wait,
-                       max(self._queue[-1].arrived, ended) + self.gap) - now
+            now = time.monotonic()
+            left = min(self._queue[0].arrived + self.max_wait, self._queue[-1].arrived + self.gap) - now
             if left <= 0:
                 return
             self._arrived.clear()
@@ -166,5 +161,3 @@ class DynamicBatcher:
             for job, result in zip(jobs, results):
                 if not job.future.done():
                     job.future.set_result(result)
-            await asyncio.sleep(0)  # the waiting requests answer first
-            self._ended = time.monotonic()

@@ -114,28 +114,3 @@ def test_a_lone_request_waits_the_gap_not_the_whole_window():
     out, waited = run(main())
     assert out == ["k:alone"] and waited < 2.0  # not the 5 s window
 
-
-def test_clients_that_send_again_on_an_answer_join_the_jobs_that_queued_meanwhile():
-    """Closed-loop clients (each sends its next request when answered), the second half starting
-    while the first half's batch runs: the halves must not take turns in half-size batches for ever."""
-    class Slow(Fake):
-        def __call__(self, key, items):
-            import time
-            time.sleep(0.03)
-            return super().__call__(key, items)
-
-    async def main():
-        fake = Slow()
-        b = await _batcher(fake, max_wait_ms=20, gap_ms=5)
-
-        async def client(i, delay):
-            await asyncio.sleep(delay)
-            for r in range(6):
-                assert await b.submit("k", [f"{i}.{r}"], [1]) == [f"k:{i}.{r}"]
-        await asyncio.gather(*(client(i, 0 if i < 4 else 0.01) for i in range(8)))
-        await b.stop()
-        return [len(items) for _, items in fake.batches]
-
-    sizes = run(main())
-    assert sum(sizes) == 48
-    assert sizes[0] == 4 and sizes.count(8) >= 4, sizes  # taking turns: [4, 4, 4, ...], 12 batches
