@@ -204,3 +204,15 @@ def test_ab_step_refuses_an_unknown_revision_in_one_line():
     proc = subprocess.run([sys.executable, str(BENCH / "ab_step.py"), "decode", "--base", "no-such-rev", "--quick"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("ab_step.py: error:")
+
+
+def test_linear_kernel_table_compares_the_kernel_with_onednn():
+    from aiayn import kernels
+
+    out = run_script("linear_kernel.py", "--precisions", "fp32")
+    rows = table_rows(out)
+    if not kernels.available() or rows[0][2] == "0":
+        assert "not used" in out or not kernels.available()
+        return
+    assert [r[1] for r in rows] == ["1", "4", "all 64 (sorted)"]
+    assert all(number(r[3]) > 0 and number(r[4]) > 0 for r in rows)
