@@ -24,9 +24,10 @@ images/s, inference images/s (t10k in batches of 256). The SVM is scikit-learn's
 gamma="scale") on pixels / 255, fitted on all 8,006 training images.
 
 pixels: both decoder-only models have the same shape (default d_model 64, 4 layers, 2 heads,
-d_ff 256: --d-model, --n-layers, --n-heads, --d-ff; the shipped mnist-pixels is 128, 4, 4, 512; no dropout; 8 gray levels, class token first, the same 19-token
-vocabulary; ImageGPT's positions are learned, ours sinusoidal) and the same recipe (AdamW lr 2e-3 (0.9, 0.99), weight decay 0.1, clip 1, 100 warm-up
-steps then a cosine over the wall-clock budget, batches of 8 images, 10% of them with the "any
+d_ff 256: --d-model, --n-layers, --n-heads, --d-ff; the shipped mnist-pixels is 128, 4, 4, 512; no
+dropout; 8 gray levels, class token first, the same 19-token vocabulary; ImageGPT's positions are
+learned, ours sinusoidal) and the same recipe (AdamW lr 2e-3 (0.9, 0.99), weight decay 0.1, clip 1,
+100 warm-up steps then a cosine over the wall-clock budget, batches of 8 images, 10% of them with the "any
 class" token, fp32). Reported: t10k bits per pixel given the label, training images/s.
 """
 

@@ -48,8 +48,12 @@ class Limits:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+@dataclass
 class _InferenceCopies:
     """A served model's inference copies (aiayn.fast.inference), one per precision, made once."""
+
+    _copies: dict = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def inference(self, precision: str) -> torch.nn.Module:
         from aiayn.fast.inference import inference_model
@@ -70,8 +74,6 @@ class TranslationModel(_InferenceCopies):
     tgt: str
     alpha: float                      # the model's own length penalty (aiayn average --alpha), else 0.6
     device: str = "cpu"
-    _copies: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cost(self, sentence: str, beam: int) -> int:
         """What a sentence takes of a batch's token budget: as aiayn.translate counts it."""
@@ -101,8 +103,6 @@ class LanguageModel(_InferenceCopies):
     model: torch.nn.Module
     tokenizer: object
     device: str = "cpu"
-    _copies: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict:
         cfg = self.model.cfg

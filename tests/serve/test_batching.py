@@ -113,4 +113,3 @@ def test_a_lone_request_waits_the_gap_not_the_whole_window():
 
     out, waited = run(main())
     assert out == ["k:alone"] and waited < 2.0  # not the 5 s window
-
