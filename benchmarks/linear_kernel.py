@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    bad = set(args.precisions.split(",")) - {"fp32", "bf16"}
+    if bad:
+        p.error(f"--precisions takes fp32 and bf16 (the kernel's types), not {', '.join(sorted(bad))}")
     if args.quick:
         args.batches, args.sentences, args.rounds = "1,4", 8, 2
     texts = [s for s, _ in multi30k("test_2016_flickr", "en", "de")][:64 if args.quick else 1000]
