@@ -113,7 +113,34 @@ class FastMultiHeadAttention(MultiHeadAttention):
 
 class FastTransformerLayer(TransformerLayer):
     """The residual connections as one addcmul, and the post-norm ones as one kernel call
-    (forward and backward in training, into the sublayer's output in decoding)."""
+    (forward and backward in training, into the sublayer's output in decoding). A decoding step of a
+    few rows through a post-norm decoder layer of an inference copy (its linear layers in the few-rows
+    kernel's tiles): the whole layer in one kernel call."""
+
+    def forward(self, x, mask, *, memory_kv=None, memory_mask=None, cache=None, need_weights=False):
+        if cache is not None and mask is None and isinstance(memory_kv, tuple) and not (need_weights or self.training):
+            out = self._decoder_step(x, memory_kv, memory_mask, cache)
+            if out is not None:
+                return out, {"self": None, "cross": None}
+        return super().forward(x, mask, memory_kv=memory_kv, memory_mask=memory_mask, cache=cache,
+                               need_weights=need_weights)
+
+    def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
+        attn, cross, ff = self.self_attn, self.cross_attn, self.ff
+        linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
+        if (self.norm_first or getattr(ff.w1, "post_op", None) != "relu" or not isinstance(ff.act, nn.Identity)
+                or any(getattr(m, "tiles", None) is None for m in linears)):
+            return None  # not an inference copy with the kernel's tiles (or not the paper's layer)
+        norms = (self.self_norm, self.cross_norm, self.ff_norm)
+        if any(n.eps != self.ff_norm.eps for n in norms):
+            return None
+        weights = []
+        for i, m in enumerate(linears):
+            weights += [m.tiles, m.bias]
+            if i % 2:
+                weights += [norms[i // 2].weight, norms[i // 2].bias]
+        return kernels.decoder_layer(x, weights, attn.n_heads, ff.w1.out_features, self.ff_norm.eps, *cache,
+                                     *memory_kv, memory_mask)
 
     def add(self, x: Tensor, y: Tensor) -> Tensor:
         return add_dropout(x, y, self.dropout.p, self.training)

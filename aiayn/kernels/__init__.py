@@ -100,6 +100,8 @@ def _struct(kernel: str, pointers: str, sizes: str, floats: str = "") -> type[ct
 
 
 _ATTENTION_STRIDES = "qs_b qs_t ks_b ks_s vs_b vs_s"
+LAYER_WEIGHTS = ("qkv_w qkv_b self_w self_b norm1_w norm1_b q_w q_b cross_w cross_b norm2_w norm2_b "
+                 "ff1_w ff1_b ff2_w ff2_b norm3_w norm3_b").split()  # decoder_layer's, in its order
 _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "attend": _struct("attend", "q k v mask out k_new v_new",
                       "B H n_queries t dh group qs_b qs_h qs_i ks_b ks_h ks_t vs_b vs_h vs_t ms_b os_b os_i os_h "
@@ -111,6 +113,9 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams",
                     "sentences r V xs n n_forbid eos eos_banned"),
     "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
+    "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
+                             "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t ms_b",
+                             "eps"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -461,8 +466,7 @@ def linear(x: Tensor, tiles: Tensor, bias: Tensor | None, n: int, relu: bool = F
     caller uses oneDNN or PyTorch)."""
     k = x.size(-1)
     rows = x.numel() // k if k else 0
-    if not (tiles.size(2) == 16 and tiles.size(0) * 16 >= n and tiles.size(1) == (-(-k // 2) if tiles.dim() == 4 else k)
-            and tiles.dim() == (4 if x.dtype == torch.bfloat16 else 3) and x.is_contiguous() and 0 < rows
+    if not (_tiles_fit(tiles, n, k, x.dtype) and x.is_contiguous() and 0 < rows
             and (bias is None or (bias.shape == (n,) and bias.is_contiguous()))
             and _on_cpu(x, tiles, *(() if bias is None else (bias,)))
             and (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, tiles, bias)))
@@ -472,6 +476,54 @@ def linear(x: Tensor, tiles: Tensor, bias: Tensor | None, n: int, relu: bool = F
     _call("linear_" + _FUNCTIONS[x.dtype], _STRUCTS["linear"](
         x=x.data_ptr(), w=tiles.data_ptr(), bias=0 if bias is None else bias.data_ptr(), out=out.data_ptr(),
         rows=rows, n=n, k=k, xs=k, os=n, relu=int(relu)))
+    return out
+
+
+def _tiles_fit(tiles: Tensor, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether `tiles` is the `linear_tiles` form of an (n, k) weight of `dtype`."""
+    pairs = dtype == torch.bfloat16
+    return (tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16 and tiles.size(0) == -(-n // 16)
+            and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())
+
+
+def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: int, eps: float, k_buf: Tensor,
+                  v_buf: Tensor, start: int, source_k: Tensor, source_v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """One new position of each row of x (B, 1, D) through a post-norm decoder layer with a ReLU
+    feed-forward, in one call (decode_step.c's decoder_layer) -> (B, 1, D). `weights` as LAYER_WEIGHTS
+    names them: the linear layers' in `linear_tiles` form and their biases (or None), the norms'
+    weights and biases. Self-attention's cache k_buf, v_buf (B, H, L, Dh) holds `start` positions (the
+    new one is written at `start`); the source's keys and values (b, H, S, Dh), each group of B / b
+    rows attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit for bit, as the
+    layer's kernels called one by one (`linear`, the attention steps, `add_layer_norm`), and taken
+    only where each of those would run: few rows, kernels that win on this machine. None otherwise."""
+    B, T, D = x.shape
+    b, H, S, Dh = source_k.shape
+    if not (T == 1 and H == n_heads and H * Dh == D and x.is_contiguous() and len(weights) == len(LAYER_WEIGHTS)
+            and 0 < B <= _wins("linear", x.dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
+            and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
+            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)
+            and D <= _LIMITS["MAX_ROW"]):
+        return None
+    shapes = {"qkv": (3 * D, D), "self": (D, D), "q": (D, D), "cross": (D, D), "ff1": (d_ff, D), "ff2": (D, d_ff)}
+    for name, w in zip(LAYER_WEIGHTS, weights):
+        part, kind = name.split("_")
+        if w is None and kind == "b" and part in shapes:  # a linear layer without a bias
+            continue
+        if w is None or not (w.dtype == x.dtype and w.is_cpu and not (torch.is_grad_enabled() and w.requires_grad)):
+            return None
+        n, k = shapes.get(part, (D, 0))
+        if not (_tiles_fit(w, n, k, x.dtype) if kind == "w" and part in shapes else w.shape == (n,) and w.is_contiguous()):
+            return None
+    out = x.new_empty(B, 1, D)
+    args = _STRUCTS["decoder_layer"](
+        x=x.data_ptr(), out=out.data_ptr(), k_cache=k_buf.data_ptr(), v_cache=v_buf.data_ptr(),
+        source_k=source_k.data_ptr(), source_v=source_v.data_ptr(), mask=0 if mask is None else mask.data_ptr(),
+        B=B, D=D, H=H, d_ff=d_ff, t=start, S=S, group=B // b, ks_b=k_buf.stride(0), ks_h=k_buf.stride(1),
+        ks_t=k_buf.stride(2), vs_b=v_buf.stride(0), vs_h=v_buf.stride(1), vs_t=v_buf.stride(2),
+        sks_b=source_k.stride(0), sks_h=source_k.stride(1), sks_t=source_k.stride(2), svs_b=source_v.stride(0),
+        svs_h=source_v.stride(1), svs_t=source_v.stride(2), ms_b=0 if mask is None else mask.stride(0), eps=eps,
+        **{name: 0 if w is None else w.data_ptr() for name, w in zip(LAYER_WEIGHTS, weights)})
+    _call("decoder_layer_" + _FUNCTIONS[x.dtype], args)
     return out
 
 

@@ -105,6 +105,30 @@ enum {
     X(int64_t, relu)            /* 1: max(0, .) of each output (NaN stays NaN) */
 
 /* ---------------------------------------------------------------------- train_step.c's kernels */
+#define AIAYN_DECODER_LAYER_ARGS(X)                                                                   \
+    X(const void *, x)          /* (B, D) contiguous: the layer's input, one new position a row */    \
+    X(void *, out)              /* (B, D) contiguous: its output; may be x */                         \
+    /* the weights, in `linear`'s tiles, and biases (or NULL); norms' weights and biases, D each */   \
+    X(const void *, qkv_w) X(const void *, qkv_b)      /* self-attention's [q | k | v] (3D, D) */     \
+    X(const void *, self_w) X(const void *, self_b)    /* its output projection (D, D) */             \
+    X(const void *, norm1_w) X(const void *, norm1_b)                                                 \
+    X(const void *, q_w) X(const void *, q_b)          /* cross-attention's queries (D, D) */         \
+    X(const void *, cross_w) X(const void *, cross_b)  /* its output projection (D, D) */             \
+    X(const void *, norm2_w) X(const void *, norm2_b)                                                 \
+    X(const void *, ff1_w) X(const void *, ff1_b)      /* (d_ff, D), then ReLU */                     \
+    X(const void *, ff2_w) X(const void *, ff2_b)      /* (D, d_ff) */                                \
+    X(const void *, norm3_w) X(const void *, norm3_b)                                                 \
+    X(void *, k_cache) X(void *, v_cache)  /* (B, H, > t, dh) at ks_* / vs_*: positions 0..t-1 read, \
+                                              the new keys and values written at t */                 \
+    X(const void *, source_k) X(const void *, source_v)  /* (B / group, H, S, dh) at sks_* / svs_* */ \
+    X(const uint8_t *, mask)    /* (B / group, S) at ms_b, 0 = excluded; or NULL */                   \
+    X(int64_t, B) X(int64_t, D) X(int64_t, H) X(int64_t, d_ff) X(int64_t, t) X(int64_t, S)            \
+    X(int64_t, group)           /* rows per source row (beam search) */                               \
+    X(int64_t, ks_b) X(int64_t, ks_h) X(int64_t, ks_t) X(int64_t, vs_b) X(int64_t, vs_h) X(int64_t, vs_t) \
+    X(int64_t, sks_b) X(int64_t, sks_h) X(int64_t, sks_t) X(int64_t, svs_b) X(int64_t, svs_h) X(int64_t, svs_t) \
+    X(int64_t, ms_b)                                                                                  \
+    X(float, eps)               /* the three LayerNorms' */
+
 #define AIAYN_ATTENTION_FORWARD_ARGS(X)                                                               \
     X(const void *, q)         /* (B, nt, >= H dh) at qs_b, qs_t: nt queries per row */                                    \
     X(const void *, k) X(const void *, v)  /* (B, ns, >= H dh) at ks_b, ks_s and vs_b, vs_s: ns keys */         \
@@ -162,7 +186,7 @@ enum {
 
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
-    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear)                                        \
+    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(decoder_layer)                      \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
     K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
 
@@ -174,6 +198,7 @@ AIAYN_STRUCT(argmax, AIAYN_ARGMAX_ARGS)
 AIAYN_STRUCT(embed, AIAYN_EMBED_ARGS)
 AIAYN_STRUCT(beam, AIAYN_BEAM_ARGS)
 AIAYN_STRUCT(linear, AIAYN_LINEAR_ARGS)
+AIAYN_STRUCT(decoder_layer, AIAYN_DECODER_LAYER_ARGS)
 AIAYN_STRUCT(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 AIAYN_STRUCT(attention_backward, AIAYN_ATTENTION_BACKWARD_ARGS)
 AIAYN_STRUCT(dropout_mask, AIAYN_DROPOUT_MASK_ARGS)
@@ -185,7 +210,8 @@ AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
  * a bf16 sublayer output, as under autocast). argmax writes its `done`: its struct is not const. */
 #define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
 AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
-AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
+AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(decoder_layer, const)
+AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
 int residual_norm_forward_f32_bf16(const residual_norm_forward_args *);

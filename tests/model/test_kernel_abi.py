@@ -116,6 +116,18 @@ def _valid(kernel):
         x, w, bias, out = torch.randn(3, 8), torch.randn(2, 8, 16), torch.randn(20), torch.zeros(3, 20)
         return dict(x=x.data_ptr(), w=w.data_ptr(), bias=bias.data_ptr(), out=out.data_ptr(), rows=3, n=20, k=8,
                     xs=8, os=20, relu=1), (x, w, bias), out
+    if kernel == "decoder_layer":  # B 2, D 16, 2 heads of 8, d_ff 32, 1 position cached, 3 source tokens
+        x, out = torch.randn(2, 16), torch.zeros(2, 16)
+        tiles = {"qkv_w": torch.randn(3, 16, 16), "ff1_w": torch.randn(2, 16, 16), "ff2_w": torch.randn(1, 32, 16)}
+        weights = {name: tiles.get(name, torch.randn(1, 16, 16) if name.endswith("_w") and not name.startswith("norm")
+                                     else torch.randn(48 if name == "qkv_b" else 32 if name == "ff1_b" else 16))
+                   for name in kernels.LAYER_WEIGHTS}
+        cache, source, mask = torch.randn(2, 2, 2, 4, 8), torch.randn(2, 2, 2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+        return dict(x=x.data_ptr(), out=out.data_ptr(), k_cache=cache[0].data_ptr(), v_cache=cache[1].data_ptr(),
+                    source_k=source[0].data_ptr(), source_v=source[1].data_ptr(), mask=mask.data_ptr(),
+                    B=2, D=16, H=2, d_ff=32, t=1, S=3, group=1, ks_b=128, ks_h=64, ks_t=16, vs_b=128, vs_h=64, vs_t=16,
+                    sks_b=96, sks_h=48, sks_t=16, svs_b=96, svs_h=48, svs_t=16, ms_b=3, eps=1e-5,
+                    **{name: w.data_ptr() for name, w in weights.items()}), (x, cache, source, mask, weights), out
     if kernel == "attention_forward":
         qkv, out, probs = torch.randn(2, 3, 48), torch.zeros(2, 3, 16), torch.zeros(2, 2, 3, 3, dtype=f32)
         return dict(q=qkv.data_ptr(), k=qkv.data_ptr() + 64, v=qkv.data_ptr() + 128, out=out.data_ptr(),
@@ -151,6 +163,11 @@ REFUSALS = [  # (kernel, what changes, the status)
     ("linear", lambda: dict(n=0), Status.BAD_SIZE),
     ("linear", lambda: dict(relu=2), Status.BAD_SIZE),
     ("linear", lambda: dict(xs=7), Status.BAD_STRIDE),        # rows that overlap
+    ("decoder_layer", lambda: dict(norm2_b=0), Status.NULL_POINTER),
+    ("decoder_layer", lambda: dict(H=3), Status.BAD_SIZE),      # 16 does not split into 3 heads
+    ("decoder_layer", lambda: dict(group=3), Status.BAD_SIZE),  # 2 rows in groups of 3
+    ("decoder_layer", lambda: dict(t=kernels.MAX_KEYS), Status.OVER_LIMIT),
+    ("decoder_layer", lambda: dict(svs_t=-16), Status.BAD_STRIDE),
     ("attention_forward", lambda: dict(ns=kernels.MAX_KEYS + 1), Status.OVER_LIMIT),
     ("attention_forward", lambda: dict(probs=0), Status.NULL_POINTER),
     ("attention_forward", lambda: dict(ms_t=-1), Status.BAD_STRIDE),

@@ -399,3 +399,67 @@ def test_the_inference_copy_uses_the_linear_kernel_for_a_few_rows_only(kernel, m
         torch.testing.assert_close(layer(few), F.relu(F.linear(few, layer.weight, layer.bias)))
         torch.testing.assert_close(layer(many), F.relu(F.linear(many, layer.weight, layer.bias)))
     assert calls == [3, kernels.MAX_LINEAR_ROWS + 1]  # asked both times; the second declined (oneDNN's GEMM)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("d_model, heads", [(32, 4), (64, 2)])  # heads of 8 (the scalar path) and 32
+def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypatch, dtype, d_model, heads):
+    """A decoding step through the one-call decoder layer gives the same logits, bit for bit, as the
+    same kernels called module by module (linear, attention steps, add_layer_norm): greedy and beam
+    search, a padded source, a source shared by beams (group > 1)."""
+    from aiayn.config import ModelConfig
+    from aiayn.decode import beam_search, greedy
+    from aiayn.fast.inference import inference_model, onednn_available
+    from aiayn.fast.modules import FastTransformerLayer
+    from aiayn.model import build_model
+
+    if not onednn_available():
+        pytest.skip("no oneDNN here: the inference copy has no kernel tiles")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=60, d_model=d_model, n_heads=heads, d_ff=96, n_encoder_layers=1,
+                                    n_decoder_layers=2, max_len=64, dropout=0.0)).eval()
+    monkeypatch.setenv("AIAYN_KERNELS", "all")  # (whether it wins here: the linear family's tuning)
+    copy = inference_model(model, "bf16" if DTYPES[dtype] == torch.bfloat16 else "fp32")
+    src = torch.randint(4, 60, (3, 9))
+    src[1, 5:] = 0
+    step, calls, logits = FastTransformerLayer._decoder_step, [], {}
+    for fused in (True, False):
+        monkeypatch.setattr(FastTransformerLayer, "_decoder_step",
+                            (lambda self, *a: calls.append(1) or step(self, *a)) if fused else (lambda self, *a: None))
+        with torch.inference_mode():
+            memory, mask = copy.encode(src)
+            cache = copy.init_cache(memory, mask, 12)
+            tokens, out = torch.full((3, 1), 1), []
+            for _ in range(6):
+                out.append(copy.decode_step(tokens, cache))
+                tokens = out[-1].argmax(-1)
+            logits[fused] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
+                             beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
+    assert calls  # it ran
+    assert torch.equal(logits[True][0], logits[False][0])
+    assert logits[True][1:] == logits[False][1:]
+
+
+def test_decoder_layer_declines_what_it_does_not_take(kernel, monkeypatch):
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    D, H, F_ = 16, 2, 32
+    tiles = {"qkv_w": (3 * D, D), "self_w": (D, D), "q_w": (D, D), "cross_w": (D, D), "ff1_w": (F_, D), "ff2_w": (D, F_)}
+    weights = [kernels.linear_tiles(torch.randn(*tiles[n])) if n in tiles else
+               torch.randn(tiles[n.replace("_b", "_w")][0]) if n.replace("_b", "_w") in tiles else torch.ones(D)
+               for n in kernels.LAYER_WEIGHTS]
+    k_buf, v_buf, sk, sv = torch.zeros(2, H, 5, D // H), torch.zeros(2, H, 5, D // H), torch.randn(2, H, 3, D // H), torch.randn(2, H, 3, D // H)
+    x = torch.randn(2, 1, D)
+
+    def call(x=x, weights=weights, start=0, mask=None, d_ff=F_):
+        return kernels.decoder_layer(x, weights, H, d_ff, 1e-5, k_buf, v_buf, start, sk, sv, mask)
+
+    assert call() is not None and k_buf[:, :, 0].any()  # it runs, and writes the new keys
+    assert call(x=torch.randn(2, 2, D)) is None                     # two new positions a row
+    assert call(x=torch.randn(kernels.MAX_LINEAR_ROWS + 1, 1, D)) is None  # many rows: oneDNN's
+    assert call(start=5) is None                                    # no room left in the cache
+    assert call(d_ff=24) is None                                    # the tiles are not (d_ff, D)
+    assert call(weights=weights[:-1]) is None
+    assert call(weights=[w.bfloat16() if i == 4 else w for i, w in enumerate(weights)]) is None  # dtypes differ
+    assert call(mask=torch.ones(2, 1, 1, 4, dtype=torch.bool)) is None  # the mask is not the source's
+    no_bias = [None if n.endswith("_b") and not n.startswith("norm") else w for n, w in zip(kernels.LAYER_WEIGHTS, weights)]
+    assert call(weights=no_bias) is not None                        # linear layers without biases
