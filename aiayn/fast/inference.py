@@ -97,10 +97,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     relu = {id(ff.w1) for ff in feed_forwards}
     for ff in feed_forwards:
         ff.act = nn.Identity()
-    for parent in list(q.modules()):
+    few_rows = kernels.linear_rows(torch.int8) > 0
+    for parent_name, parent in list(q.named_modules()):
         for name, child in parent.named_children():
             if isinstance(child, nnqd.Linear):
-                setattr(parent, name, Int8Linear(child, relu=id(child) in relu))
+                setattr(parent, name, Int8Linear(child, relu=id(child) in relu,
+                                                 tiles=few_rows and _steps(f"{parent_name}.{name}".lstrip("."))))
     return q
 
 
@@ -108,15 +110,32 @@ class Int8Linear(nn.Module):
     """torch.ao's dynamically quantized Linear (same packed weights, same op, same results) without its
     per-call Python: no dtype branches, no `.to(x.dtype)` op after the GEMM. A decoding step calls
     16 of them (small model): each op less is also one GIL hand-over less between decoding threads.
-    relu=True computes max(0, y) in the GEMM's output stage (fbgemm's linear_relu_dynamic)."""
+    relu=True computes max(0, y) in the GEMM's output stage (fbgemm's linear_relu_dynamic).
 
-    def __init__(self, linear, relu: bool = False):
+    tiles=True (a decoding step's layers, where the few-rows kernel beats fbgemm on this machine):
+    also the same int8 weights and scales in kernels.linear's tiles, used for a few rows: the
+    inputs stay fp32 there (only the weights are int8), where fbgemm rounds them to 8 bits too."""
+
+    tiles: Tensor | None = None
+    bias: Tensor | None = None
+
+    def __init__(self, linear, relu: bool = False, tiles: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.relu = linear.in_features, linear.out_features, relu
         self.packed = linear._packed_params._packed_params
         self.op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
+        if tiles:
+            w, bias = self.packed.unpack()
+            self.bias = None if bias is None else bias.detach()
+            scales = (w.q_per_channel_scales() if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                      else torch.full((w.size(0),), w.q_scale(), dtype=torch.float64))
+            self.tiles = kernels.linear_tiles(w.int_repr(), scales.float())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tiles is not None:
+            y = kernels.linear(x, self.tiles, self.bias, self.out_features, self.relu)
+            if y is not None:
+                return y
         return self.op(x, self.packed, True)  # reduce_range=True: what torch.ao's Linear (version 4) passes
 
     def weight(self) -> Tensor:

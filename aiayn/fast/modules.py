@@ -128,7 +128,8 @@ class FastTransformerLayer(TransformerLayer):
     def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
         attn, cross, ff = self.self_attn, self.cross_attn, self.ff
         linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
-        if (self.norm_first or getattr(ff.w1, "post_op", None) != "relu" or not isinstance(ff.act, nn.Identity)
+        relu = getattr(ff.w1, "post_op", None) == "relu" or getattr(ff.w1, "relu", None) is True  # (OneDNN/Int8Linear)
+        if (self.norm_first or not relu or not isinstance(ff.act, nn.Identity)
                 or any(getattr(m, "tiles", None) is None for m in linears)):
             return None  # not an inference copy with the kernel's tiles (or not the paper's layer)
         norms = (self.self_norm, self.cross_norm, self.ff_norm)

@@ -58,6 +58,8 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
     ["-O2"],
 )
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
+_MIXED = {"residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),  # an fp32 stream, a bf16 sublayer
+          "linear": ("f32_i8",), "decoder_layer": ("f32_i8",)}  # fp32 inputs, int8 weights
 
 
 def __getattr__(name: str) -> int:
@@ -186,7 +188,7 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
         forced = True
     if forced is not None:
         return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS}.get(family, True) if forced else False
-    key = f"{family}_{_FUNCTIONS[dtype]}" + (f"_dh{head_dim}" if family == "attention" else "")
+    key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" if family == "attention" else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
 
@@ -279,7 +281,7 @@ def _library() -> ctypes.CDLL | None:
                       "used, slower on a CPU", RuntimeWarning, stacklevel=2)
         return None
     for kernel, struct in _STRUCTS.items():  # every function: int f(const <kernel>_args *)
-        for suffix in (*_FUNCTIONS.values(), *(("f32_bf16",) if kernel.startswith("residual_norm") else ())):
+        for suffix in (*_FUNCTIONS.values(), *_MIXED.get(kernel, ())):
             fn = getattr(library, f"{kernel}_{suffix}")
             fn.restype, fn.argtypes = ctypes.c_int, [ctypes.POINTER(struct)]
     library.aiayn_status_message.restype, library.aiayn_status_message.argtypes = ctypes.c_char_p, [ctypes.c_int]
@@ -441,18 +443,26 @@ MAX_LINEAR_ROWS = 64  # the most rows `linear` is timed at (tuning.LINEAR_ROWS),
 
 
 def linear_rows(dtype: torch.dtype) -> int:
-    """Up to how many rows `linear` beats oneDNN's GEMM on this machine, for weights of `dtype`
-    (tuning.py; 0: never, or the kernels are not here)."""
-    if dtype not in _FUNCTIONS or not available():
+    """Up to how many rows `linear` beats oneDNN's GEMM on this machine, for weights of `dtype` (int8:
+    PyTorch's dynamically quantized GEMM) (tuning.py; 0: never, or the kernels are not here)."""
+    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available():
         return 0
     return int(_wins("linear", dtype))
 
 
-def linear_tiles(weight: Tensor) -> Tensor:
+def linear_tiles(weight: Tensor, scales: Tensor | None = None) -> Tensor:
     """A linear layer's weight (n, k) in the tiles `linear` reads, 16 output rows side by side, zeros
     past row n: fp32 (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2), pairs of inputs
-    side by side (zeros past column k), as a CPU's bf16 dot product takes them. A copy."""
+    side by side (zeros past column k), as a CPU's bf16 dot product takes them; int8 weights with
+    their outputs' fp32 `scales` (n,) (the weight is scales[:, None] * weight): (ceil(n / 16), 64 +
+    16 k) bytes, each tile its 16 scales, then (k, 16) int8. A copy."""
     n, k = weight.shape
+    if weight.dtype == torch.int8:
+        padded = weight.new_zeros(-(-n // 16) * 16, k)
+        padded[:n] = weight
+        s = torch.ones(padded.size(0), dtype=torch.float32)
+        s[:n] = scales
+        return torch.cat([s.view(-1, 16).view(torch.int8), padded.view(-1, 16, k).transpose(1, 2).reshape(-1, 16 * k)], 1)
     pair = 2 if weight.dtype == torch.bfloat16 else 1
     padded = weight.detach().new_zeros(-(-n // 16) * 16, -(-k // pair) * pair)
     padded[:n, :k] = weight.detach()
@@ -468,22 +478,30 @@ def linear(x: Tensor, tiles: Tensor, bias: Tensor | None, n: int, relu: bool = F
     rows = x.numel() // k if k else 0
     if not (_tiles_fit(tiles, n, k, x.dtype) and x.is_contiguous() and 0 < rows
             and (bias is None or (bias.shape == (n,) and bias.is_contiguous()))
-            and _on_cpu(x, tiles, *(() if bias is None else (bias,)))
+            and _on_cpu(x, *(() if bias is None else (bias,))) and tiles.is_cpu
             and (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, tiles, bias)))
-            and rows <= _wins("linear", x.dtype)):
+            and rows <= _wins("linear", tiles.dtype)):
         return None
     out = x.new_empty(*x.shape[:-1], n)
-    _call("linear_" + _FUNCTIONS[x.dtype], _STRUCTS["linear"](
+    _call("linear_" + _variant(x, tiles), _STRUCTS["linear"](
         x=x.data_ptr(), w=tiles.data_ptr(), bias=0 if bias is None else bias.data_ptr(), out=out.data_ptr(),
         rows=rows, n=n, k=k, xs=k, os=n, relu=int(relu)))
     return out
 
 
 def _tiles_fit(tiles: Tensor, n: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether `tiles` is the `linear_tiles` form of an (n, k) weight of `dtype`."""
+    """Whether `tiles` is the `linear_tiles` form of an (n, k) weight for inputs of `dtype`: of that
+    dtype, or int8 for fp32 inputs."""
+    if tiles.dtype == torch.int8:
+        return dtype == torch.float32 and tiles.shape == (-(-n // 16), 64 + 16 * k) and tiles.is_contiguous()
     pairs = dtype == torch.bfloat16
-    return (tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16 and tiles.size(0) == -(-n // 16)
-            and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())
+    return (tiles.dtype == dtype and tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16
+            and tiles.size(0) == -(-n // 16) and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())
+
+
+def _variant(x: Tensor, tiles: Tensor) -> str:
+    """The C functions' suffix for inputs x and weights in `tiles`: f32, bf16, or f32_i8 (int8 weights)."""
+    return _FUNCTIONS[x.dtype] + ("_i8" if tiles.dtype == torch.int8 else "")
 
 
 def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: int, eps: float, k_buf: Tensor,
@@ -499,7 +517,7 @@ def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: i
     B, T, D = x.shape
     b, H, S, Dh = source_k.shape
     if not (T == 1 and H == n_heads and H * Dh == D and x.is_contiguous() and len(weights) == len(LAYER_WEIGHTS)
-            and 0 < B <= _wins("linear", x.dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
+            and 0 < B <= _wins("linear", weights[0].dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
             and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
             and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)
             and D <= _LIMITS["MAX_ROW"]):
@@ -509,10 +527,11 @@ def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: i
         part, kind = name.split("_")
         if w is None and kind == "b" and part in shapes:  # a linear layer without a bias
             continue
-        if w is None or not (w.dtype == x.dtype and w.is_cpu and not (torch.is_grad_enabled() and w.requires_grad)):
+        if w is None or not (w.is_cpu and not (torch.is_grad_enabled() and w.requires_grad)):
             return None
         n, k = shapes.get(part, (D, 0))
-        if not (_tiles_fit(w, n, k, x.dtype) if kind == "w" and part in shapes else w.shape == (n,) and w.is_contiguous()):
+        if not (_tiles_fit(w, n, k, x.dtype) and w.dtype == weights[0].dtype if kind == "w" and part in shapes
+                else w.dtype == x.dtype and w.shape == (n,) and w.is_contiguous()):
             return None
     out = x.new_empty(B, 1, D)
     args = _STRUCTS["decoder_layer"](
@@ -523,7 +542,7 @@ def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: i
         sks_b=source_k.stride(0), sks_h=source_k.stride(1), sks_t=source_k.stride(2), svs_b=source_v.stride(0),
         svs_h=source_v.stride(1), svs_t=source_v.stride(2), ms_b=0 if mask is None else mask.stride(0), eps=eps,
         **{name: 0 if w is None else w.data_ptr() for name, w in zip(LAYER_WEIGHTS, weights)})
-    _call("decoder_layer_" + _FUNCTIONS[x.dtype], args)
+    _call("decoder_layer_" + _variant(x, weights[0]), args)
     return out
 
 

@@ -98,7 +98,8 @@ enum {
 #define AIAYN_LINEAR_ARGS(X)                                                                          \
     X(const void *, x)          /* rows of k at stride xs */                                          \
     X(const void *, w)          /* the weight (n, k) in tiles, zero past row n (and column k): fp32 \
-                                   (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2) */   \
+                                   (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2); \
+                                   int8 (ceil(n / 16), 64 + 16 k) bytes: 16 fp32 scales, (k, 16) int8 */ \
     X(const void *, bias)       /* n; or NULL */                                                      \
     X(void *, out)              /* rows of n at stride os; not overlapping x */                       \
     X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \
@@ -214,6 +215,8 @@ AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(decoder_layer, c
 AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
+int linear_f32_i8(const linear_args *);  /* int8 weights (tiles with their scales), fp32 inputs */
+int decoder_layer_f32_i8(const decoder_layer_args *);
 int residual_norm_forward_f32_bf16(const residual_norm_forward_args *);
 int residual_norm_backward_f32_bf16(const residual_norm_backward_args *);
 

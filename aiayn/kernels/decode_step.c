@@ -452,10 +452,10 @@ static inline uint32_t bf16_pair(const bf16 *x, int64_t i, int64_t k) {
 
 /* MR rows (a constant: the accumulators stay in registers) against every panel of the weight, then
  * bias, ReLU and the store of each of the panel's tiles (up to 16 outputs each) */
-#define DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, MR)                                \
+#define DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, MR)                    \
 static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out) \
 {                                                                                                     \
-    const T *w = a->w, *bias = a->bias;                                                               \
+    const WT *w = a->w; const T *bias = a->bias;                                                      \
     const int64_t n = a->n, k = a->k, xs = a->xs, os = a->os, tiles = (n + 15) / 16;                  \
     const int64_t pairs = (k + 1) / 2;                                                                \
     (void)pairs;                                                                                      \
@@ -471,7 +471,7 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
             if (bias) for (int64_t j = 0; j < width; j++) b[j] = LOAD(bias[first + j]);               \
             const f32x16 bv = load16_f32(b);                                                          \
             for (int m = 0; m < MR; m++) {                                                            \
-                f32x16 r = load16_f32(res[m] + (u - t) * 16) + bv;                                    \
+                f32x16 r = SCALE(load16_f32(res[m] + (u - t) * 16), u) + bv;                           \
                 if (a->relu) r = relu16(r);                                                           \
                 T *o = out + m * os + first;                                                          \
                 if (width == 16) STORE16(o, r);                                                       \
@@ -481,11 +481,11 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
     }                                                                                                 \
 }
 
-#define DEFINE_LINEAR(NAME, T, PRODUCTS, LOAD, STORE16, STORE)                                        \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, LIN_MR)  /* named NAME_LIN_MR */          \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 4)                                        \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 2)                                        \
-DEFINE_LINEAR_ROWS(NAME, T, PRODUCTS, LOAD, STORE16, STORE, 1)                                        \
+#define DEFINE_LINEAR(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE)                             \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, LIN_MR)  /* NAME_LIN_MR */     \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 4)                             \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 2)                             \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 1)                             \
 HOT int NAME(const linear_args *a)                                                                    \
 {                                                                                                     \
     const int status = linear_check(a);                                                               \
@@ -499,8 +499,47 @@ HOT int NAME(const linear_args *a)                                              
     return AIAYN_OK;                                                                                  \
 }
 
-DEFINE_LINEAR(linear_f32, float, F32_PRODUCTS, from_f32, store16_f32, to_f32)
-DEFINE_LINEAR(linear_bf16, bf16, BF16_PRODUCTS, from_bf16, store16_bf16, to_bf16)
+/* int8 weights, fp32 inputs (an int8 inference copy's decoding steps): each tile is its 16 outputs'
+ * fp32 scales, then (k, 16) int8 weights; products in fp32 of the weights widened (exact), the
+ * scale applied to each output's sum: x (s_j w_j)^T = s_j (x w_j^T). The weights are read at a
+ * quarter of fp32's bytes; the inputs are not quantized (more accurate than PyTorch's dynamic int8,
+ * which rounds them to 8 bits too). */
+/* LIN_VW int8 weights at p, widened to fp32 (exactly) */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline lin_vec i8_widen(const int8_t *p) {
+    return (lin_vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline lin_vec i8_widen(const int8_t *p) {
+    return (lin_vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else
+static inline lin_vec i8_widen(const int8_t *p) {
+    lin_vec v;
+    for (int j = 0; j < LIN_VW; j++) v[j] = p[j];
+    return v;
+}
+#endif
+static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) { return w + tile * (64 + 16 * k); }
+#define I8_PRODUCTS(MR)                                                                               \
+    const int8_t *w0 = i8_tile(w, lin_tile(t, 0, tiles), k) + 64 + LIN_LANE(0);                        \
+    const int8_t *w1 = i8_tile(w, lin_tile(t, 1, tiles), k) + 64 + LIN_LANE(1);                        \
+    for (int64_t i = 0; i < k; i++) {                                                                 \
+        const lin_vec v0 = i8_widen(w0 + i * 16), v1 = i8_widen(w1 + i * 16);                        \
+        for (int m = 0; m < MR; m++) {                                                                \
+            const float s = x[m * xs + i];                                                            \
+            acc[m][0] += s * v0;                                                                      \
+            acc[m][1] += s * v1;                                                                      \
+        }                                                                                             \
+    }
+#define NO_SCALE(r, u) (r)
+#define I8_SCALE(r, u) ((r) * load16_f32((const float *)i8_tile(w, u, k)))
+
+DEFINE_LINEAR(linear_f32, float, float, F32_PRODUCTS, NO_SCALE, from_f32, store16_f32, to_f32)
+DEFINE_LINEAR(linear_bf16, bf16, bf16, BF16_PRODUCTS, NO_SCALE, from_bf16, store16_bf16, to_bf16)
+DEFINE_LINEAR(linear_f32_i8, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, store16_f32, to_f32)
 
 /* ------------------------------------------------------------------ a decoder layer's step
  * One new position of each of B rows through a post-norm decoder layer (§3.1): self-attention over
@@ -572,3 +611,4 @@ HOT int NAME(const decoder_layer_args *a)                                       
 
 DEFINE_DECODER_LAYER(decoder_layer_f32, float, linear_f32, attend_f32, add_norm_f32)
 DEFINE_DECODER_LAYER(decoder_layer_bf16, bf16, linear_bf16, attend_bf16, add_norm_bf16)
+DEFINE_DECODER_LAYER(decoder_layer_f32_i8, float, linear_f32_i8, attend_f32, add_norm_f32)

@@ -19,7 +19,9 @@ layers up to the most rows.
                   steps, residual + norm, argmax, embedding)
     beam          beam search (k = 4) of the same (its step kernel; the decoding kernels on in both)
     linear        the linear layers of a decoding step (3 post-norm layers of d_model 256, d_ff 1024,
-                  and a generator of 8,000) against oneDNN's GEMM, at 1, 2, 4, ... 64 rows
+                  and a generator of 8,000) against oneDNN's GEMM (int8 weights: against PyTorch's
+                  dynamically quantized GEMM), at 1, 2, 4, ... 64 rows; the one-call decoder
+                  layer runs where these do
 
 Each family is timed with its own kernels on and off and every other kernel on: what it adds.
 
@@ -144,7 +146,7 @@ def _on_off(fn: Callable[[], object], family: str, reps: int = 5) -> tuple[float
 def _measure(key: str) -> tuple[bool | int, list[float]]:
     """-> (the decision, the kernels' speed-ups measured: PyTorch's time / the kernels')."""
     family, name, *rest = key.split("_")
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[name]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "i8": torch.int8}[name]
     # asked from anywhere (an autograd Function's forward, a decoding loop, autocast): measured in
     # plain fp32-default mode with gradients, and without disturbing the caller's random numbers
     with (torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False),
@@ -199,19 +201,27 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
     from aiayn import kernels
     from aiayn.fast.inference import OneDNNLinear, onednn_available
 
-    if not onednn_available():  # nothing to beat here but PyTorch's own GEMM: not measured
+    if dtype == torch.int8:
+        from aiayn import capability
+
+        if not capability.probe("cpu").int8:
+            return 0, []
+    elif not onednn_available():  # nothing to beat here but PyTorch's own GEMM: not measured
         return 0, []
     shapes = [(256, 768), (256, 256), (256, 256), (256, 256), (256, 1024), (1024, 256)] * 3 + [(256, 8000)]
     layers = []
     for k, n in shapes:
-        layer = torch.nn.Linear(k, n).to(dtype).requires_grad_(False)
+        layer = torch.nn.Linear(k, n).to(torch.float32 if dtype == torch.int8 else dtype).requires_grad_(False)
+        if dtype == torch.int8:  # against fbgemm's dynamically quantized GEMM
+            layers.append(_int8_linear(layer))
+            continue
         layer.__class__ = OneDNNLinear
         layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, 64)
         layer.tiles = kernels.linear_tiles(layer.weight)
         layers.append(layer)
     longest, speedups = 0, []
     for rows in LINEAR_ROWS:
-        inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (256, 1024)}
+        inputs = {k: torch.randn(rows, k, dtype=torch.float32 if dtype == torch.int8 else dtype) for k in (256, 1024)}
 
         def step():
             with torch.no_grad():
@@ -224,6 +234,18 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
             break
         longest = rows
     return longest, speedups
+
+
+def _int8_linear(layer: torch.nn.Linear) -> torch.nn.Module:
+    """An int8 inference copy's form of `layer` (aiayn.fast.inference.Int8Linear), with the kernel's tiles."""
+    import warnings
+
+    from aiayn.fast.inference import Int8Linear
+
+    with warnings.catch_warnings():  # torch.ao quantization is marked deprecated
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear}, dtype=torch.qint8)
+    return Int8Linear(q[0], tiles=True)
 
 
 def _residual(dtype):

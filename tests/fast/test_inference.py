@@ -84,12 +84,32 @@ def test_int8_feed_forward_relu_is_fused_with_the_same_results():
     assert ffs and all(isinstance(ff.act, torch.nn.Identity) for ff in ffs)
     x = torch.randn(5, 3, model.cfg.d_model)
     for ff in ffs:  # torch.ao's int8 linears from the same packed weights (w1 then a ReLU)
+        ff.w1.tiles = ff.w2.tiles = None  # fbgemm's GEMM, not the few-rows kernel (next test)
         plain1, plain2 = (nnqd.Linear(w.in_features, w.out_features, dtype=torch.qint8) for w in (ff.w1, ff.w2))
         plain1._packed_params._packed_params = ff.w1.packed
         plain2._packed_params._packed_params = ff.w2.packed
         assert torch.equal(ff.w1(x), torch.relu(plain1(x)))
         assert (ff.w1(x) == 0).any()
         assert torch.equal(ff.w2(ff.w1(x)), plain2(ff.w1(x)))  # and without the ReLU
+
+
+def test_int8_decoding_steps_use_the_same_int8_weights_with_fp32_inputs():
+    """An int8 copy's decoding-step layers (not the encoder's, nor cross-attention's keys/values) also
+    hold their int8 weights in the few-rows kernel's tiles: x (s W_int8)^T + b with x unrounded."""
+    from aiayn import kernels
+
+    if kernels.linear_rows(torch.int8) == 0:
+        pytest.skip("the int8 few-rows kernel is not built or not used here")
+    q = quantize_int8(tiny_model())
+    tiled = {name for name, m in q.named_modules() if getattr(m, "tiles", None) is not None}
+    assert tiled and not any(name.startswith("encoder.") or name.endswith("kv_proj") for name in tiled)
+    for layer in q.decoder.layers:
+        for m in (layer.ff.w1, layer.self_attn.in_proj):
+            w, bias = m.packed.unpack()
+            x = torch.randn(1, 1, m.in_features)
+            ref = torch.nn.functional.linear(x.double(), w.dequantize().double(), bias.double())
+            ref = ref.relu() if m.relu else ref
+            torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")

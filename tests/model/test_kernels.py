@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiayn import kernels
+from aiayn import capability, kernels
 from aiayn.model.attention import attend
 
 
@@ -401,25 +401,27 @@ def test_the_inference_copy_uses_the_linear_kernel_for_a_few_rows_only(kernel, m
     assert calls == [3, kernels.MAX_LINEAR_ROWS + 1]  # asked both times; the second declined (oneDNN's GEMM)
 
 
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
 @pytest.mark.parametrize("d_model, heads", [(32, 4), (64, 2)])  # heads of 8 (the scalar path) and 32
-def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypatch, dtype, d_model, heads):
+def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypatch, precision, d_model, heads):
     """A decoding step through the one-call decoder layer gives the same logits, bit for bit, as the
     same kernels called module by module (linear, attention steps, add_layer_norm): greedy and beam
-    search, a padded source, a source shared by beams (group > 1)."""
+    search, a padded source, a source shared by beams (group > 1); int8: int8 weights, fp32 inputs."""
     from aiayn.config import ModelConfig
     from aiayn.decode import beam_search, greedy
     from aiayn.fast.inference import inference_model, onednn_available
     from aiayn.fast.modules import FastTransformerLayer
     from aiayn.model import build_model
 
-    if not onednn_available():
+    if not onednn_available() and precision != "int8":
         pytest.skip("no oneDNN here: the inference copy has no kernel tiles")
+    if precision == "int8" and not capability.probe("cpu").int8:
+        pytest.skip("no int8 engine here")
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=60, d_model=d_model, n_heads=heads, d_ff=96, n_encoder_layers=1,
                                     n_decoder_layers=2, max_len=64, dropout=0.0)).eval()
     monkeypatch.setenv("AIAYN_KERNELS", "all")  # (whether it wins here: the linear family's tuning)
-    copy = inference_model(model, "bf16" if DTYPES[dtype] == torch.bfloat16 else "fp32")
+    copy = inference_model(model, precision)
     src = torch.randint(4, 60, (3, 9))
     src[1, 5:] = 0
     step, calls, logits = FastTransformerLayer._decoder_step, [], {}
