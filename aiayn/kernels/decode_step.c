@@ -371,8 +371,10 @@ typedef uint32_t lin_uvec __attribute__((vector_size(32)));
 #define LIN_MR 4
 #endif
 #define LIN_PW (2 * LIN_VW)  /* outputs per panel */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define BF16_DOT 1
 #else
 #define BF16_DOT 0
@@ -499,19 +501,131 @@ HOT int NAME(const linear_args *a)                                              
     return AIAYN_OK;                                                                                  \
 }
 
-/* int8 weights, fp32 inputs (an int8 inference copy's decoding steps): each tile is its 16 outputs'
- * fp32 scales, then (k, 16) int8 weights; products in fp32 of the weights widened (exact), the
- * scale applied to each output's sum: x (s_j w_j)^T = s_j (x w_j^T). The weights are read at a
- * quarter of fp32's bytes; the inputs are not quantized (more accurate than PyTorch's dynamic int8,
- * which rounds them to 8 bits too). */
+/* int8 weights, fp32 inputs (an int8 inference copy's decoding steps). Each tile: a head of 128
+ * bytes (its 16 outputs' fp32 scales s_j, then 128 times their weights' int32 sums), then the
+ * weights, in groups of I8_GROUP inputs: (ceil(k / I8_GROUP), 16, I8_GROUP) int8, zeros past k.
+ * With AVX512_VNNI (I8_GROUP 4), each row of x is quantized to 8 bits, q = round(x 127 / max|x|),
+ * stored as q + 128 (unsigned, as vpdpbusd takes it: 4 products a lane an instruction, summed in
+ * int32), and y_j = (max|x| / 127) s_j (sum (q + 128) w_j - 128 sum w_j) + b_j; a row with a NaN
+ * or an infinity gives NaN. Elsewhere (I8_GROUP 1) the weights are widened to fp32 (exactly) and
+ * x stays fp32: y_j = s_j (x . w_j) + b_j. */
+#define I8_HEAD 128
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define I8_GROUP 4
+#else
+#define I8_GROUP 1
+#endif
+#define I8_MAX_K 65536  /* int32 sums of (q + 128) w: 4 products of at most 255 * 128 a group */
+
+int64_t aiayn_int8_group(void) { return I8_GROUP; }
+
+static inline int64_t i8_groups(int64_t k) { return (k + I8_GROUP - 1) / I8_GROUP; }
+static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) {
+    return w + tile * (I8_HEAD + 16 * I8_GROUP * i8_groups(k));
+}
+
+#if I8_GROUP == 4
+/* x (k) -> q (4 * groups bytes: q + 128, 128 past k) and its scale max|x| / 127 (NaN for a row with
+ * a NaN or an infinity; 0 for a row of zeros) */
+static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, float *scale) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    for (; i < k; i++) {
+        const float a = fabsf(x[i]);
+        if (a != a) bad = 1;
+        else if (a > m) m = a;
+    }
+    memset(q, 128, (size_t)(4 * groups));
+    if (bad || m == INFINITY) { *scale = NAN; return; }
+    if (m == 0.f) { *scale = 0.f; return; }
+    const float inv = 127.f / m;
+    *scale = m / 127.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (i = 0; i + 16 <= k; i += 16) {  /* round to nearest, ties to even (the default mode) */
+        const __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)), offset);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
+    }
+    for (; i < k; i++) q[i] = (uint8_t)(128 + (int)nearbyintf(x[i] * inv));
+}
+
+/* MR rows (q at stride qs, their scales sx) against every pair of tiles */
+#define DEFINE_I8_ROWS(MR)                                                                            \
+static inline __attribute__((always_inline)) void i8_rows_##MR(const linear_args *a, const uint8_t *q, int64_t qs, \
+                                                             const float *sx, float *out)             \
+{                                                                                                     \
+    const int8_t *w = a->w; const float *bias = a->bias;                                              \
+    const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);       \
+    for (int64_t t = 0; t < tiles; t += 2) {                                                          \
+        __m512i acc[MR][2];                                                                           \
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();                  \
+        const int8_t *w0 = i8_tile(w, t, k) + I8_HEAD, *w1 = i8_tile(w, t + 1 < tiles ? t + 1 : t, k) + I8_HEAD; \
+        for (int64_t p = 0; p < groups; p++) {                                                        \
+            const __m512i v0 = _mm512_loadu_si512(w0 + p * 64), v1 = _mm512_loadu_si512(w1 + p * 64);  \
+            for (int m = 0; m < MR; m++) {                                                            \
+                int32_t four; memcpy(&four, q + m * qs + 4 * p, 4);                                   \
+                const __m512i xv = _mm512_set1_epi32(four);                                           \
+                acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xv, v0);                                   \
+                acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xv, v1);                                   \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t u = t; u < t + 2 && u < tiles; u++) {                                            \
+            const int8_t *head = i8_tile(w, u, k);                                                    \
+            const __m512 s = _mm512_loadu_ps((const float *)head);                                    \
+            const __m512i sums = _mm512_loadu_si512(head + 64);                                       \
+            float b[16] = {0};                                                                        \
+            const int64_t first = u * 16, width = n - first < 16 ? n - first : 16;                    \
+            if (bias) for (int64_t j = 0; j < width; j++) b[j] = bias[first + j];                     \
+            const __m512 bv = _mm512_loadu_ps(b);                                                     \
+            for (int m = 0; m < MR; m++) {                                                            \
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][u - t], sums));         \
+                f32x16 r = (f32x16)_mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(sx[m])), bv);  \
+                if (a->relu) r = relu16(r);                                                           \
+                float *o = out + m * os + first;                                                      \
+                if (width == 16) _mm512_storeu_ps(o, (__m512)r);                                      \
+                else for (int64_t j = 0; j < width; j++) o[j] = r[j];                                 \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+}
+DEFINE_I8_ROWS(8)
+DEFINE_I8_ROWS(4)
+DEFINE_I8_ROWS(2)
+DEFINE_I8_ROWS(1)
+
+HOT int linear_f32_i8(const linear_args *a) {
+    const int status = linear_check(a);
+    if (status != AIAYN_OK) return status;
+    AIAYN_REQUIRE(a->k <= I8_MAX_K, AIAYN_OVER_LIMIT);
+    if (a->rows == 0) return AIAYN_OK;
+    const int64_t rows = a->rows, groups = i8_groups(a->k), qs = 4 * groups;
+    uint8_t *q = malloc((size_t)(rows * qs) + (size_t)rows * sizeof(float));
+    if (!q) return AIAYN_NO_MEMORY;
+    float *sx = (float *)(q + rows * qs);  /* (rows * qs is a multiple of 4) */
+    const float *x = a->x; float *out = a->out;
+    for (int64_t r = 0; r < rows; r++) i8_quantize(x + r * a->xs, a->k, groups, q + r * qs, sx + r);
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) i8_rows_8(a, q + r * qs, qs, sx + r, out + r * a->os);
+    if (r + 4 <= rows) { i8_rows_4(a, q + r * qs, qs, sx + r, out + r * a->os); r += 4; }
+    for (; r + 2 <= rows; r += 2) i8_rows_2(a, q + r * qs, qs, sx + r, out + r * a->os);
+    if (r < rows) i8_rows_1(a, q + r * qs, qs, sx + r, out + r * a->os);
+    free(q);
+    return AIAYN_OK;
+}
+#else
 /* LIN_VW int8 weights at p, widened to fp32 (exactly) */
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static inline lin_vec i8_widen(const int8_t *p) {
     return (lin_vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 #elif defined(__AVX2__)
-#include <immintrin.h>
 static inline lin_vec i8_widen(const int8_t *p) {
     return (lin_vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -522,10 +636,9 @@ static inline lin_vec i8_widen(const int8_t *p) {
     return v;
 }
 #endif
-static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) { return w + tile * (64 + 16 * k); }
 #define I8_PRODUCTS(MR)                                                                               \
-    const int8_t *w0 = i8_tile(w, lin_tile(t, 0, tiles), k) + 64 + LIN_LANE(0);                        \
-    const int8_t *w1 = i8_tile(w, lin_tile(t, 1, tiles), k) + 64 + LIN_LANE(1);                        \
+    const int8_t *w0 = i8_tile(w, lin_tile(t, 0, tiles), k) + I8_HEAD + LIN_LANE(0);                  \
+    const int8_t *w1 = i8_tile(w, lin_tile(t, 1, tiles), k) + I8_HEAD + LIN_LANE(1);                  \
     for (int64_t i = 0; i < k; i++) {                                                                 \
         const lin_vec v0 = i8_widen(w0 + i * 16), v1 = i8_widen(w1 + i * 16);                        \
         for (int m = 0; m < MR; m++) {                                                                \
@@ -534,12 +647,17 @@ static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) { 
             acc[m][1] += s * v1;                                                                      \
         }                                                                                             \
     }
-#define NO_SCALE(r, u) (r)
 #define I8_SCALE(r, u) ((r) * load16_f32((const float *)i8_tile(w, u, k)))
+DEFINE_LINEAR(linear_f32_i8_widened, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, store16_f32, to_f32)
+HOT int linear_f32_i8(const linear_args *a) {
+    AIAYN_REQUIRE(a->k <= I8_MAX_K, AIAYN_OVER_LIMIT);
+    return linear_f32_i8_widened(a);
+}
+#endif
+#define NO_SCALE(r, u) (r)
 
 DEFINE_LINEAR(linear_f32, float, float, F32_PRODUCTS, NO_SCALE, from_f32, store16_f32, to_f32)
 DEFINE_LINEAR(linear_bf16, bf16, bf16, BF16_PRODUCTS, NO_SCALE, from_bf16, store16_bf16, to_bf16)
-DEFINE_LINEAR(linear_f32_i8, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, store16_f32, to_f32)
 
 /* ------------------------------------------------------------------ a decoder layer's step
  * One new position of each of B rows through a post-norm decoder layer (§3.1): self-attention over

@@ -93,9 +93,10 @@ def test_int8_feed_forward_relu_is_fused_with_the_same_results():
         assert torch.equal(ff.w2(ff.w1(x)), plain2(ff.w1(x)))  # and without the ReLU
 
 
-def test_int8_decoding_steps_use_the_same_int8_weights_with_fp32_inputs():
+def test_int8_decoding_steps_use_the_same_int8_weights_in_the_few_rows_kernel():
     """An int8 copy's decoding-step layers (not the encoder's, nor cross-attention's keys/values) also
-    hold their int8 weights in the few-rows kernel's tiles: x (s W_int8)^T + b with x unrounded."""
+    hold their int8 weights and scales in the few-rows kernel's tiles (tests/model/test_kernels.py
+    checks its arithmetic): close to the same layer through fbgemm."""
     from aiayn import kernels
 
     if kernels.linear_rows(torch.int8) == 0:
@@ -105,11 +106,11 @@ def test_int8_decoding_steps_use_the_same_int8_weights_with_fp32_inputs():
     assert tiled and not any(name.startswith("encoder.") or name.endswith("kv_proj") for name in tiled)
     for layer in q.decoder.layers:
         for m in (layer.ff.w1, layer.self_attn.in_proj):
-            w, bias = m.packed.unpack()
             x = torch.randn(1, 1, m.in_features)
-            ref = torch.nn.functional.linear(x.double(), w.dequantize().double(), bias.double())
-            ref = ref.relu() if m.relu else ref
-            torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+            ours = m(x)
+            tiles, m.tiles = m.tiles, None
+            torch.testing.assert_close(ours, m(x), rtol=0.05, atol=0.05 * m(x).abs().max().item())  # fbgemm's
+            m.tiles = tiles
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")

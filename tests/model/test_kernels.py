@@ -363,6 +363,45 @@ def test_linear_matches_float64(kernel, rows, k, n, bias, relu, dtype, seed):
     torch.testing.assert_close(out.double(), ref.to(dt).double() if dt != torch.float32 else ref, rtol=tol, atol=tol)
 
 
+def _int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
+    """What linear_f32_i8 computes, in float64: with AVX512_VNNI each row of x rounded to 8 bits
+    (q = round(x * (127 / max|x|)) in fp32, as the kernel rounds), else x as it is."""
+    if kernels._LIMITS["INT8_GROUP"] == 4:
+        amax = x.abs().amax(-1, keepdim=True)
+        x = torch.round(x * (torch.tensor(127.0) / amax)).double() * (amax / 127).double()
+    out = x.double() @ (w.double() * scales.double()[:, None]).t()
+    return out if bias is None else out + bias.double()
+
+
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, kernels.MAX_LINEAR_ROWS), k=st.sampled_from([1, 3, 7, 16, 257, 1024]),
+       n=st.sampled_from([1, 15, 16, 17, 40, 1000]), bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_int8_matches_its_float64_reference(kernel, rows, k, n, bias, relu, seed):
+    """int8 weights with per-output scales, fp32 inputs (k not a multiple of 4: the last group padded),
+    against the same arithmetic in float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, k, generator=g)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales, b = torch.rand(n, generator=g) / 64, torch.randn(n, generator=g) if bias else None
+    out = kernels.linear(x, kernels.linear_tiles(w, scales), b, n, relu)
+    ref = _int8_reference(x, w, scales, b)
+    ref = ref.relu() if relu else ref
+    assert out.shape == (rows, 1, n) and out.dtype == torch.float32
+    tol = 1e-5 * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_linear_int8_rows_of_zeros_nan_and_infinity(kernel):
+    w, scales = torch.randint(-127, 128, (20, 8), dtype=torch.int8), torch.rand(20)
+    bias = torch.randn(20)
+    x = torch.stack([torch.zeros(8), torch.full((8,), 1.0), torch.full((8,), 1.0), torch.ones(8)])
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    out = kernels.linear(x, kernels.linear_tiles(w, scales), bias, 20)
+    assert torch.equal(out[0], bias) and out[1].isnan().all()
+    assert not out[2].isfinite().any()  # NaN (VNNI: the row's scale) or +-inf / NaN (fp32 products)
+    torch.testing.assert_close(out[3].double(), _int8_reference(x[3:], w, scales, bias)[0])
+
+
 def test_linear_relu_keeps_nan_and_declines_what_it_does_not_take(kernel):
     w = torch.eye(16)
     tiles = kernels.linear_tiles(w)
