@@ -51,7 +51,8 @@ SOURCES = (HERE / "decode_step.c", HERE / "train_step.c", HERE / "abi.c")  # one
 HEADERS = (HERE / "common.h", HERE / "abi.h")
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
 _LIMITS: dict[str, int] = {}  # MAX_KEYS, MAX_HEAD_DIM, MAX_ROW: abi.h's, read from the library when it loads
-# (and INT8_GROUP: inputs per group of its int8 tiles, 4 where the CPU has AVX512_VNNI, else 1)
+# (and INT8_LEVELS: the levels a sign its int8 kernel rounds inputs to, 127 with AVX512_VNNI, 63 with
+# AVX2, 0 where it does not (then its tiles hold groups of 1 input, else 4))
 _INT8_HEAD, _INT8_MAX_K = 128, 65536  # decode_step.c's I8_HEAD (bytes a tile), I8_MAX_K
 _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (train_step.c), then portable
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
@@ -287,7 +288,7 @@ def _library() -> ctypes.CDLL | None:
             fn = getattr(library, f"{kernel}_{suffix}")
             fn.restype, fn.argtypes = ctypes.c_int, [ctypes.POINTER(struct)]
     library.aiayn_status_message.restype, library.aiayn_status_message.argtypes = ctypes.c_char_p, [ctypes.c_int]
-    for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW", "INT8_GROUP"):
+    for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW", "INT8_LEVELS"):
         getter = getattr(library, f"aiayn_{name.lower()}")
         getter.restype = ctypes.c_int64
         _LIMITS[name] = getter()
@@ -457,19 +458,19 @@ def linear_tiles(weight: Tensor, scales: Tensor | None = None) -> Tensor:
     past row n: fp32 (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2), pairs of inputs
     side by side (zeros past column k), as a CPU's bf16 dot product takes them; int8 weights with
     their outputs' fp32 `scales` (n,) (the weight is scales[:, None] * weight): (ceil(n / 16), 128 +
-    16 g ceil(k / g)) bytes, each tile its 16 scales, 128 times its outputs' int32 weight sums, then
-    (ceil(k / g), 16, g) int8, g = 4 where the kernel takes groups of 4 inputs (AVX512_VNNI), else 1.
+    16 g ceil(k / g)) bytes, each tile its 16 scales, its outputs' int32 weight sums, then
+    (ceil(k / g), 16, g) int8, g = 4 where the kernel multiplies bytes (AVX512_VNNI, AVX2), else 1.
     A copy."""
     n, k = weight.shape
     if weight.dtype == torch.int8:
         if _library() is None:
             raise RuntimeError("int8 tiles are for aiayn's C kernels, which are not built here")
-        g = _LIMITS["INT8_GROUP"]
+        g = _int8_group()
         padded = weight.new_zeros(-(-n // 16) * 16, -(-k // g) * g)
         padded[:n, :k] = weight
         s = torch.ones(padded.size(0), dtype=torch.float32)
         s[:n] = scales
-        sums = padded.sum(1, dtype=torch.int32) * 128
+        sums = padded.sum(1, dtype=torch.int32)
         weights = padded.view(-1, 16, padded.size(1) // g, g).transpose(1, 2).reshape(-1, 16 * padded.size(1))
         return torch.cat([s.view(-1, 16).view(torch.int8), sums.view(-1, 16).view(torch.int8), weights], 1)
     pair = 2 if weight.dtype == torch.bfloat16 else 1
@@ -502,12 +503,18 @@ def _tiles_fit(tiles: Tensor, n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether `tiles` is the `linear_tiles` form of an (n, k) weight for inputs of `dtype`: of that
     dtype, or int8 for fp32 inputs."""
     if tiles.dtype == torch.int8:
-        g = _LIMITS.get("INT8_GROUP")  # (None: no library)
+        g = _int8_group()  # (None: no library)
         return (g is not None and dtype == torch.float32 and k <= _INT8_MAX_K and tiles.shape == (-(-n // 16), _INT8_HEAD + 16 * g * -(-k // g))
                 and tiles.is_contiguous())
     pairs = dtype == torch.bfloat16
     return (tiles.dtype == dtype and tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16
             and tiles.size(0) == -(-n // 16) and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())
+
+
+def _int8_group() -> int | None:
+    """Inputs per group in the library's int8 tiles (None before it is loaded)."""
+    levels = _LIMITS.get("INT8_LEVELS")
+    return None if levels is None else 4 if levels else 1
 
 
 def _variant(x: Tensor, tiles: Tensor) -> str:

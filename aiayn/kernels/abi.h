@@ -99,9 +99,9 @@ enum {
     X(const void *, x)          /* rows of k at stride xs */                                          \
     X(const void *, w)          /* the weight (n, k) in tiles, zero past row n (and column k): fp32 \
                                    (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2); \
-                                   int8 (ceil(n / 16), 128 + 16 g ceil(k / g)) bytes, g the library's \
-                                   aiayn_int8_group(): 16 fp32 scales, 16 int32 128 sum(w), then     \
-                                   (ceil(k / g), 16, g) int8 */                                      \
+                                   int8 (ceil(n / 16), 128 + 16 g ceil(k / g)) bytes, g 4 where     \
+                                   aiayn_int8_levels() > 0, else 1: 16 fp32 scales, 16 int32 sums   \
+                                   of each output's weights, then (ceil(k / g), 16, g) int8 */       \
     X(const void *, bias)       /* n; or NULL */                                                      \
     X(void *, out)              /* rows of n at stride os; not overlapping x */                       \
     X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \
@@ -231,7 +231,8 @@ const char *aiayn_status_message(int status);  /* what it means, in words */
 int64_t aiayn_max_keys(void);
 int64_t aiayn_max_head_dim(void);
 int64_t aiayn_max_row(void);
-int64_t aiayn_int8_group(void);  /* inputs per group in int8 tiles: 4 (AVX512_VNNI), else 1 (decode_step.c) */
+int64_t aiayn_int8_levels(void);  /* int8 kernel: inputs rounded to 127 (AVX512_VNNI) or 63 (AVX2) levels
+                                    a sign, in tiles of groups of 4; 0: not rounded, groups of 1 */
 
 /* Checks at the top of a kernel: the call returns `status` unless `condition` holds. */
 #define AIAYN_REQUIRE(condition, status) do { if (!(condition)) return (status); } while (0)

@@ -502,103 +502,131 @@ HOT int NAME(const linear_args *a)                                              
 }
 
 /* int8 weights, fp32 inputs (an int8 inference copy's decoding steps). Each tile: a head of 128
- * bytes (its 16 outputs' fp32 scales s_j, then 128 times their weights' int32 sums), then the
- * weights, in groups of I8_GROUP inputs: (ceil(k / I8_GROUP), 16, I8_GROUP) int8, zeros past k.
- * With AVX512_VNNI (I8_GROUP 4), each row of x is quantized to 8 bits, q = round(x 127 / max|x|),
- * stored as q + 128 (unsigned, as vpdpbusd takes it: 4 products a lane an instruction, summed in
- * int32), and y_j = (max|x| / 127) s_j (sum (q + 128) w_j - 128 sum w_j) + b_j; a row with a NaN
- * or an infinity gives NaN. Elsewhere (I8_GROUP 1) the weights are widened to fp32 (exactly) and
- * x stays fp32: y_j = s_j (x . w_j) + b_j. */
+ * bytes (its 16 outputs' fp32 scales s_j, then the int32 sums of their weights), then the weights
+ * in groups of I8_GROUP inputs: (ceil(k / I8_GROUP), 16, I8_GROUP) int8, zeros past k.
+ * Where the CPU multiplies bytes (I8_LEVELS > 0), each row of x is rounded to I8_LEVELS levels a
+ * sign, q = round(x L / max|x|), and stored as q + O, O = L + 1 (unsigned, as the instructions take
+ * it): AVX512_VNNI (L 127, O 128) sums 4 products a lane an instruction (vpdpbusd); AVX2 (L 63,
+ * O 64: vpmaddubsw saturates pairs of products at 2^15, which 2 * 127 * 128 stays under, as
+ * PyTorch's fbgemm does with reduce_range) pairs, then fours (vpmaddwd). Then
+ * y_j = (max|x| / L) s_j (sum (q + O) w_j - O sum w_j) + b_j; a row with a NaN or an infinity
+ * gives NaN. Elsewhere (I8_LEVELS 0, groups of 1) the weights are widened to fp32 (exactly) and x
+ * stays fp32: y_j = s_j (x . w_j) + b_j. */
 #define I8_HEAD 128
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
-#define I8_GROUP 4
+#define I8_LEVELS 127
+#define I8_SHIFT 7  /* O = 1 << I8_SHIFT */
+#elif defined(__AVX2__)
+#define I8_LEVELS 63
+#define I8_SHIFT 6
 #else
-#define I8_GROUP 1
+#define I8_LEVELS 0
 #endif
-#define I8_MAX_K 65536  /* int32 sums of (q + 128) w: 4 products of at most 255 * 128 a group */
+#define I8_GROUP (I8_LEVELS ? 4 : 1)
+#define I8_MAX_K 65536  /* int32 sums of (q + O) w: 4 products of at most 255 * 128 a group */
 
-int64_t aiayn_int8_group(void) { return I8_GROUP; }
+int64_t aiayn_int8_levels(void) { return I8_LEVELS; }
 
 static inline int64_t i8_groups(int64_t k) { return (k + I8_GROUP - 1) / I8_GROUP; }
 static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) {
     return w + tile * (I8_HEAD + 16 * I8_GROUP * i8_groups(k));
 }
 
-#if I8_GROUP == 4
-/* x (k) -> q (4 * groups bytes: q + 128, 128 past k) and its scale max|x| / 127 (NaN for a row with
- * a NaN or an infinity; 0 for a row of zeros) */
+#if I8_LEVELS
+/* x (k) -> q (4 * groups bytes: q + O, O past k) and its scale max|x| / L (NaN for a row with a NaN
+ * or an infinity; 0 for a row of zeros). Rounding to nearest, ties to even (the default mode). */
 static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, float *scale) {
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
-    float m = _mm512_reduce_max_ps(amax);
-    for (; i < k; i++) {
+    float m = 0.f;
+    int bad = 0;
+    for (int64_t i = 0; i < k; i++) {
         const float a = fabsf(x[i]);
-        if (a != a) bad = 1;
-        else if (a > m) m = a;
+        bad |= a != a;
+        m = a > m ? a : m;
     }
-    memset(q, 128, (size_t)(4 * groups));
+    memset(q, 1 << I8_SHIFT, (size_t)(4 * groups));
     if (bad || m == INFINITY) { *scale = NAN; return; }
     if (m == 0.f) { *scale = 0.f; return; }
-    const float inv = 127.f / m;
-    *scale = m / 127.f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i offset = _mm512_set1_epi32(128);
-    for (i = 0; i + 16 <= k; i += 16) {  /* round to nearest, ties to even (the default mode) */
-        const __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)), offset);
-        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
-    }
-    for (; i < k; i++) q[i] = (uint8_t)(128 + (int)nearbyintf(x[i] * inv));
+    const float inv = (float)I8_LEVELS / m;
+    *scale = m / (float)I8_LEVELS;
+    for (int64_t i = 0; i < k; i++) q[i] = (uint8_t)((1 << I8_SHIFT) + (int)nearbyintf(x[i] * inv));
 }
 
-/* MR rows (q at stride qs, their scales sx) against every pair of tiles */
+/* acc (16 int32, one tile's outputs) += the tile's weights of group p times row q's 4 bytes */
+#if I8_LEVELS == 127
+typedef __m512i i8_acc;
+#define I8_ZERO() _mm512_setzero_si512()
+#define I8_DOT(acc, four, w) _mm512_dpbusd_epi32((acc), _mm512_set1_epi32(four), _mm512_loadu_si512(w))
+static inline __m512 i8_float(i8_acc acc, const int8_t *head) {  /* sum (q + O) w - O sum w, as fp32 */
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512(head + 64), I8_SHIFT)));
+}
+#define I8_MR 8
+#define I8_PANEL 2
+#else
+typedef struct { __m256i lo, hi; } i8_acc;  /* outputs 0-7, 8-15 */
+static inline i8_acc I8_ZERO(void) { return (i8_acc){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline i8_acc I8_DOT(i8_acc acc, int32_t four, const int8_t *w) {
+    const __m256i x = _mm256_set1_epi32(four), ones = _mm256_set1_epi16(1);
+    const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_loadu_si256((const __m256i *)w)), ones);
+    const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_loadu_si256((const __m256i *)(w + 32))), ones);
+    return (i8_acc){_mm256_add_epi32(acc.lo, lo), _mm256_add_epi32(acc.hi, hi)};
+}
+static inline f32x16 i8_float(i8_acc acc, const int8_t *head) {
+    const __m256i s_lo = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(head + 64)), I8_SHIFT);
+    const __m256i s_hi = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(head + 96)), I8_SHIFT);
+    float f[16];
+    _mm256_storeu_ps(f, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc.lo, s_lo)));
+    _mm256_storeu_ps(f + 8, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc.hi, s_hi)));
+    return load16_f32(f);
+}
+#define I8_MR 4
+#define I8_PANEL 1  /* (its two halves are two chains) */
+#endif
+
+/* MR rows (q at stride qs, their scales sx) against every panel of I8_PANEL tiles (two chains of
+ * dependent instructions or more, at one row too) */
 #define DEFINE_I8_ROWS(MR)                                                                            \
 static inline __attribute__((always_inline)) void i8_rows_##MR(const linear_args *a, const uint8_t *q, int64_t qs, \
                                                              const float *sx, float *out)             \
 {                                                                                                     \
     const int8_t *w = a->w; const float *bias = a->bias;                                              \
     const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);       \
-    for (int64_t t = 0; t < tiles; t += 2) {                                                          \
-        __m512i acc[MR][2];                                                                           \
-        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();                  \
-        const int8_t *w0 = i8_tile(w, t, k) + I8_HEAD, *w1 = i8_tile(w, t + 1 < tiles ? t + 1 : t, k) + I8_HEAD; \
-        for (int64_t p = 0; p < groups; p++) {                                                        \
-            const __m512i v0 = _mm512_loadu_si512(w0 + p * 64), v1 = _mm512_loadu_si512(w1 + p * 64);  \
+    for (int64_t t = 0; t < tiles; t += I8_PANEL) {                                                   \
+        i8_acc acc[MR][I8_PANEL];                                                                     \
+        const int8_t *wt[I8_PANEL];                                                                   \
+        for (int c = 0; c < I8_PANEL; c++) {  /* past the last tile: the last again, never stored */  \
+            wt[c] = i8_tile(w, t + c < tiles ? t + c : tiles - 1, k) + I8_HEAD;                       \
+            for (int m = 0; m < MR; m++) acc[m][c] = I8_ZERO();                                       \
+        }                                                                                             \
+        for (int64_t p = 0; p < groups; p++)                                                          \
             for (int m = 0; m < MR; m++) {                                                            \
                 int32_t four; memcpy(&four, q + m * qs + 4 * p, 4);                                   \
-                const __m512i xv = _mm512_set1_epi32(four);                                           \
-                acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xv, v0);                                   \
-                acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xv, v1);                                   \
+                for (int c = 0; c < I8_PANEL; c++) acc[m][c] = I8_DOT(acc[m][c], four, wt[c] + p * 64); \
             }                                                                                         \
-        }                                                                                             \
-        for (int64_t u = t; u < t + 2 && u < tiles; u++) {                                            \
-            const int8_t *head = i8_tile(w, u, k);                                                    \
-            const __m512 s = _mm512_loadu_ps((const float *)head);                                    \
-            const __m512i sums = _mm512_loadu_si512(head + 64);                                       \
+        for (int c = 0; c < I8_PANEL && t + c < tiles; c++) {                                         \
+            const int8_t *head = i8_tile(w, t + c, k);                                                \
             float b[16] = {0};                                                                        \
-            const int64_t first = u * 16, width = n - first < 16 ? n - first : 16;                    \
+            const int64_t first = (t + c) * 16, width = n - first < 16 ? n - first : 16;              \
             if (bias) for (int64_t j = 0; j < width; j++) b[j] = bias[first + j];                     \
-            const __m512 bv = _mm512_loadu_ps(b);                                                     \
+            const f32x16 s = load16_f32((const float *)head), bv = load16_f32(b);                     \
             for (int m = 0; m < MR; m++) {                                                            \
-                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][u - t], sums));         \
-                f32x16 r = (f32x16)_mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(sx[m])), bv);  \
+                f32x16 r = (f32x16)i8_float(acc[m][c], head) * (s * sx[m]) + bv;                      \
                 if (a->relu) r = relu16(r);                                                           \
                 float *o = out + m * os + first;                                                      \
-                if (width == 16) _mm512_storeu_ps(o, (__m512)r);                                      \
+                if (width == 16) store16_f32(o, r);                                                   \
                 else for (int64_t j = 0; j < width; j++) o[j] = r[j];                                 \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
 }
-DEFINE_I8_ROWS(8)
+#define DEFINE_I8_ROWS_(MR) DEFINE_I8_ROWS(MR)  /* (MR expanded first) */
+DEFINE_I8_ROWS_(I8_MR)
+#if I8_MR == 8
 DEFINE_I8_ROWS(4)
+#endif
 DEFINE_I8_ROWS(2)
 DEFINE_I8_ROWS(1)
+#define I8_ROWS_(MR) i8_rows_##MR
+#define I8_ROWS(MR) I8_ROWS_(MR)
 
 HOT int linear_f32_i8(const linear_args *a) {
     const int status = linear_check(a);
@@ -612,7 +640,7 @@ HOT int linear_f32_i8(const linear_args *a) {
     const float *x = a->x; float *out = a->out;
     for (int64_t r = 0; r < rows; r++) i8_quantize(x + r * a->xs, a->k, groups, q + r * qs, sx + r);
     int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) i8_rows_8(a, q + r * qs, qs, sx + r, out + r * a->os);
+    for (; r + I8_MR <= rows; r += I8_MR) I8_ROWS(I8_MR)(a, q + r * qs, qs, sx + r, out + r * a->os);
     if (r + 4 <= rows) { i8_rows_4(a, q + r * qs, qs, sx + r, out + r * a->os); r += 4; }
     for (; r + 2 <= rows; r += 2) i8_rows_2(a, q + r * qs, qs, sx + r, out + r * a->os);
     if (r < rows) i8_rows_1(a, q + r * qs, qs, sx + r, out + r * a->os);

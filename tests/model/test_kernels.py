@@ -364,11 +364,12 @@ def test_linear_matches_float64(kernel, rows, k, n, bias, relu, dtype, seed):
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
-    """What linear_f32_i8 computes, in float64: with AVX512_VNNI each row of x rounded to 8 bits
-    (q = round(x * (127 / max|x|)) in fp32, as the kernel rounds), else x as it is."""
-    if kernels._LIMITS["INT8_GROUP"] == 4:
+    """What linear_f32_i8 computes, in float64: where the kernel multiplies bytes each row of x rounded
+    to L levels a sign (q = round(x * (L / max|x|)) in fp32, as the kernel rounds), else x as it is."""
+    levels = kernels._LIMITS["INT8_LEVELS"]
+    if levels:
         amax = x.abs().amax(-1, keepdim=True)
-        x = torch.round(x * (torch.tensor(127.0) / amax)).double() * (amax / 127).double()
+        x = torch.round(x * (torch.tensor(float(levels)) / amax)).double() * (amax / levels).double()
     out = x.double() @ (w.double() * scales.double()[:, None]).t()
     return out if bias is None else out + bias.double()
 
