@@ -113,8 +113,9 @@ class Int8Linear(nn.Module):
     relu=True computes max(0, y) in the GEMM's output stage (fbgemm's linear_relu_dynamic).
 
     tiles=True (a decoding step's layers, where the few-rows kernel beats fbgemm on this machine):
-    also the same int8 weights and scales in kernels.linear's tiles, used for a few rows: the
-    inputs stay fp32 there (only the weights are int8), where fbgemm rounds them to 8 bits too."""
+    also the same int8 weights and scales in kernels.linear's tiles, used for a few rows. There each
+    row of inputs is rounded to 8 bits with its own scale (7 on AVX2, as fbgemm's reduce_range), where
+    fbgemm takes one scale for all rows; on a CPU without AVX2 the inputs are not rounded."""
 
     tiles: Tensor | None = None
     bias: Tensor | None = None

@@ -61,8 +61,9 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
     ["-O2"],
 )
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
-_MIXED = {"residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),  # an fp32 stream, a bf16 sublayer
-          "linear": ("f32_i8",), "decoder_layer": ("f32_i8",)}  # fp32 inputs, int8 weights
+_MIXED = {  # kernel -> its entry points of mixed types: an fp32 stream and a bf16 sublayer; fp32 inputs, int8 weights
+    "residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),
+    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",)}
 
 
 def __getattr__(name: str) -> int:
@@ -119,8 +120,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
                     "sentences r V xs n n_forbid eos eos_banned"),
     "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
     "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
-                             "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t ms_b",
-                             "eps"),
+                             "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
+                             "ms_b", "eps"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -504,8 +505,8 @@ def _tiles_fit(tiles: Tensor, n: int, k: int, dtype: torch.dtype) -> bool:
     dtype, or int8 for fp32 inputs."""
     if tiles.dtype == torch.int8:
         g = _int8_group()  # (None: no library)
-        return (g is not None and dtype == torch.float32 and k <= _INT8_MAX_K and tiles.shape == (-(-n // 16), _INT8_HEAD + 16 * g * -(-k // g))
-                and tiles.is_contiguous())
+        return (g is not None and dtype == torch.float32 and k <= _INT8_MAX_K and tiles.is_contiguous()
+                and tiles.shape == (-(-n // 16), _INT8_HEAD + 16 * g * -(-k // g)))
     pairs = dtype == torch.bfloat16
     return (tiles.dtype == dtype and tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16
             and tiles.size(0) == -(-n // 16) and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())

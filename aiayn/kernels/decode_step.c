@@ -708,6 +708,7 @@ static int decoder_layer_check(const decoder_layer_args *a) {
     return AIAYN_OK;
 }
 
+#define STEP(call) do { if ((failed = (call)) != AIAYN_OK) goto done; } while (0)
 #define DEFINE_DECODER_LAYER(NAME, T, LINEAR, ATTEND, ADD_NORM)                                       \
 HOT int NAME(const decoder_layer_args *a)                                                             \
 {                                                                                                     \
@@ -718,41 +719,43 @@ HOT int NAME(const decoder_layer_args *a)                                       
     if (!scratch) return AIAYN_NO_MEMORY;                                                             \
     T *qkv = scratch, *heads = qkv + B * 3 * D, *y = heads + B * D, *hidden = y + B * D;              \
     const float scale = (float)(1.0 / sqrt((double)dh));  /* as Python computes it */                 \
+    int failed = AIAYN_OK;  /* a sub-call's refusal (only an int8 linear's scratch can fail): passed on */ \
     /* self-attention: [q | k | v], the new keys and values into the cache, the heads, projected */   \
-    LINEAR(&(linear_args){.x = a->x, .w = a->qkv_w, .bias = a->qkv_b, .out = qkv, .rows = B, .n = 3 * D, \
-                          .k = D, .xs = D, .os = 3 * D});                                             \
-    ATTEND(&(attend_args){.q = qkv, .k = a->k_cache, .v = a->v_cache, .out = heads, .k_new = qkv + D,  \
+    STEP(LINEAR(&(linear_args){.x = a->x, .w = a->qkv_w, .bias = a->qkv_b, .out = qkv, .rows = B, .n = 3 * D, \
+                          .k = D, .xs = D, .os = 3 * D}));                                             \
+    STEP(ATTEND(&(attend_args){.q = qkv, .k = a->k_cache, .v = a->v_cache, .out = heads, .k_new = qkv + D,  \
                           .v_new = qkv + 2 * D, .B = B, .H = H, .n_queries = 1, .t = a->t + 1, .dh = dh, \
                           .group = 1, .qs_b = 3 * D, .qs_h = dh, .ks_b = a->ks_b, .ks_h = a->ks_h,     \
                           .ks_t = a->ks_t, .vs_b = a->vs_b, .vs_h = a->vs_h, .vs_t = a->vs_t, .os_b = D, \
                           .os_i = D, .os_h = dh, .kn_b = 3 * D, .kn_h = dh, .vn_b = 3 * D, .vn_h = dh,   \
-                          .scale = scale});                                                           \
-    LINEAR(&(linear_args){.x = heads, .w = a->self_w, .bias = a->self_b, .out = y, .rows = B, .n = D,  \
-                          .k = D, .xs = D, .os = D});                                                 \
-    ADD_NORM(&(add_norm_args){.x = a->x, .y = y, .weight = a->norm1_w, .bias = a->norm1_b, .out = y,   \
-                              .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps});          \
+                          .scale = scale}));                                                           \
+    STEP(LINEAR(&(linear_args){.x = heads, .w = a->self_w, .bias = a->self_b, .out = y, .rows = B, .n = D,  \
+                          .k = D, .xs = D, .os = D}));                                                 \
+    STEP(ADD_NORM(&(add_norm_args){.x = a->x, .y = y, .weight = a->norm1_w, .bias = a->norm1_b, .out = y,   \
+                              .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps}));          \
     /* cross-attention from y: queries (in qkv's first B D), the heads, projected into qkv */        \
-    LINEAR(&(linear_args){.x = y, .w = a->q_w, .bias = a->q_b, .out = qkv, .rows = B, .n = D, .k = D,  \
-                          .xs = D, .os = D});                                                         \
-    ATTEND(&(attend_args){.q = qkv, .k = (void *)a->source_k, .v = (void *)a->source_v, .mask = a->mask, \
+    STEP(LINEAR(&(linear_args){.x = y, .w = a->q_w, .bias = a->q_b, .out = qkv, .rows = B, .n = D, .k = D,  \
+                          .xs = D, .os = D}));                                                         \
+    STEP(ATTEND(&(attend_args){.q = qkv, .k = (void *)a->source_k, .v = (void *)a->source_v, .mask = a->mask, \
                           .out = heads, .B = B, .H = H, .n_queries = 1, .t = a->S, .dh = dh,          \
                           .group = a->group, .qs_b = D, .qs_h = dh, .qs_i = D, .ks_b = a->sks_b,       \
                           .ks_h = a->sks_h, .ks_t = a->sks_t, .vs_b = a->svs_b, .vs_h = a->svs_h,      \
                           .vs_t = a->svs_t, .ms_b = a->ms_b, .os_b = D, .os_i = D, .os_h = dh,         \
-                          .scale = scale});                                                           \
-    LINEAR(&(linear_args){.x = heads, .w = a->cross_w, .bias = a->cross_b, .out = qkv, .rows = B,      \
-                          .n = D, .k = D, .xs = D, .os = D});                                         \
-    ADD_NORM(&(add_norm_args){.x = y, .y = qkv, .weight = a->norm2_w, .bias = a->norm2_b, .out = qkv,  \
-                              .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps});          \
+                          .scale = scale}));                                                           \
+    STEP(LINEAR(&(linear_args){.x = heads, .w = a->cross_w, .bias = a->cross_b, .out = qkv, .rows = B,      \
+                          .n = D, .k = D, .xs = D, .os = D}));                                         \
+    STEP(ADD_NORM(&(add_norm_args){.x = y, .y = qkv, .weight = a->norm2_w, .bias = a->norm2_b, .out = qkv,  \
+                              .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps}));          \
     /* feed-forward from qkv's first B D */                                                           \
-    LINEAR(&(linear_args){.x = qkv, .w = a->ff1_w, .bias = a->ff1_b, .out = hidden, .rows = B, .n = F, \
-                          .k = D, .xs = D, .os = F, .relu = 1});                                      \
-    LINEAR(&(linear_args){.x = hidden, .w = a->ff2_w, .bias = a->ff2_b, .out = heads, .rows = B,       \
-                          .n = D, .k = F, .xs = F, .os = D});                                         \
-    ADD_NORM(&(add_norm_args){.x = qkv, .y = heads, .weight = a->norm3_w, .bias = a->norm3_b,          \
-                              .out = a->out, .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps}); \
+    STEP(LINEAR(&(linear_args){.x = qkv, .w = a->ff1_w, .bias = a->ff1_b, .out = hidden, .rows = B, .n = F, \
+                          .k = D, .xs = D, .os = F, .relu = 1}));                                      \
+    STEP(LINEAR(&(linear_args){.x = hidden, .w = a->ff2_w, .bias = a->ff2_b, .out = heads, .rows = B,       \
+                          .n = D, .k = F, .xs = F, .os = D}));                                         \
+    STEP(ADD_NORM(&(add_norm_args){.x = qkv, .y = heads, .weight = a->norm3_w, .bias = a->norm3_b,          \
+                              .out = a->out, .rows = B, .n = D, .xs = D, .ys = D, .os = D, .eps = a->eps})); \
+done:                                                                                                 \
     free(scratch);                                                                                    \
-    return AIAYN_OK;                                                                                  \
+    return failed;                                                                                    \
 }
 
 DEFINE_DECODER_LAYER(decoder_layer_f32, float, linear_f32, attend_f32, add_norm_f32)
