@@ -97,7 +97,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     relu = {id(ff.w1) for ff in feed_forwards}
     for ff in feed_forwards:
         ff.act = nn.Identity()
-    few_rows = kernels.linear_rows(torch.int8) > 0
+    few_rows = kernels.step_tiles(torch.int8)
     for parent_name, parent in list(q.named_modules()):
         for name, child in parent.named_children():
             if isinstance(child, nnqd.Linear):
@@ -112,7 +112,7 @@ class Int8Linear(nn.Module):
     16 of them (small model): each op less is also one GIL hand-over less between decoding threads.
     relu=True computes max(0, y) in the GEMM's output stage (fbgemm's linear_relu_dynamic).
 
-    tiles=True (a decoding step's layers, where the few-rows kernel beats fbgemm on this machine):
+    tiles=True (a decoding step's layers, where the few-rows kernel or the one-call decoder layer win):
     also the same int8 weights and scales in kernels.linear's tiles, used for a few rows. There each
     row of inputs is rounded to 8 bits with its own scale (7 on AVX2, as fbgemm's reduce_range), where
     fbgemm takes one scale for all rows; on a CPU without AVX2 the inputs are not rounded."""
@@ -176,7 +176,7 @@ def onednn_linears(model: nn.Module, pack: bool = True, dtype: torch.dtype | Non
     q = _inference_copy(model)
     if dtype:
         q.to(dtype)  # in place
-    few_rows = kernels.linear_rows(next(q.parameters()).dtype) > 0
+    few_rows = kernels.step_tiles(next(q.parameters()).dtype)
     for name, m in q.named_modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear

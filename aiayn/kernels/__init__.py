@@ -191,7 +191,8 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
     if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
         forced = True
     if forced is not None:
-        return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS}.get(family, True) if forced else False
+        return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS}.get(family, True) \
+            if forced else False
     key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" if family == "attention" else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
@@ -454,6 +455,20 @@ def linear_rows(dtype: torch.dtype) -> int:
     return int(_wins("linear", dtype))
 
 
+def layer_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows `decoder_layer` (with linear layers of `dtype`, int8 included) beats the
+    layer's modules on this machine (tuning.py; 0: never, or the kernels are not here)."""
+    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available():
+        return 0
+    return int(_wins("layer", dtype))
+
+
+def step_tiles(dtype: torch.dtype) -> bool:
+    """Whether an inference copy's decoding-step linear layers (weights of `dtype`) should hold the
+    kernel's tiles: where the linear kernel or the one-call decoder layer wins for some rows."""
+    return linear_rows(dtype) > 0 or layer_rows(dtype) > 0
+
+
 def linear_tiles(weight: Tensor, scales: Tensor | None = None) -> Tensor:
     """A linear layer's weight (n, k) in the tiles `linear` reads, 16 output rows side by side, zeros
     past row n: fp32 (ceil(n / 16), k, 16); bf16 (ceil(n / 16), ceil(k / 2), 16, 2), pairs of inputs
@@ -531,12 +546,12 @@ def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: i
     weights and biases. Self-attention's cache k_buf, v_buf (B, H, L, Dh) holds `start` positions (the
     new one is written at `start`); the source's keys and values (b, H, S, Dh), each group of B / b
     rows attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit for bit, as the
-    layer's kernels called one by one (`linear`, the attention steps, `add_layer_norm`), and taken
-    only where each of those would run: few rows, kernels that win on this machine. None otherwise."""
+    layer's kernels called one by one (`linear`, the attention steps, `add_layer_norm`); taken up to
+    as many rows as it beat the layer's modules on this machine (`layer_rows`). None otherwise."""
     B, T, D = x.shape
     b, H, S, Dh = source_k.shape
     if not (T == 1 and H == n_heads and H * Dh == D and x.is_contiguous() and len(weights) == len(LAYER_WEIGHTS)
-            and 0 < B <= _wins("linear", weights[0].dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
+            and 0 < B <= _wins("layer", weights[0].dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
             and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
             and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)
             and D <= _LIMITS["MAX_ROW"]):

@@ -20,8 +20,10 @@ layers up to the most rows.
     beam          beam search (k = 4) of the same (its step kernel; the decoding kernels on in both)
     linear        the linear layers of a decoding step (3 post-norm layers of d_model 256, d_ff 1024,
                   and a generator of 8,000) against oneDNN's GEMM (int8 weights: against PyTorch's
-                  dynamically quantized GEMM), at 1, 2, 4, ... 64 rows; the one-call decoder
-                  layer runs where these do
+                  dynamically quantized GEMM), at 1, 2, 4, ... 64 rows
+    layer         decoding steps of 3 post-norm decoder layers of those shapes: each layer in one
+                  call (its linear layers in the kernel above) against the layers' modules (their
+                  linear layers where the decision above puts them), at 1, 2, 4, ... 64 rows
 
 Each family is timed with its own kernels on and off and every other kernel on: what it adds.
 
@@ -156,6 +158,8 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
             return _attention(dtype, int(rest[0][2:]))
         if family == "linear":
             return _linear(dtype)
+        if family == "layer":
+            return _layer(dtype)
         on, off = _on_off(MEASURES[family](dtype), family)
         return _faster(on, off), [round(off / on, 3)]
 
@@ -231,6 +235,66 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
         on, off = _on_off(step, "linear", reps=3)
         speedups.append(round(off / on, 3))
         if not on * LINEAR_MARGIN < off:
+            break
+        longest = rows
+    return longest, speedups
+
+
+def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
+    """The most rows (of LINEAR_ROWS) up to which decoding steps with each decoder layer in one call
+    (kernels.decoder_layer) were faster than through the layers' modules, whose linear layers run
+    where the linear family's decision puts them (the kernel up to its rows, else oneDNN or fbgemm);
+    0 if it lost at one row. And the speed-ups measured."""
+    from aiayn import capability, kernels
+    from aiayn.config import ModelConfig
+    from aiayn.fast.inference import inference_model, onednn_available
+    from aiayn.model import build_model
+
+    if not (capability.probe("cpu").int8 if dtype == torch.int8 else onednn_available()):
+        return 0, []
+    linear_rows = kernels.linear_rows(dtype)  # (its own decision, measured first if need be)
+    cfg = ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=3,
+                      max_len=64, dropout=0.0)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[dtype]
+    _state.timing, _state.off = "layer", False  # the copy gets its tiles (this family on) without asking again
+    try:
+        model = inference_model(build_model(cfg), precision)
+    finally:
+        _state.timing = None
+    step_linears = [m for m in model.decoder.modules() if getattr(m, "tiles", None) is not None]
+    if len(step_linears) < 6 * cfg.n_decoder_layers:
+        return 0, []  # no tiles here: nothing to run the layer with
+    tiles = {m: m.tiles for m in step_linears}
+    longest, speedups = 0, []
+    for rows in LINEAR_ROWS:
+        src = torch.randint(4, 8000, (rows, 12))
+        with torch.no_grad():
+            memory, mask = model.encode(src)
+
+        def step():
+            with torch.no_grad():
+                cache = model.init_cache(memory, mask, 8)
+                tokens = torch.full((rows, 1), 5)
+                for _ in range(8):
+                    model.decode_step(tokens, cache)
+
+        # off: the modules, with the linear kernel only where its own decision puts it
+        on, off = float("inf"), float("inf")
+        _state.timing = "layer"
+        try:
+            for _ in range(2):
+                _state.off = False
+                on = min(on, _best(step, 3))
+                _state.off = True
+                for m in step_linears:
+                    m.tiles = tiles[m] if rows <= linear_rows else None
+                off = min(off, _best(step, 3))
+                for m in step_linears:
+                    m.tiles = tiles[m]
+        finally:
+            _state.timing = None
+        speedups.append(round(off / on, 3))
+        if not _faster(on, off):
             break
         longest = rows
     return longest, speedups

@@ -125,8 +125,8 @@ def _valid(kernel):
         cache, source, mask = torch.randn(2, 2, 2, 4, 8), torch.randn(2, 2, 2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
         return dict(x=x.data_ptr(), out=out.data_ptr(), k_cache=cache[0].data_ptr(), v_cache=cache[1].data_ptr(),
                     source_k=source[0].data_ptr(), source_v=source[1].data_ptr(), mask=mask.data_ptr(),
-                    B=2, D=16, H=2, d_ff=32, t=1, S=3, group=1, ks_b=128, ks_h=64, ks_t=16, vs_b=128, vs_h=64, vs_t=16,
-                    sks_b=96, sks_h=48, sks_t=16, svs_b=96, svs_h=48, svs_t=16, ms_b=3, eps=1e-5,
+                    B=2, D=16, H=2, d_ff=32, t=1, S=3, group=1, ks_b=64, ks_h=32, ks_t=8, vs_b=64, vs_h=32, vs_t=8,
+                    sks_b=48, sks_h=24, sks_t=8, svs_b=48, svs_h=24, svs_t=8, ms_b=3, eps=1e-5,
                     **{name: w.data_ptr() for name, w in weights.items()}), (x, cache, source, mask, weights), out
     if kernel == "attention_forward":
         qkv, out, probs = torch.randn(2, 3, 48), torch.zeros(2, 3, 16), torch.zeros(2, 2, 3, 3, dtype=f32)

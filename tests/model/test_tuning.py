@@ -163,3 +163,46 @@ def test_a_failed_build_is_remembered_and_warned_about_once(monkeypatch, tmp_pat
         assert list(tmp_path.rglob("*.failed")) == markers
     finally:
         kernels._library.cache_clear()
+
+
+def test_the_one_call_decoder_layer_has_its_own_decision(measured, monkeypatch):
+    """The layer family decides for decoder_layer, apart from the linear kernel's rows: an inference
+    copy holds the tiles where either wins."""
+    from aiayn.config import ModelConfig
+    from aiayn.fast.inference import inference_model, onednn_available
+    from aiayn.fast.modules import FastTransformerLayer
+    from aiayn.model import build_model
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build: no tiles in the inference copy")
+    monkeypatch.setattr(tuning, "_linear", lambda dtype: (0, [0.9]))
+    monkeypatch.setattr(tuning, "_layer", lambda dtype: (2, [1.5, 1.2, 0.9]))
+    assert kernels.linear_rows(torch.float32) == 0 and kernels.layer_rows(torch.float32) == 2
+    model = build_model(ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
+                                    n_decoder_layers=1, max_len=32, dropout=0.0))
+    copy = inference_model(model, "fp32")
+    assert copy.decoder.layers[0].ff.w1.tiles is not None  # for the layer's call
+
+    def step(rows):
+        with torch.no_grad():
+            memory, mask = copy.encode(torch.randint(4, 40, (rows, 5)))
+            copy.decode_step(torch.full((rows, 1), 1), copy.init_cache(memory, mask, 4))
+
+    step(1)  # (every other family's decision made: their measurements decode too)
+    calls = []
+    real = FastTransformerLayer._decoder_step
+    monkeypatch.setattr(FastTransformerLayer, "_decoder_step", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    step(2)
+    step(3)
+    assert [out is not None for out in calls] == [True, False]  # one call up to 2 rows, the modules from 3
+    assert {"layer_f32", "linear_f32"} <= set(measured)
+
+
+def test_the_layer_measurement_times_decoding_steps():
+    from aiayn.fast.inference import onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build: nothing to measure against")
+    rows, speedups = tuning._layer(torch.float32)
+    assert rows in (0, *tuning.LINEAR_ROWS) and 0 < len(speedups) <= len(tuning.LINEAR_ROWS)
+    assert all(s > 0 for s in speedups)
