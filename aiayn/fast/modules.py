@@ -16,6 +16,8 @@ fwd+bwd, 1 thread: 3.6 -> 2.6 ms. On CUDA, PyTorch's own fused kernel is used.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -128,20 +130,27 @@ class FastTransformerLayer(TransformerLayer):
     def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
         attn, cross, ff = self.self_attn, self.cross_attn, self.ff
         linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
+        norms = (self.self_norm, self.cross_norm, self.ff_norm)
+        key = tuple(id(getattr(m, "tiles", None)) for m in linears) + tuple(id(n.weight) for n in norms)
+        known = _PLANS.get(self)
+        if known is None or known[0] != key:  # the layer's weights checked once (again if its tiles change)
+            known = key, self._plan(linears, norms)
+            _PLANS[self] = known
+        plan = known[1]
+        return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask)
+
+    def _plan(self, linears, norms) -> tuple | None:
+        ff = self.ff
         relu = getattr(ff.w1, "post_op", None) == "relu" or getattr(ff.w1, "relu", None) is True  # (OneDNN/Int8Linear)
-        if (self.norm_first or not relu or not isinstance(ff.act, nn.Identity)
+        if (self.norm_first or not relu or not isinstance(ff.act, nn.Identity) or any(n.eps != norms[0].eps for n in norms)
                 or any(getattr(m, "tiles", None) is None for m in linears)):
             return None  # not an inference copy with the kernel's tiles (or not the paper's layer)
-        norms = (self.self_norm, self.cross_norm, self.ff_norm)
-        if any(n.eps != self.ff_norm.eps for n in norms):
-            return None
         weights = []
         for i, m in enumerate(linears):
             weights += [m.tiles, m.bias]
             if i % 2:
                 weights += [norms[i // 2].weight, norms[i // 2].bias]
-        return kernels.decoder_layer(x, weights, attn.n_heads, ff.w1.out_features, self.ff_norm.eps, *cache,
-                                     *memory_kv, memory_mask)
+        return kernels.decoder_layer_plan(weights, self.self_attn.n_heads, ff.w1.out_features, norms[0].eps)
 
     def add(self, x: Tensor, y: Tensor) -> Tensor:
         return add_dropout(x, y, self.dropout.p, self.training)
@@ -153,6 +162,8 @@ class FastTransformerLayer(TransformerLayer):
             out = kernels.add_layer_norm(x, y, norm, out=y)
         return out if out is not None else norm(self.add(x, y))
 
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer -> (its weights' ids, its plan)
 
 FAST = {nn.Dropout: FastDropout, Embedding: FastEmbedding, MultiHeadAttention: FastMultiHeadAttention,
         TransformerLayer: FastTransformerLayer}

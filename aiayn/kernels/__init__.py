@@ -538,45 +538,65 @@ def _variant(x: Tensor, tiles: Tensor) -> str:
     return _FUNCTIONS[x.dtype] + ("_i8" if tiles.dtype == torch.int8 else "")
 
 
-def decoder_layer(x: Tensor, weights: list[Tensor | None], n_heads: int, d_ff: int, eps: float, k_buf: Tensor,
-                  v_buf: Tensor, start: int, source_k: Tensor, source_v: Tensor, mask: Tensor | None) -> Tensor | None:
-    """One new position of each row of x (B, 1, D) through a post-norm decoder layer with a ReLU
-    feed-forward, in one call (decode_step.c's decoder_layer) -> (B, 1, D). `weights` as LAYER_WEIGHTS
-    names them: the linear layers' in `linear_tiles` form and their biases (or None), the norms'
-    weights and biases. Self-attention's cache k_buf, v_buf (B, H, L, Dh) holds `start` positions (the
-    new one is written at `start`); the source's keys and values (b, H, S, Dh), each group of B / b
-    rows attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit for bit, as the
-    layer's kernels called one by one (`linear`, the attention steps, `add_layer_norm`); taken up to
-    as many rows as it beat the layer's modules on this machine (`layer_rows`). None otherwise."""
-    B, T, D = x.shape
-    b, H, S, Dh = source_k.shape
-    if not (T == 1 and H == n_heads and H * Dh == D and x.is_contiguous() and len(weights) == len(LAYER_WEIGHTS)
-            and 0 < B <= _wins("layer", weights[0].dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
-            and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
-            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)
-            and D <= _LIMITS["MAX_ROW"]):
+def decoder_layer_plan(weights: list[Tensor | None], n_heads: int, d_ff: int, eps: float) -> tuple | None:
+    """What `decoder_layer` needs of one layer, checked once: `weights` as LAYER_WEIGHTS names them
+    (the linear layers' in `linear_tiles` form and their biases, or None; the norms' weights and
+    biases), its head count, feed-forward width and the norms' eps. None if the kernel does not take
+    them (or is not built)."""
+    if len(weights) != len(LAYER_WEIGHTS) or weights[0] is None or weights[4] is None or not available():
+        return None
+    tiles_dtype, D = weights[0].dtype, weights[4].numel()  # (qkv_w, norm1_w)
+    dtype = torch.float32 if tiles_dtype == torch.int8 else tiles_dtype  # the inputs'
+    if dtype not in _FUNCTIONS or n_heads < 1 or D % n_heads or not 0 < D <= _LIMITS["MAX_ROW"]:
         return None
     shapes = {"qkv": (3 * D, D), "self": (D, D), "q": (D, D), "cross": (D, D), "ff1": (d_ff, D), "ff2": (D, d_ff)}
     for name, w in zip(LAYER_WEIGHTS, weights):
         part, kind = name.split("_")
         if w is None and kind == "b" and part in shapes:  # a linear layer without a bias
             continue
-        if w is None or not (w.is_cpu and not (torch.is_grad_enabled() and w.requires_grad)):
+        if w is None or not w.is_cpu:
             return None
         n, k = shapes.get(part, (D, 0))
-        if not (_tiles_fit(w, n, k, x.dtype) and w.dtype == weights[0].dtype if kind == "w" and part in shapes
-                else w.dtype == x.dtype and w.shape == (n,) and w.is_contiguous()):
+        if not (_tiles_fit(w, n, k, dtype) and w.dtype == tiles_dtype if kind == "w" and part in shapes
+                else w.dtype == dtype and w.shape == (n,) and w.is_contiguous()):
             return None
+    args = _STRUCTS["decoder_layer"](D=D, H=n_heads, d_ff=d_ff, eps=eps,
+                                     **{name: 0 if w is None else w.data_ptr() for name, w in zip(LAYER_WEIGHTS, weights)})
+    function = "decoder_layer_" + _FUNCTIONS[dtype] + ("_i8" if tiles_dtype == torch.int8 else "")
+    grad = any(w is not None and w.requires_grad for w in weights)  # (then it runs only without autograd)
+    return args, function, dtype, tiles_dtype, grad, list(weights)  # (the weights kept alive with their addresses)
+
+
+def decoder_layer(x: Tensor, plan: tuple, k_buf: Tensor, v_buf: Tensor, start: int, source_k: Tensor,
+                  source_v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """One new position of each row of x (B, 1, D) through a post-norm decoder layer with a ReLU
+    feed-forward, in one call (decode_step.c's decoder_layer) -> (B, 1, D). `plan`: the layer's
+    weights, from `decoder_layer_plan`. Self-attention's cache k_buf, v_buf (B, H, L, Dh) holds `start`
+    positions (the new one is written at `start`); the source's keys and values (b, H, S, Dh), each
+    group of B / b rows attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit
+    for bit, as the layer's kernels called one by one (`linear`, the attention steps,
+    `add_layer_norm`); taken up to as many rows as it beat the layer's modules on this machine
+    (`layer_rows`). None otherwise."""
+    layer, function, dtype, tiles_dtype, grad, _ = plan
+    B, T, D = x.shape
+    b, H, S, Dh = source_k.shape
+    if not (T == 1 and D == layer.D and H == layer.H and x.dtype == dtype and x.is_contiguous()
+            and not (grad and torch.is_grad_enabled())
+            and 0 < B <= _wins("layer", tiles_dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
+            and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
+            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)):
+        return None
     out = x.new_empty(B, 1, D)
-    args = _STRUCTS["decoder_layer"](
-        x=x.data_ptr(), out=out.data_ptr(), k_cache=k_buf.data_ptr(), v_cache=v_buf.data_ptr(),
-        source_k=source_k.data_ptr(), source_v=source_v.data_ptr(), mask=0 if mask is None else mask.data_ptr(),
-        B=B, D=D, H=H, d_ff=d_ff, t=start, S=S, group=B // b, ks_b=k_buf.stride(0), ks_h=k_buf.stride(1),
-        ks_t=k_buf.stride(2), vs_b=v_buf.stride(0), vs_h=v_buf.stride(1), vs_t=v_buf.stride(2),
-        sks_b=source_k.stride(0), sks_h=source_k.stride(1), sks_t=source_k.stride(2), svs_b=source_v.stride(0),
-        svs_h=source_v.stride(1), svs_t=source_v.stride(2), ms_b=0 if mask is None else mask.stride(0), eps=eps,
-        **{name: 0 if w is None else w.data_ptr() for name, w in zip(LAYER_WEIGHTS, weights)})
-    _call("decoder_layer_" + _variant(x, weights[0]), args)
+    args = type(layer).from_buffer_copy(layer)  # (a plan may serve several decoding threads at once)
+    args.x, args.out, args.k_cache, args.v_cache = x.data_ptr(), out.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr()
+    args.source_k, args.source_v, args.mask = source_k.data_ptr(), source_v.data_ptr(), mask.data_ptr() if mask is not None else 0
+    args.B, args.t, args.S, args.group = B, start, S, B // b
+    args.ks_b, args.ks_h, args.ks_t = k_buf.stride()[:3]
+    args.vs_b, args.vs_h, args.vs_t = v_buf.stride()[:3]
+    args.sks_b, args.sks_h, args.sks_t = source_k.stride()[:3]
+    args.svs_b, args.svs_h, args.svs_t = source_v.stride()[:3]
+    args.ms_b = mask.stride(0) if mask is not None else 0
+    _call(function, args)
     return out
 
 

@@ -492,16 +492,24 @@ def test_decoder_layer_declines_what_it_does_not_take(kernel, monkeypatch):
     k_buf, v_buf, sk, sv = torch.zeros(2, H, 5, D // H), torch.zeros(2, H, 5, D // H), torch.randn(2, H, 3, D // H), torch.randn(2, H, 3, D // H)
     x = torch.randn(2, 1, D)
 
-    def call(x=x, weights=weights, start=0, mask=None, d_ff=F_):
-        return kernels.decoder_layer(x, weights, H, d_ff, 1e-5, k_buf, v_buf, start, sk, sv, mask)
+    def plan(weights=weights, d_ff=F_):
+        return kernels.decoder_layer_plan(weights, H, d_ff, 1e-5)
+
+    def call(x=x, plan=plan(), start=0, mask=None):
+        return kernels.decoder_layer(x, plan, k_buf, v_buf, start, sk, sv, mask)
 
     assert call() is not None and k_buf[:, :, 0].any()  # it runs, and writes the new keys
     assert call(x=torch.randn(2, 2, D)) is None                     # two new positions a row
     assert call(x=torch.randn(kernels.MAX_LINEAR_ROWS + 1, 1, D)) is None  # many rows: oneDNN's
+    assert call(x=torch.randn(2, 1, D).bfloat16()) is None          # not the weights' dtype
     assert call(start=5) is None                                    # no room left in the cache
-    assert call(d_ff=24) is None                                    # the tiles are not (d_ff, D)
-    assert call(weights=weights[:-1]) is None
-    assert call(weights=[w.bfloat16() if i == 4 else w for i, w in enumerate(weights)]) is None  # dtypes differ
     assert call(mask=torch.ones(2, 1, 1, 4, dtype=torch.bool)) is None  # the mask is not the source's
+    assert plan(d_ff=24) is None                                    # the tiles are not (d_ff, D)
+    assert plan(weights=weights[:-1]) is None
+    assert plan(weights=[w.bfloat16() if i == 4 else w for i, w in enumerate(weights)]) is None  # dtypes differ
     no_bias = [None if n.endswith("_b") and not n.startswith("norm") else w for n, w in zip(kernels.LAYER_WEIGHTS, weights)]
-    assert call(weights=no_bias) is not None                        # linear layers without biases
+    assert call(plan=plan(no_bias)) is not None                     # linear layers without biases
+    graded = plan([w.requires_grad_() if i == 4 else w for i, w in enumerate(weights)])
+    assert call(plan=graded) is None                                # it has no backward
+    with torch.no_grad():
+        assert call(plan=graded) is not None
