@@ -128,19 +128,17 @@ class FastTransformerLayer(TransformerLayer):
                                need_weights=need_weights)
 
     def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
-        attn, cross, ff = self.self_attn, self.cross_attn, self.ff
-        linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
-        norms = (self.self_norm, self.cross_norm, self.ff_norm)
-        key = tuple(id(getattr(m, "tiles", None)) for m in linears) + tuple(id(n.weight) for n in norms)
-        known = _PLANS.get(self)
-        if known is None or known[0] != key:  # the layer's weights checked once (again if its tiles change)
-            known = key, self._plan(linears, norms)
+        known = _PLANS.get(self)  # (its linear layers, their tiles, the plan)
+        if known is None or any(getattr(m, "tiles", None) is not t for m, t in zip(known[0], known[1])):
+            attn, cross, ff = self.self_attn, self.cross_attn, self.ff  # checked once, again if the tiles change
+            linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
+            known = linears, [getattr(m, "tiles", None) for m in linears], self._plan(linears)
             _PLANS[self] = known
-        plan = known[1]
+        plan = known[2]
         return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask)
 
-    def _plan(self, linears, norms) -> tuple | None:
-        ff = self.ff
+    def _plan(self, linears) -> tuple | None:
+        ff, norms = self.ff, (self.self_norm, self.cross_norm, self.ff_norm)
         relu = getattr(ff.w1, "post_op", None) == "relu" or getattr(ff.w1, "relu", None) is True  # (OneDNN/Int8Linear)
         if (self.norm_first or not relu or not isinstance(ff.act, nn.Identity) or any(n.eps != norms[0].eps for n in norms)
                 or any(getattr(m, "tiles", None) is None for m in linears)):
@@ -163,7 +161,7 @@ class FastTransformerLayer(TransformerLayer):
         return out if out is not None else norm(self.add(x, y))
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer -> (its weights' ids, its plan)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer -> (linears, their tiles, plan)
 
 FAST = {nn.Dropout: FastDropout, Embedding: FastEmbedding, MultiHeadAttention: FastMultiHeadAttention,
         TransformerLayer: FastTransformerLayer}
