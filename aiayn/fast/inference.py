@@ -278,9 +278,11 @@ def inference_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
 
     if isinstance(model, Ensemble):
         return Ensemble([inference_model(m, precision) for m in model.members])
+    if precision == "plain":  # (a server's copy, once a batch: no walk over the modules when in eval mode)
+        return model.eval() if model.training else model
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     check_precision(precision, "cpu" if on_cpu else "cuda")
-    if precision == "plain" or (precision == "fp32" and not on_cpu):
+    if precision == "fp32" and not on_cpu:
         return model.eval()
     if precision == "fp32":
         return onednn_linears(model)
