@@ -233,6 +233,8 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
                     layer(inputs[layer.in_features])
 
         on, off = _on_off(step, "linear", reps=3)
+        if not on * LINEAR_MARGIN < off:  # a loss counts once it is measured again (timings here jump)
+            on, off = (min(a, b) for a, b in zip((on, off), _on_off(step, "linear", reps=3)))
         speedups.append(round(off / on, 3))
         if not on * LINEAR_MARGIN < off:
             break
@@ -278,21 +280,26 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
                 for _ in range(8):
                     model.decode_step(tokens, cache)
 
-        # off: the modules, with the linear kernel only where its own decision puts it
-        on, off = float("inf"), float("inf")
-        _state.timing = "layer"
-        try:
-            for _ in range(2):
-                _state.off = False
-                on = min(on, _best(step, 3))
-                _state.off = True
-                for m in step_linears:
-                    m.tiles = tiles[m] if rows <= linear_rows else None
-                off = min(off, _best(step, 3))
-                for m in step_linears:
-                    m.tiles = tiles[m]
-        finally:
-            _state.timing = None
+        def on_off(on: float = float("inf"), off: float = float("inf")) -> tuple[float, float]:
+            """off: the modules, with the linear kernel only where its own decision puts it."""
+            _state.timing = "layer"
+            try:
+                for _ in range(2):
+                    _state.off = False
+                    on = min(on, _best(step, 3))
+                    _state.off = True
+                    for m in step_linears:
+                        m.tiles = tiles[m] if rows <= linear_rows else None
+                    off = min(off, _best(step, 3))
+                    for m in step_linears:
+                        m.tiles = tiles[m]
+            finally:
+                _state.timing = None
+            return on, off
+
+        on, off = on_off()
+        if not _faster(on, off):  # a loss counts once it is measured again (timings here jump)
+            on, off = on_off(on, off)
         speedups.append(round(off / on, 3))
         if not _faster(on, off):
             break
