@@ -50,10 +50,10 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_step.c", HERE / "train_step.c", HERE / "abi.c")  # one library
 HEADERS = (HERE / "common.h", HERE / "abi.h")
 MAX_QUERIES = 8  # queries per row up to which the kernel beats PyTorch's fused attention
-_LIMITS: dict[str, int] = {}  # MAX_KEYS, MAX_HEAD_DIM, MAX_ROW: abi.h's, read from the library when it loads
+# MAX_KEYS, MAX_HEAD_DIM, MAX_ROW, INT8_HEAD, INT8_MAX_K: abi.h's, read from the library when it loads
 # (and INT8_LEVELS: the levels a sign its int8 kernel rounds inputs to, 127 with AVX512_VNNI, 63 with
 # AVX2, 0 where it does not (then its tiles hold groups of 1 input, else 4))
-_INT8_HEAD, _INT8_MAX_K = 128, 65536  # decode_step.c's I8_HEAD (bytes a tile), I8_MAX_K
+_LIMITS: dict[str, int] = {}
 _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (train_step.c), then portable
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
     ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
@@ -290,7 +290,7 @@ def _library() -> ctypes.CDLL | None:
             fn = getattr(library, f"{kernel}_{suffix}")
             fn.restype, fn.argtypes = ctypes.c_int, [ctypes.POINTER(struct)]
     library.aiayn_status_message.restype, library.aiayn_status_message.argtypes = ctypes.c_char_p, [ctypes.c_int]
-    for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW", "INT8_LEVELS"):
+    for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW", "INT8_HEAD", "INT8_MAX_K", "INT8_LEVELS"):
         getter = getattr(library, f"aiayn_{name.lower()}")
         getter.restype = ctypes.c_int64
         _LIMITS[name] = getter()
@@ -520,8 +520,8 @@ def _tiles_fit(tiles: Tensor, n: int, k: int, dtype: torch.dtype) -> bool:
     dtype, or int8 for fp32 inputs."""
     if tiles.dtype == torch.int8:
         g = _int8_group()  # (None: no library)
-        return (g is not None and dtype == torch.float32 and k <= _INT8_MAX_K and tiles.is_contiguous()
-                and tiles.shape == (-(-n // 16), _INT8_HEAD + 16 * g * -(-k // g)))
+        return (g is not None and dtype == torch.float32 and k <= _LIMITS["INT8_MAX_K"] and tiles.is_contiguous()
+                and tiles.shape == (-(-n // 16), _LIMITS["INT8_HEAD"] + 16 * g * -(-k // g)))
     pairs = dtype == torch.bfloat16
     return (tiles.dtype == dtype and tiles.dim() == (4 if pairs else 3) and tiles.size(2) == 16
             and tiles.size(0) == -(-n // 16) and tiles.size(1) == (-(-k // 2) if pairs else k) and tiles.is_contiguous())

@@ -10,6 +10,8 @@ int aiayn_abi_version(void) { return AIAYN_ABI_VERSION; }
 int64_t aiayn_max_keys(void) { return AIAYN_MAX_KEYS; }
 int64_t aiayn_max_head_dim(void) { return AIAYN_MAX_HEAD_DIM; }
 int64_t aiayn_max_row(void) { return AIAYN_MAX_ROW; }
+int64_t aiayn_int8_head(void) { return AIAYN_INT8_HEAD; }
+int64_t aiayn_int8_max_k(void) { return AIAYN_INT8_MAX_K; }
 
 const char *aiayn_status_name(int status) {
     switch (status) {

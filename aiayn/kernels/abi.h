@@ -40,6 +40,8 @@ enum {
     AIAYN_MAX_KEYS = 4096,      /* keys per attention row (training: queries too) */
     AIAYN_MAX_HEAD_DIM = 1024,  /* an attention head's size */
     AIAYN_MAX_ROW = 16384,      /* add_norm's row */
+    AIAYN_INT8_HEAD = 128,      /* bytes at the head of an int8 tile: 16 fp32 scales, 16 int32 weight sums */
+    AIAYN_INT8_MAX_K = 65536,   /* an int8 linear's inputs: int32 sums of 4 products of <= 255 * 128 a group */
 };
 
 /* --------------------------------------------------------------------- decode_step.c's kernels */
@@ -107,7 +109,6 @@ enum {
     X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \
     X(int64_t, relu)            /* 1: max(0, .) of each output (NaN stays NaN) */
 
-/* ---------------------------------------------------------------------- train_step.c's kernels */
 #define AIAYN_DECODER_LAYER_ARGS(X)                                                                   \
     X(const void *, x)          /* (B, D) contiguous: the layer's input, one new position a row */    \
     X(void *, out)              /* (B, D) contiguous: its output; may be x */                         \
@@ -132,6 +133,7 @@ enum {
     X(int64_t, ms_b)                                                                                  \
     X(float, eps)               /* the three LayerNorms' */
 
+/* ---------------------------------------------------------------------- train_step.c's kernels */
 #define AIAYN_ATTENTION_FORWARD_ARGS(X)                                                               \
     X(const void *, q)         /* (B, nt, >= H dh) at qs_b, qs_t: nt queries per row */                                    \
     X(const void *, k) X(const void *, v)  /* (B, ns, >= H dh) at ks_b, ks_s and vs_b, vs_s: ns keys */         \
@@ -231,6 +233,8 @@ const char *aiayn_status_message(int status);  /* what it means, in words */
 int64_t aiayn_max_keys(void);
 int64_t aiayn_max_head_dim(void);
 int64_t aiayn_max_row(void);
+int64_t aiayn_int8_head(void);
+int64_t aiayn_int8_max_k(void);
 int64_t aiayn_int8_levels(void);  /* int8 kernel: inputs rounded to 127 (AVX512_VNNI) or 63 (AVX2) levels
                                     a sign, in tiles of groups of 4; 0: not rounded, groups of 1 */
 

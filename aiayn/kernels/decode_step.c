@@ -512,7 +512,6 @@ HOT int NAME(const linear_args *a)                                              
  * y_j = (max|x| / L) s_j (sum (q + O) w_j - O sum w_j) + b_j; a row with a NaN or an infinity
  * gives NaN. Elsewhere (I8_LEVELS 0, groups of 1) the weights are widened to fp32 (exactly) and x
  * stays fp32: y_j = s_j (x . w_j) + b_j. */
-#define I8_HEAD 128
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #define I8_LEVELS 127
 #define I8_SHIFT 7  /* O = 1 << I8_SHIFT */
@@ -523,13 +522,12 @@ HOT int NAME(const linear_args *a)                                              
 #define I8_LEVELS 0
 #endif
 #define I8_GROUP (I8_LEVELS ? 4 : 1)
-#define I8_MAX_K 65536  /* int32 sums of (q + O) w: 4 products of at most 255 * 128 a group */
 
 int64_t aiayn_int8_levels(void) { return I8_LEVELS; }
 
 static inline int64_t i8_groups(int64_t k) { return (k + I8_GROUP - 1) / I8_GROUP; }
 static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) {
-    return w + tile * (I8_HEAD + 16 * I8_GROUP * i8_groups(k));
+    return w + tile * (AIAYN_INT8_HEAD + 16 * I8_GROUP * i8_groups(k));
 }
 
 #if I8_LEVELS
@@ -594,7 +592,7 @@ static inline __attribute__((always_inline)) void i8_rows_##MR(const linear_args
         i8_acc acc[MR][I8_PANEL];                                                                     \
         const int8_t *wt[I8_PANEL];                                                                   \
         for (int c = 0; c < I8_PANEL; c++) {  /* past the last tile: the last again, never stored */  \
-            wt[c] = i8_tile(w, t + c < tiles ? t + c : tiles - 1, k) + I8_HEAD;                       \
+            wt[c] = i8_tile(w, t + c < tiles ? t + c : tiles - 1, k) + AIAYN_INT8_HEAD;               \
             for (int m = 0; m < MR; m++) acc[m][c] = I8_ZERO();                                       \
         }                                                                                             \
         for (int64_t p = 0; p < groups; p++)                                                          \
@@ -631,7 +629,7 @@ DEFINE_I8_ROWS(1)
 HOT int linear_f32_i8(const linear_args *a) {
     const int status = linear_check(a);
     if (status != AIAYN_OK) return status;
-    AIAYN_REQUIRE(a->k <= I8_MAX_K, AIAYN_OVER_LIMIT);
+    AIAYN_REQUIRE(a->k <= AIAYN_INT8_MAX_K, AIAYN_OVER_LIMIT);
     if (a->rows == 0) return AIAYN_OK;
     const int64_t rows = a->rows, groups = i8_groups(a->k), qs = 4 * groups;
     uint8_t *q = malloc((size_t)(rows * qs) + (size_t)rows * sizeof(float));
@@ -665,8 +663,8 @@ static inline lin_vec i8_widen(const int8_t *p) {
 }
 #endif
 #define I8_PRODUCTS(MR)                                                                               \
-    const int8_t *w0 = i8_tile(w, lin_tile(t, 0, tiles), k) + I8_HEAD + LIN_LANE(0);                  \
-    const int8_t *w1 = i8_tile(w, lin_tile(t, 1, tiles), k) + I8_HEAD + LIN_LANE(1);                  \
+    const int8_t *w0 = i8_tile(w, lin_tile(t, 0, tiles), k) + AIAYN_INT8_HEAD + LIN_LANE(0);          \
+    const int8_t *w1 = i8_tile(w, lin_tile(t, 1, tiles), k) + AIAYN_INT8_HEAD + LIN_LANE(1);          \
     for (int64_t i = 0; i < k; i++) {                                                                 \
         const lin_vec v0 = i8_widen(w0 + i * 16), v1 = i8_widen(w1 + i * 16);                        \
         for (int m = 0; m < MR; m++) {                                                                \
@@ -678,7 +676,7 @@ static inline lin_vec i8_widen(const int8_t *p) {
 #define I8_SCALE(r, u) ((r) * load16_f32((const float *)i8_tile(w, u, k)))
 DEFINE_LINEAR(linear_f32_i8_widened, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, store16_f32, to_f32)
 HOT int linear_f32_i8(const linear_args *a) {
-    AIAYN_REQUIRE(a->k <= I8_MAX_K, AIAYN_OVER_LIMIT);
+    AIAYN_REQUIRE(a->k <= AIAYN_INT8_MAX_K, AIAYN_OVER_LIMIT);
     return linear_f32_i8_widened(a);
 }
 #endif

@@ -48,7 +48,10 @@ def test_the_limits_are_defined_once_in_abi_h(library):
     header = (Path(kernels.__file__).parent / "abi.h").read_text()
     for name in ("MAX_KEYS", "MAX_HEAD_DIM", "MAX_ROW"):
         assert getattr(kernels, name) == int(re.search(rf"AIAYN_{name} = (\d+)", header).group(1))
-    assert re.search(r"MAX_KEYS\s*=|MAX_HEAD_DIM\s*=|MAX_ROW\s*=", Path(kernels.__file__).read_text()) is None
+    for name in ("INT8_HEAD", "INT8_MAX_K"):
+        assert kernels._LIMITS[name] == int(re.search(rf"AIAYN_{name} = (\d+)", header).group(1))
+    assert re.search(r"MAX_KEYS\s*=|MAX_HEAD_DIM\s*=|MAX_ROW\s*=|INT8_HEAD\s*=|INT8_MAX_K\s*=",
+                     Path(kernels.__file__).read_text()) is None
 
 
 def _swapped(struct, a, b):
