@@ -450,17 +450,19 @@ MAX_LINEAR_ROWS = 64  # the most rows `linear` is timed at (tuning.LINEAR_ROWS),
 def linear_rows(dtype: torch.dtype) -> int:
     """Up to how many rows `linear` beats oneDNN's GEMM on this machine, for weights of `dtype` (int8:
     PyTorch's dynamically quantized GEMM) (tuning.py; 0: never, or the kernels are not here)."""
-    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available():
-        return 0
-    return int(_wins("linear", dtype))
+    return _rows("linear", dtype)
 
 
 def layer_rows(dtype: torch.dtype) -> int:
     """Up to how many rows `decoder_layer` (with linear layers of `dtype`, int8 included) beats the
     layer's modules on this machine (tuning.py; 0: never, or the kernels are not here)."""
+    return _rows("layer", dtype)
+
+
+def _rows(family: str, dtype: torch.dtype) -> int:
     if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available():
         return 0
-    return int(_wins("layer", dtype))
+    return int(_wins(family, dtype))
 
 
 def step_tiles(dtype: torch.dtype) -> bool:

@@ -33,11 +33,13 @@ PyTorch); AIAYN_KERNELS=0 none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
+from typing import ContextManager
 from pathlib import Path
 
 import torch
@@ -129,9 +131,10 @@ def _best(fn: Callable[[], object], reps: int = 5) -> float:
     return best
 
 
-def _on_off(fn: Callable[[], object], family: str, reps: int = 5) -> tuple[float, float]:
-    """Seconds of fn with `family`'s kernels on and off (every other kernel on), the best of `reps`,
-    interleaved against drift."""
+def _on_off(fn: Callable[[], object], family: str, reps: int = 5,
+            while_off: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[float, float]:
+    """Seconds of fn with `family`'s kernels on and off (every other kernel on; the off runs inside
+    `while_off()`), the best of `reps`, interleaved against drift."""
     on = off = float("inf")
     _state.timing = family
     try:
@@ -139,10 +142,30 @@ def _on_off(fn: Callable[[], object], family: str, reps: int = 5) -> tuple[float
             _state.off = False
             on = min(on, _best(fn, reps))
             _state.off = True
-            off = min(off, _best(fn, reps))
+            with while_off():
+                off = min(off, _best(fn, reps))
     finally:
         _state.timing = None
     return on, off
+
+
+def _won_at(step: Callable[[], object], family: str, won: Callable[[float, float], bool],
+            while_off: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[bool, float]:
+    """Whether `family`'s kernels won on `step` (`won(on, off)`, as _on_off times them), and the
+    speed-up: a loss counts once it is timed again (timings here jump), the best of both kept."""
+    on, off = _on_off(step, family, 3, while_off)
+    if not won(on, off):
+        on, off = (min(a, b) for a, b in zip((on, off), _on_off(step, family, 3, while_off)))
+    return won(on, off), round(off / on, 3)
+
+
+def _measurable(dtype: torch.dtype) -> bool:
+    """Whether the few-rows kernels have a path to beat here: oneDNN's GEMM (fp32, bf16), PyTorch's
+    dynamically quantized one (int8). Elsewhere there is only PyTorch's own GEMM: not measured."""
+    from aiayn import capability
+    from aiayn.fast.inference import onednn_available
+
+    return capability.probe("cpu").int8 if dtype == torch.int8 else onednn_available()
 
 
 def _measure(key: str) -> tuple[bool | int, list[float]]:
@@ -203,19 +226,15 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
     GEMM on a decoding step's layers (the inference copy's OneDNNLinear, with and without its
     tiles); 0 if it lost at one row. And the speed-ups measured."""
     from aiayn import kernels
-    from aiayn.fast.inference import OneDNNLinear, onednn_available
+    from aiayn.fast.inference import OneDNNLinear
 
-    if dtype == torch.int8:
-        from aiayn import capability
-
-        if not capability.probe("cpu").int8:
-            return 0, []
-    elif not onednn_available():  # nothing to beat here but PyTorch's own GEMM: not measured
+    if not _measurable(dtype):
         return 0, []
+    inputs_dtype = torch.float32 if dtype == torch.int8 else dtype
     shapes = [(256, 768), (256, 256), (256, 256), (256, 256), (256, 1024), (1024, 256)] * 3 + [(256, 8000)]
     layers = []
     for k, n in shapes:
-        layer = torch.nn.Linear(k, n).to(torch.float32 if dtype == torch.int8 else dtype).requires_grad_(False)
+        layer = torch.nn.Linear(k, n).to(inputs_dtype).requires_grad_(False)
         if dtype == torch.int8:  # against fbgemm's dynamically quantized GEMM
             layers.append(_int8_linear(layer))
             continue
@@ -225,18 +244,16 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
         layers.append(layer)
     longest, speedups = 0, []
     for rows in LINEAR_ROWS:
-        inputs = {k: torch.randn(rows, k, dtype=torch.float32 if dtype == torch.int8 else dtype) for k in (256, 1024)}
+        inputs = {k: torch.randn(rows, k, dtype=inputs_dtype) for k in (256, 1024)}
 
         def step():
             with torch.no_grad():
                 for layer in layers:
                     layer(inputs[layer.in_features])
 
-        on, off = _on_off(step, "linear", reps=3)
-        if not on * LINEAR_MARGIN < off:  # a loss counts once it is measured again (timings here jump)
-            on, off = (min(a, b) for a, b in zip((on, off), _on_off(step, "linear", reps=3)))
-        speedups.append(round(off / on, 3))
-        if not on * LINEAR_MARGIN < off:
+        won, speedup = _won_at(step, "linear", lambda on, off: on * LINEAR_MARGIN < off)
+        speedups.append(speedup)
+        if not won:
             break
         longest = rows
     return longest, speedups
@@ -247,12 +264,12 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
     (kernels.decoder_layer) were faster than through the layers' modules, whose linear layers run
     where the linear family's decision puts them (the kernel up to its rows, else oneDNN or fbgemm);
     0 if it lost at one row. And the speed-ups measured."""
-    from aiayn import capability, kernels
+    from aiayn import kernels
     from aiayn.config import ModelConfig
-    from aiayn.fast.inference import inference_model, onednn_available
+    from aiayn.fast.inference import inference_model
     from aiayn.model import build_model
 
-    if not (capability.probe("cpu").int8 if dtype == torch.int8 else onednn_available()):
+    if not _measurable(dtype):
         return 0, []
     linear_rows = kernels.linear_rows(dtype)  # (its own decision, measured first if need be)
     cfg = ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=3,
@@ -280,28 +297,19 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
                 for _ in range(8):
                     model.decode_step(tokens, cache)
 
-        def on_off(on: float = float("inf"), off: float = float("inf")) -> tuple[float, float]:
-            """off: the modules, with the linear kernel only where its own decision puts it."""
-            _state.timing = "layer"
+        @contextlib.contextmanager
+        def modules():  # off: the layers' modules, their linear kernel only where its own decision puts it
+            for m in step_linears:
+                m.tiles = tiles[m] if rows <= linear_rows else None
             try:
-                for _ in range(2):
-                    _state.off = False
-                    on = min(on, _best(step, 3))
-                    _state.off = True
-                    for m in step_linears:
-                        m.tiles = tiles[m] if rows <= linear_rows else None
-                    off = min(off, _best(step, 3))
-                    for m in step_linears:
-                        m.tiles = tiles[m]
+                yield
             finally:
-                _state.timing = None
-            return on, off
+                for m in step_linears:
+                    m.tiles = tiles[m]
 
-        on, off = on_off()
-        if not _faster(on, off):  # a loss counts once it is measured again (timings here jump)
-            on, off = on_off(on, off)
-        speedups.append(round(off / on, 3))
-        if not _faster(on, off):
+        won, speedup = _won_at(step, "layer", _faster, modules)
+        speedups.append(speedup)
+        if not won:
             break
         longest = rows
     return longest, speedups

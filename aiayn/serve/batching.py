@@ -4,8 +4,8 @@ Every job (one sentence, say) goes into a bounded queue with its cost in tokens 
 different keys, e.g. beam sizes, cannot share a batch). A single task on the event loop waits for
 the first job, gathers more while they keep coming (until none came for `gap_ms`), for at most
 `max_wait_ms` after the oldest one arrived, or until `max_tokens` are queued: a lone request waits
-`gap_ms`, a burst of clients is gathered into one batch. It then takes the jobs of one key up to that budget, sorted by length,
-and runs them in the model's worker thread, off the event loop. Then:
+`gap_ms`, a burst of clients is gathered into one batch. It then takes the jobs of one key up to
+that budget, sorted by length, and runs them in the model's worker thread, off the event loop. Then:
 - each job's result goes to its own future; an exception goes to every future of the batch, so
   no request hangs;
 - a job whose future was cancelled (its client went away) before its batch started is dropped;

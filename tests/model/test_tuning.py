@@ -88,12 +88,15 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
     assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS, 24), tiles, None, 40) is not None
 
 
-def test_the_linear_measurement_times_its_kernel_against_onednn():
+@pytest.mark.parametrize("family", ["linear", "layer"])
+def test_the_few_rows_measurements_time_their_kernels_against_onednn(family):
+    """linear: the layers' linear kernel against oneDNN's GEMM; layer: decoding steps, each decoder
+    layer in one call against its modules."""
     from aiayn.fast.inference import onednn_available
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch build: nothing to measure against")
-    rows, speedups = tuning._linear(torch.float32)
+    rows, speedups = {"linear": tuning._linear, "layer": tuning._layer}[family](torch.float32)
     assert rows in (0, *tuning.LINEAR_ROWS) and 0 < len(speedups) <= len(tuning.LINEAR_ROWS)
     assert all(s > 0 for s in speedups)
 
@@ -197,12 +200,3 @@ def test_the_one_call_decoder_layer_has_its_own_decision(measured, monkeypatch):
     assert [out is not None for out in calls] == [True, False]  # one call up to 2 rows, the modules from 3
     assert {"layer_f32", "linear_f32"} <= set(measured)
 
-
-def test_the_layer_measurement_times_decoding_steps():
-    from aiayn.fast.inference import onednn_available
-
-    if not onednn_available():
-        pytest.skip("no oneDNN in this torch build: nothing to measure against")
-    rows, speedups = tuning._layer(torch.float32)
-    assert rows in (0, *tuning.LINEAR_ROWS) and 0 < len(speedups) <= len(tuning.LINEAR_ROWS)
-    assert all(s > 0 for s in speedups)
