@@ -160,12 +160,16 @@ def _won_at(step: Callable[[], object], family: str, won: Callable[[float, float
 
 
 def _measurable(dtype: torch.dtype) -> bool:
-    """Whether the few-rows kernels have a path to beat here: oneDNN's GEMM (fp32, bf16), PyTorch's
-    dynamically quantized one (int8). Elsewhere there is only PyTorch's own GEMM: not measured."""
+    """Whether the few-rows kernels have a path to beat here: oneDNN's GEMM (fp32, bf16 where the CPU
+    computes bf16 natively: elsewhere oneDNN refuses it), PyTorch's dynamically quantized one (int8).
+    Elsewhere there is only PyTorch's own GEMM: not measured."""
     from aiayn import capability
     from aiayn.fast.inference import onednn_available
 
-    return capability.probe("cpu").int8 if dtype == torch.int8 else onednn_available()
+    machine = capability.probe("cpu")
+    if dtype == torch.int8:
+        return machine.int8
+    return onednn_available() and (dtype != torch.bfloat16 or machine.bf16)
 
 
 def _measure(key: str) -> tuple[bool | int, list[float]]:

@@ -89,6 +89,15 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
 
 
 @pytest.mark.parametrize("family", ["linear", "layer"])
+def test_the_few_rows_families_measure_nothing_a_cpu_cannot_run(family, monkeypatch):
+    """On a CPU without bf16 (oneDNN refuses it) or without a quantized engine, nothing is timed: 0 rows."""
+    lacking = capability.Machine("cpu", "avx2", "an AVX2 CPU", bf16=False, fp16=False, int8=False)
+    monkeypatch.setattr(capability, "probe", lambda device="cpu": lacking)
+    measure = {"linear": tuning._linear, "layer": tuning._layer}[family]
+    assert measure(torch.bfloat16) == (0, []) and measure(torch.int8) == (0, [])
+
+
+@pytest.mark.parametrize("family", ["linear", "layer"])
 def test_the_few_rows_measurements_time_their_kernels_against_onednn(family):
     """linear: the layers' linear kernel against oneDNN's GEMM; layer: decoding steps, each decoder
     layer in one call against its modules."""
