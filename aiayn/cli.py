@@ -690,6 +690,8 @@ def cmd_train_pixels(args) -> int:
 
     _check_device(args.device)
     _finetune_request(args)
+    if args.shift < 0:
+        raise UserError(f"--shift is a number of pixels, 0 or more, not {args.shift}")
     resumed = _vision_run(args, "image-gpt")
     init, previous = None, resumed[3] if resumed else None
     data_path = resumed[2] if resumed else args.data
@@ -723,12 +725,13 @@ def cmd_train_pixels(args) -> int:
     if init is not None:
         model.load_state_dict(init.state_dict())
     extra = _finetune_model(args, model, "image-gpt", previous, {})
-    task = PixelLMTask(train, val, tokenizer, tcfg.batch_size, tcfg.device)
+    shift = previous.get("shift", 0) if previous else args.shift
+    task = PixelLMTask(train, val, tokenizer, tcfg.batch_size, tcfg.device, shift=shift)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; {tokenizer.levels} gray levels; {len(train):,} training "
           f"and {len(val):,} validation images; run directory {args.out}", file=sys.stderr)
     trainer = Trainer(task, model, tokenizer, tcfg, Path(args.out),
-                      extra_meta={"data": str(data_path) if data_path else None, **extra})
+                      extra_meta={"data": str(data_path) if data_path else None, "shift": shift, **extra})
     print(json.dumps(trainer.run(resume=args.resume, progress=not args.quiet), default=str))
     return 0
 
@@ -1093,6 +1096,9 @@ def _add_vision_train_parsers(tsub) -> None:
     g.add_argument("--d-ff", type=int, help="feed-forward width (default 256)")
     g.add_argument("--dropout", type=float, help="residual and embedding dropout (default 0)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--shift", type=int, default=0,
+                   help="augmentation: move each training image by up to this many whole pixels in "
+                        "each direction (default 0: none)")
     _add_finetune_options(g, "image-gpt")
     _add_train_options(g)
     g.set_defaults(func=cmd_train_pixels)

@@ -11,7 +11,7 @@ from aiayn.data.images import ImageSet
 from aiayn.data.pixels import PixelTokenizer
 from aiayn.model import build_model
 from aiayn.model.vit import VisionTransformer
-from aiayn.tasks.pixels import PixelLMTask, bits_per_pixel, generate_images, image_grid, pixel_config, pixel_train
+from aiayn.tasks.pixels import PixelLMTask, bits_per_pixel, shift_images, generate_images, image_grid, pixel_config, pixel_train
 from aiayn.tasks.vision import ViTTask, accuracy, augment, split_train_val, vit_train
 from aiayn.vision import attention_rollout, cls_maps, vit_attention
 
@@ -122,6 +122,25 @@ def test_pixel_task_learns_and_counts_pixels():
     assert task.validate(model, tcfg)["val_bpp"] < 0.2
     drawn = generate_images(model, tok, [0, 1, 1], seed=3)
     assert drawn.shape == (3, 4, 4) and drawn[0].max() == 0 and drawn[1:].min() == 255
+
+
+def test_shifts_move_whole_images_by_at_most_the_limit():
+    images = torch.zeros(200, 9, 9, dtype=torch.uint8)
+    images[:, 3:6, 3:6] = torch.arange(1, 10, dtype=torch.uint8).view(3, 3)  # a 3x3 stamp in the middle
+    assert torch.equal(shift_images(images, 0), images)
+    torch.manual_seed(0)
+    moved = shift_images(images, 2)
+    assert moved.shape == images.shape and moved.dtype == torch.uint8
+    seen = set()
+    for image in moved:  # the stamp, intact, somewhere within 2 pixels of where it was; the rest black
+        ys, xs = torch.nonzero(image == 1, as_tuple=True)
+        y, x = int(ys[0]), int(xs[0])
+        assert abs(y - 3) <= 2 and abs(x - 3) <= 2
+        assert torch.equal(image[y:y + 3, x:x + 3], images[0, 3:6, 3:6]) and int(image.sum()) == 45
+        seen.add((y, x))
+    assert len(seen) == 25  # every shift drawn
+    torch.manual_seed(0)
+    assert torch.equal(shift_images(images, 2), moved)  # torch's generator: a resumed run is exact
 
 
 def test_sampling_draws_palette_tokens_is_seeded_and_keeps_prompt_rows():
