@@ -931,8 +931,6 @@ def cmd_serve(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be > 0")
     if args.batch_wait_ms < 0:
         raise UserError("--batch-wait-ms must be >= 0")
-    if args.stream_rows < 0:
-        raise UserError("--stream-rows must be >= 0")
     _check_device(args.device)
     translation_dir = None if args.no_translation else model_dir(args.model, "translation")
     lm_dir = None
@@ -949,7 +947,7 @@ def cmd_serve(args) -> int:
     models = load_models(translation_dir, lm_dir, args.device, adapters=args.adapter or [])
     api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
     limits = Limits(max_queue=args.max_queue, timeout_s=args.timeout, batch_wait_ms=args.batch_wait_ms,
-                    max_new_tokens=args.max_new_tokens, stream_rows=args.stream_rows)
+                    max_new_tokens=args.max_new_tokens)
     app = create_app(models, limits, api_key=api_key, beam=args.beam, precision=args.precision)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -1303,9 +1301,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 512)")
     s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch gathers requests at "
                    "most; it stops sooner when none came for 2 ms (default 20)")
-    s.add_argument("--stream-rows", type=int, default=64,
-                   help="greedy translations: sentences decoded at once, joining and leaving the batch at any "
-                        "step (continuous batching; default 64); 0: in batches, as beam search")
     s.add_argument("--max-new-tokens", type=int, default=1000, help="generation limit per request (default 1000)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
     s.add_argument("--device", default="cpu")

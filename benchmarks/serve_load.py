@@ -4,7 +4,6 @@ at a time, against the offline throughput of `aiayn.translate` on the same sente
     python benchmarks/serve_load.py                          # 1, 8, 32, 64 clients; 10 s each; beams 1 and 4
     python benchmarks/serve_load.py --duration 30 --cpus 1   # the server pinned to core 1 (taskset)
     python benchmarks/serve_load.py --quick                  # seconds: checks that it works
-    python benchmarks/serve_load.py --greedy-batching continuous,batches --beams 1   # the two ways to batch
 
 For each beam size and number of clients: requests/s, p50/p99 latency, errors and 503s, and the
 server's resident memory (VmRSS at the end of the level, VmHWM = peak since start). The offline
@@ -151,14 +150,8 @@ def main() -> None:
     ap.add_argument("--overload-queue", type=int, default=16)
     ap.add_argument("--soak", type=float, default=0, help="then this many seconds at 32 clients, greedy, "
                     "printing the server's VmRSS every 10 s")
-    ap.add_argument("--greedy-batching", default="continuous",
-                    help="how the server batches greedy translations, one server each: continuous (the default: "
-                         "sentences join and leave the batch at any step), batches (--stream-rows 0), or both, "
-                         "comma-separated")
     ap.add_argument("--quick", action="store_true", help="1 and 8 clients, 2 s, greedy: checks that it runs")
     args = ap.parse_args()
-    if not set(args.greedy_batching.split(",")) <= {"continuous", "batches"}:
-        ap.error(f"--greedy-batching: continuous, batches or both, not {args.greedy_batching!r}")
     if args.quick:
         args.clients, args.beams, args.duration, args.sentences, args.overload_clients = "1,8", "1", 2.0, 64, 32
     if args.client_cpus:
@@ -166,42 +159,35 @@ def main() -> None:
     texts = sentences(args.sentences)
     print(f"# {len(texts)} Multi30k test sentences; server CPUs: {args.cpus or 'all'}; "
           f"{args.duration:g} s per level", flush=True)
-    rows, offline_of = [], {}
-    for mode in args.greedy_batching.split(","):
-        port = free_port()
-        server = start_server(port, args.cpus, ["--stream-rows", "0"] if mode == "batches" else [])
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for beam in (int(b) for b in args.beams.split(",")):
-                if beam > 1 and mode != args.greedy_batching.split(",")[0]:
-                    continue  # beam search is batched the same way in both modes
-                if beam not in offline_of:
-                    offline_of[beam] = offline(texts, beam, args.cpus)
-                    print(f"offline translate(), beam {beam}: {offline_of[beam][0]:.1f} sentences/s, "
-                          f"{1000 * offline_of[beam][1]:.1f} CPU ms per sentence", flush=True)
-                base, base_cpu = offline_of[beam]
-                for clients in (int(c) for c in args.clients.split(",")):
-                    c0, h0 = cpu_seconds(server.pid), httpx.get(f"{url}/healthz").json()
-                    row = asyncio.run(load(url, texts, clients, args.duration, beam))
-                    cpu = (cpu_seconds(server.pid) - c0) / max(1, row["ok"])
-                    h1 = httpx.get(f"{url}/healthz").json()
-                    # sentences per batch (beam search, greedy in batches) or per decoding step (continuous)
-                    row["mean_batch"] = round((h1["batched_sentences"] - h0["batched_sentences"]) /
-                                              max(1, h1["batches"] - h0["batches"]), 1)
-                    row.update(memory_kb(server.pid), batching=mode if beam == 1 else "batches",
-                               offline_per_s=round(base, 1), of_offline=round(row["req_per_s"] / base, 2),
-                               cpu_ms=round(1000 * cpu, 1), offline_cpu_ms=round(1000 * base_cpu, 1),
-                               cpu_of_offline=round(base_cpu / cpu, 2))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-            if args.soak and mode == args.greedy_batching.split(",")[0]:
-                for _ in range(max(1, int(args.soak // 10))):
-                    r = asyncio.run(load(url, texts, 32, 10, 1))
-                    print(json.dumps({"soak": True, "req_per_s": r["req_per_s"], "p99_ms": r["p99_ms"],
-                                      **memory_kb(server.pid)}), flush=True)
-        finally:
-            server.terminate()
-            server.wait(30)
+    rows = []
+    port = free_port()
+    server = start_server(port, args.cpus, [])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for beam in (int(b) for b in args.beams.split(",")):
+            base, base_cpu = offline(texts, beam, args.cpus)
+            print(f"offline translate(), beam {beam}: {base:.1f} sentences/s, {1000 * base_cpu:.1f} CPU ms "
+                  "per sentence", flush=True)
+            for clients in (int(c) for c in args.clients.split(",")):
+                c0, h0 = cpu_seconds(server.pid), httpx.get(f"{url}/healthz").json()
+                row = asyncio.run(load(url, texts, clients, args.duration, beam))
+                cpu = (cpu_seconds(server.pid) - c0) / max(1, row["ok"])
+                h1 = httpx.get(f"{url}/healthz").json()
+                row["mean_batch"] = round((h1["batched_sentences"] - h0["batched_sentences"]) /
+                                          max(1, h1["batches"] - h0["batches"]), 1)
+                row.update(memory_kb(server.pid), offline_per_s=round(base, 1),
+                           of_offline=round(row["req_per_s"] / base, 2), cpu_ms=round(1000 * cpu, 1),
+                           offline_cpu_ms=round(1000 * base_cpu, 1), cpu_of_offline=round(base_cpu / cpu, 2))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if args.soak:
+            for _ in range(max(1, int(args.soak // 10))):
+                r = asyncio.run(load(url, texts, 32, 10, 1))
+                print(json.dumps({"soak": True, "req_per_s": r["req_per_s"], "p99_ms": r["p99_ms"],
+                                  **memory_kb(server.pid)}), flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
     port = free_port()
     server = start_server(port, args.cpus, ["--max-queue", str(args.overload_queue)])
     try:
@@ -211,11 +197,11 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    print("\n| beam | batching | clients | req/s | of offline | p50 ms | p99 ms | mean batch | server CPU ms/req | "
+    print("\n| beam | clients | req/s | of offline | p50 ms | p99 ms | mean batch | server CPU ms/req | "
           "offline CPU ms/sent. | CPU efficiency | VmRSS MB | VmHWM MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['beam']} | {r['batching']} | {r['clients']} | {r['req_per_s']} | {r['of_offline']:.0%} | {r['p50_ms']} | "
+        print(f"| {r['beam']} | {r['clients']} | {r['req_per_s']} | {r['of_offline']:.0%} | {r['p50_ms']} | "
               f"{r['p99_ms']} | {r['mean_batch']} | {r['cpu_ms']} | {r['offline_cpu_ms']} | {r['cpu_of_offline']:.0%} | "
               f"{r['VmRSS'] / 1024:.0f} | {r['VmHWM'] / 1024:.0f} |")
     print(f"\noverload: {args.overload_clients} clients, queue {args.overload_queue}: {row['status']} "

@@ -64,7 +64,7 @@ class FastDropout(nn.Dropout):
 
 # ------------------------------------------------------------------------------------- modules
 class FastEmbedding(Embedding):
-    def forward(self, tokens: Tensor, start: int | Tensor = 0) -> Tensor:
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
         if not (self.training and self.dropout.p):  # a decoding step: one kernel call
             x = kernels.embed(tokens, self.tokens.weight, self.scale, self.positions(start, tokens.size(1)))
             if x is not None:
@@ -84,8 +84,8 @@ class FastMultiHeadAttention(MultiHeadAttention):
             out = None
             if self.training and cache is None:
                 out = kernels.training_attention(qkv, qkv, mask, self.n_heads, self.d_model, k_col=self.d_model)
-            elif cache is not None and qkv.size(1) == 1:  # one new token: every position, or the mask's
-                out = kernels.self_attention_step(qkv, *cache, self.n_heads, mask)
+            elif cache is not None and mask is None:  # one new token sees every position
+                out = kernels.self_attention_step(qkv, *cache, self.n_heads)
             if out is not None:
                 return out, None
         return super().self_attention(qkv, mask, cache, need_weights)
@@ -120,14 +120,14 @@ class FastTransformerLayer(TransformerLayer):
     kernel's tiles): the whole layer in one kernel call."""
 
     def forward(self, x, mask, *, memory_kv=None, memory_mask=None, cache=None, need_weights=False):
-        if cache is not None and x.size(1) == 1 and isinstance(memory_kv, tuple) and not (need_weights or self.training):
-            out = self._decoder_step(x, memory_kv, memory_mask, cache, mask)
+        if cache is not None and mask is None and isinstance(memory_kv, tuple) and not (need_weights or self.training):
+            out = self._decoder_step(x, memory_kv, memory_mask, cache)
             if out is not None:
                 return out, {"self": None, "cross": None}
         return super().forward(x, mask, memory_kv=memory_kv, memory_mask=memory_mask, cache=cache,
                                need_weights=need_weights)
 
-    def _decoder_step(self, x, memory_kv, memory_mask, cache, self_mask) -> Tensor | None:
+    def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
         known = _PLANS.get(self)  # (its linear layers, their tiles, the plan)
         if known is None or any(getattr(m, "tiles", None) is not t for m, t in zip(known[0], known[1])):
             attn, cross, ff = self.self_attn, self.cross_attn, self.ff  # checked once, again if the tiles change
@@ -135,7 +135,7 @@ class FastTransformerLayer(TransformerLayer):
             known = linears, [getattr(m, "tiles", None) for m in linears], self._plan(linears)
             _PLANS[self] = known
         plan = known[2]
-        return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask, self_mask)
+        return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask)
 
     def _plan(self, linears) -> tuple | None:
         ff, norms = self.ff, (self.self_norm, self.cross_norm, self.ff_norm)

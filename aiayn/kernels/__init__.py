@@ -77,7 +77,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 2  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 1  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -119,9 +119,9 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams",
                     "sentences r V xs n n_forbid eos eos_banned"),
     "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
-    "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask "
-                             "self_mask", "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b "
-                             "svs_h svs_t ms_b sms_b", "eps"),
+    "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
+                             "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
+                             "ms_b", "eps"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -375,32 +375,23 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     return out.transpose(1, 2)
 
 
-def self_attention_step(qkv: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, n_heads: int,
-                        mask: Tensor | None = None) -> Tensor | None:
+def self_attention_step(qkv: Tensor, k_buf: Tensor, v_buf: Tensor, start: int, n_heads: int) -> Tensor | None:
     """One new position per row of a causal self-attention with a cache: qkv (B, 1, 3D) is the fused
     projection [q | k | v] of the new tokens. Their keys and values are written at position `start`
-    of the (B, H, L, Dh) buffers, then the queries attend to positions 0..start (those of them that
-    `mask` (B, 1, 1, >= start + 1) keeps, if given: rows that began at different steps). -> (B, 1, D),
-    heads merged: in one call what PyTorch does in ~25 (split, head views, cache writes, attention,
-    merge). None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
+    of the (B, H, L, Dh) buffers, then the queries attend to positions 0..start. -> (B, 1, D), heads
+    merged: in one call what PyTorch does in ~25 (split, head views, cache writes, attention, merge).
+    None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
     B, T, D3 = qkv.shape
     D = D3 // 3
     Dh = D // n_heads
     if not (T == 1 and D3 == 3 * n_heads * Dh and qkv.stride(2) == 1 and 0 <= start < k_buf.size(2) and k_buf.size(0) == B
-            and usable(qkv, k_buf, v_buf) and _takes(B, n_heads, Dh, k_buf, v_buf, None) and _row_mask(mask, B, start)):
+            and usable(qkv, k_buf, v_buf) and _takes(B, n_heads, Dh, k_buf, v_buf, None)):
         return None
     out = qkv.new_empty(B, 1, D)
     rows, ptr, size = qkv.stride(0), qkv.data_ptr(), qkv.element_size()
-    ran = _run(qkv, (rows, Dh, 0), k_buf, v_buf, mask, out, (D, D, Dh), B, n_heads, 1, start + 1, Dh,
+    ran = _run(qkv, (rows, Dh, 0), k_buf, v_buf, None, out, (D, D, Dh), B, n_heads, 1, start + 1, Dh,
                new=(ptr + D * size, ptr + 2 * D * size), new_strides=(rows, Dh, rows, Dh), declines=(Status.OVER_LIMIT,))
     return out if ran else None
-
-
-def _row_mask(mask: Tensor | None, B: int, start: int) -> bool:
-    """Whether a self-attention step's mask is None or one the kernels read as it is: boolean
-    (B, 1, 1, >= start + 1), each row's positions contiguous."""
-    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[:3] == (B, 1, 1)
-                            and mask.size(3) > start and mask.stride(3) == 1 and mask.stride(0) >= 0 and mask.is_cpu)
 
 
 def cross_attention_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
@@ -579,13 +570,12 @@ def decoder_layer_plan(weights: list[Tensor | None], n_heads: int, d_ff: int, ep
 
 
 def decoder_layer(x: Tensor, plan: tuple, k_buf: Tensor, v_buf: Tensor, start: int, source_k: Tensor,
-                  source_v: Tensor, mask: Tensor | None, self_mask: Tensor | None = None) -> Tensor | None:
+                  source_v: Tensor, mask: Tensor | None) -> Tensor | None:
     """One new position of each row of x (B, 1, D) through a post-norm decoder layer with a ReLU
     feed-forward, in one call (decode_step.c's decoder_layer) -> (B, 1, D). `plan`: the layer's
     weights, from `decoder_layer_plan`. Self-attention's cache k_buf, v_buf (B, H, L, Dh) holds `start`
-    positions (the new one is written at `start`), of which self_mask (B, 1, 1, >= start + 1), if
-    given, keeps some; the source's keys and values (b, H, S, Dh), each group of B / b rows
-    attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit
+    positions (the new one is written at `start`); the source's keys and values (b, H, S, Dh), each
+    group of B / b rows attending to one, mask (b, 1, 1, S) boolean or None. The same results, bit
     for bit, as the layer's kernels called one by one (`linear`, the attention steps,
     `add_layer_norm`); taken up to as many rows as it beat the layer's modules on this machine
     (`layer_rows`). None otherwise."""
@@ -596,8 +586,7 @@ def decoder_layer(x: Tensor, plan: tuple, k_buf: Tensor, v_buf: Tensor, start: i
             and not (grad and torch.is_grad_enabled())
             and 0 < B <= _wins("layer", tiles_dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
             and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
-            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)
-            and _row_mask(self_mask, B, start)):
+            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)):
         return None
     out = x.new_empty(B, 1, D)
     args = type(layer).from_buffer_copy(layer)  # (a plan may serve several decoding threads at once)
@@ -609,7 +598,6 @@ def decoder_layer(x: Tensor, plan: tuple, k_buf: Tensor, v_buf: Tensor, start: i
     args.sks_b, args.sks_h, args.sks_t = source_k.stride()[:3]
     args.svs_b, args.svs_h, args.svs_t = source_v.stride()[:3]
     args.ms_b = mask.stride(0) if mask is not None else 0
-    args.self_mask, args.sms_b = (self_mask.data_ptr(), self_mask.stride(0)) if self_mask is not None else (0, 0)
     _call(function, args)
     return out
 
@@ -619,18 +607,17 @@ def _takes_ids(*ids: Tensor) -> bool:
 
 
 def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Tensor | None:
-    """table[tokens] * scale + positions for tokens (B, T) and this call's positions (T, D), or each
-    row's own (B, T, D): the input of a decoding step in one call. None if the kernel does not take
-    these inputs or a token is out of the table's range (PyTorch's embedding then says which)."""
+    """table[tokens] * scale + positions for tokens (B, T) and this call's positions (T, D): the input
+    of a decoding step in one call. None if the kernel does not take these inputs or a token is out
+    of the table's range (PyTorch's embedding then says which)."""
     B, T = tokens.shape
     D = table.size(1)
     if not (tokens.dtype == torch.int64 and tokens.is_contiguous() and tokens.is_cpu and table.is_contiguous()
-            and (positions.shape == (T, D) or B > 0 and positions.shape == (B, T, D)) and positions.is_contiguous() and usable(table, positions)):
+            and positions.shape == (T, D) and positions.is_contiguous() and usable(table, positions)):
         return None
     out = table.new_empty(B, T, D)
     args = _STRUCTS["embed"](tokens=tokens.data_ptr(), table=table.data_ptr(), positions=positions.data_ptr(),
-                             out=out.data_ptr(), rows=B * T, length=positions.numel() // D, vocab=table.size(0),
-                             n=D, scale=scale)
+                             out=out.data_ptr(), rows=B * T, length=T, vocab=table.size(0), n=D, scale=scale)
     return out if _call("embed_" + _FUNCTIONS[table.dtype], args, declines=(Status.BAD_INDEX,)) else None
 
 

@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 2
+#define AIAYN_ABI_VERSION 1
 
 typedef enum {
     AIAYN_OK = 0,
@@ -126,13 +126,11 @@ enum {
                                               the new keys and values written at t */                 \
     X(const void *, source_k) X(const void *, source_v)  /* (B / group, H, S, dh) at sks_* / svs_* */ \
     X(const uint8_t *, mask)    /* (B / group, S) at ms_b, 0 = excluded; or NULL */                   \
-    X(const uint8_t *, self_mask)  /* (B, t + 1) at sms_b, 0 = a cache position excluded (rows that \
-                                      began at different steps: continuous batching); or NULL */      \
     X(int64_t, B) X(int64_t, D) X(int64_t, H) X(int64_t, d_ff) X(int64_t, t) X(int64_t, S)            \
     X(int64_t, group)           /* rows per source row (beam search) */                               \
     X(int64_t, ks_b) X(int64_t, ks_h) X(int64_t, ks_t) X(int64_t, vs_b) X(int64_t, vs_h) X(int64_t, vs_t) \
     X(int64_t, sks_b) X(int64_t, sks_h) X(int64_t, sks_t) X(int64_t, svs_b) X(int64_t, svs_h) X(int64_t, svs_t) \
-    X(int64_t, ms_b) X(int64_t, sms_b)                                                                \
+    X(int64_t, ms_b)                                                                                  \
     X(float, eps)               /* the three LayerNorms' */
 
 /* ---------------------------------------------------------------------- train_step.c's kernels */

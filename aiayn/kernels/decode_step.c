@@ -15,10 +15,11 @@
  *
  * Attention, for every row b, head h and query i < n_queries:
  *     out[b, i, h, :] = softmax(scale * k[b / group, h, :t, :] q[b, h, i, :] + mask) v[b / group, h, :t, :]
- * where mask[b / group, s] == 0 excludes key s, which is then not read at all (a row with every key
- * excluded gets zeros, as PyTorch's scaled_dot_product_attention gives). `group` consecutive rows share one source (beam
- * search's beams of a sentence). A self-attention step first appends its own key and value: with
- * k_new != NULL, k_new[b, h, :] and v_new[b, h, :] are written at position t - 1 of k and v (group 1).
+ * where mask[b / group, s] == 0 excludes key s, which is then not read at all (a row with every
+ * key excluded gets zeros, as PyTorch's scaled_dot_product_attention gives). `group` consecutive
+ * rows share one source (beam search's beams of a sentence). A self-attention step first appends
+ * its own key and value: with k_new != NULL, k_new[b, h, :] and v_new[b, h, :] are written at
+ * position t - 1 of k and v (group 1).
  * Why: PyTorch's fused attention, for one query, runs two tiny GEMMs per (row, head) and reads
  * keys and values with little memory-level parallelism: 200-300 us for 64 rows x 4 heads x 20 keys
  * in a decoding step, where reading them takes ~30-100 us. Here each (row, head) is two streaming
@@ -704,7 +705,7 @@ static int decoder_layer_check(const decoder_layer_args *a) {
     AIAYN_REQUIRE(a->t < AIAYN_MAX_KEYS && a->S <= AIAYN_MAX_KEYS && a->D / a->H <= AIAYN_MAX_HEAD_DIM
                   && a->D <= AIAYN_MAX_ROW, AIAYN_OVER_LIMIT);
     AIAYN_REQUIRE((a->ks_b | a->ks_h | a->ks_t | a->vs_b | a->vs_h | a->vs_t | a->sks_b | a->sks_h | a->sks_t
-                   | a->svs_b | a->svs_h | a->svs_t | a->ms_b | a->sms_b) >= 0, AIAYN_BAD_STRIDE);
+                   | a->svs_b | a->svs_h | a->svs_t | a->ms_b) >= 0, AIAYN_BAD_STRIDE);
     return AIAYN_OK;
 }
 
@@ -723,8 +724,7 @@ HOT int NAME(const decoder_layer_args *a)                                       
     /* self-attention: [q | k | v], the new keys and values into the cache, the heads, projected */   \
     STEP(LINEAR(&(linear_args){.x = a->x, .w = a->qkv_w, .bias = a->qkv_b, .out = qkv, .rows = B, .n = 3 * D, \
                           .k = D, .xs = D, .os = 3 * D}));                                             \
-    STEP(ATTEND(&(attend_args){.q = qkv, .k = a->k_cache, .v = a->v_cache, .mask = a->self_mask,            \
-                          .ms_b = a->sms_b, .out = heads, .k_new = qkv + D,                            \
+    STEP(ATTEND(&(attend_args){.q = qkv, .k = a->k_cache, .v = a->v_cache, .out = heads, .k_new = qkv + D,  \
                           .v_new = qkv + 2 * D, .B = B, .H = H, .n_queries = 1, .t = a->t + 1, .dh = dh, \
                           .group = 1, .qs_b = 3 * D, .qs_h = dh, .ks_b = a->ks_b, .ks_h = a->ks_h,     \
                           .ks_t = a->ks_t, .vs_b = a->vs_b, .vs_h = a->vs_h, .vs_t = a->vs_t, .os_b = D, \

@@ -54,22 +54,15 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.max_len = cfg.max_len
 
-    def positions(self, start: int | Tensor, length: int) -> Tensor:
-        """The positions start..start+length-1: (length, D), or with each row's own start (B,)
-        (rows that began at different steps: continuous batching), (B, length, D)."""
-        if isinstance(start, Tensor):
-            last = int(start.max()) + length if start.numel() else 0
-            index = start[:, None] + torch.arange(length, device=start.device)
-        else:
-            last, index = start + length, slice(start, start + length)
-        if last > self.max_len:
-            raise InputError(f"sequence of {last} positions is longer than the model's "
+    def positions(self, start: int, length: int) -> Tensor:
+        if start + length > self.max_len:
+            raise InputError(f"sequence of {start + length} positions is longer than the model's "
                              f"maximum length {self.max_len}")
         if self.learned is not None:
-            return self.learned.weight[index]
-        return self.pe[index]
+            return self.learned.weight[start:start + length]
+        return self.pe[start:start + length]
 
-    def forward(self, tokens: Tensor, start: int | Tensor = 0) -> Tensor:
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
         positions = self.positions(start, tokens.size(1))
         x = self.tokens(tokens) * self.scale  # (B, T, D)
         return self.dropout(x + positions.to(x.dtype))

@@ -50,20 +50,12 @@ class _Decoding(nn.Module):
         """Feed the next T tokens (B, T) (usually T = 1) and return their logits (B, T, V).
 
         Keys and values of the new positions are appended to `cache`; earlier ones are reused.
-        A cache whose rows began at different steps (aiayn.decode.continuous: its `joined` (B,) is
-        each row's first step, its `row_mask(T)` what each row may attend to) gives each row its
-        own positions; such a cache takes one token at a time.
         """
         start, T = cache.length, tokens.size(1)
         if start + T > cache.capacity:
             raise InputError(f"KV cache holds {cache.capacity} positions; {start + T} needed")
-        joined = getattr(cache, "joined", None)
-        if joined is None:
-            x = self.tgt_embed(tokens, start=start)
-            mask = None if T == 1 else causal_mask(T, tokens.device, offset=start)  # one new token sees all
-        else:
-            x = self.tgt_embed(tokens, start=start - joined)
-            mask = cache.row_mask(T)
+        x = self.tgt_embed(tokens, start=start)
+        mask = None if T == 1 else causal_mask(T, tokens.device, offset=start)  # one new token sees all
         h, _ = self.decoder(x, mask, memory_mask=cache.memory_mask, cache=cache)
         cache.length += T
         return self.logits(h)

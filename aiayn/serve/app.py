@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the router raises this one (404, 405)
 
-from aiayn.serve.batching import ContinuousBatcher, DynamicBatcher, QueueFull
+from aiayn.serve.batching import DynamicBatcher, QueueFull
 from aiayn.serve.models import Limits, Models, decode_precision
 
 STATIC = Path(__file__).parent / "static"
@@ -141,15 +141,13 @@ INLINE_CHARS = 1000  # texts up to this many characters in all are split and tok
 
 
 class Server:
-    """What the routes share: models, limits, the worker thread and the batchers (greedy search:
-    continuous batching; beam search: dynamic batches)."""
+    """What the routes share: models, limits, the worker thread and the batcher."""
 
     def __init__(self, models: Models, limits: Limits, api_key: str | None, beam: int, precision: str):
         self.models, self.limits, self.api_key, self.beam = models, limits, api_key, beam
         self.precision = decode_precision(precision)
         self.executor: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
-        self.stream: ContinuousBatcher | None = None
         self.generations = weakref.WeakSet()  # the generations under way: a generator that is dropped leaves
 
     async def start(self, warmup: bool) -> None:
@@ -159,19 +157,14 @@ class Server:
             self.batcher = DynamicBatcher(t.translate_batch, self.executor, self.limits.batch_wait_ms,
                                           self.limits.batch_tokens, self.limits.max_queue, self.limits.batch_gap_ms)
             self.batcher.start()
-            if self.limits.stream_rows:
-                self.stream = ContinuousBatcher(lambda precision, rows: t.stream(precision, rows), self.executor,
-                                                self.limits.stream_rows, self.limits.batch_wait_ms, self.limits.max_queue)
-                self.stream.start()
             if warmup:  # the inference copy, and any kernel compiled at first use, before the first client
-                await self.translate(["A man is riding a bicycle."], 1, None, None)
+                await self.batcher.submit((1, t.alpha, self.precision), ["A man is riding a bicycle."], [1])
         if warmup and self.models.lm is not None:
             await self.run(self.models.lm.inference, self.precision)
 
     async def stop(self) -> None:
-        for batcher in (self.batcher, self.stream):
-            if batcher is not None:
-                await batcher.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -207,16 +200,11 @@ class Server:
             cut, unique = split_texts(texts, t.src)
             return cut, unique, [t.cost(s, beam) for s in unique]
 
-        # a long text off the event loop (not in the model's thread); a sentence or two at once (~0.1 ms,
-        # less than the thread hop)
+        # a long text off the event loop (not in the model's thread); a sentence or two on it (~0.1 ms:
+        # less than a hop to another thread, which cost the 32-client load test ~10% of its requests/s)
         long = sum(map(len, texts)) > INLINE_CHARS
         cut, unique, costs = await asyncio.to_thread(prepare) if long else prepare()
-        if not unique:
-            done = []
-        elif beam == 1 and self.stream is not None:  # greedy: continuous batching, one stream per precision
-            done = await self.stream.submit(precision, unique, costs)
-        else:
-            done = await self.batcher.submit(key, unique, costs)
+        done = await self.batcher.submit(key, unique, costs) if unique else []
         return join_texts(cut, dict(zip(unique, done)))
 
 
@@ -358,11 +346,9 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
 
     @app.get("/healthz")
     async def healthz():
-        both = [b for b in (server.batcher, server.stream) if b is not None]  # none without a translation model
-        # batches: beam search's batches and greedy search's decoding steps; batched_sentences: the
-        # sentences in them (a greedy sentence counted at each step)
-        return {"status": "ok", "queued": sum(len(b) for b in both), "generations": len(server.generations),
-                "batches": sum(b.batches for b in both), "batched_sentences": sum(b.jobs for b in both)}
+        b = server.batcher  # None without a translation model (and empty when len(b) == 0: no `if b`)
+        return {"status": "ok", "queued": len(b) if b is not None else 0, "generations": len(server.generations),
+                "batches": b.batches if b is not None else 0, "batched_sentences": b.jobs if b is not None else 0}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def list_models():

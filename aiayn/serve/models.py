@@ -43,7 +43,6 @@ class Limits:
     batch_wait_ms: float = 20.0      # dynamic batching: how long a batch gathers at most,
     batch_gap_ms: float = 2.0        # or until no request came for this long
     batch_tokens: int = 8192         # and how many tokens (source + 50, times the beam) it holds
-    stream_rows: int = 64            # greedy: sentences decoded at once (continuous batching); 0: batches
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -88,10 +87,6 @@ class TranslationModel(_InferenceCopies):
         return translate(self.inference(precision), self.tokenizer, sentences, beam=beam, alpha=alpha,
                          device=self.device, precision="plain")
 
-    def stream(self, precision: str, max_rows: int) -> "SentenceStream":
-        """A continuous greedy decoder on the inference copy of `precision`. Runs in the worker thread."""
-        return SentenceStream(self.inference(precision), self.tokenizer, max_rows)
-
     def describe(self) -> dict:
         cfg = self.model.cfg
         return {"id": self.name, "task": "translation", "source": self.src, "target": self.tgt,
@@ -99,30 +94,6 @@ class TranslationModel(_InferenceCopies):
                 "max_tokens_per_sentence": cfg.max_len - 1, "vocab_size": cfg.vocab_size,
                 "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers},
                 "heads": cfg.n_heads, "default_alpha": self.alpha}
-
-
-class SentenceStream:
-    """Sentences in, translations out, with continuous batching (aiayn.decode.continuous): the
-    stream of a ContinuousBatcher. Sources are cut to the model's length as `translate` cuts them."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, max_rows: int):
-        from aiayn.decode.continuous import ContinuousGreedy
-
-        self.decoder = ContinuousGreedy(model, tokenizer.bos_id, tokenizer.eos_id, max_rows)
-        self.tokenizer, self.max_src = tokenizer, model.cfg.max_len - 1
-
-    def add(self, sentences: list[str]) -> list:
-        ids = [self.tokenizer.encode(s)[:self.max_src] or [self.tokenizer.unk_id] for s in sentences]
-        with torch.inference_mode():
-            return self.decoder.add(ids)
-
-    def step(self) -> list[tuple[int, str]]:
-        with torch.inference_mode():
-            return [(handle, self.tokenizer.decode(tokens)) for handle, tokens in self.decoder.step()]
-
-    def drop(self, handles: list) -> None:
-        with torch.inference_mode():  # (its buffers are inference tensors)
-            self.decoder.drop(handles)
 
 
 @dataclass

@@ -199,8 +199,7 @@ def test_models_and_health(client):
 
 
 def test_concurrent_requests_are_batched(live_server, live_app, shipped_models):
-    stream = live_app.state.server.stream  # greedy: continuous batching
-    steps, rows = stream.batches, stream.jobs
+    before = live_app.state.server.batcher.batches
     sentences = SENTENCES * 4
 
     def one(s):
@@ -209,14 +208,7 @@ def test_concurrent_requests_are_batched(live_server, live_app, shipped_models):
     with ThreadPoolExecutor(len(sentences)) as pool:
         got = list(pool.map(one, sentences))
     assert got == offline(shipped_models, sentences, beam=1)
-    assert (stream.jobs - rows) / (stream.batches - steps) > 1.5  # sentences decoded together, not in turn
-
-
-def test_greedy_in_batches_without_continuous_batching(shipped_models):
-    with TestClient(create_app(shipped_models, Limits(stream_rows=0), warmup=False)) as c:
-        r = c.post("/v1/translate", json={"texts": SENTENCES, "beam": 1})
-        assert r.status_code == 200 and r.json()["translations"] == offline(shipped_models, SENTENCES, beam=1)
-        assert c.app.state.server.stream is None and c.app.state.server.batcher.jobs == len(set(SENTENCES))
+    assert live_app.state.server.batcher.batches - before < len(set(sentences)) * 2  # not one batch per request
 
 
 def test_a_full_queue_is_503_and_a_slow_request_too(shipped_models):
@@ -233,7 +225,7 @@ def test_cli_refuses_bad_options(capsys):
     from aiayn.cli import main
 
     for args, says in ((["--port", "70000"], "--port"), (["--model", "/no/such/model"], "no such model"),
-                       (["--beam", "0"], "--beam"), (["--stream-rows", "-1"], "--stream-rows")):
+                       (["--beam", "0"], "--beam")):
         assert main(["serve", *args]) != 0
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
