@@ -191,8 +191,8 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
     if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
         forced = True
     if forced is not None:
-        return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS}.get(family, True) \
-            if forced else False
+        return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS,
+                "beam": tuning.BEAM_SENTENCES[-1]}.get(family, True) if forced else False
     key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" if family == "attention" else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
@@ -621,6 +621,12 @@ def embed(tokens: Tensor, table: Tensor, scale: float, positions: Tensor) -> Ten
     return out if _call("embed_" + _FUNCTIONS[table.dtype], args, declines=(Status.BAD_INDEX,)) else None
 
 
+def _beam_takes(sentences: int, most: int) -> bool:
+    """Whether the beam step kernel runs for this many sentences: up to the most at which it won
+    here (tuning's BEAM_SENTENCES), and at any number once it won at the largest measured."""
+    return 0 < sentences <= most or most >= tuning.BEAM_SENTENCES[-1]
+
+
 def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos: int, eos_banned: bool,
                     at_limit: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
     """Beam search's step in one pass (aiayn.decode.beam.search, where `beam_step` is the reference):
@@ -631,7 +637,8 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
     kernel does not take these inputs."""
     b, r = scores.shape
     N, T, V = logits.shape
-    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and usable(logits, family="beam")
+    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and _on_cpu(logits)
+            and (not torch.is_grad_enabled() or not logits.requires_grad) and _beam_takes(b, _wins("beam", logits.dtype))
             and scores.dtype == torch.float32 and scores.is_contiguous() and _takes_ids(forbid)
             and (at_limit is None or (at_limit.dtype == torch.bool and at_limit.shape == (b,) and at_limit.is_contiguous()))):
         return None

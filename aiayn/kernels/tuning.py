@@ -8,7 +8,7 @@ family (and dtype) in a process, its decision for this library, CPU and thread c
 against PyTorch's operators on the same inputs (the model's own modules, with the kernels on and
 off; a fraction of a second each) and the result is added there. A family is used where it was not
 slower; the training attention up to the longest length at which it was not slower, the linear
-layers up to the most rows.
+layers up to the most rows, beam search's step up to the most sentences (at 16, for any number).
 
     family        what is timed (forward + backward where it trains)
     attention     training self-attention, causal, 4 heads of the model's head size, 2,048 tokens, lengths 32-128
@@ -17,7 +17,8 @@ layers up to the most rows.
     loss          label-smoothed cross-entropy, (512, 8000)
     decode        greedy decoding of 16 sentences by a 1+2-layer model, vocabulary 8,000 (attention
                   steps, residual + norm, argmax, embedding)
-    beam          beam search (k = 4) of the same (its step kernel; the decoding kernels on in both)
+    beam          beam search (k = 4) of 1 and of 16 such sentences (its step kernel; the decoding
+                  kernels on in both)
     linear        the linear layers of a decoding step (3 post-norm layers of d_model 256, d_ff 1024,
                   and a generator of 8,000) against oneDNN's GEMM (int8 weights: against PyTorch's
                   dynamically quantized GEMM), at 1, 2, 4, ... 64 rows
@@ -45,12 +46,13 @@ from pathlib import Path
 import torch
 
 ATTENTION_LENGTHS = (32, 64, 128)
+BEAM_SENTENCES = (1, 16)  # one sentence: the step's ~15 PyTorch operators cost more than their arithmetic
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64)
 # The linear layers timed alone win more than in a decoding step (where the rest of the step shares
 # the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
 # as won from 10% faster.
 LINEAR_MARGIN = 1.10
-VERSION = 4  # a new version measures again (what is measured, or the library's boundary, changed)
+VERSION = 5  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now
@@ -187,6 +189,8 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
             return _linear(dtype)
         if family == "layer":
             return _layer(dtype)
+        if family == "beam":
+            return _beam_sentences(dtype)
         on, off = _on_off(MEASURES[family](dtype), family)
         return _faster(on, off), [round(off / on, 3)]
 
@@ -362,7 +366,7 @@ def _loss(dtype):
     return lambda: label_smoothed_cross_entropy(logits, target, 0.1).backward()
 
 
-def _tiny_model(dtype):
+def _tiny_model(dtype, sentences: int = 16):
     from aiayn.config import ModelConfig
     from aiayn.fast.inference import inference_model
     from aiayn.model import build_model
@@ -371,7 +375,7 @@ def _tiny_model(dtype):
     cfg = ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=2,
                       max_len=64, dropout=0.0)
     model = inference_model(build_model(cfg), "fp32" if dtype == torch.float32 else "bf16")
-    src = torch.randint(4, 8000, (16, 8))
+    src = torch.randint(4, 8000, (sentences, 8))
     return model, src
 
 
@@ -382,11 +386,24 @@ def _decode(dtype):
     return lambda: greedy(model, src, 1, 2, max_extra=0, min_len=8)
 
 
-def _beam(dtype):
+def _beam(dtype, sentences: int = 16):
     from aiayn.decode.beam import beam_search
 
-    model, src = _tiny_model(dtype)
+    model, src = _tiny_model(dtype, sentences)
     return lambda: beam_search(model, src, 1, 2, beam_size=4, max_extra=0, min_len=8)
+
+
+def _beam_sentences(dtype: torch.dtype) -> tuple[int, list[float]]:
+    """The most sentences (of BEAM_SENTENCES) up to which beam search with its step kernel was
+    faster; 0 if it lost at one sentence. And the speed-ups measured."""
+    most, speedups = 0, []
+    for n in BEAM_SENTENCES:
+        won, speedup = _won_at(_beam(dtype, n), "beam", _faster)
+        speedups.append(speedup)
+        if not won:
+            break
+        most = n
+    return most, speedups
 
 
 MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam}

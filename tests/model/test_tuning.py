@@ -144,7 +144,7 @@ def test_a_family_is_timed_against_itself_off_with_every_other_kernel_on():
         seen.append((kernels._wins("beam", torch.float32), kernels._wins("decode", torch.float32)))
 
     tuning._on_off(step, "beam", reps=1)
-    assert set(seen) == {(True, True), (False, True)}
+    assert set(seen) == {(tuning.BEAM_SENTENCES[-1], True), (False, True)}
     assert tuning.forced("beam") is None  # over
 
 
@@ -209,3 +209,14 @@ def test_the_one_call_decoder_layer_has_its_own_decision(measured, monkeypatch):
     assert [out is not None for out in calls] == [True, False]  # one call up to 2 rows, the modules from 3
     assert {"layer_f32", "linear_f32"} <= set(measured)
 
+
+
+@pytest.mark.parametrize("most, runs_at", [(0, []), (1, [1]), (16, [1, 5, 40])])
+def test_the_beam_step_kernel_runs_up_to_the_sentences_it_won_at(measured, monkeypatch, most, runs_at):
+    """Beam search's step kernel is timed at 1 and at 16 sentences: where it won only at one (its
+    one call against PyTorch's ~15 operators), batches keep PyTorch's; won at 16, any number."""
+    monkeypatch.setattr(tuning, "_measure", lambda key: (most, [1.0]) if key.startswith("beam") else (True, [1.0]))
+    for b in (1, 5, 40):
+        logits, scores = torch.randn(b * 4, 1, 50), torch.zeros(b, 4)
+        out = kernels.beam_candidates(logits, scores, 8, torch.tensor([0]), 2, False, None)
+        assert (out is not None) == (b in runs_at)
