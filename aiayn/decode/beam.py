@@ -22,6 +22,7 @@ from aiayn import kernels
 from aiayn.decode.greedy import evaluating, max_output_lengths
 from aiayn.errors import InputError
 
+NEG_INF = float("-inf")
 Hypothesis = tuple[list[int], float]  # tokens without BOS and EOS, length-normalised log-probability
 
 
@@ -96,6 +97,7 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     n_finished = torch.zeros(B, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     forbid = torch.tensor(list(forbid), dtype=torch.long, device=device)
+    ranks = torch.arange(2 * k, device=device)  # the candidates' ranks; EOS ones pushed behind by + 2k
     for step in range(int(max_lens.max()) + 1):
         logits = decode_step(last.view(-1, 1), cache)  # (b*width, 1, V), a fresh tensor
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
@@ -121,8 +123,9 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
         cand_scores, cand_tokens, cand_beams = cand  # (b, 2k)
 
         # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
+        # (scores are log-probabilities, never +inf; `> -inf` is one operator, isfinite several)
         is_eos = cand_tokens == eos_id
-        ends = is_eos[:, :k] & cand_scores[:, :k].isfinite()
+        ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
         if ends.any():
             rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
             final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
@@ -132,21 +135,24 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
                     finished[s].append((toks, score))
             n_finished.index_add_(0, alive, ends.sum(1))
 
-        # the k best candidates that do not end with EOS go on (EOS ones pushed behind by + 2k)
-        order = torch.arange(is_eos.size(1), device=device) + is_eos * is_eos.size(1)
-        pick = order.topk(k, dim=1, largest=False).indices  # (b, k), in rank order
+        # the k best candidates that do not end with EOS go on
+        pick = (ranks + is_eos * ranks.numel()).topk(k, dim=1, largest=False).indices  # (b, k), in rank order
         beams, last = cand_beams.gather(1, pick), cand_tokens.gather(1, pick)  # (b, k)
         scores = cand_scores.gather(1, pick)
 
-        done = at_limit | (n_finished[alive] >= k) | ~scores.isfinite().any(1)  # (b,)
-        keep = (~done).nonzero().squeeze(1)  # (b',)
-        if keep.numel() == 0:
-            break
+        done = at_limit | (n_finished[alive] >= k) | ~(scores > NEG_INF).any(1)  # (b,)
+        if done.any():  # sentences leave the batch
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            if keep.numel() == 0:
+                break
+            beams, scores, last, alive, hyps = beams[keep], scores[keep], last[keep], alive[keep], hyps[keep]
+        else:
+            keep = torch.arange(beams.size(0), device=device)
         # one reorder per step both follows the chosen beams and drops finished sentences
-        cache.reorder((keep[:, None] * width + beams[keep]).view(-1))
+        cache.reorder((keep[:, None] * width + beams).view(-1))
         width = k
-        hyps = torch.cat([hyps[keep[:, None], beams[keep]], last[keep, :, None]], dim=2)  # (b', k, t+1)
-        scores, last, alive = scores[keep], last[keep], alive[keep]
+        hyps = torch.cat([hyps.gather(1, beams[:, :, None].expand(-1, -1, hyps.size(2))), last[:, :, None]],
+                         dim=2)  # (b', k, t+1)
     return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]
 
 
