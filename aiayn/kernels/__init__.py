@@ -302,9 +302,10 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def usable(*tensors: Tensor, family: str = "decode") -> bool:
+def usable(*tensors: Tensor, family: str = "decode") -> bool | int:
     """Whether a decoding kernel is built, enabled and faster here, and takes these tensors: on a CPU,
-    fp32 or bf16 (all one dtype), no gradient wanted (it has no backward). Cheap: it runs a few times
+    fp32 or bf16 (all one dtype), no gradient wanted (it has no backward): False, or the family's
+    decision (True, or for a family decided by size, the most it won at). Cheap: it runs a few times
     a decoding step."""
     return (_on_cpu(*tensors) and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors))
             and _wins(family, tensors[0].dtype))
@@ -637,8 +638,8 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
     kernel does not take these inputs."""
     b, r = scores.shape
     N, T, V = logits.shape
-    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and _on_cpu(logits)
-            and (not torch.is_grad_enabled() or not logits.requires_grad) and _beam_takes(b, _wins("beam", logits.dtype))
+    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V
+            and _beam_takes(b, usable(logits, family="beam"))
             and scores.dtype == torch.float32 and scores.is_contiguous() and _takes_ids(forbid)
             and (at_limit is None or (at_limit.dtype == torch.bool and at_limit.shape == (b,) and at_limit.is_contiguous()))):
         return None

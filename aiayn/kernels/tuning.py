@@ -161,6 +161,20 @@ def _won_at(step: Callable[[], object], family: str, won: Callable[[float, float
     return won(on, off), round(off / on, 3)
 
 
+def _most(sizes: tuple[int, ...], won_at: Callable[[int], tuple[bool, float]]) -> tuple[int, list[float]]:
+    """The largest of `sizes` (rows, lengths, sentences) up to which the kernels won, timing each
+    size in turn (`won_at(size)` -> (won, speed-up)) until the first loss; 0 if they lost at the
+    first. And the speed-ups measured."""
+    most, speedups = 0, []
+    for size in sizes:
+        won, speedup = won_at(size)
+        speedups.append(speedup)
+        if not won:
+            break
+        most = size
+    return most, speedups
+
+
 def _measurable(dtype: torch.dtype) -> bool:
     """Whether the few-rows kernels have a path to beat here: oneDNN's GEMM (fp32, bf16 where the CPU
     computes bf16 natively: elsewhere oneDNN refuses it), PyTorch's dynamically quantized one (int8).
@@ -208,8 +222,8 @@ def _attention(dtype: torch.dtype, head_dim: int) -> tuple[int, list[float]]:
     from aiayn.model.attention import attend, causal_mask
 
     D = 4 * head_dim
-    longest, speedups = 0, []
-    for T in ATTENTION_LENGTHS:
+
+    def won_at(T: int) -> tuple[bool, float]:
         B = 2048 // T
         qkv = torch.randn(B, T, 3 * D, dtype=dtype, requires_grad=True)  # a fused projection [q | k | v]
         mask = causal_mask(T)
@@ -222,11 +236,9 @@ def _attention(dtype: torch.dtype, head_dim: int) -> tuple[int, list[float]]:
             out.backward(torch.ones_like(out))
 
         on, off = _on_off(step, "attention", reps=3)
-        speedups.append(round(off / on, 3))
-        if not _faster(on, off):
-            break
-        longest = T
-    return longest, speedups
+        return _faster(on, off), round(off / on, 3)
+
+    return _most(ATTENTION_LENGTHS, won_at)
 
 
 def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
@@ -250,8 +262,8 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
         layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, 64)
         layer.tiles = kernels.linear_tiles(layer.weight)
         layers.append(layer)
-    longest, speedups = 0, []
-    for rows in LINEAR_ROWS:
+
+    def won_at(rows: int) -> tuple[bool, float]:
         inputs = {k: torch.randn(rows, k, dtype=inputs_dtype) for k in (256, 1024)}
 
         def step():
@@ -259,12 +271,9 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
                 for layer in layers:
                     layer(inputs[layer.in_features])
 
-        won, speedup = _won_at(step, "linear", lambda on, off: on * LINEAR_MARGIN < off)
-        speedups.append(speedup)
-        if not won:
-            break
-        longest = rows
-    return longest, speedups
+        return _won_at(step, "linear", lambda on, off: on * LINEAR_MARGIN < off)
+
+    return _most(LINEAR_ROWS, won_at)
 
 
 def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
@@ -292,8 +301,8 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
     if len(step_linears) < 6 * cfg.n_decoder_layers:
         return 0, []  # no tiles here: nothing to run the layer with
     tiles = {m: m.tiles for m in step_linears}
-    longest, speedups = 0, []
-    for rows in LINEAR_ROWS:
+
+    def won_at(rows: int) -> tuple[bool, float]:
         src = torch.randint(4, 8000, (rows, 12))
         with torch.no_grad():
             memory, mask = model.encode(src)
@@ -315,12 +324,9 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
                 for m in step_linears:
                     m.tiles = tiles[m]
 
-        won, speedup = _won_at(step, "layer", _faster, modules)
-        speedups.append(speedup)
-        if not won:
-            break
-        longest = rows
-    return longest, speedups
+        return _won_at(step, "layer", _faster, modules)
+
+    return _most(LINEAR_ROWS, won_at)
 
 
 def _int8_linear(layer: torch.nn.Linear) -> torch.nn.Module:
@@ -396,14 +402,7 @@ def _beam(dtype, sentences: int = 16):
 def _beam_sentences(dtype: torch.dtype) -> tuple[int, list[float]]:
     """The most sentences (of BEAM_SENTENCES) up to which beam search with its step kernel was
     faster; 0 if it lost at one sentence. And the speed-ups measured."""
-    most, speedups = 0, []
-    for n in BEAM_SENTENCES:
-        won, speedup = _won_at(_beam(dtype, n), "beam", _faster)
-        speedups.append(speedup)
-        if not won:
-            break
-        most = n
-    return most, speedups
+    return _most(BEAM_SENTENCES, lambda n: _won_at(_beam(dtype, n), "beam", _faster))
 
 
 MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam}
