@@ -210,7 +210,6 @@ def test_the_one_call_decoder_layer_has_its_own_decision(measured, monkeypatch):
     assert {"layer_f32", "linear_f32"} <= set(measured)
 
 
-
 @pytest.mark.parametrize("most, runs_at", [(0, []), (1, [1]), (16, [1, 5, 40])])
 def test_the_beam_step_kernel_runs_up_to_the_sentences_it_won_at(measured, monkeypatch, most, runs_at):
     """Beam search's step kernel is timed at 1 and at 16 sentences: where it won only at one (its
