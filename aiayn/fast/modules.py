@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiayn import kernels
-from aiayn.model.attention import MultiHeadAttention, split_kv
+from aiayn.model.attention import KVCache, MultiHeadAttention, split_kv
 from aiayn.model.layers import Embedding, TransformerLayer
+from aiayn.model.transformer import Transformer
 
 
 # ------------------------------------------------------------------------------------- dropout
@@ -128,14 +129,22 @@ class FastTransformerLayer(TransformerLayer):
                                need_weights=need_weights)
 
     def _decoder_step(self, x, memory_kv, memory_mask, cache) -> Tensor | None:
+        plan = self.step_plan()
+        return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask)
+
+    def step_plan(self) -> tuple | None:
+        """The layer's weights as the one-call decoder layer takes them (kernels.decoder_layer_plan),
+        or None where it does not (not an inference copy with the kernel's tiles, or not the paper's
+        post-norm ReLU decoder layer)."""
         known = _PLANS.get(self)  # (its linear layers, their tiles, the plan)
         if known is None or any(getattr(m, "tiles", None) is not t for m, t in zip(known[0], known[1])):
             attn, cross, ff = self.self_attn, self.cross_attn, self.ff  # checked once, again if the tiles change
+            if cross is None:
+                return None
             linears = (attn.in_proj, attn.out_proj, getattr(cross, "q_proj", None), cross.out_proj, ff.w1, ff.w2)
             known = linears, [getattr(m, "tiles", None) for m in linears], self._plan(linears)
             _PLANS[self] = known
-        plan = known[2]
-        return None if plan is None else kernels.decoder_layer(x, plan, *cache, *memory_kv, memory_mask)
+        return known[2]
 
     def _plan(self, linears) -> tuple | None:
         ff, norms = self.ff, (self.self_norm, self.cross_norm, self.ff_norm)
@@ -163,5 +172,52 @@ class FastTransformerLayer(TransformerLayer):
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer -> (linears, their tiles, plan)
 
+
+class FastTransformer(Transformer):
+    """A decoding step of one new token a row through an inference copy whose decoder layers take the
+    one-call decoder layer (FastTransformerLayer.step_plan) and whose generator has the few-rows
+    kernel's tiles: the embedding, every layer and the generator in one kernel call
+    (kernels.decoder_step), the same results as the modules' path, without its Python between them."""
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        if tokens.size(1) == 1 and not self.training:
+            logits = self._whole_step(tokens, cache)
+            if logits is not None:
+                return logits
+        return super().decode_step(tokens, cache)
+
+    def _whole_step(self, tokens: Tensor, cache: KVCache) -> Tensor | None:
+        layers, start = self.decoder.layers, cache.length
+        if start >= cache.capacity or len(cache.cross_k) != len(layers):
+            return None
+        for i in range(len(layers)):
+            cache.layer(i)  # a pending reorder applied, room for the new position
+        buffers = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v, cache.memory_mask)
+        known = _STEPS.get(cache)  # (the buffers it was made for, kept alive with it; the plan)
+        if known is None or len(known[0]) != len(buffers) or any(a is not b for a, b in zip(known[0], buffers)):
+            known = buffers, self._step_plan(cache)
+            _STEPS[cache] = known
+        if known[1] is None:
+            return None
+        logits = kernels.decoder_step(tokens, self.tgt_embed.positions(start, 1), start, known[1])
+        if logits is not None:
+            cache.length += 1
+        return logits
+
+    def _step_plan(self, cache: KVCache) -> tuple | None:
+        generator, embed, n = self.generator, self.tgt_embed, len(self.decoder.layers)
+        tiles = getattr(generator, "tiles", None)
+        plans = [layer.step_plan() for layer in self.decoder.layers]
+        if tiles is None or not isinstance(self.decoder.norm, nn.Identity) or any(p is None for p in plans):
+            return None
+        caches = [(cache.self_k[i], cache.self_v[i]) for i in range(n)]
+        return kernels.decoder_step_plan(embed.tokens.weight, embed.scale, plans, caches, cache.length,
+                                         list(zip(cache.cross_k, cache.cross_v)), cache.memory_mask, tiles,
+                                         generator.bias, generator.out_features)
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> (its buffers, the whole step's plan)
+
+
 FAST = {nn.Dropout: FastDropout, Embedding: FastEmbedding, MultiHeadAttention: FastMultiHeadAttention,
-        TransformerLayer: FastTransformerLayer}
+        TransformerLayer: FastTransformerLayer, Transformer: FastTransformer}

@@ -63,7 +63,7 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
 _MIXED = {  # kernel -> its entry points of mixed types: an fp32 stream and a bf16 sublayer; fp32 inputs, int8 weights
     "residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),
-    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",)}
+    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",), "decoder_step": ("f32_i8",)}
 
 
 def __getattr__(name: str) -> int:
@@ -122,6 +122,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
                              "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
                              "ms_b", "eps"),
+    "decoder_step": _struct("decoder_step", "tokens table positions layers out_w out_b logits",
+                            "B t n_layers vocab D V", "scale"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -580,27 +582,93 @@ def decoder_layer(x: Tensor, plan: tuple, k_buf: Tensor, v_buf: Tensor, start: i
     for bit, as the layer's kernels called one by one (`linear`, the attention steps,
     `add_layer_norm`); taken up to as many rows as it beat the layer's modules on this machine
     (`layer_rows`). None otherwise."""
-    layer, function, dtype, tiles_dtype, grad, _ = plan
     B, T, D = x.shape
-    b, H, S, Dh = source_k.shape
-    if not (T == 1 and D == layer.D and H == layer.H and x.dtype == dtype and x.is_contiguous()
-            and not (grad and torch.is_grad_enabled())
-            and 0 < B <= _wins("layer", tiles_dtype) and k_buf.size(0) == B and 0 <= start < k_buf.size(2)
-            and usable(x, k_buf, v_buf, source_k, source_v) and _takes(B, H, Dh, k_buf, v_buf, None)
-            and _takes(B, H, Dh, source_k, source_v, mask) and (mask is None or mask.stride(3) == 1)):
+    dtype = plan[2]
+    if not (T == 1 and x.dtype == dtype and x.is_contiguous() and usable(x)):
+        return None
+    args = _layer_args(plan, B, start, k_buf, v_buf, source_k, source_v, mask)
+    if args is None or args.D != D:
         return None
     out = x.new_empty(B, 1, D)
+    args.x, args.out, args.t = x.data_ptr(), out.data_ptr(), start
+    _call(plan[1], args)
+    return out
+
+
+def _layer_args(plan: tuple, B: int, start: int, k_buf: Tensor, v_buf: Tensor, source_k: Tensor, source_v: Tensor,
+                mask: Tensor | None) -> ctypes.Structure | None:
+    """A decoder layer's arguments for B rows (a copy of its plan's, with the caches, the source and
+    their strides), or None where the kernel does not take them (`decoder_layer`'s conditions)."""
+    layer, _, dtype, tiles_dtype, grad, _ = plan
+    b, H, S, Dh = source_k.shape
+    if not (0 < B <= _wins("layer", tiles_dtype) and not (grad and torch.is_grad_enabled()) and H == layer.H
+            and k_buf.size(0) == B and 0 <= start < min(k_buf.size(2), v_buf.size(2))
+            and _on_cpu(k_buf, v_buf, source_k, source_v) and k_buf.dtype == dtype
+            and _takes(B, H, Dh, k_buf, v_buf, None) and _takes(B, H, Dh, source_k, source_v, mask)
+            and (mask is None or mask.stride(3) == 1)):
+        return None
     args = type(layer).from_buffer_copy(layer)  # (a plan may serve several decoding threads at once)
-    args.x, args.out, args.k_cache, args.v_cache = x.data_ptr(), out.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr()
+    args.k_cache, args.v_cache = k_buf.data_ptr(), v_buf.data_ptr()
     args.source_k, args.source_v, args.mask = source_k.data_ptr(), source_v.data_ptr(), mask.data_ptr() if mask is not None else 0
-    args.B, args.t, args.S, args.group = B, start, S, B // b
+    args.B, args.S, args.group = B, S, B // b
     args.ks_b, args.ks_h, args.ks_t = k_buf.stride()[:3]
     args.vs_b, args.vs_h, args.vs_t = v_buf.stride()[:3]
     args.sks_b, args.sks_h, args.sks_t = source_k.stride()[:3]
     args.svs_b, args.svs_h, args.svs_t = source_v.stride()[:3]
     args.ms_b = mask.stride(0) if mask is not None else 0
-    _call(function, args)
-    return out
+    return args
+
+
+def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: list[tuple[Tensor, Tensor]],
+                      start: int, sources: list[tuple[Tensor, Tensor]], mask: Tensor | None, out_tiles: Tensor,
+                      out_bias: Tensor | None, V: int) -> tuple | None:
+    """What `decoder_step` needs of an encoder-decoder's decoder and one decoding's buffers, checked
+    once: the embedding table (vocab, D) and its scale; every post-norm decoder layer's plan (from
+    `decoder_layer_plan`), self-attention cache (k_buf, v_buf) (B, H, >= start + 1, Dh), source keys
+    and values (b, H, S, Dh) and the source mask (b, 1, 1, S) or None; the generator (out_tiles in
+    `linear_tiles`' form, its bias or None, V outputs). Good for as long as these buffers are the
+    cache's: the caller keeps them, and with them the plan. None where the kernel does not take
+    them: where `embed`, `decoder_layer` or `linear` would not."""
+    dtype, tiles_dtype, function = plans[0][2], plans[0][3], plans[0][1].replace("layer", "step")
+    B, D = caches[0][0].size(0), table.size(1)
+    if not (table.dtype == dtype and table.is_contiguous() and usable(table)
+            and all(p[1] == plans[0][1] for p in plans) and len(plans) == len(caches) == len(sources)
+            and _tiles_fit(out_tiles, V, D, dtype) and out_tiles.is_cpu and out_tiles.dtype == tiles_dtype
+            and B <= _wins("linear", tiles_dtype)
+            and (out_bias is None or (out_bias.shape == (V,) and out_bias.is_contiguous() and out_bias.dtype == dtype))):
+        return None
+    layers = (_STRUCTS["decoder_layer"] * len(plans))()
+    for i, (plan, (k_buf, v_buf), (source_k, source_v)) in enumerate(zip(plans, caches, sources)):
+        args = _layer_args(plan, B, start, k_buf, v_buf, source_k, source_v, mask)
+        if args is None or args.D != D:
+            return None
+        layers[i] = args
+    room = min(min(k.size(2), v.size(2)) for k, v in caches)
+    grad = any(p[4] for p in plans) or out_tiles.requires_grad or (out_bias is not None and out_bias.requires_grad)
+    args = _STRUCTS["decoder_step"](
+        table=table.data_ptr(), layers=ctypes.addressof(layers), out_w=out_tiles.data_ptr(),
+        out_b=0 if out_bias is None else out_bias.data_ptr(), B=B, n_layers=len(plans), vocab=table.size(0), D=D, V=V,
+        scale=scale)
+    return args, function, dtype, room, grad, (layers, table, out_tiles, out_bias, plans)  # (kept alive)
+
+
+def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple) -> Tensor | None:
+    """A whole decoding step of an encoder-decoder in one call (decode_step.c's decoder_step): the
+    newest tokens (B, 1) embedded with their positions (1, D) (position `start`), through every
+    decoder layer (writing each cache's keys and values at `start`), then the generator -> logits
+    (B, 1, V). `plan`: from `decoder_step_plan`, for these caches. The same results, bit for bit, as
+    `embed`, `decoder_layer` and `linear` called in turn. None where the kernel does not take them,
+    or if a token is out of the table's range (nothing written)."""
+    base, function, dtype, room, grad, _ = plan
+    B, T = tokens.shape
+    if not (T == 1 and B == base.B and 0 <= start < room and _takes_ids(tokens) and positions.shape == (1, base.D)
+            and positions.dtype == dtype and positions.is_contiguous() and positions.is_cpu
+            and not (grad and torch.is_grad_enabled())):
+        return None
+    logits = positions.new_empty(B, 1, base.V)
+    args = type(base).from_buffer_copy(base)  # (a plan may serve several decoding threads at once)
+    args.tokens, args.positions, args.logits, args.t = tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(), start
+    return logits if _call(function, args, declines=(Status.BAD_INDEX,)) else None
 
 
 def _takes_ids(*ids: Tensor) -> bool:

@@ -133,6 +133,17 @@ enum {
     X(int64_t, ms_b)                                                                                  \
     X(float, eps)               /* the three LayerNorms' */
 
+#define AIAYN_DECODER_STEP_ARGS(X)                                                                    \
+    X(const int64_t *, tokens)  /* B ids in [0, vocab): each row's newest token */                    \
+    X(const void *, table) X(const void *, positions)  /* (vocab, D) embeddings; D: position t's */   \
+    X(const decoder_layer_args *, layers)  /* n_layers, each a layer's decoder_layer_args but its x, \
+                                              out, B and t (this call's) */                           \
+    X(const void *, out_w) X(const void *, out_b)  /* the generator (V, D) in `linear`'s tiles; its   \
+                                                      bias or NULL */                                 \
+    X(void *, logits)           /* (B, V) contiguous, written */                                      \
+    X(int64_t, B) X(int64_t, t) X(int64_t, n_layers) X(int64_t, vocab) X(int64_t, D) X(int64_t, V)    \
+    X(float, scale)             /* multiplies the embeddings */
+
 /* ---------------------------------------------------------------------- train_step.c's kernels */
 #define AIAYN_ATTENTION_FORWARD_ARGS(X)                                                               \
     X(const void *, q)         /* (B, nt, >= H dh) at qs_b, qs_t: nt queries per row */                                    \
@@ -191,7 +202,7 @@ enum {
 
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
-    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(decoder_layer)                      \
+    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(decoder_layer) K(decoder_step)     \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
     K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
 
@@ -204,6 +215,7 @@ AIAYN_STRUCT(embed, AIAYN_EMBED_ARGS)
 AIAYN_STRUCT(beam, AIAYN_BEAM_ARGS)
 AIAYN_STRUCT(linear, AIAYN_LINEAR_ARGS)
 AIAYN_STRUCT(decoder_layer, AIAYN_DECODER_LAYER_ARGS)
+AIAYN_STRUCT(decoder_step, AIAYN_DECODER_STEP_ARGS)
 AIAYN_STRUCT(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 AIAYN_STRUCT(attention_backward, AIAYN_ATTENTION_BACKWARD_ARGS)
 AIAYN_STRUCT(dropout_mask, AIAYN_DROPOUT_MASK_ARGS)
@@ -215,12 +227,13 @@ AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
  * a bf16 sublayer output, as under autocast). argmax writes its `done`: its struct is not const. */
 #define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
 AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
-AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(decoder_layer, const)
+AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(decoder_layer, const) AIAYN_ENTRY(decoder_step, const)
 AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
 int linear_f32_i8(const linear_args *);  /* int8 weights (tiles with their scales), fp32 inputs */
 int decoder_layer_f32_i8(const decoder_layer_args *);
+int decoder_step_f32_i8(const decoder_step_args *);
 int residual_norm_forward_f32_bf16(const residual_norm_forward_args *);
 int residual_norm_backward_f32_bf16(const residual_norm_backward_args *);
 

@@ -162,7 +162,7 @@ class MultiHeadAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ KV cache
-@dataclass
+@dataclass(eq=False)  # (compared, and hashed, by identity: a cache is one decoding's state)
 class KVCache:
     """Everything incremental decoding keeps between steps, as explicit tensors (one per layer).
 

@@ -443,14 +443,16 @@ def test_the_inference_copy_uses_the_linear_kernel_for_a_few_rows_only(kernel, m
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
 @pytest.mark.parametrize("d_model, heads", [(32, 4), (64, 2)])  # heads of 8 (the scalar path) and 32
-def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypatch, precision, d_model, heads):
-    """A decoding step through the one-call decoder layer gives the same logits, bit for bit, as the
-    same kernels called module by module (linear, attention steps, add_layer_norm): greedy and beam
-    search, a padded source, a source shared by beams (group > 1); int8: int8 weights, fp32 inputs."""
+def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, precision, d_model, heads):
+    """A decoding step in one call (embedding, every decoder layer and the generator: decoder_step)
+    and through the one-call decoder layer give the same logits, bit for bit, as the same kernels
+    called module by module (embed, linear, attention steps, add_layer_norm): greedy and beam search
+    (rows reordered and dropped), a padded source, a source shared by beams (group > 1); int8: int8
+    weights, fp32 inputs."""
     from aiayn.config import ModelConfig
     from aiayn.decode import beam_search, greedy
     from aiayn.fast.inference import inference_model, onednn_available
-    from aiayn.fast.modules import FastTransformerLayer
+    from aiayn.fast.modules import FastTransformer, FastTransformerLayer
     from aiayn.model import build_model
 
     if not onednn_available() and precision != "int8":
@@ -464,10 +466,12 @@ def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypat
     copy = inference_model(model, precision)
     src = torch.randint(4, 60, (3, 9))
     src[1, 5:] = 0
-    step, calls, logits = FastTransformerLayer._decoder_step, [], {}
-    for fused in (True, False):
+    whole, layer, calls, results = FastTransformer._whole_step, FastTransformerLayer._decoder_step, [], {}
+    for path in ("step", "layer", "modules"):
+        monkeypatch.setattr(FastTransformer, "_whole_step",
+                            (lambda self, *a: calls.append(path) or whole(self, *a)) if path == "step" else (lambda self, *a: None))
         monkeypatch.setattr(FastTransformerLayer, "_decoder_step",
-                            (lambda self, *a: calls.append(1) or step(self, *a)) if fused else (lambda self, *a: None))
+                            (lambda self, *a: calls.append(path) or layer(self, *a)) if path == "layer" else (lambda self, *a: None))
         with torch.inference_mode():
             memory, mask = copy.encode(src)
             cache = copy.init_cache(memory, mask, 12)
@@ -475,11 +479,45 @@ def test_decoder_layer_is_the_layers_kernels_called_one_by_one(kernel, monkeypat
             for _ in range(6):
                 out.append(copy.decode_step(tokens, cache))
                 tokens = out[-1].argmax(-1)
-            logits[fused] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
+            results[path] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
                              beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
-    assert calls  # it ran
-    assert torch.equal(logits[True][0], logits[False][0])
-    assert logits[True][1:] == logits[False][1:]
+    assert "step" in calls and "layer" in calls  # both ran
+    for path in ("step", "layer"):
+        assert torch.equal(results[path][0], results["modules"][0]), path
+        assert results[path][1:] == results["modules"][1:], path
+
+
+def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
+    """The one-call step declines, having written nothing, where one of its kernels would: a token
+    out of the table's range, a position past the cache's room, two new tokens a row, a gradient."""
+    from aiayn.config import ModelConfig
+    from aiayn.fast.inference import inference_model
+    from aiayn.fast.modules import _STEPS
+    from aiayn.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
+                                    n_decoder_layers=2, max_len=32, dropout=0.0)).eval()
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    copy = inference_model(model, "fp32")
+    with torch.inference_mode():
+        memory, mask = copy.encode(torch.randint(4, 40, (2, 5)))
+        cache = copy.init_cache(memory, mask, 4)
+        copy.decode_step(torch.full((2, 1), 1), cache)
+        plan = _STEPS[cache][1]
+        assert plan is not None and cache.length == 1  # the first step ran in one call
+        tokens, positions = torch.full((2, 1), 3), copy.tgt_embed.positions(1, 1)
+        before = [t.clone() for t in cache.self_k]
+        assert kernels.decoder_step(torch.tensor([[3], [40]]), positions, 1, plan) is None  # out of range
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.self_k))  # nothing written
+        assert kernels.decoder_step(tokens, positions, 4, plan) is None  # past the cache's room
+        assert kernels.decoder_step(torch.full((2, 2), 3), positions, 1, plan) is None  # two tokens a row
+        assert kernels.decoder_step(torch.full((3, 1), 3), positions, 1, plan) is None  # not the cache's rows
+        assert kernels.decoder_step(tokens, positions.double(), 1, plan) is None
+        assert kernels.decoder_step(tokens, positions, 1, plan) is not None
+    with pytest.raises(IndexError):  # the module path says what is wrong
+        with torch.inference_mode():
+            copy.decode_step(torch.tensor([[3], [40]]), cache)
 
 
 def test_decoder_layer_declines_what_it_does_not_take(kernel, monkeypatch):
