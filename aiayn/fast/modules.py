@@ -195,10 +195,10 @@ class FastTransformer(Transformer):
         buffers = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v, cache.memory_mask)
         known = _STEPS.get(cache)  # (the buffers it was made for, kept alive with it; the plan)
         if known is None or len(known[0]) != len(buffers) or any(a is not b for a, b in zip(known[0], buffers)):
-            n = 2 * len(layers)  # (the self-attention buffers come first)
+            n, plan = 2 * len(layers), None  # (the self-attention buffers come first)
             if known is not None and known[1] is not None and all(a is b for a, b in zip(known[0][n:], buffers[n:])):
                 plan = kernels.decoder_step_recache(known[1], list(zip(cache.self_k, cache.self_v)), start)
-            else:  # (a new cache, or its sources reordered)
+            if plan is None:  # (a new cache, its sources or its number of rows changed)
                 plan = self._step_plan(cache)
             known = buffers, plan
             _STEPS[cache] = known
