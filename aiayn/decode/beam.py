@@ -72,6 +72,34 @@ def beam_step(lprobs: Tensor, scores: Tensor, k: int, block: int = 64) -> tuple[
     return top, idx % V, idx // V
 
 
+def candidates(logits: Tensor, scores: Tensor, k: int, forbid: Tensor, eos_id: int, eos_banned: bool,
+               at_limit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's 2k best candidates of each sentence (scores, tokens, beams, each (b, 2k), best first):
+    logits (b * r, 1, V) of r beams a sentence (changed in place), scores (b, r) so far; never a token
+    of `forbid`, nor EOS if eos_banned, and only EOS for a sentence with at_limit (b,) set."""
+    # aiayn.kernels: all of it in one pass over the logits (the operators below are its reference)
+    cand = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos_id, eos_banned, at_limit)
+    if cand is not None:
+        return cand
+    # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries,
+    # and (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the caches
+    width = scores.size(1)
+    lp = logits[:, -1].float()
+    torch.log_softmax(lp, -1, out=lp)
+    V = lp.size(-1)
+    # the bans below come after the softmax: they do not renormalize
+    if forbid.numel():
+        lp.index_fill_(1, forbid, float("-inf"))
+    row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
+    if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
+        eos_lp = lp[:, eos_id].clone()
+        lp.masked_fill_(row_at_limit[:, None], float("-inf"))
+        lp[:, eos_id] = eos_lp
+    if eos_banned:  # no EOS yet, except where the length limit forces it
+        lp[:, eos_id].masked_fill_(~row_at_limit, float("-inf"))
+    return beam_step(lp.view(-1, width, V), scores, k)
+
+
 def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
            max_lens: Tensor, beam_size: int = 4, alpha: float = 0.6, n_best: int = 1,
            forbid: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
@@ -101,25 +129,7 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     for step in range(int(max_lens.max()) + 1):
         logits = decode_step(last.view(-1, 1), cache)  # (b*width, 1, V), a fresh tensor
         at_limit = max_lens[alive] == step  # (b,) beams that must end now
-        # aiayn.kernels: what follows, in one pass over the logits (beam_step is its reference)
-        cand = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos_id, step < min_len, at_limit)
-        if cand is None:
-            # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries,
-            # and (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the caches
-            lp = logits[:, -1].float()
-            torch.log_softmax(lp, -1, out=lp)
-            V = lp.size(-1)
-            # the bans below come after the softmax: they do not renormalize
-            if forbid.numel():
-                lp.index_fill_(1, forbid, float("-inf"))
-            row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
-            if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
-                eos_lp = lp[:, eos_id].clone()
-                lp.masked_fill_(row_at_limit[:, None], float("-inf"))
-                lp[:, eos_id] = eos_lp
-            if step < min_len:  # no EOS yet, except where the length limit forces it
-                lp[:, eos_id].masked_fill_(~row_at_limit, float("-inf"))
-            cand = beam_step(lp.view(-1, width, V), scores, k)
+        cand = candidates(logits, scores, k, forbid, eos_id, step < min_len, at_limit)
         cand_scores, cand_tokens, cand_beams = cand  # (b, 2k)
 
         # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
