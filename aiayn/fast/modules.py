@@ -190,10 +190,15 @@ class FastTransformer(Transformer):
         layers, start = self.decoder.layers, cache.length
         if start >= cache.capacity or len(cache.cross_k) != len(layers):
             return None
-        for i in range(len(layers)):
-            cache.layer(i)  # a pending reorder applied, room for the new position
-        buffers = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v, cache.memory_mask)
         known = _STEPS.get(cache)  # (the buffers it was made for, kept alive with it; the plan)
+        order = cache.pending_order()  # beam search's reorder: applied in the call
+        if order is None:
+            # a pending reorder applied here: into full-length buffers where this cache took the one-call
+            # step (the next reorders are then applied in place), else as the layers' path reads them best
+            room = cache.capacity - start if known is not None and known[1] is not None else 1
+            for i in range(len(layers)):
+                cache.layer(i, room)
+        buffers = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v, cache.memory_mask)
         if known is None or len(known[0]) != len(buffers) or any(a is not b for a, b in zip(known[0], buffers)):
             n, plan = 2 * len(layers), None  # (the self-attention buffers come first)
             if known is not None and known[1] is not None and all(a is b for a, b in zip(known[0][n:], buffers[n:])):
@@ -204,9 +209,11 @@ class FastTransformer(Transformer):
             _STEPS[cache] = known
         if known[1] is None:
             return None
-        logits = kernels.decoder_step(tokens, self.tgt_embed.positions(start, 1), start, known[1])
+        logits = kernels.decoder_step(tokens, self.tgt_embed.positions(start, 1), start, known[1], order)
         if logits is not None:
             cache.length += 1
+            if order is not None:
+                cache.order_applied()
         return logits
 
     def _step_plan(self, cache: KVCache) -> tuple | None:

@@ -122,7 +122,7 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
                              "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
                              "ms_b", "eps"),
-    "decoder_step": _struct("decoder_step", "tokens table positions layers out_w out_b logits",
+    "decoder_step": _struct("decoder_step", "tokens table positions layers out_w out_b logits order",
                             "B t n_layers vocab D V", "scale"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
@@ -673,22 +673,24 @@ def decoder_step_recache(plan: tuple, caches: list[tuple[Tensor, Tensor]], start
     return base, function, dtype, room, grad, (layers, *keep[1:])
 
 
-def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple) -> Tensor | None:
+def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, order: Tensor | None = None) -> Tensor | None:
     """A whole decoding step of an encoder-decoder in one call (decode_step.c's decoder_step): the
     newest tokens (B, 1) embedded with their positions (1, D) (position `start`), through every
     decoder layer (writing each cache's keys and values at `start`), then the generator -> logits
-    (B, 1, V). `plan`: from `decoder_step_plan`, for these caches. The same results, bit for bit, as
-    `embed`, `decoder_layer` and `linear` called in turn. None where the kernel does not take them,
-    or if a token is out of the table's range (nothing written)."""
+    (B, 1, V). `plan`: from `decoder_step_plan`, for these caches. `order` (B,): first each cache's
+    rows reordered in place, row b taking row order[b]'s positions (beam search's reorder). The same
+    results, bit for bit, as `embed`, `decoder_layer` and `linear` called in turn. None where the
+    kernel does not take them, or if a token (or an order) is out of range: then nothing is written."""
     base, function, dtype, room, grad, _ = plan
     B, T = tokens.shape
     if not (T == 1 and B == base.B and 0 <= start < room and _takes_ids(tokens) and positions.shape == (1, base.D)
             and positions.dtype == dtype and positions.is_contiguous() and positions.is_cpu
-            and not (grad and torch.is_grad_enabled())):
+            and not (grad and torch.is_grad_enabled()) and (order is None or (order.shape == (B,) and _takes_ids(order)))):
         return None
     logits = positions.new_empty(B, 1, base.V)
     args = type(base).from_buffer_copy(base)  # (a plan may serve several decoding threads at once)
     args.tokens, args.positions, args.logits, args.t = tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(), start
+    args.order = 0 if order is None else order.data_ptr()
     return logits if _call(function, args, declines=(Status.BAD_INDEX,)) else None
 
 

@@ -141,6 +141,8 @@ enum {
     X(const void *, out_w) X(const void *, out_b)  /* the generator (V, D) in `linear`'s tiles; its   \
                                                       bias or NULL */                                 \
     X(void *, logits)           /* (B, V) contiguous, written */                                      \
+    X(const int64_t *, order)   /* B ids in [0, B), or NULL: first each layer's cache rows reordered in \
+                                   place, row b taking row order[b]'s positions 0..t-1 (beam search) */ \
     X(int64_t, B) X(int64_t, t) X(int64_t, n_layers) X(int64_t, vocab) X(int64_t, D) X(int64_t, V)    \
     X(float, scale)             /* multiplies the embeddings */
 

@@ -781,12 +781,42 @@ static int decoder_step_check(const decoder_step_args *a) {
     AIAYN_REQUIRE(a->tokens && a->table && a->positions && a->layers && a->out_w && a->logits, AIAYN_NULL_POINTER);
     AIAYN_REQUIRE(a->B >= 0 && a->t >= 0 && a->n_layers >= 1 && a->vocab >= 1 && a->D >= 1 && a->V >= 1, AIAYN_BAD_SIZE);
     AIAYN_REQUIRE(a->D <= AIAYN_MAX_ROW, AIAYN_OVER_LIMIT);
+    if (a->order)
+        for (int64_t b = 0; b < a->B; b++) AIAYN_REQUIRE(a->order[b] >= 0 && a->order[b] < a->B, AIAYN_BAD_INDEX);
     static const char here;  /* a stand-in for the scratch, which is allocated after the checks */
     for (int64_t l = 0; l < a->n_layers; l++) {
         const decoder_layer_args layer = step_layer(a, l, (void *)&here);
         AIAYN_REQUIRE(layer.D == a->D, AIAYN_BAD_SIZE);
+        const int64_t dh = layer.D / layer.H;  /* (a reorder copies each head's positions as one span) */
+        AIAYN_REQUIRE(!a->order || (layer.ks_t == dh && layer.vs_t == dh), AIAYN_BAD_STRIDE);
         const int status = decoder_layer_check(&layer);
         if (status != AIAYN_OK) return status;
+    }
+    return AIAYN_OK;
+}
+
+/* Each layer's self-attention cache rows in `order`, in place (through a copy): row b takes row
+ * order[b]'s positions 0..t-1, as beam search's reorder of its beams. */
+static int step_reorder(const decoder_step_args *a, size_t size) {
+    const int64_t B = a->B, t = a->t;
+    if (t == 0) return AIAYN_OK;
+    for (int64_t l = 0; l < a->n_layers; l++) {
+        const decoder_layer_args *layer = &a->layers[l];
+        const int64_t H = layer->H, span = t * (layer->D / H) * (int64_t)size;  /* one head's filled bytes */
+        char *scratch = malloc((size_t)(B * H * span));
+        if (!scratch) return AIAYN_NO_MEMORY;
+        char *caches[2] = {layer->k_cache, layer->v_cache};
+        const int64_t strides[2][2] = {{layer->ks_b, layer->ks_h}, {layer->vs_b, layer->vs_h}};  /* ks_t is dh */
+        for (int c = 0; c < 2; c++) {
+            const int64_t sb = strides[c][0] * (int64_t)size, sh = strides[c][1] * (int64_t)size;
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < H; h++)
+                    memcpy(scratch + (b * H + h) * span, caches[c] + a->order[b] * sb + h * sh, (size_t)span);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < H; h++)
+                    memcpy(caches[c] + b * sb + h * sh, scratch + (b * H + h) * span, (size_t)span);
+        }
+        free(scratch);
     }
     return AIAYN_OK;
 }
@@ -802,6 +832,7 @@ HOT int NAME(const decoder_step_args *a)                                        
     int failed = AIAYN_OK;                                                                            \
     STEP(EMBED(&(embed_args){.tokens = a->tokens, .table = a->table, .positions = a->positions, .out = x, \
                         .rows = B, .length = 1, .vocab = a->vocab, .n = D, .scale = a->scale}));     \
+    if (a->order) STEP(step_reorder(a, sizeof(T)));                                                   \
     for (int64_t l = 0; l < a->n_layers; l++) {                                                       \
         const decoder_layer_args layer = step_layer(a, l, x);                                         \
         STEP(LAYER(&layer));                                                                          \

@@ -215,6 +215,23 @@ class KVCache:
         self._pending[i] = None
         return self.self_k[i], self.self_v[i], L
 
+    def pending_order(self) -> Tensor | None:
+        """The row order that every layer's buffers still wait for (one order, none applied yet), if
+        it can be applied in place: as many rows as the buffers hold and room for one more position.
+        A caller that applies it itself (aiayn's one-call decoding step gathers the rows in C) then
+        calls `order_applied`. None otherwise (`layer` applies it)."""
+        order = self._pending[0] if self._pending else None
+        if order is None or any(p is not order for p in self._pending):
+            return None
+        L, rows = self.length, self._rows
+        if any(b.size(0) != rows or b.size(2) <= L for b in (*self.self_k, *self.self_v)):
+            return None
+        return order
+
+    def order_applied(self) -> None:
+        """The pending row order was applied to every layer's buffers (see `pending_order`)."""
+        self._pending = [None] * len(self._pending)
+
     @property
     def capacity(self) -> int:
         """The most positions the cache holds."""

@@ -175,6 +175,28 @@ def test_kv_cache_reorders_not_yet_applied_compose():
     assert cache.layer(0)[0] is k_buf  # applied once
 
 
+def test_kv_cache_offers_a_reorder_to_apply_in_place_only_where_it_fits():
+    """pending_order: the one order every layer waits for, where the buffers hold its rows and one
+    more position (a caller that applies it says so: order_applied); else None and `layer` applies it."""
+    B, L = 4, 5
+    self_k = [torch.zeros(B, 2, L, 2) for _ in range(2)]
+    cache = KVCache(self_k, [t.clone() for t in self_k], [], [], length=3)
+    assert cache.pending_order() is None  # nothing pending
+    order = torch.tensor([3, 1, 2, 0])
+    cache.reorder(order)
+    assert cache.pending_order() is order
+    cache.order_applied()
+    assert cache.pending_order() is None and cache.layer(0)[0] is self_k[0]  # nothing left to apply
+    cache.reorder(torch.tensor([1, 0]))
+    assert cache.pending_order() is None  # fewer rows than the buffers hold
+    cache.layer(0)
+    cache.reorder(torch.tensor([1, 0]))
+    assert cache.pending_order() is None  # layers wait for different orders
+    full = KVCache([torch.zeros(B, 2, 3, 2)], [torch.zeros(B, 2, 3, 2)], [], [], length=3)
+    full.reorder(order)
+    assert full.pending_order() is None  # no room for the next position
+
+
 def test_kv_cache_reorder_permutes_and_shrinks():
     B, L = 3, 4
     self_k = [torch.arange(B, dtype=torch.float64).view(B, 1, 1, 1).expand(B, 2, L, 2).clone()]

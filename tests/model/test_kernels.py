@@ -467,8 +467,11 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
     src = torch.randint(4, 60, (3, 9))
     src[1, 5:] = 0
     whole, layer, calls, results = FastTransformer._whole_step, FastTransformerLayer._decoder_step, [], {}
-    recache = kernels.decoder_step_recache  # (beam search's reorders: new self-attention buffers every step)
-    monkeypatch.setattr(kernels, "decoder_step_recache", lambda *a: calls.append("recache") or recache(*a))
+    recache, one_step = kernels.decoder_step_recache, kernels.decoder_step  # (beam search's reorders: a new
+    monkeypatch.setattr(kernels, "decoder_step_recache",  # sentence's rows, or the rows' order, in the call)
+                        lambda *a: calls.append("recache") or recache(*a))
+    monkeypatch.setattr(kernels, "decoder_step",
+                        lambda *a: (calls.append("in place") if a[-1] is not None else None) or one_step(*a))
     for path in ("step", "layer", "modules"):
         monkeypatch.setattr(FastTransformer, "_whole_step",
                             (lambda self, *a: calls.append(path) or whole(self, *a)) if path == "step" else (lambda self, *a: None))
@@ -483,7 +486,7 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
                 tokens = out[-1].argmax(-1)
             results[path] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
                              beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
-    assert "step" in calls and "layer" in calls and "recache" in calls  # each ran
+    assert {"step", "layer", "recache", "in place"} <= set(calls)  # each ran
     for path in ("step", "layer"):
         assert torch.equal(results[path][0], results["modules"][0]), path
         assert results[path][1:] == results["modules"][1:], path
@@ -516,6 +519,9 @@ def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
         assert kernels.decoder_step(torch.full((2, 2), 3), positions, 1, plan) is None  # two tokens a row
         assert kernels.decoder_step(torch.full((3, 1), 3), positions, 1, plan) is None  # not the cache's rows
         assert kernels.decoder_step(tokens, positions.double(), 1, plan) is None
+        assert kernels.decoder_step(tokens, positions, 1, plan, torch.tensor([0, 2])) is None  # a row not there
+        assert kernels.decoder_step(tokens, positions, 1, plan, torch.tensor([0])) is None  # not one per row
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.self_k))  # nothing written
         assert kernels.decoder_step(tokens, positions, 1, plan) is not None
         buffers = list(zip(cache.self_k, cache.self_v))
         assert kernels.decoder_step_recache(plan, buffers, 2) is not None  # the same buffers: taken
