@@ -126,17 +126,19 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     forbid = torch.tensor(list(forbid), dtype=torch.long, device=device)
     ranks = torch.arange(2 * k, device=device)  # the candidates' ranks; EOS ones pushed behind by + 2k
+    lens = max_lens  # (b,) the longest output of each sentence still decoding
+    full = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) sentences with k finished hypotheses
     for step in range(int(max_lens.max()) + 1):
         logits = decode_step(last.view(-1, 1), cache)  # (b*width, 1, V), a fresh tensor
-        at_limit = max_lens[alive] == step  # (b,) beams that must end now
+        at_limit = lens == step  # (b,) beams that must end now
         cand = candidates(logits, scores, k, forbid, eos_id, step < min_len, at_limit)
         cand_scores, cand_tokens, cand_beams = cand  # (b, 2k)
 
         # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
         # (scores are log-probabilities, never +inf; `> -inf` is one operator, isfinite several)
         is_eos = cand_tokens == eos_id
-        ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
-        if ends.any():
+        if is_eos[:, :k].any():  # (on most steps no EOS is among them)
+            ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
             rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
             final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
             tokens = hyps[rows, cand_beams[rows, cols]].tolist()
@@ -144,22 +146,26 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
                 if len(finished[s]) < k:
                     finished[s].append((toks, score))
             n_finished.index_add_(0, alive, ends.sum(1))
+            full = n_finished[alive] >= k
 
         # the k best candidates that do not end with EOS go on
         pick = (ranks + is_eos * ranks.numel()).topk(k, dim=1, largest=False).indices  # (b, k), in rank order
         beams, last = cand_beams.gather(1, pick), cand_tokens.gather(1, pick)  # (b, k)
-        scores = cand_scores.gather(1, pick)
+        scores = cand_scores.gather(1, pick)  # (best first: a sentence whose best is -inf has no live beam)
 
-        done = at_limit | (n_finished[alive] >= k) | ~(scores > NEG_INF).any(1)  # (b,)
+        done = at_limit | full | (scores[:, 0] == NEG_INF)  # (b,)
+        b = beams.size(0)
         if done.any():  # sentences leave the batch
             keep = (~done).nonzero().squeeze(1)  # (b',)
             if keep.numel() == 0:
                 break
             beams, scores, last, alive, hyps = beams[keep], scores[keep], last[keep], alive[keep], hyps[keep]
+            lens, full = lens[keep], full[keep]
+            rows = keep[:, None] * width
         else:
-            keep = torch.arange(beams.size(0), device=device)
+            rows = torch.arange(0, b * width, width, device=device)[:, None]
         # one reorder per step both follows the chosen beams and drops finished sentences
-        cache.reorder((keep[:, None] * width + beams).view(-1))
+        cache.reorder((rows + beams).view(-1))
         width = k
         hyps = torch.cat([hyps.gather(1, beams[:, :, None].expand(-1, -1, hyps.size(2))), last[:, :, None]],
                          dim=2)  # (b', k, t+1)
