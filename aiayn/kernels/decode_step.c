@@ -769,8 +769,10 @@ DEFINE_DECODER_LAYER(decoder_layer_f32_i8, float, linear_f32_i8, attend_f32, add
  * logits. The kernels, order and precision of the one-call-per-layer path, so the same results, bit
  * for bit; in one call it also saves the Python between the layers (module calls, checks, new
  * tensors: ~120 us a step of the small model, more than its arithmetic at one sentence in int8).
- * Every argument is checked before anything is written: a token out of range returns
- * AIAYN_BAD_INDEX with the caches untouched. Arguments: decoder_step_args (abi.h). */
+ * With an `order` it first reorders every layer's cache rows in place (beam search's reorder,
+ * which in Python copied them into new buffers). Every argument is checked before anything is
+ * written: a token or an order out of range returns AIAYN_BAD_INDEX with the caches untouched.
+ * Arguments: decoder_step_args (abi.h). */
 static decoder_layer_args step_layer(const decoder_step_args *a, int64_t l, void *x) {
     decoder_layer_args layer = a->layers[l];
     layer.x = x; layer.out = x; layer.B = a->B; layer.t = a->t;
