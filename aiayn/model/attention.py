@@ -263,10 +263,10 @@ class KVCache:
         for i, pending in enumerate(self._pending):  # compose with a reorder not yet applied
             self._pending[i] = indices if pending is None else pending[indices]
         self._rows = n
-        if not n_sources:
+        g = self.rows_per_source
+        if not n_sources or (n_sources == 1 and n == g):  # (one sentence's beams: its one source stays)
             return
         sources = indices // rows_per_old_source  # (n,) the source of each new row
-        g = self.rows_per_source
         if g > 1 and n % g == 0:
             groups = sources.view(-1, g)
             if bool((groups == groups[:, :1]).all()):
