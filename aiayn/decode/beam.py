@@ -89,14 +89,14 @@ def candidates(logits: Tensor, scores: Tensor, k: int, forbid: Tensor, eos_id: i
     V = lp.size(-1)
     # the bans below come after the softmax: they do not renormalize
     if forbid.numel():
-        lp.index_fill_(1, forbid, float("-inf"))
+        lp.index_fill_(1, forbid, NEG_INF)
     row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
     if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
         eos_lp = lp[:, eos_id].clone()
-        lp.masked_fill_(row_at_limit[:, None], float("-inf"))
+        lp.masked_fill_(row_at_limit[:, None], NEG_INF)
         lp[:, eos_id] = eos_lp
     if eos_banned:  # no EOS yet, except where the length limit forces it
-        lp[:, eos_id].masked_fill_(~row_at_limit, float("-inf"))
+        lp[:, eos_id].masked_fill_(~row_at_limit, NEG_INF)
     return beam_step(lp.view(-1, width, V), scores, k)
 
 

@@ -600,23 +600,39 @@ def _layer_args(plan: tuple, B: int, start: int, k_buf: Tensor, v_buf: Tensor, s
     """A decoder layer's arguments for B rows (a copy of its plan's, with the caches, the source and
     their strides), or None where the kernel does not take them (`decoder_layer`'s conditions)."""
     layer, _, dtype, tiles_dtype, grad, _ = plan
-    b, H, S, Dh = source_k.shape
-    if not (0 < B <= _wins("layer", tiles_dtype) and not (grad and torch.is_grad_enabled()) and H == layer.H
-            and k_buf.size(0) == B and 0 <= start < min(k_buf.size(2), v_buf.size(2))
-            and _on_cpu(k_buf, v_buf, source_k, source_v) and k_buf.dtype == dtype
-            and _takes(B, H, Dh, k_buf, v_buf, None) and _takes(B, H, Dh, source_k, source_v, mask)
+    H, Dh = layer.H, layer.D // layer.H
+    b, S = source_k.size(0), source_k.size(2)
+    if not (0 < B <= _wins("layer", tiles_dtype) and not (grad and torch.is_grad_enabled())
+            and _on_cpu(source_k, source_v) and source_k.dtype == dtype and _takes(B, H, Dh, source_k, source_v, mask)
             and (mask is None or mask.stride(3) == 1)):
         return None
     args = type(layer).from_buffer_copy(layer)  # (a plan may serve several decoding threads at once)
-    args.k_cache, args.v_cache = k_buf.data_ptr(), v_buf.data_ptr()
+    if not _self_cache(args, B, start, k_buf, v_buf, dtype):
+        return None
     args.source_k, args.source_v, args.mask = source_k.data_ptr(), source_v.data_ptr(), mask.data_ptr() if mask is not None else 0
     args.B, args.S, args.group = B, S, B // b
-    args.ks_b, args.ks_h, args.ks_t = k_buf.stride()[:3]
-    args.vs_b, args.vs_h, args.vs_t = v_buf.stride()[:3]
     args.sks_b, args.sks_h, args.sks_t = source_k.stride()[:3]
     args.svs_b, args.svs_h, args.svs_t = source_v.stride()[:3]
     args.ms_b = mask.stride(0) if mask is not None else 0
     return args
+
+
+def _self_cache(args: ctypes.Structure, B: int, start: int, k_buf: Tensor, v_buf: Tensor, dtype: torch.dtype) -> bool:
+    """Into a decoder layer's arguments: its self-attention cache k_buf, v_buf (B, H, > start, Dh) of
+    `dtype`, addresses and strides. False (nothing set) where the kernel does not take them."""
+    H, Dh = args.H, args.D // args.H
+    if not (k_buf.size(0) == B and 0 <= start < min(k_buf.size(2), v_buf.size(2)) and _on_cpu(k_buf, v_buf)
+            and k_buf.dtype == dtype and _takes(B, H, Dh, k_buf, v_buf, None)):
+        return False
+    args.k_cache, args.v_cache = k_buf.data_ptr(), v_buf.data_ptr()
+    args.ks_b, args.ks_h, args.ks_t = k_buf.stride()[:3]
+    args.vs_b, args.vs_h, args.vs_t = v_buf.stride()[:3]
+    return True
+
+
+def _room(caches: list[tuple[Tensor, Tensor]]) -> int:
+    """The positions every self-attention cache holds: a step may write at any position below it."""
+    return min(min(k.size(2), v.size(2)) for k, v in caches)
 
 
 def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: list[tuple[Tensor, Tensor]],
@@ -643,13 +659,12 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
         if args is None or args.D != D:
             return None
         layers[i] = args
-    room = min(min(k.size(2), v.size(2)) for k, v in caches)
     grad = any(p[4] for p in plans) or out_tiles.requires_grad or (out_bias is not None and out_bias.requires_grad)
     args = _STRUCTS["decoder_step"](
         table=table.data_ptr(), layers=ctypes.addressof(layers), out_w=out_tiles.data_ptr(),
         out_b=0 if out_bias is None else out_bias.data_ptr(), B=B, n_layers=len(plans), vocab=table.size(0), D=D, V=V,
         scale=scale)
-    return args, function, dtype, room, grad, (layers, table, out_tiles, out_bias, plans)  # (kept alive)
+    return args, function, dtype, _room(caches), grad, (layers, table, out_tiles, out_bias, plans)  # (kept alive)
 
 
 def decoder_step_recache(plan: tuple, caches: list[tuple[Tensor, Tensor]], start: int) -> tuple | None:
@@ -657,20 +672,12 @@ def decoder_step_recache(plan: tuple, caches: list[tuple[Tensor, Tensor]], start
     everything else the same: what a reorder of beam search's rows changes, every step. Only these
     buffers are checked (~10x cheaper than a new plan). None where the kernel does not take them."""
     base, function, dtype, _, grad, keep = plan
-    layers = keep[0]
-    layers = type(layers).from_buffer_copy(layers)
-    for args, (k_buf, v_buf) in zip(layers, caches):
-        H, Dh = args.H, args.D // args.H
-        if not (k_buf.dtype == dtype and k_buf.is_cpu and v_buf.dtype == dtype and v_buf.is_cpu and k_buf.size(0) == base.B
-                and 0 <= start < min(k_buf.size(2), v_buf.size(2)) and _takes(base.B, H, Dh, k_buf, v_buf, None)):
-            return None
-        args.k_cache, args.v_cache = k_buf.data_ptr(), v_buf.data_ptr()
-        args.ks_b, args.ks_h, args.ks_t = k_buf.stride()[:3]
-        args.vs_b, args.vs_h, args.vs_t = v_buf.stride()[:3]
+    layers = type(keep[0]).from_buffer_copy(keep[0])
+    if not all(_self_cache(args, base.B, start, k_buf, v_buf, dtype) for args, (k_buf, v_buf) in zip(layers, caches)):
+        return None
     base = type(base).from_buffer_copy(base)
     base.layers = ctypes.addressof(layers)
-    room = min(min(k.size(2), v.size(2)) for k, v in caches)
-    return base, function, dtype, room, grad, (layers, *keep[1:])
+    return base, function, dtype, _room(caches), grad, (layers, *keep[1:])
 
 
 def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, order: Tensor | None = None) -> Tensor | None:
