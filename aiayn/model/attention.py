@@ -7,6 +7,7 @@ True = may attend. Masks are built here, once per batch, and never inside layers
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,25 +24,41 @@ def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
 
 
 def causal_mask(length: int, device=None, offset: int = 0) -> Tensor:
-    """(1, 1, T, offset + T): query t (at absolute position offset + t) may attend keys <= offset + t."""
+    """(1, 1, T, offset + T): query t (at absolute position offset + t) may attend keys <= offset + t.
+    The same (read-only) tensor for the same square mask, which `attend` recognises."""
+    if offset == 0:
+        return _square_causal_mask(length, torch.device(device or "cpu"))
     q = torch.arange(offset, offset + length, device=device)[:, None]
     k = torch.arange(offset + length, device=device)[None, :]
     return (k <= q)[None, None]
 
 
+@functools.lru_cache(maxsize=8)
+def _square_causal_mask(length: int, device: torch.device) -> Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
 # ------------------------------------------------------------------------------------ attention
+# keys from which PyTorch's fused attention beats the explicit path in bf16 on a CPU, fwd+bwd, at a
+# batch of 8,192 tokens, 4 heads of 32 or 64 (Xeon with AMX, torch 2.13): 192 keys 0.68-0.83x,
+# 256 0.97-1.43x, 384 1.8-2.0x, 785 (a pixel model's image) 3.6x; forward alone 2.5-7x at 256-785
+FUSED_FROM_KEYS = 256
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: nn.Module | None = None,
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh); `dropout` (a
     Dropout module, in training mode or not) on the weights.
 
     The fast path is PyTorch's fused kernel; the explicit path also returns the weights (B, H, T, S).
-    On a CPU in bf16/fp16 the explicit path is also the faster one (3-8x at Multi30k lengths,
-    fwd+bwd, torch 2.13: docs/perf-log/2026-11.md), so the fused kernel is used only where it wins.
+    On a CPU in bf16/fp16 the explicit path is also the faster one at Multi30k lengths (3-8x,
+    fwd+bwd, torch 2.13: docs/perf-log/2026-11.md), and the fused kernel, blocked where the explicit
+    path writes out all S scores a query, from FUSED_FROM_KEYS keys on.
     """
     dropping = dropout is not None and dropout.training and dropout.p > 0
-    if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout.p if dropping else 0.0), None
+    if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64) or k.size(-2) >= FUSED_FROM_KEYS):
+        # told it is causal, the fused kernel skips the blocks above the diagonal (785 tokens: 1.4x fwd+bwd)
+        causal = mask is not None and mask.size(-1) == q.size(-2) and mask is causal_mask(q.size(-2), mask.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                              dropout_p=dropout.p if dropping else 0.0), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is not None:  # a -inf bias at the mask's own (broadcast) size: cheaper than masked_fill on scores
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -124,6 +124,22 @@ def test_fast_path_equals_explicit_path(dtype, tol, masked):
     torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
 
 
+def test_bf16_takes_the_fused_kernel_from_long_keys_on_and_it_agrees():
+    """bf16 on a CPU: the explicit path below FUSED_FROM_KEYS keys, PyTorch's fused kernel from there
+    (told the mask is causal when it is the square causal mask); both match the float64 reference."""
+    from aiayn.model import attention
+
+    torch.manual_seed(3)
+    for T in (8, attention.FUSED_FROM_KEYS):
+        q, k, v = (torch.randn(2, H, T, 8, dtype=torch.float64) for _ in range(3))
+        mask = causal_mask(T)
+        assert mask is causal_mask(T)  # the square causal mask is one tensor, recognised by identity
+        ref, _ = attend(q, k, v, mask, need_weights=True)
+        out, weights = attend(*(t.bfloat16() for t in (q, k, v)), mask)
+        assert (weights is None) == (T >= attention.FUSED_FROM_KEYS)  # the fused kernel returns no weights
+        torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.03)
+
+
 def test_fast_path_equals_explicit_path_when_a_row_is_fully_masked():
     """A source that is all padding (an empty sentence in a batch): no key may be attended.
 
