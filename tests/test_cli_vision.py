@@ -83,6 +83,15 @@ def test_image_gpt_stops_given_replace_both_defaults(data, tmp_path):
                  "--max-cpu-minutes", "0.003", "--warmup", "1", *PIX]) == 0
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["train"]
     assert (settings["max_steps"], settings["max_minutes"], settings["max_cpu_minutes"]) == (None, None, 0.003)
+    assert (settings["lr"], settings["min_lr"]) == (2e-3, 2e-4)
+
+
+def test_image_gpt_cosine_ends_at_a_tenth_of_the_peak_given(data, tmp_path):
+    """--lr 1e-4 (fine-tuning, say): the floor follows it down, never above the peak."""
+    assert main(["train", "image-gpt", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--warmup", "1", "--lr", "1e-4", *PIX]) == 0
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["train"]
+    assert settings["lr"] == 1e-4 and settings["min_lr"] == pytest.approx(1e-5)
 
 
 def test_classify_prints_one_line_per_file_and_errors_for_bad_ones(vit_run, data, capsys):
