@@ -15,7 +15,8 @@ early_stopping=True (aiayn's rule: a sentence ends with beam-size finished hypot
 give each the model's own penalty (its recorded alpha, which `aiayn evaluate` uses), a different
 search in each.
 
-CTranslate2 (`aiayn export ct2`, float32 and int8 weights) against aiayn's inference copies (fp32:
+CTranslate2 (`aiayn export ct2`, float32 and int8 weights) against aiayn's inference copies (fp32 and, where
+this CPU computes bf16, bf16:
 oneDNN linears; int8: dynamically quantized linears): both decode the same length-sorted batches of
 --batch sentences on one thread, and the rate is target tokens (EOS not counted) per second of the
 process's CPU time. CT2's length_penalty divides by |Y| ** penalty; at 0 it also stops a sentence as
@@ -117,7 +118,8 @@ def hf_table(model, tok, task, extra, sources, refs, args) -> None:
 
 
 def ct2_table(model, tok, task, extra, sources, refs, args) -> None:
-    """aiayn fp32 / int8 and CTranslate2 float32 / int8 on the same batches: CPU-time tok/s, BLEU."""
+    """aiayn fp32 / bf16 (where this CPU has it: CTranslate2 has no bf16 on a CPU) / int8 and CTranslate2
+    float32 / int8 on the same batches: CPU-time tok/s, BLEU."""
     import ctranslate2
 
     from aiayn.data.batching import pad
@@ -155,7 +157,7 @@ def ct2_table(model, tok, task, extra, sources, refs, args) -> None:
         return out
 
     engines = {f"aiayn {precision}": ("aiayn", inference_model(model, precision))
-               for precision in ("fp32", "int8") if bench.lacks(precision) is None}
+               for precision in ("fp32", "bf16", "int8") if bench.lacks(precision) is None}
     with tempfile.TemporaryDirectory() as tmp:
         for ct2_type in ("float32", "int8"):
             out = Path(tmp) / ct2_type

@@ -73,14 +73,17 @@ def beam_step(lprobs: Tensor, scores: Tensor, k: int, block: int = 64) -> tuple[
 
 
 def candidates(logits: Tensor, scores: Tensor, k: int, forbid: Tensor, eos_id: int, eos_banned: bool,
-               at_limit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+               at_limit: Tensor | None) -> tuple[Tensor, Tensor, Tensor, bool]:
     """One step's 2k best candidates of each sentence (scores, tokens, beams, each (b, 2k), best first):
     logits (b * r, 1, V) of r beams a sentence (changed in place), scores (b, r) so far; never a token
-    of `forbid`, nor EOS if eos_banned, and only EOS for a sentence with at_limit (b,) set."""
+    of `forbid`, nor EOS if eos_banned, and only EOS for a sentence with at_limit (b,) set (None: for
+    none). And whether the step is known to be quiet: no sentence has EOS among its k best or no
+    finite candidate, so that every sentence's k best simply go on (False: not known)."""
     # aiayn.kernels: all of it in one pass over the logits (the operators below are its reference)
-    cand = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos_id, eos_banned, at_limit)
+    cand = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos_id, eos_banned, at_limit, keep=k)
     if cand is not None:
-        return cand
+        *cand, unsettled = cand
+        return (*cand, unsettled == 0)
     # in place: one fused kernel, ~2x faster on a CPU than logsumexp's passes and temporaries,
     # and (256, 8000) in 0.9 ms against 1.4 into a new tensor, whose 8 MB are not in the caches
     width = scores.size(1)
@@ -90,6 +93,8 @@ def candidates(logits: Tensor, scores: Tensor, k: int, forbid: Tensor, eos_id: i
     # the bans below come after the softmax: they do not renormalize
     if forbid.numel():
         lp.index_fill_(1, forbid, NEG_INF)
+    if at_limit is None:
+        at_limit = torch.zeros(scores.size(0), dtype=torch.bool, device=scores.device)
     row_at_limit = at_limit.repeat_interleave(width)  # (b*width,)
     if at_limit.any():  # (a full pass, so only on the steps that need it): nothing but EOS
         eos_lp = lp[:, eos_id].clone()
@@ -97,7 +102,7 @@ def candidates(logits: Tensor, scores: Tensor, k: int, forbid: Tensor, eos_id: i
         lp[:, eos_id] = eos_lp
     if eos_banned:  # no EOS yet, except where the length limit forces it
         lp[:, eos_id].masked_fill_(~row_at_limit, NEG_INF)
-    return beam_step(lp.view(-1, width, V), scores, k)
+    return (*beam_step(lp.view(-1, width, V), scores, k), False)
 
 
 def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, eos_id: int,
@@ -127,46 +132,51 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     forbid = torch.tensor(list(forbid), dtype=torch.long, device=device)
     ranks = torch.arange(2 * k, device=device)  # the candidates' ranks; EOS ones pushed behind by + 2k
     lens = max_lens  # (b,) the longest output of each sentence still decoding
+    first_limit = int(lens.min())  # no sentence must end before this step
     full = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) sentences with k finished hypotheses
+    starts = torch.arange(B, device=device)[:, None]  # (b, 1) each sentence's first cache row
     for step in range(int(max_lens.max()) + 1):
-        logits = decode_step(last.view(-1, 1), cache)  # (b*width, 1, V), a fresh tensor
-        at_limit = lens == step  # (b,) beams that must end now
-        cand = candidates(logits, scores, k, forbid, eos_id, step < min_len, at_limit)
-        cand_scores, cand_tokens, cand_beams = cand  # (b, 2k)
-
-        # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never lived
-        # (scores are log-probabilities, never +inf; `> -inf` is one operator, isfinite several)
-        is_eos = cand_tokens == eos_id
-        if is_eos[:, :k].any():  # (on most steps no EOS is among them)
-            ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
-            rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
-            final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
-            tokens = hyps[rows, cand_beams[rows, cols]].tolist()
-            for s, toks, score in zip(alive[rows].tolist(), tokens, final):
-                if len(finished[s]) < k:
-                    finished[s].append((toks, score))
-            n_finished.index_add_(0, alive, ends.sum(1))
-            full = n_finished[alive] >= k
-
-        # the k best candidates that do not end with EOS go on
-        pick = (ranks + is_eos * ranks.numel()).topk(k, dim=1, largest=False).indices  # (b, k), in rank order
-        beams, last = cand_beams.gather(1, pick), cand_tokens.gather(1, pick)  # (b, k)
-        scores = cand_scores.gather(1, pick)  # (best first: a sentence whose best is -inf has no live beam)
-
-        done = at_limit | full | (scores[:, 0] == NEG_INF)  # (b,)
-        b = beams.size(0)
-        if done.any():  # sentences leave the batch
-            keep = (~done).nonzero().squeeze(1)  # (b',)
-            if keep.numel() == 0:
-                break
-            beams, scores, last, alive, hyps = beams[keep], scores[keep], last[keep], alive[keep], hyps[keep]
-            lens, full = lens[keep], full[keep]
-            rows = keep[:, None] * width
+        logits = decode_step(last.reshape(-1, 1), cache)  # (b*width, 1, V), a fresh tensor
+        regroup = width != k  # (the first step: from one cache row a sentence to k)
+        at_limit = lens == step if step >= first_limit else None  # (b,) beams that must end now
+        cand_scores, cand_tokens, cand_beams, quiet = candidates(logits, scores, k, forbid, eos_id, step < min_len,
+                                                                 at_limit)  # (b, 2k) each
+        if quiet and at_limit is None:  # (most steps) every sentence's k best go on: no EOS, none ends
+            beams, last, scores = cand_beams[:, :k], cand_tokens[:, :k], cand_scores[:, :k].contiguous()
         else:
-            rows = torch.arange(0, b * width, width, device=device)[:, None]
+            # EOS among the k best candidates ends a hypothesis; -inf candidates are beams that never
+            # lived (scores are log-probabilities, never +inf; `> -inf` is one operator, isfinite several)
+            is_eos = cand_tokens == eos_id
+            if is_eos[:, :k].any():
+                ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
+                rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
+                final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
+                tokens = hyps[rows, cand_beams[rows, cols]].tolist()
+                for s, toks, score in zip(alive[rows].tolist(), tokens, final):
+                    if len(finished[s]) < k:
+                        finished[s].append((toks, score))
+                n_finished.index_add_(0, alive, ends.sum(1))
+                full = n_finished[alive] >= k
+
+            # the k best candidates that do not end with EOS go on
+            pick = (ranks + is_eos * ranks.numel()).topk(k, dim=1, largest=False).indices  # (b, k), in rank order
+            beams, last = cand_beams.gather(1, pick), cand_tokens.gather(1, pick)  # (b, k)
+            scores = cand_scores.gather(1, pick)  # (best first: a sentence whose best is -inf has no live beam)
+
+            done = full | (scores[:, 0] == NEG_INF)  # (b,)
+            if at_limit is not None:
+                done |= at_limit
+            if done.any():  # sentences leave the batch
+                keep = (~done).nonzero().squeeze(1)  # (b',)
+                if keep.numel() == 0:
+                    break
+                beams, scores, last, alive, hyps = beams[keep], scores[keep], last[keep], alive[keep], hyps[keep]
+                lens, full, starts = lens[keep], full[keep], starts[keep]
+                first_limit, regroup = int(lens.min()), True
         # one reorder per step both follows the chosen beams and drops finished sentences
-        cache.reorder((rows + beams).view(-1))
-        width = k
+        cache.reorder((starts + beams).view(-1))
+        if regroup:  # the cache now holds k rows for each sentence still decoding, sentence-major
+            width, starts = k, torch.arange(0, beams.size(0) * k, k, device=device)[:, None]
         hyps = torch.cat([hyps.gather(1, beams[:, :, None].expand(-1, -1, hyps.size(2))), last[:, :, None]],
                          dim=2)  # (b', k, t+1)
     return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]

@@ -77,7 +77,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 1  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 2  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -116,8 +116,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "argmax": _struct("argmax", "x banned out record rows_of limits",
                       "rows n xs n_banned record_stride record_rows column eos step_len done"),
     "embed": _struct("embed", "tokens table positions out", "rows length vocab n", "scale"),
-    "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams",
-                    "sentences r V xs n n_forbid eos eos_banned"),
+    "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams unsettled",
+                    "sentences r V xs n n_forbid eos eos_banned keep"),
     "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
     "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
                              "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
@@ -727,28 +727,31 @@ def _beam_takes(sentences: int, most: int) -> bool:
 
 
 def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos: int, eos_banned: bool,
-                    at_limit: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+                    at_limit: Tensor | None, keep: int = 0) -> tuple[Tensor, Tensor, Tensor, int] | None:
     """Beam search's step in one pass (aiayn.decode.beam.search, where `beam_step` is the reference):
     logits (b * r, 1, V) of r beams of b sentences, scores (b, r) their log-probabilities so far ->
     the n best extensions of each sentence (scores (b, n), tokens, beams), best first, by
     scores + log_softmax(logits), never a token of `forbid`, nor EOS if eos_banned, and only EOS for
-    a sentence with at_limit set (b,). Missing candidates are -inf (token 0, beam 0). None if the
+    a sentence with at_limit set (b,). Missing candidates are -inf (token 0, beam 0). And how many
+    sentences have EOS among their `keep` best or no finite candidate (0 <= keep <= n). None if the
     kernel does not take these inputs."""
     b, r = scores.shape
     N, T, V = logits.shape
-    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V
+    if not (N == b * r and T == 1 and logits.stride(2) == 1 and 0 <= eos < V and 0 <= keep <= n
             and _beam_takes(b, usable(logits, family="beam"))
             and scores.dtype == torch.float32 and scores.is_contiguous() and _takes_ids(forbid)
             and (at_limit is None or (at_limit.dtype == torch.bool and at_limit.shape == (b,) and at_limit.is_contiguous()))):
         return None
     out = torch.empty(b, n, dtype=torch.float32)
     ids = torch.empty(2, b, n, dtype=torch.int64)  # tokens, beams
+    unsettled = ctypes.c_int64()
     _call("beam_" + _FUNCTIONS[logits.dtype], _STRUCTS["beam"](
         x=logits.data_ptr(), scores=scores.data_ptr(), forbid=forbid.data_ptr(),
         at_limit=at_limit.data_ptr() if at_limit is not None else 0, out_scores=out.data_ptr(),
-        out_tokens=ids.data_ptr(), out_beams=ids.data_ptr() + b * n * 8, sentences=b, r=r, V=V,
-        xs=logits.stride(0), n=n, n_forbid=forbid.numel(), eos=eos, eos_banned=int(eos_banned)))
-    return (out, *ids.unbind(0))
+        out_tokens=ids.data_ptr(), out_beams=ids.data_ptr() + b * n * 8, unsettled=ctypes.addressof(unsettled),
+        sentences=b, r=r, V=V, xs=logits.stride(0), n=n, n_forbid=forbid.numel(), eos=eos,
+        eos_banned=int(eos_banned), keep=keep))
+    return out, ids[0], ids[1], unsettled.value
 
 
 # ------------------------------------------------------------------------------------ training

@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 1
+#define AIAYN_ABI_VERSION 2
 
 typedef enum {
     AIAYN_OK = 0,
@@ -94,8 +94,9 @@ enum {
     X(const int64_t *, forbid)    /* n_forbid ids never candidates */                                 \
     X(const uint8_t *, at_limit)  /* sentences bytes: EOS only where set; or NULL */                  \
     X(float *, out_scores) X(int64_t *, out_tokens) X(int64_t *, out_beams)  /* sentences x n each */ \
+    X(int64_t *, unsettled)       /* 1: sentences with EOS among their `keep` best or a -inf best; or NULL */ \
     X(int64_t, sentences) X(int64_t, r) X(int64_t, V) X(int64_t, xs) X(int64_t, n)                    \
-    X(int64_t, n_forbid) X(int64_t, eos) X(int64_t, eos_banned)
+    X(int64_t, n_forbid) X(int64_t, eos) X(int64_t, eos_banned) X(int64_t, keep)
 
 #define AIAYN_LINEAR_ARGS(X)                                                                          \
     X(const void *, x)          /* rows of k at stride xs */                                          \

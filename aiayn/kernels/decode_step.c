@@ -288,13 +288,17 @@ DEFINE_EMBED(embed_bf16, bf16, from_bf16, to_bf16)
  * beam). Tokens in `forbid` are never candidates, nor EOS where eos_banned (a minimum length); a
  * sentence with at_limit[i] set gets EOS only. The log-softmax is taken before these bans (they do
  * not renormalize). Slots beyond the finite candidates get -inf, token 0, beam 0 (dead beams).
+ * Into *unsettled (where given): how many sentences have EOS among their `keep` best candidates or
+ * no finite candidate at all, the sentences whose beams do not simply go on as their keep best (a
+ * search's step where none does needs no more bookkeeping).
  * Each row's 64-logit blocks are searched only where the block's best could enter the n best, so
  * the pass is mostly a maximum per block. A row with a NaN logit (its log-softmax is NaN) gives no
  * candidates. Arguments: beam_args (abi.h). */
 static int beam_check(const beam_args *a) {
     AIAYN_REQUIRE(a->x && a->scores && a->out_scores && a->out_tokens && a->out_beams
                   && (a->forbid || a->n_forbid == 0), AIAYN_NULL_POINTER);
-    AIAYN_REQUIRE(a->sentences >= 0 && a->r >= 1 && a->V >= 1 && a->n >= 1 && a->n_forbid >= 0, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->sentences >= 0 && a->r >= 1 && a->V >= 1 && a->n >= 1 && a->n_forbid >= 0
+                  && a->keep >= 0 && a->keep <= a->n, AIAYN_BAD_SIZE);
     AIAYN_REQUIRE(a->xs >= a->V, AIAYN_BAD_STRIDE);
     AIAYN_REQUIRE(a->eos >= 0 && a->eos < a->V, AIAYN_BAD_INDEX);
     return AIAYN_OK;
@@ -310,6 +314,7 @@ HOT int NAME(const beam_args *a)                                                
     const int64_t *forbid = a->forbid, n_forbid = a->n_forbid, eos = a->eos, eos_banned = a->eos_banned; \
     const uint8_t *at_limit = a->at_limit;                                                            \
     float *out_scores = a->out_scores; int64_t *out_tokens = a->out_tokens, *out_beams = a->out_beams; \
+    int64_t unsettled = 0;                                                                            \
     for (int64_t i = 0; i < sentences; i++) {                                                         \
         float *best = out_scores + i * n; int64_t *tok = out_tokens + i * n, *beam = out_beams + i * n; \
         for (int64_t c = 0; c < n; c++) { best[c] = -INFINITY; tok[c] = 0; beam[c] = 0; }            \
@@ -345,7 +350,11 @@ HOT int NAME(const beam_args *a)                                                
                 }                                                                                     \
             }                                                                                         \
         }                                                                                             \
+        int ends = best[0] == -INFINITY;                                                              \
+        for (int64_t c = 0; c < a->keep; c++) ends |= tok[c] == eos && best[c] > -INFINITY;           \
+        unsettled += ends;                                                                            \
     }                                                                                                 \
+    if (a->unsettled) *a->unsettled = unsettled;                                                      \
     return AIAYN_OK;                                                                                  \
 }
 

@@ -321,7 +321,7 @@ def test_beam_candidates_match_beam_step(kernel, sentences, r, k, vocab, eos_ban
     if dead:
         scores[0, -1] = float("-inf")  # a beam that never lived
     at_limit = (torch.rand(sentences, generator=g) < 0.5) if limits else torch.zeros(sentences, dtype=torch.bool)
-    got = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos, eos_banned, at_limit)
+    got = kernels.beam_candidates(logits, scores, 2 * k, forbid, eos, eos_banned, at_limit, keep=k)
     # the reference: what search() does without the kernel
     lp = torch.log_softmax(logits[:, -1].double(), -1)
     lp[:, forbid] = float("-inf")
@@ -341,6 +341,9 @@ def test_beam_candidates_match_beam_step(kernel, sentences, r, k, vocab, eos_ban
     torch.testing.assert_close(every[rows, got[2][live], got[1][live]], got[0][live].double(), rtol=1e-5, atol=1e-5)
     pairs = (rows * r + got[2][live]) * vocab + got[1][live]
     assert pairs.unique().numel() == pairs.numel()
+    # the sentences whose k best do not simply go on: an EOS among them, or no live candidate
+    unsettled = ((got[1][:, :k] == eos) & live[:, :k]).any(1) | ~live[:, 0]
+    assert got[3] == int(unsettled.sum())
 
 
 @settings(deadline=None, max_examples=80)
