@@ -43,6 +43,8 @@ def _square_causal_mask(length: int, device: torch.device) -> Tensor:
 # batch of 8,192 tokens, 4 heads of 32 or 64 (Xeon with AMX, torch 2.13): 192 keys 0.68-0.83x,
 # 256 0.97-1.43x, 384 1.8-2.0x, 785 (a pixel model's image) 3.6x; forward alone 2.5-7x at 256-785
 FUSED_FROM_KEYS = 256
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: nn.Module | None = None,
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """softmax(q k^T / sqrt(Dh)) v, eq. (1). q (B, H, T, Dh), k and v (B, H, S, Dh); `dropout` (a
@@ -56,7 +58,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
     dropping = dropout is not None and dropout.training and dropout.p > 0
     if not need_weights and (q.is_cuda or q.dtype in (torch.float32, torch.float64) or k.size(-2) >= FUSED_FROM_KEYS):
         # told it is causal, the fused kernel skips the blocks above the diagonal (785 tokens: 1.4x fwd+bwd)
-        causal = mask is not None and mask.size(-1) == q.size(-2) and mask is causal_mask(q.size(-2), mask.device)
+        T = q.size(-2)
+        causal = mask is not None and mask.shape == (1, 1, T, T) and mask is causal_mask(T, mask.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                               dropout_p=dropout.p if dropping else 0.0), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
