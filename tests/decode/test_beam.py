@@ -213,6 +213,37 @@ def test_real_batch_equals_one_sentence_at_a_time():
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(b, a))
 
 
+def test_the_step_kernels_quiet_steps_change_no_hypothesis(monkeypatch):
+    """Where the beam step kernel says no sentence's k best hold an EOS (nor lack a live candidate),
+    search takes them as they are, without its bookkeeping: the same hypotheses and scores as the
+    search that does it all (PyTorch's reference step), in a batch whose sentences end apart."""
+    from aiayn import kernels
+    from aiayn.decode import beam
+
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    if not kernels.available():
+        pytest.skip("aiayn's C kernels are off or not built here")
+    model, src = tiny_model(seed=5), sources()  # (seed 5: hypotheses end at 6 different steps)
+    quiet = []
+
+    def recorded(*args):
+        out = candidates(*args)
+        quiet.append(out[3])
+        return out
+
+    candidates = beam.candidates
+    monkeypatch.setattr(beam, "candidates", recorded)
+    fast = beam_search(model, src, BOS, 9, beam_size=3, n_best=3, max_extra=4)
+    assert any(quiet) and not all(quiet)
+    monkeypatch.setenv("AIAYN_KERNELS", "0")
+    quiet.clear()
+    reference = beam_search(model, src, BOS, 9, beam_size=3, n_best=3, max_extra=4)
+    assert not any(quiet)
+    for f, r in zip(fast, reference):
+        assert [t for t, _ in f] == [t for t, _ in r]
+        assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(f, r))
+
+
 @pytest.mark.parametrize("V, r, k", [(8000, 4, 4), (8001, 4, 4), (8000, 1, 4), (1000, 8, 8), (130, 4, 2),
                                      (100, 4, 8), (7, 3, 3), (200, 1, 1)])
 def test_beam_step_by_blocks_equals_one_topk_over_all_candidates(V, r, k):
