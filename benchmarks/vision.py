@@ -229,7 +229,8 @@ def run_shipped(args) -> None:
     hits, samples = [], []
     start = time.process_time()
     for label in range(10):
-        drawn = generate_images(pix, tok, [label] * per_class, temperature=1.0, seed=label, guidance=args.guidance)
+        drawn = generate_images(pix, tok, [label] * per_class, temperature=1.0,
+                                seed=10 * args.sample_seeds + label, guidance=args.guidance)
         samples.append(drawn[:10])
         hits.append((predict(vit, drawn).argmax(-1) == label).float().mean().item())
         print(f"label {label}: {100 * hits[-1]:.0f}% of {per_class} samples classified as {label}", flush=True)
@@ -262,6 +263,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="shipped: classifier-free guidance of the samples (default 1: the model's own)")
     p.add_argument("--grid", help="shipped: write the first 10 samples of each class as a PNG grid here")
+    p.add_argument("--sample-seeds", type=int, default=0,
+                   help="shipped: sampling seeds 10*S..10*S+9, one a class (default 0: seeds 0-9)")
     p.add_argument("--d-model", type=int, default=64, help="pixels: width of both models (default 64)")
     p.add_argument("--n-layers", type=int, default=4, help="pixels: layers (default 4)")
     p.add_argument("--n-heads", type=int, default=2, help="pixels: heads (default 2)")
