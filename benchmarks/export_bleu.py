@@ -15,11 +15,10 @@ early_stopping=True (aiayn's rule: a sentence ends with beam-size finished hypot
 give each the model's own penalty (its recorded alpha, which `aiayn evaluate` uses), a different
 search in each.
 
-CTranslate2 (`aiayn export ct2`, float32 and int8 weights) against aiayn's inference copies (fp32 and, where
-this CPU computes bf16, bf16:
-oneDNN linears; int8: dynamically quantized linears): both decode the same length-sorted batches of
---batch sentences on one thread, and the rate is target tokens (EOS not counted) per second of the
-process's CPU time. CT2's length_penalty divides by |Y| ** penalty; at 0 it also stops a sentence as
+CTranslate2 (`aiayn export ct2`, float32 and int8 weights) against aiayn's inference copies (fp32,
+and bf16 where this CPU computes it: oneDNN linears; int8: dynamically quantized linears): both
+decode the same length-sorted batches of --batch sentences on one thread, and the rate is target
+tokens (EOS not counted) per second of the process's CPU time. CT2's length_penalty divides by |Y| ** penalty; at 0 it also stops a sentence as
 soon as its best beam ends, where aiayn waits for beam-size finished hypotheses (CT2's rule under any
 non-zero penalty), so the "penalty 0" beam rows give CT2 a penalty of 1e-9: the same search as aiayn's.
 """
