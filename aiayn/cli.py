@@ -703,7 +703,7 @@ def cmd_train_pixels(args) -> int:
         tokenizer = PixelTokenizer.load(model_dir(args.out))
     else:
         _choose_precision(args, "train")
-        floor = {"min_lr": args.lr / 10} if args.lr else {}  # the cosine ends at a tenth of the peak given
+        floor = {"min_lr": args.lr / 10} if args.lr is not None and args.lr > 0 else {}  # a tenth of the peak given
         tcfg = _train_config(args, **_default_stops(args, pixel_train(max_steps=1500, max_minutes=60, **floor)))
         shape = {k: v for k, v in (("n_decoder_layers", args.n_layers), ("n_heads", args.n_heads),
                                    ("d_model", args.d_model), ("d_ff", args.d_ff), ("dropout", args.dropout)) if v is not None}

@@ -135,6 +135,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "bf16-model", "fp16"):
             raise InputError(f"unknown precision {self.precision!r}")
+        if not self.lr > 0:
+            raise InputError(f"the learning rate must be > 0, got {self.lr:g}")
+        if not self.min_lr >= 0:
+            raise InputError(f"the learning rate's floor (min_lr) must be >= 0, got {self.min_lr:g}")
         if self.rdrop < 0:
             raise InputError("rdrop must be >= 0")
         if self.update_freq < 1:

@@ -263,6 +263,14 @@ def test_fp16_translation_is_refused_on_a_cpu(capsys):
     assert "needs a GPU (--device cuda)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("task", ["translation", "lm", "vit", "image-gpt"])
+def test_a_negative_learning_rate_is_refused_before_training(capsys, tmp_path, task):
+    out = tmp_path / "run"
+    assert_one_line_error(run(capsys, "train", task, "--out", out, "--lr", "-1", "--max-steps", "1", "--quiet"),
+                          "the learning rate must be > 0, got -1")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["translate", "evaluate"])
 def test_zero_decoding_workers_are_refused(capsys, command):
     args = ["A dog."] if command == "translate" else []

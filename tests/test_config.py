@@ -80,6 +80,16 @@ def test_invalid_configs_are_rejected(changes):
         preset("tiny", **changes)
 
 
+@pytest.mark.parametrize("changes", [{"lr": -1.0}, {"lr": 0.0}, {"lr": float("nan")}, {"min_lr": -1e-5}])
+def test_a_learning_rate_that_cannot_train_is_refused(changes):
+    """Caught here, as one line for the user, not as the optimizer's traceback at the first step."""
+    from aiayn.config import TrainConfig
+    from aiayn.errors import InputError
+
+    with pytest.raises(InputError, match="learning rate"):
+        TrainConfig(max_steps=1, **changes)
+
+
 def test_separate_vocabularies_allowed_without_tying():
     cfg = preset("tiny", tgt_vocab_size=100, tie_embeddings=False)
     assert not cfg.shared_vocab and cfg.target_vocab == 100
