@@ -115,28 +115,50 @@ class Int8Linear(nn.Module):
     tiles=True (a decoding step's layers, where the few-rows kernel or the one-call decoder layer win):
     also the same int8 weights and scales in kernels.linear's tiles, used for a few rows. There each
     row of inputs is rounded to 8 bits with its own scale (7 on AVX2, as fbgemm's reduce_range), where
-    fbgemm takes one scale for all rows; on a CPU without AVX2 the inputs are not rounded."""
+    fbgemm takes one scale for all rows; on a CPU without AVX2 the inputs are not rounded.
+
+    On a CPU with AMX (onednn_int8()), products of ONEDNN_INT8_MACS multiply-adds or more (an encoder's
+    layers, the generator of a batch) go to oneDNN's int8 GEMM instead, which computes on AMX's tiles
+    where fbgemm has no AMX path: the same int8 weights, the inputs rounded to 8 bits (fbgemm: 7) with
+    one scale and zero point for the call (kernels.quantize)."""
 
     tiles: Tensor | None = None
     bias: Tensor | None = None
+    onednn: tuple[Tensor, Tensor, Tensor] | None = None  # oneDNN's packed weight, its scales, zero points
+    onednn_rows: int = 0  # the fewest rows sent to oneDNN
 
     def __init__(self, linear, relu: bool = False, tiles: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.relu = linear.in_features, linear.out_features, relu
         self.packed = linear._packed_params._packed_params
         self.op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
+        onednn = onednn_int8()
+        if not (tiles or onednn):
+            return
+        w, bias = self.packed.unpack()
+        self.bias = None if bias is None else bias.detach()
+        per_row = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        scales = (w.q_per_channel_scales() if per_row else torch.full((w.size(0),), w.q_scale(), dtype=torch.float64))
         if tiles:
-            w, bias = self.packed.unpack()
-            self.bias = None if bias is None else bias.detach()
-            scales = (w.q_per_channel_scales() if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-                      else torch.full((w.size(0),), w.q_scale(), dtype=torch.float64))
             self.tiles = kernels.linear_tiles(w.int_repr(), scales.float())
+        zero = w.q_per_channel_zero_points() if per_row else torch.full((w.size(0),), w.q_zero_point())
+        if onednn and not zero.any():  # (oneDNN takes symmetric weights: torch.ao's observers make them)
+            self.onednn = (torch.ops.onednn.qlinear_prepack(w.int_repr(), None), scales.float(),
+                           torch.zeros(w.size(0), dtype=torch.long))
+            self.onednn_rows = -(-ONEDNN_INT8_MACS // (self.in_features * self.out_features))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tiles is not None:
             y = kernels.linear(x, self.tiles, self.bias, self.out_features, self.relu)
             if y is not None:
                 return y
+        if self.onednn is not None and x.numel() >= self.onednn_rows * self.in_features:
+            quantized = kernels.quantize(x)
+            if quantized is not None:
+                q, scale, zero = quantized
+                y = torch.ops.onednn.qlinear_pointwise(q, scale, zero, *self.onednn, self.bias, 1.0, 0, torch.float32,
+                                                       "relu" if self.relu else "none", [], "")
+                return y.view(*x.shape[:-1], self.out_features)
         return self.op(x, self.packed, True)  # reduce_range=True: what torch.ao's Linear (version 4) passes
 
     def weight(self) -> Tensor:
@@ -144,6 +166,30 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
+
+
+# From this many multiply-adds a call (rows x in x out), oneDNN's int8 GEMM on AMX beat fbgemm's on a
+# Xeon with AMX (1 thread, the small model's shapes, fbgemm / oneDNN time: 64 rows 256 -> 1024 0.66,
+# 256 -> 256 1.17; 32 rows 256 -> 8000 0.60; 900 rows 0.44-0.55): below, the ~30 us of its call's
+# quantization and set-up outweigh the faster product.
+ONEDNN_INT8_MACS = 1 << 23
+
+
+@functools.cache
+def onednn_int8() -> bool:
+    """Whether int8 copies send their larger products to oneDNN's int8 GEMM (Int8Linear): on a CPU
+    with AMX's int8 tiles (not capped below AMX by ONEDNN_MAX_CPU_ISA), and a torch whose oneDNN int8
+    linear runs. (Each call also needs aiayn's kernels, which quantize its inputs: else fbgemm's.)"""
+    if capability.probe().isa != "amx" or "amx_int8" not in capability.cpu_flags():
+        return False
+    try:
+        w = torch.ops.onednn.qlinear_prepack(torch.ones(16, 16, dtype=torch.int8), None)
+        y = torch.ops.onednn.qlinear_pointwise(torch.full((2, 16), 3, dtype=torch.uint8), 0.5, 1, w, torch.ones(16),
+                                               torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32, "none",
+                                               [], "")
+        return bool((y == 16.0).all())  # (3 - 1) * 0.5 * 16 ones
+    except (AttributeError, RuntimeError):  # an op this torch lacks, or refuses
+        return False
 
 
 class OneDNNLinear(nn.Linear):

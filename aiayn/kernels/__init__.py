@@ -77,7 +77,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 2  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 3  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -119,6 +119,7 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "beam": _struct("beam", "x scores forbid at_limit out_scores out_tokens out_beams unsettled",
                     "sentences r V xs n n_forbid eos eos_banned keep"),
     "linear": _struct("linear", "x w bias out", "rows n k xs os relu"),
+    "quantize": _struct("quantize", "x out", "rows k xs zero", "scale"),
     "decoder_layer": _struct("decoder_layer", f"x out {' '.join(LAYER_WEIGHTS)} k_cache v_cache source_k source_v mask",
                              "B D H d_ff t S group ks_b ks_h ks_t vs_b vs_h vs_t sks_b sks_h sks_t svs_b svs_h svs_t "
                              "ms_b", "eps"),
@@ -445,6 +446,19 @@ def greedy_step(logits: Tensor, banned: Tensor, tokens: Tensor, record: Tensor, 
                               record_rows=record.size(0), column=column, eos=eos, step_len=column + 1)
     _call("argmax_" + _FUNCTIONS[logits.dtype], args)
     return args.done
+
+
+def quantize(x: Tensor) -> tuple[Tensor, float, int] | None:
+    """x (..., k), fp32 or bf16 -> (q, scale, zero): bytes q (rows, k), x = (q - zero) * scale to
+    rounding, one scale for the whole tensor (decode_step.c's quantize: the inputs of oneDNN's int8
+    linear). None where the kernels are not here or a value of x is not finite."""
+    x2 = x.reshape(-1, x.size(-1))
+    if not (x2.numel() and x2.stride(1) == 1 and _on_cpu(x2)):
+        return None
+    q = torch.empty(x2.shape, dtype=torch.uint8)
+    args = _STRUCTS["quantize"](x=x2.data_ptr(), out=q.data_ptr(), rows=x2.size(0), k=x2.size(1), xs=x2.stride(0))
+    _call("quantize_" + _FUNCTIONS[x.dtype], args)
+    return None if math.isnan(args.scale) else (q, args.scale, args.zero)
 
 
 MAX_LINEAR_ROWS = 64  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all

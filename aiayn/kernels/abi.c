@@ -61,6 +61,9 @@ TABLE(beam, AIAYN_BEAM_ARGS)
 #define ARGS_T linear_args
 TABLE(linear, AIAYN_LINEAR_ARGS)
 #undef ARGS_T
+#define ARGS_T quantize_args
+TABLE(quantize, AIAYN_QUANTIZE_ARGS)
+#undef ARGS_T
 #define ARGS_T decoder_layer_args
 TABLE(decoder_layer, AIAYN_DECODER_LAYER_ARGS)
 #undef ARGS_T

@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 2
+#define AIAYN_ABI_VERSION 3
 
 typedef enum {
     AIAYN_OK = 0,
@@ -109,6 +109,14 @@ enum {
     X(void *, out)              /* rows of n at stride os; not overlapping x */                       \
     X(int64_t, rows) X(int64_t, n) X(int64_t, k) X(int64_t, xs) X(int64_t, os)                        \
     X(int64_t, relu)            /* 1: max(0, .) of each output (NaN stays NaN) */
+
+#define AIAYN_QUANTIZE_ARGS(X)                                                                        \
+    X(const void *, x)          /* rows of k at stride xs */                                          \
+    X(uint8_t *, out)           /* (rows, k) contiguous, written: round(x / scale) + zero, in [0, 255] */ \
+    X(int64_t, rows) X(int64_t, k) X(int64_t, xs)                                                     \
+    X(int64_t, zero)            /* written: round(-min(x, 0) / scale) */                              \
+    X(float, scale)             /* written: (max(x, 0) - min(x, 0)) / 255 (1 if that is 0); NaN, out \
+                                   not written, if a value is not finite */
 
 #define AIAYN_DECODER_LAYER_ARGS(X)                                                                   \
     X(const void *, x)          /* (B, D) contiguous: the layer's input, one new position a row */    \
@@ -205,7 +213,8 @@ enum {
 
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
-    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(decoder_layer) K(decoder_step)     \
+    K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(quantize) K(decoder_layer)        \
+    K(decoder_step)                                                                                   \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
     K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
 
@@ -217,6 +226,7 @@ AIAYN_STRUCT(argmax, AIAYN_ARGMAX_ARGS)
 AIAYN_STRUCT(embed, AIAYN_EMBED_ARGS)
 AIAYN_STRUCT(beam, AIAYN_BEAM_ARGS)
 AIAYN_STRUCT(linear, AIAYN_LINEAR_ARGS)
+AIAYN_STRUCT(quantize, AIAYN_QUANTIZE_ARGS)
 AIAYN_STRUCT(decoder_layer, AIAYN_DECODER_LAYER_ARGS)
 AIAYN_STRUCT(decoder_step, AIAYN_DECODER_STEP_ARGS)
 AIAYN_STRUCT(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
@@ -227,10 +237,12 @@ AIAYN_STRUCT(residual_norm_backward, AIAYN_RESIDUAL_NORM_BACKWARD_ARGS)
 AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
 
 /* The entry points: <kernel>_f32 and <kernel>_bf16 (the residual norm also _f32_bf16: an fp32 stream,
- * a bf16 sublayer output, as under autocast). argmax writes its `done`: its struct is not const. */
+ * a bf16 sublayer output, as under autocast). argmax writes its `done`, quantize its `zero` and `scale`:
+ * their structs are not const. */
 #define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
 AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
-AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(decoder_layer, const) AIAYN_ENTRY(decoder_step, const)
+AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(quantize, ) AIAYN_ENTRY(decoder_layer, const)
+AIAYN_ENTRY(decoder_step, const)
 AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)

@@ -1,5 +1,7 @@
 """Inference copies (aiayn.fast.inference) decode like the model and leave it alone; translate() uses them."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,56 @@ def test_int8_decoding_steps_use_the_same_int8_weights_in_the_few_rows_kernel():
             tiles, m.tiles = m.tiles, None
             torch.testing.assert_close(ours, m(x), rtol=0.05, atol=0.05 * m(x).abs().max().item())  # fbgemm's
             m.tiles = tiles
+
+
+def test_int8_many_rows_go_to_onednn_on_amx_only(monkeypatch):
+    """oneDNN's int8 GEMM serves an int8 copy's large products on CPUs with AMX's int8 tiles only
+    (fbgemm has no AMX path; elsewhere it is the faster), and not under ONEDNN_MAX_CPU_ISA's cap."""
+    from aiayn import capability
+    from aiayn.fast import inference
+
+    def machine(isa, flags):
+        monkeypatch.setattr(capability, "probe", lambda device="cpu": capability.Machine("cpu", isa, "x", True, False, True))
+        monkeypatch.setattr(capability, "cpu_flags", lambda: frozenset(flags))
+        return inference.onednn_int8.__wrapped__()
+
+    assert not machine("avx512_bf16", {"avx512_bf16", "avx512_vnni"})  # a Zen 4: fbgemm
+    assert not machine("avx2", {"avx2"})
+    assert not machine("amx", {"amx_bf16", "amx_tile"})  # AMX without its int8 tiles
+    # (this torch's op is tried for real: an x86 torch with oneDNN runs it on any x86 CPU)
+    x86_onednn = platform.machine().lower() in ("x86_64", "amd64") and onednn_available()
+    assert machine("amx", {"amx_bf16", "amx_tile", "amx_int8"}) or not x86_onednn
+
+
+def test_int8_many_rows_on_onednn_agree_with_fbgemm_and_keep_its_fallback():
+    """Where oneDNN's int8 GEMM takes the large products (AMX): the same int8 weights, inputs rounded
+    with one scale and zero point, close to fbgemm's result of the same layer (and nearer the float
+    one: 8 bits for the inputs, fbgemm's 7); the ReLU in its output stage; inputs with a NaN go to
+    fbgemm."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    from aiayn import kernels
+    from aiayn.fast.inference import ONEDNN_INT8_MACS, Int8Linear, onednn_int8
+
+    if not (onednn_int8() and kernels.available()):
+        pytest.skip("int8 products stay on fbgemm here (no AMX int8, or no kernels)")
+    torch.manual_seed(0)
+    for relu in (False, True):
+        plain = nnqd.Linear(256, 1024, dtype=torch.qint8)
+        plain.set_weight_bias(torch.quantize_per_tensor(torch.randn(1024, 256) / 16, 1 / 512, 0, torch.qint8),
+                              torch.randn(1024))
+        layer = Int8Linear(plain, relu=relu)
+        rows = -(-ONEDNN_INT8_MACS // (256 * 1024))
+        assert layer.onednn is not None and layer.onednn_rows == rows
+        x = torch.randn(2, rows, 256)
+        ours, fbgemm = layer(x), layer.op(x, layer.packed, True)
+        ref = F.linear(x, plain.weight().dequantize(), plain.bias())
+        ref = ref.relu() if relu else ref
+        assert ours.shape == ref.shape and not torch.equal(ours, fbgemm)  # (another engine's rounding)
+        assert (ours - ref).abs().max() < 0.6 * (fbgemm - ref).abs().max()
+        assert not relu or (ours == 0).any()
+        x[0, 1, 2] = float("nan")
+        assert torch.equal(layer(x), layer.op(x, layer.packed, True))  # fbgemm's result, as without oneDNN
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linears")

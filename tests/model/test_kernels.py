@@ -406,6 +406,37 @@ def test_linear_int8_rows_of_zeros_nan_and_infinity(kernel):
     torch.testing.assert_close(out[3].double(), _int8_reference(x[3:], w, scales, bias)[0])
 
 
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, 40), k=st.sampled_from([1, 5, 16, 17, 256, 300]), pad=st.sampled_from([0, 3]),
+       dtype=st.sampled_from(sorted(DTYPES)), shift=st.sampled_from([-2.0, 0.0, 3.0]), seed=st.integers(0, 2**16))
+def test_quantize_rounds_to_the_nearest_of_256_levels_over_the_range_and_zero(kernel, rows, k, pad, dtype, shift,
+                                                                              seed):
+    """The inputs of oneDNN's int8 linear: rows at a stride (pad), all negative, around zero or all positive
+    (shift): bytes q with x = (q - zero) * scale to half a level, zero exactly representable, the levels
+    spanning min(x, 0) .. max(x, 0); q is round(x * 255 / range) + zero (to one level: the kernel may round
+    the product in an FMA)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k + pad, generator=g) + shift).to(DTYPES[dtype])[:, :k]
+    q, scale, zero = kernels.quantize(x)
+    xf = x.float()
+    lo, hi = min(xf.min().item(), 0.0), max(xf.max().item(), 0.0)
+    assert q.shape == (rows, k) and q.dtype == torch.uint8 and 0 <= zero <= 255
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+    torch.testing.assert_close((q.double() - zero) * scale, xf.double(), rtol=0, atol=scale * 0.5001)
+    inv = torch.tensor(255.0) / torch.tensor(hi - lo)
+    ref = (torch.round(xf * inv) + zero).clamp(0, 255)
+    assert (q.float() - ref).abs().max() <= 1
+
+
+def test_quantize_zeros_and_values_that_are_not_finite(kernel):
+    q, scale, zero = kernels.quantize(torch.zeros(3, 5))
+    assert not q.any() and (scale, zero) == (1.0, 0)
+    assert kernels.quantize(torch.tensor([[1.0, float("nan")]])) is None  # (the caller takes fbgemm's linear)
+    assert kernels.quantize(torch.tensor([[float("-inf"), 1.0]])) is None
+    assert kernels.quantize(torch.tensor([[3e38, -3e38]])) is None  # a range past fp32's
+    assert kernels.quantize(torch.randn(4, 6)[:, ::2]) is None  # not contiguous in a row
+
+
 def test_linear_relu_keeps_nan_and_declines_what_it_does_not_take(kernel):
     w = torch.eye(16)
     tiles = kernels.linear_tiles(w)
