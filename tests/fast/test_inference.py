@@ -39,6 +39,29 @@ def test_fp32_inference_model_decodes_like_the_model():
     assert [h[0][1] for h in ours] == pytest.approx([h[0][1] for h in theirs], abs=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_decoding_reads_no_cache_position_before_writing_it(precision, monkeypatch):
+    """A new KV cache is not zeroed: an inference copy's decoding (its kernels: the whole step, beam
+    search's in-place reorder) gives the same outputs with NaN in every position of a new cache."""
+    fast, src = inference_model(tiny_model(), precision), sources()
+
+    def decode():
+        with torch.inference_mode():
+            return greedy(fast, src, 2, 3, max_extra=5), beam_search(fast, src, 2, 3, beam_size=3, max_extra=5)
+
+    expected = decode()
+    new_cache = type(fast)._new_cache
+
+    def poisoned(self, *args, **kwargs):
+        cache = new_cache(self, *args, **kwargs)
+        for buf in (*cache.self_k, *cache.self_v):
+            buf.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(type(fast), "_new_cache", poisoned)
+    assert decode() == expected
+
+
 @pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
 def test_low_precision_models_decode_forced_lengths_and_leave_the_model_alone(precision):
     model = tiny_model()

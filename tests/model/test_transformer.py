@@ -148,6 +148,13 @@ def test_target_padding_changes_no_real_position(tgt_len, extra, seed):
 CHUNKS = [[1] * 7, [3, 1, 2, 1], [7]]  # one token at a time, several at once, all at once
 
 
+def _poison(cache) -> None:
+    """NaN in every self-attention position: a new cache is not zeroed, and nothing may read a position
+    before it is written."""
+    for buf in (*cache.self_k, *cache.self_v):
+        buf.fill_(float("nan"))
+
+
 @pytest.mark.parametrize("chunks", CHUNKS)
 @torch.no_grad()
 def test_seq2seq_cached_decoding_equals_full_forward(chunks):
@@ -157,6 +164,7 @@ def test_seq2seq_cached_decoding_equals_full_forward(chunks):
     full = model(src, tgt)
     memory, memory_mask = model.encode(src)
     cache = model.init_cache(memory, memory_mask, max_len=10)
+    _poison(cache)
     start = 0
     for n in chunks:
         step = model.decode_step(tgt[:, start:start + n], cache)
@@ -173,6 +181,7 @@ def test_lm_cached_decoding_equals_full_forward(chunks):
     tokens = _tokens(3, sum(chunks))
     full = model(tokens)
     cache = model.init_cache(3, max_len=10, dtype=torch.float64)
+    _poison(cache)
     start = 0
     for n in chunks:
         torch.testing.assert_close(model.decode_step(tokens[:, start:start + n], cache),
