@@ -124,7 +124,7 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
     k, B, device = beam_size, max_lens.numel(), max_lens.device
     width = 1  # cache rows per sentence: one until the first step has chosen k different beams
     scores = torch.zeros(B, width, device=device)
-    hyps = torch.empty(B, width, 0, dtype=torch.long, device=device)  # (b, width, t)
+    hyps = torch.empty(B * width, 0, dtype=torch.long, device=device)  # (b * width, t): each cache row's tokens
     last = torch.full((B, width), bos_id, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)  # (b,) sentence of each group of cache rows
     n_finished = torch.zeros(B, dtype=torch.long, device=device)
@@ -151,7 +151,7 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
                 ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)
                 rows, cols = ends.nonzero().unbind(1)  # row-major, so best first within a sentence
                 final = (cand_scores[rows, cols] / length_penalty(step + 1, alpha)).tolist()
-                tokens = hyps[rows, cand_beams[rows, cols]].tolist()
+                tokens = hyps[starts[rows, 0] + cand_beams[rows, cols]].tolist()
                 for s, toks, score in zip(alive[rows].tolist(), tokens, final):
                     if len(finished[s]) < k:
                         finished[s].append((toks, score))
@@ -170,15 +170,15 @@ def search(decode_step: Callable[[Tensor, object], Tensor], cache, bos_id: int, 
                 keep = (~done).nonzero().squeeze(1)  # (b',)
                 if keep.numel() == 0:
                     break
-                beams, scores, last, alive, hyps = beams[keep], scores[keep], last[keep], alive[keep], hyps[keep]
+                beams, scores, last, alive = beams[keep], scores[keep], last[keep], alive[keep]
                 lens, full, starts = lens[keep], full[keep], starts[keep]
                 first_limit, regroup = int(lens.min()), True
-        # one reorder per step both follows the chosen beams and drops finished sentences
-        cache.reorder((starts + beams).view(-1))
+        # one row order per step both follows the chosen beams and drops finished sentences
+        order = (starts + beams).view(-1)  # (b' * k,) the cache row (and hyps row) each new row continues
+        cache.reorder(order)
+        hyps = torch.cat([hyps.index_select(0, order), last.reshape(-1, 1)], dim=1)  # (b' * k, t + 1)
         if regroup:  # the cache now holds k rows for each sentence still decoding, sentence-major
             width, starts = k, torch.arange(0, beams.size(0) * k, k, device=device)[:, None]
-        hyps = torch.cat([hyps.gather(1, beams[:, :, None].expand(-1, -1, hyps.size(2))), last[:, :, None]],
-                         dim=2)  # (b', k, t+1)
     return [sorted(f, key=lambda h: -h[1])[:n_best] for f in finished]
 
 
