@@ -189,7 +189,9 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
     its n_best (tokens, score) pairs, best first; tokens without BOS and EOS.
 
     Outputs are at most source length + max_extra tokens (§6.1), capped by the model's max_len. The
-    pad id is never generated, nor EOS before min_len tokens.
+    pad id is never generated, nor EOS before min_len tokens. One sentence through an inference copy
+    (aiayn.fast) is searched in one kernel call where the kernels take it (FastTransformer.search_one:
+    every step in C, the same hypotheses as `search`).
     """
     if beam_size < 1:
         raise InputError(f"beam_size must be >= 1, got {beam_size}")
@@ -199,6 +201,11 @@ def beam_search(model, src: Tensor, bos_id: int, eos_id: int, beam_size: int = 4
     max_lens = max_output_lengths(src, cfg.pad_id, max_extra, cfg.max_len)  # (B,)
     with evaluating(model):
         memory, memory_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+        if src.size(0) == 1 and hasattr(model, "search_one"):  # an inference copy: the whole search in C
+            found = model.search_one(memory, memory_mask, int(max_lens[0]), beam_size, alpha, (cfg.pad_id,),
+                                     min_len, bos_id, eos_id)
+            if found is not None:
+                return [sorted(found, key=lambda h: -h[1])[:n_best]]
         # one row per sentence (cross-attention keys/values computed once); search grows it to k beams
         cache = model.init_cache(memory, memory_mask, int(max_lens.max()) + 1)  # + 1: the final EOS
         cache.rows_per_source = beam_size  # beams of one sentence share its cross-attention keys/values

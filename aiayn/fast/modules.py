@@ -216,6 +216,28 @@ class FastTransformer(Transformer):
                 cache.order_applied()
         return logits
 
+    def search_one(self, memory: Tensor, memory_mask: Tensor, max_len: int, beam_size: int, alpha: float,
+                   forbid: tuple[int, ...], min_len: int, bos_id: int, eos_id: int) -> list | None:
+        """Beam search of one sentence, its encoded source `memory` (1, S, D), in one kernel call
+        (kernels.search: the same hypotheses as aiayn.decode.beam.search, without its Python between
+        the steps) -> the finished (tokens, score) pairs in the order they finished; None where the
+        kernels do not take it here (the caller then runs the reference)."""
+        from aiayn.decode.beam import length_penalty
+
+        if memory.size(0) != 1 or self.training or max_len + 1 > self.tgt_embed.max_len:
+            return None
+        cache = self.init_cache(memory, memory_mask, max_len + 1)
+        cache.rows_per_source = beam_size
+        cache.reorder(torch.zeros(beam_size, dtype=torch.long))  # k rows of the one source
+        for i in range(len(self.decoder.layers)):
+            cache.layer(i, cache.capacity)
+        plan = self._step_plan(cache)
+        if plan is None:
+            return None
+        penalties = torch.tensor([length_penalty(t + 1, alpha) for t in range(max_len + 1)], dtype=torch.float32)
+        return kernels.search(plan, self.tgt_embed.positions(0, max_len + 1), penalties,
+                              torch.tensor(forbid, dtype=torch.long), bos_id, eos_id, max_len, min_len)
+
     def _step_plan(self, cache: KVCache) -> tuple | None:
         generator, embed, n = self.generator, self.tgt_embed, len(self.decoder.layers)
         tiles = getattr(generator, "tiles", None)

@@ -63,7 +63,7 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
 _MIXED = {  # kernel -> its entry points of mixed types: an fp32 stream and a bf16 sublayer; fp32 inputs, int8 weights
     "residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),
-    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",), "decoder_step": ("f32_i8",)}
+    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",), "decoder_step": ("f32_i8",), "search": ("f32_i8",)}
 
 
 def __getattr__(name: str) -> int:
@@ -77,7 +77,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 3  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 4  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -125,6 +125,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
                              "ms_b", "eps"),
     "decoder_step": _struct("decoder_step", "tokens table positions layers out_w out_b logits order",
                             "B t n_layers vocab D V", "scale"),
+    "search": _struct("search", "step positions penalties forbid out_tokens out_scores out_lengths",
+                      "k bos eos max_len min_len n_forbid finished steps"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -713,6 +715,37 @@ def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, ord
     args.tokens, args.positions, args.logits, args.t = tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(), start
     args.order = 0 if order is None else order.data_ptr()
     return logits if _call(function, args, declines=(Status.BAD_INDEX,)) else None
+
+
+def search(plan: tuple, positions: Tensor, penalties: Tensor, forbid: Tensor, bos: int, eos: int, max_len: int,
+           min_len: int) -> list[tuple[list[int], float]] | None:
+    """One sentence's beam search in one call (decode_step.c's search; aiayn.decode.beam.search is its
+    reference): k beams (the plan's rows: `decoder_step_plan`'s, for caches of k rows sharing one
+    source) from BOS, `decoder_step` and `beam_candidates` each step, up to max_len tokens. positions
+    (max_len + 1, D): the decoder's; penalties (max_len + 1,) float32: the length penalty of a
+    hypothesis ending at each step; never a token of `forbid`, nor EOS before min_len tokens. -> the
+    finished hypotheses (tokens without BOS and EOS, score), in the order they finished. None where
+    the kernels do not take these, or the beam step does not win here (the caller then runs the
+    reference), or a token was outside the embeddings (the caches are then spent)."""
+    base, function, dtype, room, grad, _ = plan
+    L = max_len + 1
+    if not (0 <= max_len and L <= room and positions.shape == (L, base.D) and positions.dtype == dtype
+            and positions.is_contiguous() and positions.is_cpu and penalties.shape == (L,)
+            and penalties.dtype == torch.float32 and penalties.is_contiguous() and penalties.is_cpu
+            and _takes_ids(forbid) and 0 <= min_len and not (grad and torch.is_grad_enabled()) and available()
+            and _beam_takes(1, _wins("beam", dtype))):
+        return None
+    k = base.B
+    tokens, lengths = torch.empty(k, L, dtype=torch.int64), torch.empty(k, dtype=torch.int64)
+    scores = torch.empty(k, dtype=torch.float32)
+    args = _STRUCTS["search"](
+        step=ctypes.addressof(base), positions=positions.data_ptr(), penalties=penalties.data_ptr(),
+        forbid=forbid.data_ptr(), out_tokens=tokens.data_ptr(), out_scores=scores.data_ptr(),
+        out_lengths=lengths.data_ptr(), k=k, bos=bos, eos=eos, max_len=max_len, min_len=min_len, n_forbid=forbid.numel())
+    if not _call(function.replace("decoder_step", "search"), args, declines=(Status.BAD_INDEX,)):
+        return None
+    return [(tokens[i, :n].tolist(), score) for i, (n, score) in enumerate(zip(lengths[:args.finished].tolist(),
+                                                                            scores[:args.finished].tolist()))]
 
 
 def _takes_ids(*ids: Tensor) -> bool:

@@ -928,3 +928,82 @@ done:                                                                           
 DEFINE_DECODER_STEP(decoder_step_f32, float, embed_f32, decoder_layer_f32, linear_f32)
 DEFINE_DECODER_STEP(decoder_step_bf16, bf16, embed_bf16, decoder_layer_bf16, linear_bf16)
 DEFINE_DECODER_STEP(decoder_step_f32_i8, float, embed_f32, decoder_layer_f32_i8, linear_f32_i8)
+
+/* ------------------------------------------------------------------ one sentence's beam search
+ * aiayn.decode.beam.search for one sentence, every step in C: the decoding step (decoder_step's, for
+ * k rows of caches), the k best candidates (beam's), hypotheses ending with EOS, the beams reordered.
+ * The same rules, so the same hypotheses, as the Python loop (its reference): the first step decodes
+ * BOS in all k rows (identical rows; the Python loop runs one) and takes the 2k best of the first;
+ * EOS among a step's k best candidates ends a hypothesis (its score divided by penalties[step]); the
+ * k best that do not end go on (then, if fewer, the best that did, as the Python loop's ranks do);
+ * the search ends with k finished hypotheses, no live beam, or after step max_len, where only EOS
+ * may follow. Never a token of `forbid`, nor EOS before step min_len (unless at max_len). The point
+ * is the ~200 us a step of Python between the kernels at one sentence (beam 4, small model: more
+ * than a third of its time). An error of the step (a token outside the embeddings) is returned as
+ * is, with the caches partly written: the caller searches again from a new cache. Arguments:
+ * search_args (abi.h). */
+#define DEFINE_SEARCH(NAME, T, STEP_FN, BEAM_FN)                                                      \
+HOT int NAME(search_args *a)                                                                          \
+{                                                                                                     \
+    AIAYN_REQUIRE(a->step && a->positions && a->penalties && a->out_tokens && a->out_scores          \
+                  && a->out_lengths && (a->forbid || a->n_forbid == 0), AIAYN_NULL_POINTER);          \
+    const int64_t k = a->k, L = a->max_len + 1, V = a->step->V, D = a->step->D, eos = a->eos;        \
+    AIAYN_REQUIRE(k >= 1 && a->max_len >= 0 && a->min_len >= 0 && a->n_forbid >= 0                   \
+                  && a->step->B == k, AIAYN_BAD_SIZE);                                                 \
+    AIAYN_REQUIRE(eos >= 0 && eos < V && a->bos >= 0 && a->bos < a->step->vocab, AIAYN_BAD_INDEX);   \
+    a->finished = a->steps = 0;                                                                       \
+    const size_t n = (size_t)(2 * k);                                                                 \
+    char *scratch = malloc((size_t)(k * V) * sizeof(T) + n * (sizeof(float) + 2 * sizeof(int64_t))   \
+                           + (size_t)k * (sizeof(float) + 3 * sizeof(int64_t)) + (size_t)(2 * k * L) * sizeof(int64_t)); \
+    if (!scratch) return AIAYN_NO_MEMORY;                                                             \
+    T *logits = (T *)scratch;                                                                         \
+    float *cand_scores = (float *)(logits + k * V), *scores = cand_scores + n;                        \
+    int64_t *cand_tokens = (int64_t *)(scores + k), *cand_beams = cand_tokens + n;                    \
+    int64_t *last = cand_beams + n, *order = last + k, *pick = order + k;                             \
+    int64_t *hyps = pick + k, *next = hyps + k * L;  /* (k, L) each: each beam's tokens so far */    \
+    for (int64_t j = 0; j < k; j++) { last[j] = a->bos; scores[j] = 0.f; }                            \
+    int64_t n_finished = 0;                                                                           \
+    int failed = AIAYN_OK;                                                                            \
+    for (int64_t t = 0; t < L; t++) {                                                                 \
+        decoder_step_args step = *a->step;                                                            \
+        step.tokens = last; step.positions = (const T *)a->positions + t * D; step.logits = logits;   \
+        step.t = t; step.order = t > 1 ? order : NULL;  /* (after the first step all rows are alike) */ \
+        if ((failed = STEP_FN(&step)) != AIAYN_OK) break;                                             \
+        a->steps = t + 1;                                                                             \
+        const uint8_t at_limit = t == a->max_len;                                                     \
+        int64_t unsettled = 0;                                                                        \
+        const beam_args beam = {.x = logits, .scores = scores, .forbid = a->forbid, .at_limit = &at_limit, \
+                                .out_scores = cand_scores, .out_tokens = cand_tokens, .out_beams = cand_beams, \
+                                .unsettled = &unsettled, .sentences = 1, .r = t == 0 ? 1 : k, .V = V, .xs = V, \
+                                .n = (int64_t)n, .n_forbid = a->n_forbid, .eos = eos,                 \
+                                .eos_banned = t < a->min_len, .keep = k};                              \
+        if ((failed = BEAM_FN(&beam)) != AIAYN_OK) break;                                             \
+        for (int64_t c = 0; c < k; c++)  /* EOS among the k best ends a hypothesis */                 \
+            if (cand_tokens[c] == eos && cand_scores[c] > -INFINITY) {                                \
+                if (a->finished < k) {                                                                \
+                    const int64_t f = a->finished++;                                                  \
+                    memcpy(a->out_tokens + f * L, hyps + cand_beams[c] * L, (size_t)t * sizeof(int64_t)); \
+                    a->out_lengths[f] = t;                                                            \
+                    a->out_scores[f] = cand_scores[c] / a->penalties[t];                              \
+                }                                                                                     \
+                n_finished++;                                                                         \
+            }                                                                                         \
+        int64_t picked = 0;  /* the k best that do not end, then (if fewer) the best that did */      \
+        for (int64_t c = 0; c < (int64_t)n && picked < k; c++) if (cand_tokens[c] != eos) pick[picked++] = c; \
+        for (int64_t c = 0; c < (int64_t)n && picked < k; c++) if (cand_tokens[c] == eos) pick[picked++] = c; \
+        if (n_finished >= k || cand_scores[pick[0]] == -INFINITY || at_limit) break;                  \
+        for (int64_t j = 0; j < k; j++) {                                                             \
+            const int64_t c = pick[j];                                                                \
+            order[j] = cand_beams[c]; last[j] = cand_tokens[c]; scores[j] = cand_scores[c];           \
+            memcpy(next + j * L, hyps + order[j] * L, (size_t)t * sizeof(int64_t));                   \
+            next[j * L + t] = last[j];                                                                \
+        }                                                                                             \
+        int64_t *swap = hyps; hyps = next; next = swap;                                               \
+    }                                                                                                 \
+    free(scratch);                                                                                    \
+    return failed;                                                                                    \
+}
+
+DEFINE_SEARCH(search_f32, float, decoder_step_f32, beam_f32)
+DEFINE_SEARCH(search_bf16, bf16, decoder_step_bf16, beam_bf16)
+DEFINE_SEARCH(search_f32_i8, float, decoder_step_f32_i8, beam_f32)

@@ -244,6 +244,46 @@ def test_the_step_kernels_quiet_steps_change_no_hypothesis(monkeypatch):
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(f, r))
 
 
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
+@pytest.mark.parametrize("alpha, n_best, min_len, max_extra", [(0.6, 1, 0, 5), (0.0, 3, 0, 5), (1.0, 3, 4, 2),
+                                                               (0.6, 2, 0, 0)])
+def test_one_sentence_searched_in_one_call_finds_the_references_hypotheses(precision, alpha, n_best, min_len,
+                                                                            max_extra, monkeypatch):
+    """An inference copy searches one sentence in one kernel call (kernels.search: every step in C):
+    the hypotheses and scores of the Python loop over the same copy's kernels, with a length penalty
+    or none, a minimum length, outputs cut at the length limit (max_extra 0: EOS forced after as
+    many tokens as the source has), sources with padding."""
+    from aiayn import capability, kernels
+    from aiayn.fast.inference import inference_model
+
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    if not kernels.available():
+        pytest.skip("aiayn's C kernels are off or not built here")
+    if precision == "int8" and not capability.probe().int8:
+        pytest.skip("no int8 engine here")
+    fast = inference_model(tiny_model(seed=5), precision)
+    found = []
+
+    def recorded(*args):
+        found.append(search(*args))
+        return found[-1]
+
+    search = kernels.search
+    monkeypatch.setattr(kernels, "search", recorded)
+    for row in sources():
+        kwargs = dict(beam_size=3, alpha=alpha, n_best=n_best, min_len=min_len, max_extra=max_extra)
+        ours = beam_search(fast, row[None], BOS, 9, **kwargs)
+        with monkeypatch.context() as m:  # the Python loop (aiayn.decode.beam.search), the same steps' kernels
+            m.setattr(type(fast), "search_one", lambda *args: None)
+            reference = beam_search(fast, row[None], BOS, 9, **kwargs)
+        assert [t for t, _ in ours[0]] == [t for t, _ in reference[0]]
+        assert [s for _, s in ours[0]] == pytest.approx([s for _, s in reference[0]], abs=1e-6)
+    assert len(found) == 5 and all(f is not None for f in found)  # (it ran, and was not declined)
+    with torch.inference_mode():
+        assert kernels.search.__name__ == "recorded" and len(beam_search(fast, sources()[:2], BOS, 9)) == 2
+    assert len(found) == 5  # (a batch of two: the Python loop)
+
+
 @pytest.mark.parametrize("V, r, k", [(8000, 4, 4), (8001, 4, 4), (8000, 1, 4), (1000, 8, 8), (130, 4, 2),
                                      (100, 4, 8), (7, 3, 3), (200, 1, 1)])
 def test_beam_step_by_blocks_equals_one_topk_over_all_candidates(V, r, k):
