@@ -68,7 +68,9 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
 
     Each sentence ends at EOS or after `max_output_lengths` tokens. Finished sentences leave the
     batch (cache.reorder), so later steps only compute the sentences still going. The pad id is
-    never generated, nor EOS before min_len tokens (benchmarks force output lengths with it).
+    never generated, nor EOS before min_len tokens (benchmarks force output lengths with it). One
+    sentence through an inference copy (aiayn.fast) is decoded in one kernel call where the kernels
+    take it (FastTransformer.greedy_one: every step in C, the same tokens).
     """
     cfg = model.cfg
     B = src.size(0)
@@ -76,6 +78,10 @@ def greedy(model, src: Tensor, bos_id: int, eos_id: int, max_extra: int = 50,
     L = int(limits.max())
     with evaluating(model):
         memory, memory_mask = model.encode(src)
+        if B == 1 and hasattr(model, "greedy_one"):  # an inference copy: the whole loop in C
+            found = model.greedy_one(memory, memory_mask, L, (cfg.pad_id,), min_len, bos_id, eos_id)
+            if found is not None:
+                return [found]
         cache = model.init_cache(memory, memory_mask, L)
         out = torch.full((B, L), eos_id, dtype=torch.long, device=src.device)  # EOS-filled: cut there
         alive = torch.arange(B, device=src.device)  # (b,) sentence of each cache row

@@ -238,6 +238,20 @@ class FastTransformer(Transformer):
         return kernels.search(plan, self.tgt_embed.positions(0, max_len + 1), penalties,
                               torch.tensor(forbid, dtype=torch.long), bos_id, eos_id, max_len, min_len)
 
+    def greedy_one(self, memory: Tensor, memory_mask: Tensor, max_len: int, forbid: tuple[int, ...], min_len: int,
+                   bos_id: int, eos_id: int) -> list[int] | None:
+        """Greedy decoding of one sentence, its encoded source `memory` (1, S, D), in one kernel call
+        (kernels.greedy: the same tokens as aiayn.decode.greedy, without its Python between the steps)
+        -> its tokens; None where the kernels do not take it here (the caller then runs the reference)."""
+        if memory.size(0) != 1 or self.training or not 0 < max_len <= self.tgt_embed.max_len:
+            return None
+        cache = self.init_cache(memory, memory_mask, max_len)
+        plan = self._step_plan(cache)
+        if plan is None:
+            return None
+        return kernels.greedy(plan, self.tgt_embed.positions(0, max_len), torch.tensor(forbid, dtype=torch.long),
+                              bos_id, eos_id, max_len, min_len)
+
     def _step_plan(self, cache: KVCache) -> tuple | None:
         generator, embed, n = self.generator, self.tgt_embed, len(self.decoder.layers)
         tiles = getattr(generator, "tiles", None)

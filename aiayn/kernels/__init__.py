@@ -63,7 +63,8 @@ _FLAG_SETS = (  # the first that builds wins: tuned for this CPU with OpenMP (tr
 _FUNCTIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # dtype -> the C functions' suffix
 _MIXED = {  # kernel -> its entry points of mixed types: an fp32 stream and a bf16 sublayer; fp32 inputs, int8 weights
     "residual_norm_forward": ("f32_bf16",), "residual_norm_backward": ("f32_bf16",),
-    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",), "decoder_step": ("f32_i8",), "search": ("f32_i8",)}
+    "linear": ("f32_i8",), "decoder_layer": ("f32_i8",), "decoder_step": ("f32_i8",), "search": ("f32_i8",),
+    "greedy": ("f32_i8",)}
 
 
 def __getattr__(name: str) -> int:
@@ -77,7 +78,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 4  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 5  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -127,6 +128,7 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
                             "B t n_layers vocab D V", "scale"),
     "search": _struct("search", "step positions penalties forbid out_tokens out_scores out_lengths",
                       "k bos eos max_len min_len n_forbid finished steps"),
+    "greedy": _struct("greedy", "step positions forbid out_tokens", "bos eos max_len min_len n_forbid length"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
@@ -746,6 +748,28 @@ def search(plan: tuple, positions: Tensor, penalties: Tensor, forbid: Tensor, bo
         return None
     return [(tokens[i, :n].tolist(), score) for i, (n, score) in enumerate(zip(lengths[:args.finished].tolist(),
                                                                             scores[:args.finished].tolist()))]
+
+
+def greedy(plan: tuple, positions: Tensor, forbid: Tensor, bos: int, eos: int, max_len: int,
+           min_len: int) -> list[int] | None:
+    """One sentence's greedy decoding in one call (decode_step.c's greedy; aiayn.decode.greedy is its
+    reference): from BOS, `decoder_step` (the plan's: caches of one row) and the best token each step,
+    never one of `forbid`, nor EOS before min_len tokens, until EOS or max_len tokens. positions
+    (max_len, D): the decoder's. -> the tokens, without BOS and EOS. None where the kernels do not
+    take these or do not win here (the caller then runs the reference), or a token was outside the
+    embeddings (the cache is then spent)."""
+    base, function, dtype, room, grad, _ = plan
+    if not (base.B == 1 and 0 <= max_len <= room and positions.shape == (max_len, base.D) and positions.dtype == dtype
+            and positions.is_contiguous() and positions.is_cpu and _takes_ids(forbid) and 0 <= min_len
+            and not (grad and torch.is_grad_enabled()) and available() and _wins("decode", dtype)):
+        return None
+    tokens = torch.empty(max_len, dtype=torch.int64)
+    args = _STRUCTS["greedy"](step=ctypes.addressof(base), positions=positions.data_ptr(), forbid=forbid.data_ptr(),
+                              out_tokens=tokens.data_ptr(), bos=bos, eos=eos, max_len=max_len, min_len=min_len,
+                              n_forbid=forbid.numel())
+    if not _call(function.replace("decoder_step", "greedy"), args, declines=(Status.BAD_INDEX,)):
+        return None
+    return tokens[:args.length].tolist()
 
 
 def _takes_ids(*ids: Tensor) -> bool:

@@ -73,6 +73,9 @@ TABLE(decoder_step, AIAYN_DECODER_STEP_ARGS)
 #define ARGS_T search_args
 TABLE(search, AIAYN_SEARCH_ARGS)
 #undef ARGS_T
+#define ARGS_T greedy_args
+TABLE(greedy, AIAYN_GREEDY_ARGS)
+#undef ARGS_T
 #define ARGS_T attention_forward_args
 TABLE(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 #undef ARGS_T

@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 4
+#define AIAYN_ABI_VERSION 5
 
 typedef enum {
     AIAYN_OK = 0,
@@ -170,6 +170,15 @@ enum {
     X(int64_t, finished)        /* written: how many hypotheses finished (<= k) */                    \
     X(int64_t, steps)           /* written: how many decoding steps ran */
 
+#define AIAYN_GREEDY_ARGS(X)                                                                          \
+    X(const decoder_step_args *, step)  /* the decoding step for one row of caches (its tokens,        \
+                                           positions, logits and t are the search's) */               \
+    X(const void *, positions)  /* (max_len, D): position t's in row t */                             \
+    X(const int64_t *, forbid)  /* n_forbid ids never generated */                                    \
+    X(int64_t *, out_tokens)    /* max_len written: the tokens, without BOS and EOS */                \
+    X(int64_t, bos) X(int64_t, eos) X(int64_t, max_len) X(int64_t, min_len) X(int64_t, n_forbid)      \
+    X(int64_t, length)          /* written: how many tokens */
+
 /* ---------------------------------------------------------------------- train_step.c's kernels */
 #define AIAYN_ATTENTION_FORWARD_ARGS(X)                                                               \
     X(const void *, q)         /* (B, nt, >= H dh) at qs_b, qs_t: nt queries per row */                                    \
@@ -229,7 +238,7 @@ enum {
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
     K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(quantize) K(decoder_layer)        \
-    K(decoder_step) K(search)                                                                         \
+    K(decoder_step) K(search) K(greedy)                                                               \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
     K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
 
@@ -245,6 +254,7 @@ AIAYN_STRUCT(quantize, AIAYN_QUANTIZE_ARGS)
 AIAYN_STRUCT(decoder_layer, AIAYN_DECODER_LAYER_ARGS)
 AIAYN_STRUCT(decoder_step, AIAYN_DECODER_STEP_ARGS)
 AIAYN_STRUCT(search, AIAYN_SEARCH_ARGS)
+AIAYN_STRUCT(greedy, AIAYN_GREEDY_ARGS)
 AIAYN_STRUCT(attention_forward, AIAYN_ATTENTION_FORWARD_ARGS)
 AIAYN_STRUCT(attention_backward, AIAYN_ATTENTION_BACKWARD_ARGS)
 AIAYN_STRUCT(dropout_mask, AIAYN_DROPOUT_MASK_ARGS)
@@ -254,11 +264,11 @@ AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
 
 /* The entry points: <kernel>_f32 and <kernel>_bf16 (the residual norm also _f32_bf16: an fp32 stream,
  * a bf16 sublayer output, as under autocast). argmax writes its `done`, quantize its `zero` and `scale`,
- * search what it found: their structs are not const. */
+ * search and greedy what they found: their structs are not const. */
 #define AIAYN_ENTRY(kernel, qualifier) int kernel##_f32(qualifier kernel##_args *); int kernel##_bf16(qualifier kernel##_args *);
 AIAYN_ENTRY(attend, const) AIAYN_ENTRY(add_norm, const) AIAYN_ENTRY(argmax, ) AIAYN_ENTRY(embed, const)
 AIAYN_ENTRY(beam, const) AIAYN_ENTRY(linear, const) AIAYN_ENTRY(quantize, ) AIAYN_ENTRY(decoder_layer, const)
-AIAYN_ENTRY(decoder_step, const) AIAYN_ENTRY(search, )
+AIAYN_ENTRY(decoder_step, const) AIAYN_ENTRY(search, ) AIAYN_ENTRY(greedy, )
 AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
@@ -266,6 +276,7 @@ int linear_f32_i8(const linear_args *);  /* int8 weights (tiles with their scale
 int decoder_layer_f32_i8(const decoder_layer_args *);
 int decoder_step_f32_i8(const decoder_step_args *);
 int search_f32_i8(search_args *);
+int greedy_f32_i8(greedy_args *);
 int residual_norm_forward_f32_bf16(const residual_norm_forward_args *);
 int residual_norm_backward_f32_bf16(const residual_norm_backward_args *);
 

@@ -1007,3 +1007,43 @@ HOT int NAME(search_args *a)                                                    
 DEFINE_SEARCH(search_f32, float, decoder_step_f32, beam_f32)
 DEFINE_SEARCH(search_bf16, bf16, decoder_step_bf16, beam_bf16)
 DEFINE_SEARCH(search_f32_i8, float, decoder_step_f32_i8, beam_f32)
+
+/* ------------------------------------------------------------------ one sentence's greedy search
+ * aiayn.decode.greedy for one sentence, every step in C: the decoding step (decoder_step's, one row),
+ * then the best token (argmax's: never one of `forbid`, nor EOS before min_len tokens), until EOS or
+ * max_len tokens. The same kernels in the same order as the Python loop, so the same tokens, without
+ * its Python between them. An error of the step (a token outside the embeddings) is returned as is,
+ * the cache partly written: the caller decodes again from a new cache. Arguments: greedy_args (abi.h). */
+#define DEFINE_GREEDY(NAME, T, STEP_FN, ARGMAX_FN)                                                    \
+HOT int NAME(greedy_args *a)                                                                          \
+{                                                                                                     \
+    AIAYN_REQUIRE(a->step && a->positions && a->out_tokens && (a->forbid || a->n_forbid == 0),        \
+                  AIAYN_NULL_POINTER);                                                                \
+    const int64_t V = a->step->V, D = a->step->D, eos = a->eos, n_forbid = a->n_forbid;              \
+    AIAYN_REQUIRE(a->max_len >= 0 && a->min_len >= 0 && n_forbid >= 0 && a->step->B == 1, AIAYN_BAD_SIZE); \
+    AIAYN_REQUIRE(eos >= 0 && eos < V && a->bos >= 0 && a->bos < a->step->vocab, AIAYN_BAD_INDEX);   \
+    a->length = 0;                                                                                    \
+    T *logits = malloc((size_t)V * sizeof(T) + (size_t)(n_forbid + 1) * sizeof(int64_t));            \
+    if (!logits) return AIAYN_NO_MEMORY;                                                              \
+    int64_t *banned = (int64_t *)(logits + V);  /* forbid, then EOS (banned before min_len) */        \
+    memcpy(banned, a->forbid, (size_t)n_forbid * sizeof(int64_t));                                    \
+    banned[n_forbid] = eos;                                                                           \
+    int64_t last = a->bos;                                                                            \
+    int failed = AIAYN_OK;                                                                            \
+    for (int64_t t = 0; t < a->max_len; t++) {                                                        \
+        decoder_step_args step = *a->step;                                                            \
+        step.tokens = &last; step.positions = (const T *)a->positions + t * D; step.logits = logits;  \
+        step.t = t; step.order = NULL;                                                                \
+        if ((failed = STEP_FN(&step)) != AIAYN_OK) break;                                             \
+        argmax_args best = {.x = logits, .banned = banned, .out = &last, .rows = 1, .n = V, .xs = V,  \
+                            .n_banned = n_forbid + (t < a->min_len)};                                 \
+        if ((failed = ARGMAX_FN(&best)) != AIAYN_OK || last == eos) break;                            \
+        a->out_tokens[a->length++] = last;                                                            \
+    }                                                                                                 \
+    free(logits);                                                                                     \
+    return failed;                                                                                    \
+}
+
+DEFINE_GREEDY(greedy_f32, float, decoder_step_f32, argmax_f32)
+DEFINE_GREEDY(greedy_bf16, bf16, decoder_step_bf16, argmax_bf16)
+DEFINE_GREEDY(greedy_f32_i8, float, decoder_step_f32_i8, argmax_f32)
