@@ -232,6 +232,8 @@ def _flag_sets() -> list[list[str]]:
     cap = []
     if m.capped and m.isa in ("avx2", "sse"):
         cap = ["-mno-avx512f"] if m.isa == "avx2" else ["-mno-avx"]
+    if m.capped:  # (below AMX: its tiles are not used either)
+        cap.append("-DAIAYN_NO_AMX")
     return [[*flags, *cap] if "-march=native" in flags else flags for flags in _FLAG_SETS]
 
 
@@ -743,7 +745,8 @@ def search(plan: tuple, positions: Tensor, penalties: Tensor, forbid: Tensor, bo
     args = _STRUCTS["search"](
         step=ctypes.addressof(base), positions=positions.data_ptr(), penalties=penalties.data_ptr(),
         forbid=forbid.data_ptr(), out_tokens=tokens.data_ptr(), out_scores=scores.data_ptr(),
-        out_lengths=lengths.data_ptr(), k=k, bos=bos, eos=eos, max_len=max_len, min_len=min_len, n_forbid=forbid.numel())
+        out_lengths=lengths.data_ptr(), k=k, bos=bos, eos=eos, max_len=max_len, min_len=min_len,
+        n_forbid=forbid.numel())
     if not _call(function.replace("decoder_step", "search"), args, declines=(Status.BAD_INDEX,)):
         return None
     return [(tokens[i, :n].tolist(), score) for i, (n, score) in enumerate(zip(lengths[:args.finished].tolist(),

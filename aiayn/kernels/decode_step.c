@@ -638,6 +638,55 @@ DEFINE_I8_ROWS(1)
 #define I8_ROWS_(MR) i8_rows_##MR
 #define I8_ROWS(MR) I8_ROWS_(MR)
 
+#if I8_LEVELS == 127 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && !defined(AIAYN_NO_AMX)
+/* AMX's tiles (Xeon Sapphire Rapids and later): 16 rows at a time, the same bytes and the same
+ * integer sums as vpdpbusd's (TDPBUSD multiplies unsigned inputs by signed weights, in groups of 4:
+ * a weight tile's 16 groups of 16 outputs x 4 inputs are a B tile's 16 rows of 64 bytes), then the
+ * same output stage: the same results, bit for bit, ~8x the multiply-adds a cycle. Linux lends a
+ * thread the tiles' state once asked (arch_prctl); where it refuses, the vpdpbusd path (also where
+ * ONEDNN_MAX_CPU_ISA caps the machine below AMX: AIAYN_NO_AMX). */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define I8_AMX 1
+static int amx_granted(void) {
+    static int granted = -1;  /* (a race only asks twice) */
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
+
+/* 16 rows of q (stride qs, 16 groups of 4 bytes a tile column block) against every output tile */
+static void i8_amx_rows_16(const linear_args *a, const uint8_t *q, int64_t qs, const float *sx, float *out) {
+    const int8_t *w = a->w; const float *bias = a->bias;
+    const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);
+    int32_t acc[16][16];
+    for (int64_t t = 0; t < tiles; t++) {
+        const int8_t *wt = i8_tile(w, t, k) + AIAYN_INT8_HEAD;
+        _tile_zero(0);
+        for (int64_t p = 0; p < groups; p += 16) {
+            _tile_loadd(1, q + 4 * p, qs);
+            _tile_loadd(2, wt + p * 64, 64);
+            _tile_dpbusd(0, 1, 2);
+        }
+        _tile_stored(0, acc, 64);
+        const int8_t *head = i8_tile(w, t, k);
+        float b[16] = {0};
+        const int64_t first = t * 16, width = n - first < 16 ? n - first : 16;
+        if (bias) for (int64_t j = 0; j < width; j++) b[j] = bias[first + j];
+        const f32x16 s = load16_f32((const float *)head), bv = load16_f32(b);
+        for (int m = 0; m < 16; m++) {
+            f32x16 r = (f32x16)i8_float(_mm512_loadu_si512(acc[m]), head) * (s * sx[m]) + bv;
+            if (a->relu) r = relu16(r);
+            float *o = out + m * os + first;
+            if (width == 16) store16_f32(o, r);
+            else for (int64_t j = 0; j < width; j++) o[j] = r[j];
+        }
+    }
+}
+#else
+#define I8_AMX 0
+#endif
+
 HOT int linear_f32_i8(const linear_args *a) {
     const int status = linear_check(a);
     if (status != AIAYN_OK) return status;
@@ -650,6 +699,17 @@ HOT int linear_f32_i8(const linear_args *a) {
     const float *x = a->x; float *out = a->out;
     for (int64_t r = 0; r < rows; r++) i8_quantize(x + r * a->xs, a->k, groups, q + r * qs, sx + r);
     int64_t r = 0;
+#if I8_AMX
+    if (rows >= 16 && groups % 16 == 0 && qs <= 65535 && amx_granted()) {
+        amx_config config = {.palette = 1};
+        config.colsb[0] = 64; config.rows[0] = 16;  /* outputs: 16 rows x 16 int32 */
+        config.colsb[1] = 64; config.rows[1] = 16;  /* inputs: 16 rows x 64 bytes */
+        config.colsb[2] = 64; config.rows[2] = 16;  /* weights: 16 groups x 16 outputs x 4 bytes */
+        _tile_loadconfig(&config);
+        for (; r + 16 <= rows; r += 16) i8_amx_rows_16(a, q + r * qs, qs, sx + r, out + r * a->os);
+        _tile_release();
+    }
+#endif
     for (; r + I8_MR <= rows; r += I8_MR) I8_ROWS(I8_MR)(a, q + r * qs, qs, sx + r, out + r * a->os);
     if (r + 4 <= rows) { i8_rows_4(a, q + r * qs, qs, sx + r, out + r * a->os); r += 4; }
     for (; r + 2 <= rows; r += 2) i8_rows_2(a, q + r * qs, qs, sx + r, out + r * a->os);
@@ -753,7 +813,10 @@ HOT int NAME(quantize_args *a)                                                  
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *row = x + r * xs; uint8_t *o = out + r * k;                                          \
         int64_t i = 0;                                                                                \
-        for (; i + 16 <= k; i += 16) { const u8x16 q = quantize16(LOAD16(row + i), inv, zero); memcpy(o + i, &q, 16); } \
+        for (; i + 16 <= k; i += 16) {                                                                \
+            const u8x16 q = quantize16(LOAD16(row + i), inv, zero);                                   \
+            memcpy(o + i, &q, 16);                                                                    \
+        }                                                                                             \
         if (i < k) {                                                                                  \
             T last[16] = {0};                                                                         \
             memcpy(last, row + i, (size_t)(k - i) * sizeof(T));                                       \
@@ -954,7 +1017,8 @@ HOT int NAME(search_args *a)                                                    
     a->finished = a->steps = 0;                                                                       \
     const size_t n = (size_t)(2 * k);                                                                 \
     char *scratch = malloc((size_t)(k * V) * sizeof(T) + n * (sizeof(float) + 2 * sizeof(int64_t))   \
-                           + (size_t)k * (sizeof(float) + 3 * sizeof(int64_t)) + (size_t)(2 * k * L) * sizeof(int64_t)); \
+                           + (size_t)k * (sizeof(float) + 3 * sizeof(int64_t))                        \
+                           + (size_t)(2 * k * L) * sizeof(int64_t));                                   \
     if (!scratch) return AIAYN_NO_MEMORY;                                                             \
     T *logits = (T *)scratch;                                                                         \
     float *cand_scores = (float *)(logits + k * V), *scores = cand_scores + n;                        \

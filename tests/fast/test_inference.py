@@ -145,7 +145,8 @@ def test_int8_many_rows_go_to_onednn_on_amx_only(monkeypatch):
     from aiayn.fast import inference
 
     def machine(isa, flags):
-        monkeypatch.setattr(capability, "probe", lambda device="cpu": capability.Machine("cpu", isa, "x", True, False, True))
+        found = capability.Machine("cpu", isa, "x", bf16=True, fp16=False, int8=True)
+        monkeypatch.setattr(capability, "probe", lambda device="cpu": found)
         monkeypatch.setattr(capability, "cpu_flags", lambda: frozenset(flags))
         return inference.onednn_int8.__wrapped__()
 

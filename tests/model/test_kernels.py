@@ -395,6 +395,21 @@ def test_linear_int8_matches_its_float64_reference(kernel, rows, k, n, bias, rel
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (64, 1024, 256), (37, 64, 17), (48, 257, 40)])
+def test_linear_int8_gives_each_row_the_same_bits_in_any_company(kernel, monkeypatch, rows, k, n):
+    """Rows computed 16 at a time (on AMX's tiles where the CPU has them) and 8, 4, 2 or 1 at a time
+    (vpdpbusd, or the fp32 widening): the same integer sums and output stage, the same bits."""
+    monkeypatch.setenv("AIAYN_KERNELS", "all")  # (every row count, up to MAX_LINEAR_ROWS)
+    g = torch.Generator().manual_seed(rows + k)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    tiles, bias = kernels.linear_tiles(w, torch.rand(n, generator=g) / 64), torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    for relu in (False, True):
+        together = kernels.linear(x, tiles, bias, n, relu)
+        apart = torch.cat([kernels.linear(x[i:i + 7], tiles, bias, n, relu) for i in range(0, rows, 7)])
+        assert torch.equal(together, apart)
+
+
 def test_linear_int8_rows_of_zeros_nan_and_infinity(kernel):
     w, scales = torch.randint(-127, 128, (20, 8), dtype=torch.int8), torch.rand(20)
     bias = torch.randn(20)

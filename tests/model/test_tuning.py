@@ -154,9 +154,14 @@ def test_the_build_follows_the_isa_cap(monkeypatch):
     sets = kernels._flag_sets()
     assert all("-mno-avx512f" in flags for flags in sets if "-march=native" in flags)
     assert "avx2" in kernels._machine_key()
+    below_amx = capability.Machine("cpu", "avx512_bf16", "x", bf16=True, fp16=False, int8=True,
+                                   capped="ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16")
+    monkeypatch.setattr(capability, "probe", lambda device="cpu": below_amx)  # (AVX-512 kept, AMX's tiles not)
+    sets = [flags for flags in kernels._flag_sets() if "-march=native" in flags]
+    assert all("-DAIAYN_NO_AMX" in flags and "-mno-avx512f" not in flags for flags in sets)
     uncapped = capability.Machine("cpu", "avx512_bf16", "x", bf16=True, fp16=False, int8=True)
     monkeypatch.setattr(capability, "probe", lambda device="cpu": uncapped)
-    assert not any("-mno-avx512f" in flags for flags in kernels._flag_sets())
+    assert not any("-mno-avx512f" in flags or "-DAIAYN_NO_AMX" in flags for flags in kernels._flag_sets())
 
 
 def test_a_failed_build_is_remembered_and_warned_about_once(monkeypatch, tmp_path):
