@@ -467,7 +467,7 @@ def quantize(x: Tensor) -> tuple[Tensor, float, int] | None:
     return None if math.isnan(args.scale) else (q, args.scale, args.zero)
 
 
-MAX_LINEAR_ROWS = 64  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all
+MAX_LINEAR_ROWS = 256  # the most rows `linear` is timed at (tuning.LINEAR_ROWS), and takes under AIAYN_KERNELS=all
 
 
 def linear_rows(dtype: torch.dtype) -> int:

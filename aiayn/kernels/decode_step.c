@@ -548,7 +548,17 @@ static inline const int8_t *i8_tile(const int8_t *w, int64_t tile, int64_t k) {
 static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, float *scale) {
     float m = 0.f;
     int bad = 0;
-    for (int64_t i = 0; i < k; i++) {
+    int64_t i = 0;
+#if I8_LEVELS == 127  /* (AVX-512: 16 at a time, the same operations) */
+    __m512 top = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0;
+        top = _mm512_max_ps(top, a);
+    }
+    m = _mm512_reduce_max_ps(top);
+#endif
+    for (; i < k; i++) {
         const float a = fabsf(x[i]);
         bad |= a != a;
         m = a > m ? a : m;
@@ -558,7 +568,14 @@ static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, f
     if (m == 0.f) { *scale = 0.f; return; }
     const float inv = (float)I8_LEVELS / m;
     *scale = m / (float)I8_LEVELS;
-    for (int64_t i = 0; i < k; i++) q[i] = (uint8_t)((1 << I8_SHIFT) + (int)nearbyintf(x[i] * inv));
+    i = 0;
+#if I8_LEVELS == 127  /* round(x inv) to nearest, ties to even (the default mode, as nearbyintf), + O */
+    for (; i + 16 <= k; i += 16) {
+        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(r, _mm512_set1_epi32(1 << I8_SHIFT))));
+    }
+#endif
+    for (; i < k; i++) q[i] = (uint8_t)((1 << I8_SHIFT) + (int)nearbyintf(x[i] * inv));
 }
 
 /* acc (16 int32, one tile's outputs) += the tile's weights of group p times row q's 4 bytes */
@@ -655,27 +672,30 @@ static int amx_granted(void) {
 }
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
 
-/* 16 rows of q (stride qs, 16 groups of 4 bytes a tile column block) against every output tile */
-static void i8_amx_rows_16(const linear_args *a, const uint8_t *q, int64_t qs, const float *sx, float *out) {
+/* 16 `blocks` rows (1 to 4 blocks of 16) of q (stride qs) against every output tile: each weight tile
+ * is read once for all of them (tiles 0-3 the blocks' sums, 4 their inputs, 5 the weights) */
+#define I8_AMX_BLOCK(b)                                                                               \
+    if (blocks > (b)) { _tile_loadd(4, q + (b) * 16 * qs + 4 * p, qs); _tile_dpbusd(b, 4, 5); }
+#define I8_AMX_STORE(b) if (blocks > (b)) _tile_stored(b, acc[b], 64)
+static void i8_amx_rows(const linear_args *a, const uint8_t *q, int64_t qs, const float *sx, float *out, int blocks) {
     const int8_t *w = a->w; const float *bias = a->bias;
     const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);
-    int32_t acc[16][16];
+    int32_t acc[4][16][16];
     for (int64_t t = 0; t < tiles; t++) {
         const int8_t *wt = i8_tile(w, t, k) + AIAYN_INT8_HEAD;
-        _tile_zero(0);
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t p = 0; p < groups; p += 16) {
-            _tile_loadd(1, q + 4 * p, qs);
-            _tile_loadd(2, wt + p * 64, 64);
-            _tile_dpbusd(0, 1, 2);
+            _tile_loadd(5, wt + p * 64, 64);
+            I8_AMX_BLOCK(0) I8_AMX_BLOCK(1) I8_AMX_BLOCK(2) I8_AMX_BLOCK(3)
         }
-        _tile_stored(0, acc, 64);
+        I8_AMX_STORE(0); I8_AMX_STORE(1); I8_AMX_STORE(2); I8_AMX_STORE(3);
         const int8_t *head = i8_tile(w, t, k);
         float b[16] = {0};
         const int64_t first = t * 16, width = n - first < 16 ? n - first : 16;
         if (bias) for (int64_t j = 0; j < width; j++) b[j] = bias[first + j];
         const f32x16 s = load16_f32((const float *)head), bv = load16_f32(b);
-        for (int m = 0; m < 16; m++) {
-            f32x16 r = (f32x16)i8_float(_mm512_loadu_si512(acc[m]), head) * (s * sx[m]) + bv;
+        for (int m = 0; m < 16 * blocks; m++) {
+            f32x16 r = (f32x16)i8_float(_mm512_loadu_si512(acc[m / 16][m % 16]), head) * (s * sx[m]) + bv;
             if (a->relu) r = relu16(r);
             float *o = out + m * os + first;
             if (width == 16) store16_f32(o, r);
@@ -702,11 +722,16 @@ HOT int linear_f32_i8(const linear_args *a) {
 #if I8_AMX
     if (rows >= 16 && groups % 16 == 0 && qs <= 65535 && amx_granted()) {
         amx_config config = {.palette = 1};
-        config.colsb[0] = 64; config.rows[0] = 16;  /* outputs: 16 rows x 16 int32 */
-        config.colsb[1] = 64; config.rows[1] = 16;  /* inputs: 16 rows x 64 bytes */
-        config.colsb[2] = 64; config.rows[2] = 16;  /* weights: 16 groups x 16 outputs x 4 bytes */
+        for (int tile = 0; tile < 6; tile++) {  /* 0-3: 16 rows x 16 int32 sums; 4: 16 rows x 64 input bytes; */
+            config.colsb[tile] = 64;            /* 5: 16 groups x 16 outputs x 4 weight bytes */
+            config.rows[tile] = 16;
+        }
         _tile_loadconfig(&config);
-        for (; r + 16 <= rows; r += 16) i8_amx_rows_16(a, q + r * qs, qs, sx + r, out + r * a->os);
+        while (rows - r >= 16) {
+            const int blocks = (int)((rows - r) / 16 < 4 ? (rows - r) / 16 : 4);
+            i8_amx_rows(a, q + r * qs, qs, sx + r, out + r * a->os, blocks);
+            r += 16 * blocks;
+        }
         _tile_release();
     }
 #endif
