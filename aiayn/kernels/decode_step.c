@@ -1045,11 +1045,11 @@ HOT int NAME(search_args *a)                                                    
                            + (size_t)k * (sizeof(float) + 3 * sizeof(int64_t))                        \
                            + (size_t)(2 * k * L) * sizeof(int64_t));                                   \
     if (!scratch) return AIAYN_NO_MEMORY;                                                             \
-    T *logits = (T *)scratch;                                                                         \
-    float *cand_scores = (float *)(logits + k * V), *scores = cand_scores + n;                        \
-    int64_t *cand_tokens = (int64_t *)(scores + k), *cand_beams = cand_tokens + n;                    \
+    int64_t *cand_tokens = (int64_t *)scratch, *cand_beams = cand_tokens + n;  /* (the widest first) */ \
     int64_t *last = cand_beams + n, *order = last + k, *pick = order + k;                             \
     int64_t *hyps = pick + k, *next = hyps + k * L;  /* (k, L) each: each beam's tokens so far */    \
+    float *cand_scores = (float *)(next + k * L), *scores = cand_scores + n;                          \
+    T *logits = (T *)(scores + k);                                                                    \
     for (int64_t j = 0; j < k; j++) { last[j] = a->bos; scores[j] = 0.f; }                            \
     int64_t n_finished = 0;                                                                           \
     int failed = AIAYN_OK;                                                                            \
@@ -1112,9 +1112,9 @@ HOT int NAME(greedy_args *a)                                                    
     AIAYN_REQUIRE(a->max_len >= 0 && a->min_len >= 0 && n_forbid >= 0 && a->step->B == 1, AIAYN_BAD_SIZE); \
     AIAYN_REQUIRE(eos >= 0 && eos < V && a->bos >= 0 && a->bos < a->step->vocab, AIAYN_BAD_INDEX);   \
     a->length = 0;                                                                                    \
-    T *logits = malloc((size_t)V * sizeof(T) + (size_t)(n_forbid + 1) * sizeof(int64_t));            \
-    if (!logits) return AIAYN_NO_MEMORY;                                                              \
-    int64_t *banned = (int64_t *)(logits + V);  /* forbid, then EOS (banned before min_len) */        \
+    int64_t *banned = malloc((size_t)(n_forbid + 1) * sizeof(int64_t) + (size_t)V * sizeof(T));      \
+    if (!banned) return AIAYN_NO_MEMORY;                                                              \
+    T *logits = (T *)(banned + n_forbid + 1);  /* banned: forbid, then EOS (banned before min_len) */ \
     memcpy(banned, a->forbid, (size_t)n_forbid * sizeof(int64_t));                                    \
     banned[n_forbid] = eos;                                                                           \
     int64_t last = a->bos;                                                                            \
@@ -1129,7 +1129,7 @@ HOT int NAME(greedy_args *a)                                                    
         if ((failed = ARGMAX_FN(&best)) != AIAYN_OK || last == eos) break;                            \
         a->out_tokens[a->length++] = last;                                                            \
     }                                                                                                 \
-    free(logits);                                                                                     \
+    free(banned);                                                                                     \
     return failed;                                                                                    \
 }
 
