@@ -89,11 +89,13 @@ def _run_trainer(trainer, args) -> dict | None:
     """The run's summary; None on ranks other than 0."""
     from aiayn.train.distributed import close
 
+    finished = False
     try:
         summary = trainer.run(resume=args.resume, progress=not args.quiet)
+        finished = True
         return summary if trainer.main else None
     finally:
-        close()
+        close(finished)
 
 
 def cmd_train_translation(args) -> int:

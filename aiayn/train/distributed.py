@@ -108,8 +108,14 @@ def init(strategy: str | None, device: str) -> tuple["Parallel | None", str]:
     return Parallel(strategy or "ddp", device), device
 
 
-def close() -> None:
+def close(finished: bool = True) -> None:
+    """The process group's end. After a run that finished on this rank, first a barrier: a rank that
+    tore its group down while another was still finishing (rank 0 writing the last checkpoint) could
+    abort in gloo's threads ("terminate called without an active exception", 1 FSDP resume in ~20).
+    After an error, no barrier: the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
