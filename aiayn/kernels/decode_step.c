@@ -572,7 +572,8 @@ static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, f
 #if I8_LEVELS == 127  /* round(x inv) to nearest, ties to even (the default mode, as nearbyintf), + O */
     for (; i + 16 <= k; i += 16) {
         const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(r, _mm512_set1_epi32(1 << I8_SHIFT))));
+        const __m512i shifted = _mm512_add_epi32(r, _mm512_set1_epi32(1 << I8_SHIFT));
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(shifted));
     }
 #endif
     for (; i < k; i++) q[i] = (uint8_t)((1 << I8_SHIFT) + (int)nearbyintf(x[i] * inv));
@@ -667,13 +668,14 @@ DEFINE_I8_ROWS(1)
 #define I8_AMX 1
 static int amx_granted(void) {
     static int granted = -1;  /* (a race only asks twice) */
-    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return granted;
 }
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
 
-/* 16 `blocks` rows (1 to 4 blocks of 16) of q (stride qs) against every output tile: each weight tile
- * is read once for all of them (tiles 0-3 the blocks' sums, 4 their inputs, 5 the weights) */
+/* 16 x `blocks` rows (1 to 4 blocks of 16) of q (stride qs) against every output tile: each weight
+ * tile is read once for all of them (tiles 0-3 the blocks' sums, 4 their inputs, 5 the weights) */
 #define I8_AMX_BLOCK(b)                                                                               \
     if (blocks > (b)) { _tile_loadd(4, q + (b) * 16 * qs + 4 * p, qs); _tile_dpbusd(b, 4, 5); }
 #define I8_AMX_STORE(b) if (blocks > (b)) _tile_stored(b, acc[b], 64)
