@@ -557,6 +557,17 @@ static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, f
         top = _mm512_max_ps(top, a);
     }
     m = _mm512_reduce_max_ps(top);
+#elif I8_LEVELS == 63  /* (AVX2: 8 at a time) */
+    __m256 top = _mm256_setzero_ps();
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (; i + 8 <= k; i += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude);
+        bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0;
+        top = _mm256_max_ps(top, a);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
 #endif
     for (; i < k; i++) {
         const float a = fabsf(x[i]);
@@ -574,6 +585,13 @@ static void i8_quantize(const float *x, int64_t k, int64_t groups, uint8_t *q, f
         const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv)));
         const __m512i shifted = _mm512_add_epi32(r, _mm512_set1_epi32(1 << I8_SHIFT));
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(shifted));
+    }
+#elif I8_LEVELS == 63
+    for (; i + 8 <= k; i += 8) {
+        const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(inv)));
+        const __m256i shifted = _mm256_add_epi32(r, _mm256_set1_epi32(1 << I8_SHIFT));  /* in [1, 127] */
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(shifted), _mm256_extracti128_si256(shifted, 1));
+        _mm_storel_epi64((__m128i *)(q + i), _mm_packus_epi16(words, words));
     }
 #endif
     for (; i < k; i++) q[i] = (uint8_t)((1 << I8_SHIFT) + (int)nearbyintf(x[i] * inv));
