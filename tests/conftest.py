@@ -28,6 +28,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def every_kernel(monkeypatch):
+    """aiayn.kernels with every kernel on for this test (AIAYN_KERNELS=all, over both_paths'
+    reference, which turns them off); the test is skipped where the kernels are not built."""
+    from aiayn import kernels
+
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    if not kernels.available():
+        pytest.skip("aiayn's C kernels are off or not built here")
+    return kernels
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """record(owner, name) -> a list of what owner.name returns from then on, call by call (the
+    function itself still runs; the test's end restores it)."""
+    def record(owner, name):
+        results, function = [], getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            results.append(function(*args, **kwargs))
+            return results[-1]
+
+        monkeypatch.setattr(owner, name, recorded)
+        return results
+
+    return record
+
+
 @pytest.fixture(params=["reference", "fast"])
 def both_paths(request, monkeypatch):
     """Runs a test twice: on the reference model (aiayn/model: plain PyTorch, no C kernel anywhere)

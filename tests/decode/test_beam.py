@@ -213,32 +213,20 @@ def test_real_batch_equals_one_sentence_at_a_time():
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(b, a))
 
 
-def test_the_step_kernels_quiet_steps_change_no_hypothesis(monkeypatch):
+def test_the_step_kernels_quiet_steps_change_no_hypothesis(every_kernel, record, monkeypatch):
     """Where the beam step kernel says no sentence's k best hold an EOS (nor lack a live candidate),
     search takes them as they are, without its bookkeeping: the same hypotheses and scores as the
     search that does it all (PyTorch's reference step), in a batch whose sentences end apart."""
-    from aiayn import kernels
     from aiayn.decode import beam
 
-    monkeypatch.setenv("AIAYN_KERNELS", "all")
-    if not kernels.available():
-        pytest.skip("aiayn's C kernels are off or not built here")
     model, src = tiny_model(seed=5), sources()  # (seed 5: hypotheses end at 6 different steps)
-    quiet = []
-
-    def recorded(*args):
-        out = candidates(*args)
-        quiet.append(out[3])
-        return out
-
-    candidates = beam.candidates
-    monkeypatch.setattr(beam, "candidates", recorded)
+    steps = record(beam, "candidates")  # (scores, tokens, beams, quiet) a step
     fast = beam_search(model, src, BOS, 9, beam_size=3, n_best=3, max_extra=4)
-    assert any(quiet) and not all(quiet)
+    assert any(step[3] for step in steps) and not all(step[3] for step in steps)
     monkeypatch.setenv("AIAYN_KERNELS", "0")
-    quiet.clear()
+    steps.clear()
     reference = beam_search(model, src, BOS, 9, beam_size=3, n_best=3, max_extra=4)
-    assert not any(quiet)
+    assert not any(step[3] for step in steps)
     for f, r in zip(fast, reference):
         assert [t for t, _ in f] == [t for t, _ in r]
         assert all(math.isclose(x, y, abs_tol=1e-5) for (_, x), (_, y) in zip(f, r))
@@ -248,28 +236,19 @@ def test_the_step_kernels_quiet_steps_change_no_hypothesis(monkeypatch):
 @pytest.mark.parametrize("alpha, n_best, min_len, max_extra", [(0.6, 1, 0, 5), (0.0, 3, 0, 5), (1.0, 3, 4, 2),
                                                                (0.6, 2, 0, 0)])
 def test_one_sentence_searched_in_one_call_finds_the_references_hypotheses(precision, alpha, n_best, min_len,
-                                                                            max_extra, monkeypatch):
+                                                                            max_extra, every_kernel, record,
+                                                                            monkeypatch):
     """An inference copy searches one sentence in one kernel call (kernels.search: every step in C):
     the hypotheses and scores of the Python loop over the same copy's kernels, with a length penalty
     or none, a minimum length, outputs cut at the length limit (max_extra 0: EOS forced after as
     many tokens as the source has), sources with padding."""
-    from aiayn import capability, kernels
+    from aiayn import capability
     from aiayn.fast.inference import inference_model
 
-    monkeypatch.setenv("AIAYN_KERNELS", "all")
-    if not kernels.available():
-        pytest.skip("aiayn's C kernels are off or not built here")
     if precision == "int8" and not capability.probe().int8:
         pytest.skip("no int8 engine here")
     fast = inference_model(tiny_model(seed=5), precision)
-    found = []
-
-    def recorded(*args):
-        found.append(search(*args))
-        return found[-1]
-
-    search = kernels.search
-    monkeypatch.setattr(kernels, "search", recorded)
+    found = record(every_kernel, "search")
     for row in sources():
         kwargs = dict(beam_size=3, alpha=alpha, n_best=n_best, min_len=min_len, max_extra=max_extra)
         ours = beam_search(fast, row[None], BOS, 9, **kwargs)
@@ -280,7 +259,7 @@ def test_one_sentence_searched_in_one_call_finds_the_references_hypotheses(preci
         assert [s for _, s in ours[0]] == pytest.approx([s for _, s in reference[0]], abs=1e-6)
     assert len(found) == 5 and all(f is not None for f in found)  # (it ran, and was not declined)
     with torch.inference_mode():
-        assert kernels.search.__name__ == "recorded" and len(beam_search(fast, sources()[:2], BOS, 9)) == 2
+        assert every_kernel.search.__name__ == "recorded" and len(beam_search(fast, sources()[:2], BOS, 9)) == 2
     assert len(found) == 5  # (a batch of two: the Python loop)
 
 

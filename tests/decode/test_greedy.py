@@ -142,30 +142,21 @@ def test_row_argmax_equals_torch_argmax_with_ties_and_dead_entries(V, dtype):
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
 @pytest.mark.parametrize("min_len, max_extra", [(0, 5), (3, 5), (0, 0)])
-def test_one_sentence_decoded_in_one_call_gives_the_references_tokens(precision, min_len, max_extra, monkeypatch):
+def test_one_sentence_decoded_in_one_call_gives_the_references_tokens(precision, min_len, max_extra, every_kernel,
+                                                                      record, monkeypatch):
     """An inference copy decodes one sentence in one kernel call (kernels.greedy: every step in C): the
     tokens of the Python loop over the same copy's kernels, with a minimum length, outputs cut at
     the length limit (max_extra 0), sources with padding; an EOS outside the vocabulary (-1: never
     ends) is the Python loop's."""
-    from aiayn import capability, kernels
+    from aiayn import capability
     from aiayn.fast.inference import inference_model
 
-    monkeypatch.setenv("AIAYN_KERNELS", "all")
-    if not kernels.available():
-        pytest.skip("aiayn's C kernels are off or not built here")
     if precision == "int8" and not capability.probe().int8:
         pytest.skip("no int8 engine here")
     model = tiny_model(seed=3)
     eos = pick_eos(model, sources(), 5)
     fast = inference_model(model, precision)
-    found = []
-
-    def recorded(*args):
-        found.append(decode(*args))
-        return found[-1]
-
-    decode = kernels.greedy
-    monkeypatch.setattr(kernels, "greedy", recorded)
+    found = record(every_kernel, "greedy")
     for row in sources():
         ours = greedy(fast, row[None], BOS, eos, max_extra=max_extra, min_len=min_len)
         with monkeypatch.context() as m:  # the Python loop (aiayn.decode.greedy), the same steps' kernels
