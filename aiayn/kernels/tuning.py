@@ -54,7 +54,7 @@ LINEAR_MARGIN = 1.10
 VERSION = 7  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
-_state = threading.local()  # .timing: the family being timed, .off: whether it is off just now
+_state = threading.local()  # .timing: the family being timed, .off: whether it is off just now; .measuring
 
 
 def forced(family: str) -> bool | None:
@@ -76,7 +76,14 @@ def decide(key: str, library_path: str | Path) -> bool | int:
         with _lock:
             found = table.get(key)
             if found is None:
-                found, table[f"{key}_speedups"] = _measure(key)
+                measuring = vars(_state).setdefault("measuring", set())  # this thread's, just now
+                if key in measuring:  # (a bug of this module: the measurement would recurse forever)
+                    raise RuntimeError(f"aiayn.kernels.tuning: measuring {key} asked for {key}'s own decision")
+                measuring.add(key)
+                try:
+                    found, table[f"{key}_speedups"] = _measure(key)
+                finally:
+                    measuring.discard(key)
                 table[key] = found
                 _save(table, Path(library_path))
     return found
@@ -130,6 +137,19 @@ def _best(fn: Callable[[], object], reps: int = 5) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+@contextlib.contextmanager
+def _every_kernel_on(family: str):
+    """While a measurement builds what it will time: every kernel on, as in its timed runs, and no
+    decision asked for. (A decision asked for inside another's measurement may need that one: an
+    inference copy asks the layer family's, whose measurement decodes, which asks the decode
+    family's, whose measurement builds an inference copy.)"""
+    _state.timing, _state.off = family, False
+    try:
+        yield
+    finally:
+        _state.timing = None
 
 
 def _on_off(fn: Callable[[], object], family: str, reps: int = 5,
@@ -291,11 +311,8 @@ def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:
     cfg = ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=3,
                       max_len=64, dropout=0.0)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[dtype]
-    _state.timing, _state.off = "layer", False  # the copy gets its tiles (this family on) without asking again
-    try:
+    with _every_kernel_on("layer"):  # the copy gets its tiles without asking for this family's decision
         model = inference_model(build_model(cfg), precision)
-    finally:
-        _state.timing = None
     step_linears = [m for m in model.decoder.modules() if getattr(m, "tiles", None) is not None]
     if len(step_linears) < 6 * cfg.n_decoder_layers:
         return 0, []  # no tiles here: nothing to run the layer with
@@ -379,7 +396,8 @@ def _decode(dtype):
 
     cfg = ModelConfig(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=1, n_decoder_layers=2,
                       max_len=64, dropout=0.0)
-    model = inference_model(build_model(cfg), "fp32" if dtype == torch.float32 else "bf16")
+    with _every_kernel_on("decode"):
+        model = inference_model(build_model(cfg), "fp32" if dtype == torch.float32 else "bf16")
     src = torch.randint(4, 8000, (16, 8))
     return lambda: greedy(model, src, 1, 2, max_extra=0, min_len=8)
 

@@ -88,6 +88,31 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
     assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS, 24), tiles, None, 40) is not None
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("first", ["layer", "decode", None])
+def test_a_fresh_cache_decides_whatever_is_asked_for_first(measured, monkeypatch, first, precision):
+    """A first translation on a new machine: the decisions it needs are measured on the way, and a
+    measurement asks for the decisions it needs but never its own (the decode family's builds an
+    inference copy, which asks for the layer family's, whose measurement decodes: this recursed
+    without end, fp32 and int8). Timings stubbed: the same time on and off."""
+    from aiayn.checkpoint import load_model
+    from aiayn.translate import translate
+
+    monkeypatch.setattr(tuning, "_best", lambda fn, reps=5: (fn(), 1.0)[1])
+    if first is not None:
+        kernels._wins(first, torch.float32)
+    model, tokenizer, *_ = load_model(None, "translation")
+    assert translate(model, tokenizer, ["A man rides a bike."], precision=precision, workers=1)[0]
+    assert {"decode_f32", "layer_f32" if precision == "fp32" else "layer_i8"} <= set(measured)
+    assert len(measured) == len(set(measured))
+
+
+def test_a_measurement_asking_for_its_own_decision_fails_at_once(measured, monkeypatch):
+    monkeypatch.setattr(tuning, "_measure", lambda key: (kernels._wins("residual", torch.float32), [1.0]))
+    with pytest.raises(RuntimeError, match="measuring residual_f32 asked for residual_f32's own decision"):
+        kernels._wins("residual", torch.float32)
+
+
 @pytest.mark.parametrize("family", ["linear", "layer"])
 def test_the_few_rows_families_measure_nothing_a_cpu_cannot_run(family, monkeypatch):
     """On a CPU without bf16 (oneDNN refuses it) or without a quantized engine, nothing is timed: 0 rows."""
