@@ -464,16 +464,27 @@ static inline uint32_t bf16_pair(const bf16 *x, int64_t i, int64_t k) {
     }
 #endif
 
-/* MR rows (a constant: the accumulators stay in registers) against every panel of the weight, then
+/* The weight is read in chunks of LIN_CHUNK_BYTES, every row against one chunk before the next: a
+ * large weight (a generator's 8 MB) comes from memory once a call, not once per MR rows, and a
+ * chunk stays in L2 while the rows pass. In tiles, a whole number of panels, at least one. */
+#define LIN_CHUNK_BYTES (256 * 1024)
+static inline int64_t lin_chunk(int64_t tile_bytes) {
+    const int64_t panel = LIN_PW / 16, panels = LIN_CHUNK_BYTES / (tile_bytes * panel);
+    return (panels > 1 ? panels : 1) * panel;
+}
+
+/* MR rows (a constant: the accumulators stay in registers) against the panels of tiles
+ * [first_tile, end_tile) of the weight, then
  * bias, ReLU and the store of each of the panel's tiles (up to 16 outputs each) */
 #define DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, MR)                    \
-static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out) \
+static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out, \
+                                                                 int64_t first_tile, int64_t end_tile) \
 {                                                                                                     \
     const WT *w = a->w; const T *bias = a->bias;                                                      \
     const int64_t n = a->n, k = a->k, xs = a->xs, os = a->os, tiles = (n + 15) / 16;                  \
     const int64_t pairs = (k + 1) / 2;                                                                \
     (void)pairs;                                                                                      \
-    for (int64_t t = 0; t < tiles; t += LIN_PW / 16) {                                                \
+    for (int64_t t = first_tile; t < end_tile; t += LIN_PW / 16) {                                    \
         lin_vec acc[MR][2];                                                                           \
         for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = (lin_vec){0};                            \
         PRODUCTS(MR)                                                                                  \
@@ -505,11 +516,15 @@ HOT int NAME(const linear_args *a)                                              
     const int status = linear_check(a);                                                               \
     if (status != AIAYN_OK) return status;                                                            \
     const T *x = a->x; T *out = a->out;                                                               \
-    int64_t r = 0;                                                                                    \
-    for (; r + LIN_MR <= a->rows; r += LIN_MR) NAME##_LIN_MR(a, x + r * a->xs, out + r * a->os);      \
-    if (r + 4 <= a->rows) { NAME##_4(a, x + r * a->xs, out + r * a->os); r += 4; }                    \
-    for (; r + 2 <= a->rows; r += 2) NAME##_2(a, x + r * a->xs, out + r * a->os);                     \
-    if (r < a->rows) NAME##_1(a, x + r * a->xs, out + r * a->os);                                     \
+    const int64_t tiles = (a->n + 15) / 16, chunk = lin_chunk(a->k * 16 * (int64_t)sizeof(WT));         \
+    for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {                                                   \
+        const int64_t t1 = t0 + chunk < tiles ? t0 + chunk : tiles;                                   \
+        int64_t r = 0;                                                                                \
+        for (; r + LIN_MR <= a->rows; r += LIN_MR) NAME##_LIN_MR(a, x + r * a->xs, out + r * a->os, t0, t1); \
+        if (r + 4 <= a->rows) { NAME##_4(a, x + r * a->xs, out + r * a->os, t0, t1); r += 4; }        \
+        for (; r + 2 <= a->rows; r += 2) NAME##_2(a, x + r * a->xs, out + r * a->os, t0, t1);         \
+        if (r < a->rows) NAME##_1(a, x + r * a->xs, out + r * a->os, t0, t1);                         \
+    }                                                                                                 \
     return AIAYN_OK;                                                                                  \
 }
 
@@ -984,30 +999,47 @@ static int decoder_step_check(const decoder_step_args *a) {
     return AIAYN_OK;
 }
 
-/* Each layer's self-attention cache rows in `order`, in place (through a copy): row b takes row
- * order[b]'s positions 0..t-1, as beam search's reorder of its beams. */
+/* Each layer's self-attention cache rows in `order`, in place: row b takes row order[b]'s positions
+ * 0..t-1, as beam search's reorder of its beams. Only the rows that change are written (most of a
+ * beam search's rows continue their own beam: 58% on the shipped model's test_2016), and only
+ * the rows that are read before they change are saved first (17%). */
 static int step_reorder(const decoder_step_args *a, size_t size) {
-    const int64_t B = a->B, t = a->t;
+    const int64_t B = a->B, t = a->t, *order = a->order;
     if (t == 0) return AIAYN_OK;
-    for (int64_t l = 0; l < a->n_layers; l++) {
+    int64_t *slot = malloc((size_t)B * sizeof(int64_t)), saved = 0;  /* row -> its copy's slot, or -1 */
+    if (!slot) return AIAYN_NO_MEMORY;
+    for (int64_t b = 0; b < B; b++) slot[b] = -1;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t s = order[b];
+        if (s != b && order[s] != s && slot[s] < 0) slot[s] = saved++;  /* read by b, then changed */
+    }
+    int failed = AIAYN_OK;
+    for (int64_t l = 0; l < a->n_layers && failed == AIAYN_OK; l++) {
         const decoder_layer_args *layer = &a->layers[l];
         const int64_t H = layer->H, span = t * (layer->D / H) * (int64_t)size;  /* one head's filled bytes */
-        char *scratch = malloc((size_t)(B * H * span));
-        if (!scratch) return AIAYN_NO_MEMORY;
+        char *scratch = saved ? malloc((size_t)(saved * H * span)) : NULL;
+        if (saved && !scratch) { failed = AIAYN_NO_MEMORY; break; }
         char *caches[2] = {layer->k_cache, layer->v_cache};
         const int64_t strides[2][2] = {{layer->ks_b, layer->ks_h}, {layer->vs_b, layer->vs_h}};  /* ks_t is dh */
         for (int c = 0; c < 2; c++) {
             const int64_t sb = strides[c][0] * (int64_t)size, sh = strides[c][1] * (int64_t)size;
             for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++)
-                    memcpy(scratch + (b * H + h) * span, caches[c] + a->order[b] * sb + h * sh, (size_t)span);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++)
-                    memcpy(caches[c] + b * sb + h * sh, scratch + (b * H + h) * span, (size_t)span);
+                if (slot[b] >= 0)
+                    for (int64_t h = 0; h < H; h++)
+                        memcpy(scratch + (slot[b] * H + h) * span, caches[c] + b * sb + h * sh, (size_t)span);
+            for (int64_t b = 0; b < B; b++) {
+                const int64_t s = order[b];
+                if (s == b) continue;
+                for (int64_t h = 0; h < H; h++) {
+                    const char *from = slot[s] >= 0 ? scratch + (slot[s] * H + h) * span : caches[c] + s * sb + h * sh;
+                    memcpy(caches[c] + b * sb + h * sh, from, (size_t)span);
+                }
+            }
         }
         free(scratch);
     }
-    return AIAYN_OK;
+    free(slot);
+    return failed;
 }
 
 #define DEFINE_DECODER_STEP(NAME, T, EMBED, LAYER, LINEAR)                                            \

@@ -584,6 +584,35 @@ def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
             copy.decode_step(torch.tensor([[3], [40]]), cache)
 
 
+# beam search's row orders: none moved, a cycle and a swap, one row to many (its own row kept or
+# not), a reversal, a shift (each row read just before it changes), pairs
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [1, 2, 0, 3, 5, 4], [1, 1, 1, 0, 5, 5], [3, 3, 3, 3, 0, 0],
+                                   [5, 4, 3, 2, 1, 0], [0, 0, 1, 2, 3, 4], [2, 2, 0, 0, 4, 4]])
+def test_the_one_call_step_reorders_the_caches_in_place_as_index_select(kernel, monkeypatch, order):
+    from aiayn.config import ModelConfig
+    from aiayn.fast.inference import inference_model
+    from aiayn.fast.modules import _STEPS
+    from aiayn.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
+                                    n_decoder_layers=2, max_len=32, dropout=0.0)).eval()
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    copy = inference_model(model, "fp32")
+    with torch.inference_mode():
+        memory, mask = copy.encode(torch.randint(4, 40, (6, 5)))
+        cache = copy.init_cache(memory, mask, 8)
+        for _ in range(3):
+            copy.decode_step(torch.randint(4, 40, (6, 1)), cache)
+        plan = _STEPS[cache][1]
+        assert plan is not None
+        before = [(k[:, :, :3].clone(), v[:, :, :3].clone()) for k, v in zip(cache.self_k, cache.self_v)]
+        order = torch.tensor(order)
+        assert kernels.decoder_step(torch.full((6, 1), 5), copy.tgt_embed.positions(3, 1), 3, plan, order) is not None
+        for (k, v), (k0, v0) in zip(zip(cache.self_k, cache.self_v), before):
+            assert torch.equal(k[:, :, :3], k0[order]) and torch.equal(v[:, :, :3], v0[order])
+
+
 def test_decoder_layer_declines_what_it_does_not_take(kernel, monkeypatch):
     monkeypatch.setenv("AIAYN_KERNELS", "all")
     D, H, F_ = 16, 2, 32
