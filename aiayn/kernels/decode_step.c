@@ -468,8 +468,8 @@ static inline uint32_t bf16_pair(const bf16 *x, int64_t i, int64_t k) {
  * large weight (a generator's 8 MB) comes from memory once a call, not once per MR rows, and a
  * chunk stays in L2 while the rows pass. In tiles, a whole number of panels, at least one. */
 #define LIN_CHUNK_BYTES (256 * 1024)
-static inline int64_t lin_chunk(int64_t tile_bytes) {
-    const int64_t panel = LIN_PW / 16, panels = LIN_CHUNK_BYTES / (tile_bytes * panel);
+static inline int64_t lin_chunk(int64_t tile_bytes, int64_t panel) {
+    const int64_t panels = LIN_CHUNK_BYTES / (tile_bytes * panel);
     return (panels > 1 ? panels : 1) * panel;
 }
 
@@ -516,7 +516,8 @@ HOT int NAME(const linear_args *a)                                              
     const int status = linear_check(a);                                                               \
     if (status != AIAYN_OK) return status;                                                            \
     const T *x = a->x; T *out = a->out;                                                               \
-    const int64_t tiles = (a->n + 15) / 16, chunk = lin_chunk(a->k * 16 * (int64_t)sizeof(WT));         \
+    const int64_t tiles = (a->n + 15) / 16;                                                           \
+    const int64_t chunk = lin_chunk(a->k * 16 * (int64_t)sizeof(WT), LIN_PW / 16);                    \
     for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {                                                   \
         const int64_t t1 = t0 + chunk < tiles ? t0 + chunk : tiles;                                   \
         int64_t r = 0;                                                                                \
@@ -643,15 +644,16 @@ static inline f32x16 i8_float(i8_acc acc, const int8_t *head) {
 #define I8_PANEL 1  /* (its two halves are two chains) */
 #endif
 
-/* MR rows (q at stride qs, their scales sx) against every panel of I8_PANEL tiles (two chains of
- * dependent instructions or more, at one row too) */
+/* MR rows (q at stride qs, their scales sx) against the panels of I8_PANEL tiles in [first_tile,
+ * end_tile) (two chains of dependent instructions or more, at one row too) */
 #define DEFINE_I8_ROWS(MR)                                                                            \
 static inline __attribute__((always_inline)) void i8_rows_##MR(const linear_args *a, const uint8_t *q, int64_t qs, \
-                                                             const float *sx, float *out)             \
+                                                             const float *sx, float *out,             \
+                                                             int64_t first_tile, int64_t end_tile)    \
 {                                                                                                     \
     const int8_t *w = a->w; const float *bias = a->bias;                                              \
     const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);       \
-    for (int64_t t = 0; t < tiles; t += I8_PANEL) {                                                   \
+    for (int64_t t = first_tile; t < end_tile; t += I8_PANEL) {                                       \
         i8_acc acc[MR][I8_PANEL];                                                                     \
         const int8_t *wt[I8_PANEL];                                                                   \
         for (int c = 0; c < I8_PANEL; c++) {  /* past the last tile: the last again, never stored */  \
@@ -707,16 +709,18 @@ static int amx_granted(void) {
 }
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
 
-/* 16 x `blocks` rows (1 to 4 blocks of 16) of q (stride qs) against every output tile: each weight
+/* 16 x `blocks` rows (1 to 4 blocks of 16) of q (stride qs) against output tiles [first_tile,
+ * end_tile): each weight
  * tile is read once for all of them (tiles 0-3 the blocks' sums, 4 their inputs, 5 the weights) */
 #define I8_AMX_BLOCK(b)                                                                               \
     if (blocks > (b)) { _tile_loadd(4, q + (b) * 16 * qs + 4 * p, qs); _tile_dpbusd(b, 4, 5); }
 #define I8_AMX_STORE(b) if (blocks > (b)) _tile_stored(b, acc[b], 64)
-static void i8_amx_rows(const linear_args *a, const uint8_t *q, int64_t qs, const float *sx, float *out, int blocks) {
+static void i8_amx_rows(const linear_args *a, const uint8_t *q, int64_t qs, const float *sx, float *out, int blocks,
+                        int64_t first_tile, int64_t end_tile) {
     const int8_t *w = a->w; const float *bias = a->bias;
-    const int64_t n = a->n, k = a->k, os = a->os, tiles = (n + 15) / 16, groups = i8_groups(k);
+    const int64_t n = a->n, k = a->k, os = a->os, groups = i8_groups(k);
     int32_t acc[4][16][16];
-    for (int64_t t = 0; t < tiles; t++) {
+    for (int64_t t = first_tile; t < end_tile; t++) {
         const int8_t *wt = i8_tile(w, t, k) + AIAYN_INT8_HEAD;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t p = 0; p < groups; p += 16) {
@@ -753,27 +757,36 @@ HOT int linear_f32_i8(const linear_args *a) {
     float *sx = (float *)(q + rows * qs);  /* (rows * qs is a multiple of 4) */
     const float *x = a->x; float *out = a->out;
     for (int64_t r = 0; r < rows; r++) i8_quantize(x + r * a->xs, a->k, groups, q + r * qs, sx + r);
-    int64_t r = 0;
+    const int64_t tiles = (a->n + 15) / 16, chunk = lin_chunk(AIAYN_INT8_HEAD + 16 * 4 * groups, I8_PANEL);
 #if I8_AMX
-    if (rows >= 16 && groups % 16 == 0 && qs <= 65535 && amx_granted()) {
+    const int amx = rows >= 16 && groups % 16 == 0 && qs <= 65535 && amx_granted();
+    if (amx) {
         amx_config config = {.palette = 1};
         for (int tile = 0; tile < 6; tile++) {  /* 0-3: 16 rows x 16 int32 sums; 4: 16 rows x 64 input bytes; */
             config.colsb[tile] = 64;            /* 5: 16 groups x 16 outputs x 4 weight bytes */
             config.rows[tile] = 16;
         }
         _tile_loadconfig(&config);
-        while (rows - r >= 16) {
-            const int blocks = (int)((rows - r) / 16 < 4 ? (rows - r) / 16 : 4);
-            i8_amx_rows(a, q + r * qs, qs, sx + r, out + r * a->os, blocks);
-            r += 16 * blocks;
-        }
-        _tile_release();
     }
 #endif
-    for (; r + I8_MR <= rows; r += I8_MR) I8_ROWS(I8_MR)(a, q + r * qs, qs, sx + r, out + r * a->os);
-    if (r + 4 <= rows) { i8_rows_4(a, q + r * qs, qs, sx + r, out + r * a->os); r += 4; }
-    for (; r + 2 <= rows; r += 2) i8_rows_2(a, q + r * qs, qs, sx + r, out + r * a->os);
-    if (r < rows) i8_rows_1(a, q + r * qs, qs, sx + r, out + r * a->os);
+    for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {  /* the weight a chunk at a time, as linear_*'s */
+        const int64_t t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
+        int64_t r = 0;
+#if I8_AMX
+        while (amx && rows - r >= 16) {
+            const int blocks = (int)((rows - r) / 16 < 4 ? (rows - r) / 16 : 4);
+            i8_amx_rows(a, q + r * qs, qs, sx + r, out + r * a->os, blocks, t0, t1);
+            r += 16 * blocks;
+        }
+#endif
+        for (; r + I8_MR <= rows; r += I8_MR) I8_ROWS(I8_MR)(a, q + r * qs, qs, sx + r, out + r * a->os, t0, t1);
+        if (r + 4 <= rows) { i8_rows_4(a, q + r * qs, qs, sx + r, out + r * a->os, t0, t1); r += 4; }
+        for (; r + 2 <= rows; r += 2) i8_rows_2(a, q + r * qs, qs, sx + r, out + r * a->os, t0, t1);
+        if (r < rows) i8_rows_1(a, q + r * qs, qs, sx + r, out + r * a->os, t0, t1);
+    }
+#if I8_AMX
+    if (amx) _tile_release();
+#endif
     free(q);
     return AIAYN_OK;
 }

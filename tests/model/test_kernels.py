@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aiayn import capability, kernels
@@ -350,6 +350,7 @@ def test_beam_candidates_match_beam_step(kernel, sentences, r, k, vocab, eos_ban
 @given(rows=st.integers(1, kernels.MAX_LINEAR_ROWS), k=st.sampled_from([1, 7, 16, 256, 1024]),
        n=st.sampled_from([1, 15, 16, 17, 40, 256, 1000]), bias=st.booleans(), relu=st.booleans(),
        dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+@example(rows=37, k=1024, n=1000, bias=True, relu=False, dtype="fp32", seed=0)  # the weight in several chunks
 def test_linear_matches_float64(kernel, rows, k, n, bias, relu, dtype, seed):
     """Any row count (tiles of 8, 4, 2, 1 rows), outputs not a multiple of 16 (a zero-padded last tile,
     an odd number of tiles), with and without bias and ReLU: x W^T + b to fp32 rounding; in bf16,
@@ -380,6 +381,7 @@ def _int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias
 @settings(deadline=None, max_examples=60)
 @given(rows=st.integers(1, kernels.MAX_LINEAR_ROWS), k=st.sampled_from([1, 3, 7, 16, 257, 1024]),
        n=st.sampled_from([1, 15, 16, 17, 40, 1000]), bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+@example(rows=37, k=1024, n=1000, bias=True, relu=False, seed=0)  # the weight in several chunks
 def test_linear_int8_matches_its_float64_reference(kernel, rows, k, n, bias, relu, seed):
     """int8 weights with per-output scales, fp32 inputs (k not a multiple of 4: the last group padded),
     against the same arithmetic in float64."""
@@ -395,7 +397,7 @@ def test_linear_int8_matches_its_float64_reference(kernel, rows, k, n, bias, rel
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (64, 1024, 256), (37, 64, 17), (48, 257, 40)])
+@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (64, 1024, 256), (37, 64, 17), (48, 257, 40), (80, 1024, 1000)])
 def test_linear_int8_gives_each_row_the_same_bits_in_any_company(kernel, monkeypatch, rows, k, n):
     """Rows computed 16 at a time (on AMX's tiles where the CPU has them) and 8, 4, 2 or 1 at a time
     (vpdpbusd, or the fp32 widening): the same integer sums and output stage, the same bits."""
