@@ -126,7 +126,9 @@ def ct2_table(model, tok, task, extra, sources, refs, args) -> None:
     from aiayn.evaluate import bleu
     from aiayn.fast.inference import inference_model
     from aiayn.interop import export_ct2
+    from aiayn.memory import keep_freed_memory
 
+    keep_freed_memory()  # as aiayn's CLI runs (process-wide: CTranslate2's engines here run under it too)
     ids = [tok.encode(s) for s in sources]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[k:k + args.batch] for k in range(0, len(order), args.batch)]
