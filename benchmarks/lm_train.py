@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from aiayn import bench
 from aiayn.data.corpus import SHAKESPEARE, read_text
 from aiayn.model import build_model
 from aiayn.tasks.lm import PRESETS, LMTask, lm_loss, train_tokenizer
@@ -130,7 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", default="1,2,3", help="comma-separated; the target is judged on the mean")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model"],
                    help="default: the preset's (auto: bf16 where the CPU computes it natively, else fp32)")
     p.add_argument("--nanogpt", type=Path, metavar="DIR", help="a nanoGPT checkout: run it in this benchmark")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="50 steps, 20 eval batches, one seed")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.precision and bench.lacks(args.precision):
+        p.error(f"--precision {args.precision}: {bench.lacks(args.precision)}")
     if args.quick:
         args.steps, args.eval_iters, seeds = 50, 20, seeds[:1]
     if args.threads:
