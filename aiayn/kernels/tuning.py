@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ VERSION = 7  # a new version measures again (what is measured, or the library's 
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now; .measuring
+_told: list[bool] = []  # whether this process has said that it times the kernels
 
 
 def forced(family: str) -> bool | None:
@@ -80,6 +82,10 @@ def decide(key: str, library_path: str | Path) -> bool | int:
                 if key in measuring:  # (a bug of this module: the measurement would recurse forever)
                     raise RuntimeError(f"aiayn.kernels.tuning: measuring {key} asked for {key}'s own decision")
                 measuring.add(key)
+                if not _told:
+                    print("aiayn: timing the C kernels against PyTorch on this CPU (once: a few seconds)",
+                          file=sys.stderr, flush=True)
+                    _told.append(True)
                 try:
                     found, table[f"{key}_speedups"] = _measure(key)
                 finally:
@@ -92,6 +98,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
 def forget() -> None:
     """Drop this process's decisions (tests)."""
     _tables.clear()
+    _told.clear()
 
 
 def _path(library_path: Path, threads: int) -> Path:

@@ -90,7 +90,7 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("first", ["layer", "decode", None])
-def test_a_fresh_cache_decides_whatever_is_asked_for_first(measured, monkeypatch, first, precision):
+def test_a_fresh_cache_decides_whatever_is_asked_for_first(measured, monkeypatch, capsys, first, precision):
     """A first translation on a new machine: the decisions it needs are measured on the way, and a
     measurement asks for the decisions it needs but never its own (the decode family's builds an
     inference copy, which asks for the layer family's, whose measurement decodes: this recursed
@@ -105,6 +105,7 @@ def test_a_fresh_cache_decides_whatever_is_asked_for_first(measured, monkeypatch
     assert translate(model, tokenizer, ["A man rides a bike."], precision=precision, workers=1)[0]
     assert {"decode_f32", "layer_f32" if precision == "fp32" else "layer_i8"} <= set(measured)
     assert len(measured) == len(set(measured))
+    assert capsys.readouterr().err.count("aiayn: timing the C kernels") == 1  # said once, the first time
 
 
 def test_a_measurement_asking_for_its_own_decision_fails_at_once(measured, monkeypatch):
