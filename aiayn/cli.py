@@ -1360,10 +1360,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         args.show_help()
         return EXIT_USAGE
+    from aiayn.fast.inference import TRAINING_PRIMITIVES, bound_primitive_caches
     from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import TrainingError
 
     keep_freed_memory()  # each command's steps reuse what the last one freed
+    if args.command == "train":  # a new GEMM shape nearly every batch: memory stays flat (before any oneDNN op)
+        bound_primitive_caches(TRAINING_PRIMITIVES)
 
     try:
         with warnings.catch_warnings():

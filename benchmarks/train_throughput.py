@@ -95,7 +95,7 @@ def aiayn_step(cfg: ModelConfig, precision: str):
     from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
     from aiayn.fast import for_training
 
-    keep_freed_memory()  # as the Trainer does on a CPU
+    keep_freed_memory()  # as `aiayn train` does on a CPU
     tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
     torch.manual_seed(0)
     model = for_training(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
@@ -148,6 +148,10 @@ def hf_step(cfg: ModelConfig, precision: str):
 
 
 def run_cell(spec: dict) -> dict:
+    if spec["engine"].startswith("aiayn"):  # as `aiayn train` runs (HF as its own users run it)
+        from aiayn.fast.inference import TRAINING_PRIMITIVES, bound_primitive_caches
+
+        bound_primitive_caches(TRAINING_PRIMITIVES)
     bench.set_threads(spec.get("threads"))
     cfg = model_config(spec["config"])
     n_batches = spec["warmup"] + spec["steps"]

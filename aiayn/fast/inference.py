@@ -252,6 +252,9 @@ def _relu_feed_forwards(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FeedForward) and m.act is F.relu]
 
 
+TRAINING_PRIMITIVES = 32  # oneDNN primitives a training process keeps (bound_primitive_caches)
+
+
 def bound_primitive_caches(capacity: int = 128) -> None:
     """Keep at most `capacity` oneDNN primitives (and as many of ideep's cached computations).
 
@@ -260,8 +263,13 @@ def bound_primitive_caches(capacity: int = 128) -> None:
     requests) grew a process from 330 to 976 MB in 200 batches (fp32 copy; bf16: 1,093 MB) and on.
     With 128 it levels off at ~505 MB (600 batches) for the same CPU time; 64 saves another 100 MB
     but rebuilds primitives within a batch (+16% CPU in fp32). Sorted batches (translate, evaluate)
-    meet few shapes. For long-lived processes (aiayn serve); it must run before the process's first
-    oneDNN op, and a value already in the environment wins."""
+    meet few shapes. Training meets a new shape nearly every batch (token-budget batches), and its
+    primitives are large: the `small` model's training grew a process by ~35 MB a step, to 2.8 GB
+    after 40 steps in fp32 (HF Marian's levels off at 1.7); with TRAINING_PRIMITIVES (32) it stays
+    at 1.6 GB (bf16: 2.3 -> 1.0 GB), fp32 at the same speed, bf16 ~4% slower (16: 1.4 GB, but bf16
+    ~10% slower: it rebuilds primitives within a step). AMX Xeon, one thread, 2026-12-04. For
+    long-lived processes (aiayn serve: 128) and training (`aiayn train`: TRAINING_PRIMITIVES); it
+    must run before the process's first oneDNN op, and a value already in the environment wins."""
     for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # oneDNN's, ideep's
         os.environ.setdefault(var, str(capacity))
 

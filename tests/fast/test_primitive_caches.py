@@ -53,3 +53,18 @@ def test_serve_bounds_the_caches_before_anything_else(monkeypatch, capsys):
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")
     main(["serve", "--port", "70000"])
     assert os.environ["LRU_CACHE_CAPACITY"] == "8"  # the user's own setting wins
+
+
+@pytest.mark.parametrize("command, bounded", [(["train", "lm"], True), (["translate"], False)])
+def test_training_bounds_the_caches_and_decoding_keeps_the_default(monkeypatch, capsys, tmp_path, command, bounded):
+    """A training process meets a new GEMM shape nearly every batch, each primitive large (the small
+    model's fp32 training grew by ~35 MB a step): `aiayn train` keeps TRAINING_PRIMITIVES."""
+    from aiayn.fast.inference import TRAINING_PRIMITIVES
+
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(var, raising=False)
+    missing = str(tmp_path / "missing")
+    args = [*command, "--data", missing, "--out", str(tmp_path / "run")] if bounded else [*command, "--model", missing, "x"]
+    assert main(args) != 0  # refused after the caches are bounded (or not)
+    expected = str(TRAINING_PRIMITIVES) if bounded else None
+    assert os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == os.environ.get("LRU_CACHE_CAPACITY") == expected
