@@ -55,7 +55,8 @@ LINEAR_MARGIN = 1.10
 VERSION = 7  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
-_state = threading.local()  # .timing: the family being timed, .off: whether it is off just now; .measuring
+_state = threading.local()  # .timing: the family being timed, .off: whether it is off just now,
+#                             .measuring: the keys this thread is measuring
 _told: list[bool] = []  # whether this process has said that it times the kernels
 
 

@@ -543,19 +543,25 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
         assert results[path][1:] == results["modules"][1:], path
 
 
-def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
-    """The one-call step declines, having written nothing, where one of its kernels would: a token
-    out of the table's range, a position past the cache's room, two new tokens a row, a gradient."""
+def _small_copy(monkeypatch):
+    """A small encoder-decoder's fp32 inference copy, every kernel on (the one-call step's tests)."""
     from aiayn.config import ModelConfig
     from aiayn.fast.inference import inference_model
-    from aiayn.fast.modules import _STEPS
     from aiayn.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
                                     n_decoder_layers=2, max_len=32, dropout=0.0)).eval()
     monkeypatch.setenv("AIAYN_KERNELS", "all")
-    copy = inference_model(model, "fp32")
+    return inference_model(model, "fp32")
+
+
+def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
+    """The one-call step declines, having written nothing, where one of its kernels would: a token
+    out of the table's range, a position past the cache's room, two new tokens a row, a gradient."""
+    from aiayn.fast.modules import _STEPS
+
+    copy = _small_copy(monkeypatch)
     with torch.inference_mode():
         memory, mask = copy.encode(torch.randint(4, 40, (2, 5)))
         cache = copy.init_cache(memory, mask, 4)
@@ -591,16 +597,9 @@ def test_decoder_step_declines_what_it_does_not_take(kernel, monkeypatch):
 @pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [1, 2, 0, 3, 5, 4], [1, 1, 1, 0, 5, 5], [3, 3, 3, 3, 0, 0],
                                    [5, 4, 3, 2, 1, 0], [0, 0, 1, 2, 3, 4], [2, 2, 0, 0, 4, 4]])
 def test_the_one_call_step_reorders_the_caches_in_place_as_index_select(kernel, monkeypatch, order):
-    from aiayn.config import ModelConfig
-    from aiayn.fast.inference import inference_model
     from aiayn.fast.modules import _STEPS
-    from aiayn.model import build_model
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1,
-                                    n_decoder_layers=2, max_len=32, dropout=0.0)).eval()
-    monkeypatch.setenv("AIAYN_KERNELS", "all")
-    copy = inference_model(model, "fp32")
+    copy = _small_copy(monkeypatch)
     with torch.inference_mode():
         memory, mask = copy.encode(torch.randint(4, 40, (6, 5)))
         cache = copy.init_cache(memory, mask, 8)
