@@ -143,8 +143,8 @@ def main() -> None:
     args = p.parse_args()
     bound_primitive_caches(TRAINING_PRIMITIVES)  # as `aiayn train` runs (before any oneDNN op)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.precision and bench.lacks(args.precision):
-        p.error(f"--precision {args.precision}: {bench.lacks(args.precision)}")
+    if args.precision and (missing := bench.lacks(args.precision)):
+        p.error(f"--precision {args.precision}: {missing}")
     if args.quick:
         args.steps, args.eval_iters, seeds = 50, 20, seeds[:1]
     if args.threads:

@@ -57,7 +57,7 @@ _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now,
 #                             .measuring: the keys this thread is measuring
-_told: list[bool] = []  # whether this process has said that it times the kernels
+_told = False  # whether this process has said that it times the kernels
 
 
 def forced(family: str) -> bool | None:
@@ -73,6 +73,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
     """The decision for `key` ("<family>_<f32|bf16>", and "_dh<head dim>" for attention) on this
     library, CPU and thread count: measured the first time any process asks, then read. A dictionary
     lookup once known (decoding asks a few times a step)."""
+    global _told
     table = _tables.get(torch.get_num_threads()) or _table(Path(library_path))
     found = table.get(key)
     if found is None:
@@ -86,7 +87,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
                 if not _told:
                     print("aiayn: timing the C kernels against PyTorch on this CPU (once: a few seconds)",
                           file=sys.stderr, flush=True)
-                    _told.append(True)
+                    _told = True
                 try:
                     found, table[f"{key}_speedups"] = _measure(key)
                 finally:
@@ -98,8 +99,9 @@ def decide(key: str, library_path: str | Path) -> bool | int:
 
 def forget() -> None:
     """Drop this process's decisions (tests)."""
+    global _told
     _tables.clear()
-    _told.clear()
+    _told = False
 
 
 def _path(library_path: Path, threads: int) -> Path:
