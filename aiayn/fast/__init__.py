@@ -4,7 +4,7 @@ aiayn/model is plain PyTorch that reads like the paper. This package makes the s
 without changing its parameters or its results beyond rounding:
 
 - modules.py: subclasses of the model's modules that try aiayn's C kernels (aiayn/kernels) first;
-- onednn.py: fp32 training with the linear layers' GEMMs on oneDNN;
+- onednn.py: fp32 training with the linear layers' GEMMs on oneDNN, where that is faster;
 - inference.py: inference copies for a precision (oneDNN fp32/bf16, int8).
 
 `accelerate(model)` turns a model's modules into their fast forms, in place, by class: the Trainer
@@ -30,7 +30,8 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 
 def for_training(model: nn.Module, precision: str, device: str) -> nn.Module:
-    """In place: `accelerate`, and on a CPU in fp32 the linear layers on oneDNN (aiayn.fast.onednn)."""
+    """In place: `accelerate`, and on a CPU in fp32 the linear layers on oneDNN where its GEMMs train
+    faster (aiayn.fast.onednn)."""
     from aiayn.fast.onednn import use_onednn_linears
 
     return use_onednn_linears(accelerate(model), precision, device)

@@ -1,13 +1,18 @@
-"""fp32 training with the linear layers' GEMMs on oneDNN.
+"""fp32 training with the linear layers' GEMMs on oneDNN, on the CPUs where that is faster.
 
 torch's CPU build sends fp32 matrix products to MKL, which takes an AVX2 path on AMD CPUs (~100
-GFLOP/s a core here, against ~230 for oneDNN on the same data; bf16 already goes to oneDNN).
+GFLOP/s a core on a Zen 5, against ~230 for oneDNN on the same data; bf16 already goes to oneDNN).
+On an Intel Xeon with AMX, MKL's own GEMMs were 5-25% faster than oneDNN's. So which one trains is
+measured on the machine, once (the "gemm" family of aiayn.kernels.tuning).
+
 `OneDNNTrainingLinear` computes the forward product and dx = dy W with
 `torch.ops.mkldnn._linear_pointwise`, and dW = dyᵀ x with it too (`_weight_grads`): the same IEEE
 fp32 arithmetic, other GEMMs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +77,26 @@ class OneDNNTrainingLinear(nn.Linear):
         return _LinearFn.apply(x, weight, bias)
 
 
+def faster_here() -> bool:
+    """Whether oneDNN's GEMMs train fp32 linear layers faster than PyTorch's own on this machine
+    (measured once: aiayn.kernels.tuning). AIAYN_KERNELS=all: yes (tests take the same path
+    everywhere), AIAYN_KERNELS=0: no (nothing of aiayn's own)."""
+    from aiayn.kernels import tuning
+
+    forced = tuning.forced("gemm")
+    if forced is not None:
+        return forced
+    switch = os.environ.get("AIAYN_KERNELS", "1")
+    if switch in ("all", "0"):
+        return switch == "all"
+    return bool(tuning.for_torch("gemm_f32"))
+
+
 def use_onednn_linears(model: nn.Module, precision: str, device: str) -> nn.Module:
     """In place: on a CPU in fp32, every nn.Linear of `model` becomes a OneDNNTrainingLinear (where
-    this torch build has oneDNN). Other precisions and devices: the model as it is."""
-    if precision == "fp32" and torch.device(device).type == "cpu" and onednn_available():
+    this torch build has oneDNN, and its GEMMs are faster here). Other precisions and devices: the
+    model as it is."""
+    if precision == "fp32" and torch.device(device).type == "cpu" and onednn_available() and faster_here():
         for m in model.modules():
             if type(m) is nn.Linear:
                 m.__class__ = OneDNNTrainingLinear

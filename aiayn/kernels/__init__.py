@@ -216,7 +216,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _machine_key() -> str:
+def machine_key() -> str:
     """What a library built with -march=native depends on (a shared home directory may see several
     CPUs): the architecture, the CPU's name and feature flags (Linux: /proc/cpuinfo; macOS: sysctl),
     and the instruction-set level after ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY caps."""
@@ -246,7 +246,7 @@ def _build(sources: tuple[Path, ...]) -> Path | None:
         log.info("no C compiler found: aiayn uses PyTorch's operators only")
         return None
     texts = [p.read_bytes() for p in (*sources, *HEADERS)]
-    machine = _machine_key().encode()
+    machine = machine_key().encode()
     failed = []  # this process's failed builds
     for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(flags).encode(), machine])).hexdigest()[:16]

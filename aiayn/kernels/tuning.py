@@ -24,11 +24,15 @@ layers up to the most rows, beam search's step up to the most sentences (at 16, 
     layer         decoding steps of 3 post-norm decoder layers of those shapes: each layer in one
                   call (its linear layers in the kernel above) against the layers' modules (their
                   linear layers where the decision above puts them), at 1, 2, 4, ... 64 rows
+    gemm          not a C kernel: fp32 training's linear layers (a post-norm layer of d_model 256,
+                  d_ff 1024, 1,024 rows) on oneDNN (aiayn.fast.onednn) against PyTorch's own GEMM
+                  (MKL on x86). Kept per CPU and torch version (`for_torch`), with or without the
+                  kernels.
 
 Each family is timed with its own kernels on and off and every other kernel on: what it adds.
 
 AIAYN_KERNELS=all uses every kernel wherever it takes the inputs (tests that compare the kernels with
-PyTorch); AIAYN_KERNELS=0 none.
+PyTorch), oneDNN's training GEMMs included; AIAYN_KERNELS=0 none, and PyTorch's own GEMMs.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
 # as won from 10% faster.
 LINEAR_MARGIN = 1.10
-VERSION = 7  # a new version measures again (what is measured, or the library's boundary, changed)
+VERSION = 8  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
 _tables: dict[int, dict] = {}  # threads -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now,
@@ -85,7 +89,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
                     raise RuntimeError(f"aiayn.kernels.tuning: measuring {key} asked for {key}'s own decision")
                 measuring.add(key)
                 if not _told:
-                    print("aiayn: timing the C kernels against PyTorch on this CPU (once: a few seconds)",
+                    print("aiayn: timing its kernels against PyTorch's on this CPU (once: a few seconds)",
                           file=sys.stderr, flush=True)
                     _told = True
                 try:
@@ -95,6 +99,19 @@ def decide(key: str, library_path: str | Path) -> bool | int:
                 table[key] = found
                 _save(table, Path(library_path))
     return found
+
+
+def for_torch(key: str) -> bool | int:
+    """The decision for `key` of a family that chooses between PyTorch's own paths (no C kernel, so
+    it holds where the kernels are not built): kept in the kernels' cache per CPU, torch version
+    (whose oneDNN and MKL it measured) and MKL's ISA cap."""
+    import hashlib
+
+    from aiayn import kernels
+
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")
+    machine = hashlib.sha256(f"{kernels.machine_key()} torch {torch.__version__} mkl {mkl}".encode()).hexdigest()[:16]
+    return decide(key, kernels.cache_dir() / f"torch-{machine}")
 
 
 def forget() -> None:
@@ -131,6 +148,7 @@ def _save(table: dict, library_path: Path) -> None:
     if on_disk.get("version") == VERSION:
         table.update({k: v for k, v in on_disk.items() if k not in table})
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, path)
@@ -434,4 +452,25 @@ def _beam_sentences(dtype: torch.dtype) -> tuple[int, list[float]]:
     return _most(BEAM_SENTENCES, lambda n: _won_at(_beam(dtype, n), "beam", _faster))
 
 
-MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam}
+def _gemm(dtype):
+    """fp32 training's linear layers, forward and backward, on oneDNN (the step's modules are
+    OneDNNTrainingLinear) or on PyTorch's GEMM (nn.Linear): a post-norm layer of the small model's
+    shapes, 1,024 rows. (oneDNN's won by 2.3x on a Zen 5, where MKL takes an AVX2 path; PyTorch's
+    by 5-25% on an Intel Xeon with AMX.)"""
+    from aiayn.fast.onednn import OneDNNTrainingLinear
+
+    shapes = [(256, 768), (256, 256), (256, 1024), (1024, 256)]
+    plain = [torch.nn.Linear(k, n, dtype=dtype) for k, n in shapes]
+    onednn = [torch.nn.Linear(k, n, dtype=dtype) for k, n in shapes]
+    for layer in onednn:
+        layer.__class__ = OneDNNTrainingLinear
+    inputs = {k: torch.randn(1024, k, dtype=dtype, requires_grad=True) for k in (256, 1024)}
+    grads = {n: torch.randn(1024, n, dtype=dtype) for n in (256, 768, 1024)}
+
+    def step():
+        for layer in (onednn if forced("gemm") else plain):
+            layer(inputs[layer.in_features]).backward(grads[layer.out_features])
+    return step
+
+
+MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam, "gemm": _gemm}

@@ -97,3 +97,48 @@ def test_only_fp32_on_a_cpu_is_converted_and_copies_are_plain():
     for fast in (inference_model(model, "fp32"), quantize_int8(model)):
         assert not any(isinstance(m, OneDNNTrainingLinear) for m in fast.modules())
         assert fast(src, torch.tensor([[2]])).shape == (1, 1, 32)
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Decisions made afresh in a cache of this test's own (AIAYN_KERNELS=1: only what wins)."""
+    from aiayn.kernels import tuning
+
+    monkeypatch.setenv("AIAYN_KERNELS", "1")
+    monkeypatch.setenv("AIAYN_CACHE", str(tmp_path))
+    tuning.forget()
+    yield tuning
+    tuning.forget()
+
+
+@pytest.mark.parametrize("wins", [True, False])
+def test_oneDNN_trains_the_linears_only_where_it_was_measured_faster(tuned, monkeypatch, tmp_path, wins):
+    """The gemm family's decision (stubbed both ways) picks the class; it is kept per CPU and torch
+    version in the cache, with or without the C kernels."""
+    measured = []
+    monkeypatch.setattr(tuned, "_measure", lambda key: measured.append(key) or (wins, [1.2 if wins else 0.9]))
+    model = use_onednn_linears(Transformer(preset("tiny", vocab_size=32)), "fp32", "cpu")
+    assert any(isinstance(m, OneDNNTrainingLinear) for m in model.modules()) == wins
+    assert any(type(m) is nn.Linear for m in model.modules()) != wins
+    assert measured == ["gemm_f32"]
+    (table,) = tmp_path.rglob("torch-*.tuning-*t.json")
+    tuned.forget()  # a new process: read, not measured again
+    use_onednn_linears(Transformer(preset("tiny", vocab_size=32)), "fp32", "cpu")
+    assert measured == ["gemm_f32"] and f'"gemm_f32": {str(wins).lower()}' in table.read_text()
+
+
+@pytest.mark.parametrize("switch, onednn", [("all", True), ("0", False)])
+def test_AIAYN_KERNELS_all_and_0_decide_without_measuring(tuned, monkeypatch, switch, onednn):
+    monkeypatch.setenv("AIAYN_KERNELS", switch)
+    monkeypatch.setattr(tuned, "_measure", lambda key: pytest.fail(f"measured {key}"))
+    model = use_onednn_linears(Transformer(preset("tiny", vocab_size=32)), "fp32", "cpu")
+    assert any(isinstance(m, OneDNNTrainingLinear) for m in model.modules()) == onednn
+
+
+def test_the_gemm_measurement_times_both_paths_and_leaves_no_gradient_mode_behind(tuned):
+    from aiayn.fast.onednn import faster_here
+
+    with torch.no_grad():  # (asked from anywhere: measured with gradients all the same)
+        assert isinstance(faster_here(), bool) and not torch.is_grad_enabled()
+    (speedup,) = tuned._table(tuned.Path("x"))["gemm_f32_speedups"]  # (this thread count's table)
+    assert speedup > 0
