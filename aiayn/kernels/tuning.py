@@ -58,7 +58,7 @@ LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LINEAR_MARGIN = 1.10
 VERSION = 8  # a new version measures again (what is measured, or the library's boundary, changed)
 _lock = threading.RLock()
-_tables: dict[int, dict] = {}  # threads -> decisions, for this process
+_tables: dict[tuple[str, int], dict] = {}  # (library, threads) -> decisions, for this process
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now,
 #                             .measuring: the keys this thread is measuring
 _told = False  # whether this process has said that it times the kernels
@@ -78,7 +78,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
     library, CPU and thread count: measured the first time any process asks, then read. A dictionary
     lookup once known (decoding asks a few times a step)."""
     global _told
-    table = _tables.get(torch.get_num_threads()) or _table(Path(library_path))
+    table = _tables.get((str(library_path), torch.get_num_threads())) or _table(Path(library_path))
     found = table.get(key)
     if found is None:
         with _lock:
@@ -127,7 +127,7 @@ def _path(library_path: Path, threads: int) -> Path:
 
 def _table(library_path: Path) -> dict:
     threads = torch.get_num_threads()
-    table = _tables.get(threads)
+    table = _tables.get((str(library_path), threads))
     if table is None:
         try:
             table = json.loads(_path(library_path, threads).read_text())
@@ -135,7 +135,7 @@ def _table(library_path: Path) -> dict:
             table = None
         if not isinstance(table, dict) or table.get("version") != VERSION:
             table = {"version": VERSION, "threads": threads}
-        table = _tables.setdefault(threads, table)
+        table = _tables.setdefault((str(library_path), threads), table)
     return table
 
 

@@ -47,6 +47,20 @@ def test_a_decision_is_measured_once_and_kept_beside_the_library(measured, cache
     assert kernels._wins("residual", torch.float32) == first and measured == ["residual_f32"]
 
 
+def test_the_gemm_decision_is_kept_apart_from_the_kernels(measured, cache, monkeypatch):
+    """The gemm family (PyTorch's GEMMs against oneDNN's) is kept per torch version, not beside the
+    library: one process asking for both writes each to its own table."""
+    from aiayn.fast.onednn import faster_here
+
+    monkeypatch.setattr(tuning, "_faster", lambda on, off: True)  # (whatever the timing says)
+    kernels._wins("residual", torch.float32)
+    faster_here()
+    assert measured == ["residual_f32", "gemm_f32"]
+    tables = {p.name.split("-")[0]: json.loads(p.read_text()) for p in cache.rglob("*.tuning-*t.json")}
+    assert "residual_f32" in tables["kernels"] and "gemm_f32" not in tables["kernels"]
+    assert "gemm_f32" in tables["torch"] and "residual_f32" not in tables["torch"]
+
+
 def test_a_decision_asked_for_inside_a_loss_or_under_no_grad_is_measured_with_gradients(measured):
     """The first cross-entropy of a run asks from inside an autograd Function's forward (no
     gradients there), under autocast: the measurement still runs forward and backward, and leaves
