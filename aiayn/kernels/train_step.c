@@ -78,99 +78,142 @@ static int parallel(part_fn fn, const void *args, int64_t n, int64_t threads, in
     return AIAYN_OK;
 }
 
-/* ---------------------------------------------------------------- one (row, head), on fp32 rows */
-INLINE float dot(const float *x, const float *y, int64_t n) {
-    f32x16 even = {0}, odd = {0};  /* two chains of FMAs */
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        even += load16_f32(x + j) * load16_f32(y + j);
-        odd += load16_f32(x + j + 16) * load16_f32(y + j + 16);
+/* ---------------------------------------------------------------- one (row, head), on fp32 rows
+ * Each (row, head) is loaded into fp32 rows of dhp = dh rounded up to 16 floats (zeros past dh), its
+ * keys and values into `padded` = S rounded up to 16 rows (zeros past S). Two small GEMM kernels do
+ * the products, on 4 rows at a time with their accumulators in registers (a broadcast value times a
+ * loaded vector: no horizontal sums):
+ *
+ *     rows_times_cols: C (4 x n) = A (4 x dh) Bᵀ, B given transposed (dh x n)    scores, dP = G vᵀ
+ *     weighted_rows:   C (4 x dhp) = W (4 x n) X (n x dhp)                     P v, dq, dk, dv
+ *
+ * A query's keys end at its last unmasked one (`hi`; causal attention: its own position): each block
+ * of 4 queries computes only up to its last query's end, so a causal layer does about half the
+ * products. Past that end the weights are zeros (masked keys' are anyway). */
+
+/* The kernels' vectors are the CPU's own registers (a wider vector type would be split into these
+ * by the compiler, and its accumulators spilled to memory: AVX2 ran 2.5x slower so), PANEL of them
+ * across C's columns, as many as leave the accumulators (4 x PANEL) and a row of B in registers. */
+#if defined(__AVX512F__)
+typedef f32x16 vec;  /* 32 registers: 4 x 2 accumulators */
+enum { LANES = 16, PANEL = 2 };
+#define LANES_16 1
+#elif defined(__AVX__)
+typedef f32x8 vec;   /* 16 registers: 4 x 2 */
+enum { LANES = 8, PANEL = 2 };
+#define LANES_8 1
+#else
+typedef f32x4 vec;   /* NEON, SSE: 32 or 16 registers, 4 x 4 (on SSE, some spill) */
+enum { LANES = 4, PANEL = 4 };
+#endif
+enum { WIDE = LANES * PANEL };  /* C's columns a panel computes: 32 (AVX-512) or 16 */
+
+INLINE vec loadv(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+INLINE void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
+INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+/* c[r, 0:w LANES] = sum_j a[r, j] bt[j, 0:w LANES], r < 4 (c's rows at cs, a's at as, bt's at bs) */
+INLINE void rows_times_cols_panel(float *c, int64_t cs, const float *a, int64_t as, const float *bt, int64_t bs,
+                                  int64_t dh, const int w) {
+    vec acc[4][PANEL];
+    for (int r = 0; r < 4; r++)
+        for (int x = 0; x < w; x++) acc[r][x] = (vec){0};
+    for (int64_t j = 0; j < dh; j++) {
+        vec b[PANEL];
+        for (int x = 0; x < w; x++) b[x] = loadv(bt + j * bs + LANES * x);
+        for (int r = 0; r < 4; r++) {
+            const float ar = a[r * as + j];
+            for (int x = 0; x < w; x++) acc[r][x] += ar * b[x];
+        }
     }
-    for (; j + 16 <= n; j += 16) even += load16_f32(x + j) * load16_f32(y + j);
-    float d = sum16(even + odd);
-    for (; j < n; j++) d += x[j] * y[j];
-    return d;
+    for (int r = 0; r < 4; r++)
+        for (int x = 0; x < w; x++) storev(c + r * cs + LANES * x, acc[r][x]);
 }
 
-enum { MAX_CHUNKS = 8 };  /* head sizes up to 8 x 16 take the vector paths */
+/* c[r, 0:n] = a[r] . b[0:n] for 4 rows, n a multiple of 16 */
+INLINE void rows_times_cols(float *c, int64_t cs, const float *a, int64_t as, const float *bt, int64_t bs,
+                            int64_t n, int64_t dh) {
+    int64_t s = 0;
+    for (; s + WIDE <= n; s += WIDE) rows_times_cols_panel(c + s, cs, a, as, bt + s, bs, dh, PANEL);
+    for (; s < n; s += 16) rows_times_cols_panel(c + s, cs, a, as, bt + s, bs, dh, 16 / LANES);
+}
 
-/* out[s] = x . rows[s] for n <= 16 rows of dh: one vector of partial sums per row, then the 16
- * vectors folded into one whose lane s is row s's total (a transposing tree of 15 folds, each two
- * shuffles and an add, where a horizontal sum per row takes ~8 operations of its own). */
+/* out[r, 0:w LANES] = sum_{lo <= i < hi} w[r * wr + i * wi] x[i, 0:w LANES], r < 4 (out's rows at
+ * os, x's at xs) */
+INLINE void weighted_rows_panel(float *out, int64_t os, const float *w, int64_t wr, int64_t wi, const float *x,
+                                int64_t xs, int64_t lo, int64_t hi, const int width) {
+    vec acc[4][PANEL];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < width; c++) acc[r][c] = (vec){0};
+    for (int64_t i = lo; i < hi; i++) {
+        vec xi[PANEL];
+        for (int c = 0; c < width; c++) xi[c] = loadv(x + i * xs + LANES * c);
+        for (int r = 0; r < 4; r++) {
+            const float wri = w[r * wr + i * wi];
+            for (int c = 0; c < width; c++) acc[r][c] += wri * xi[c];
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < width; c++) storev(out + r * os + LANES * c, acc[r][c]);
+}
+
+/* out[r, 0:dhp] = sum_{lo <= i < hi} w[r * wr + i * wi] x[i, 0:dhp] for 4 rows (zeros if lo >= hi) */
+INLINE void weighted_rows(float *out, const float *w, int64_t wr, int64_t wi, const float *x, int64_t lo,
+                          int64_t hi, int64_t dhp) {
+    int64_t c = 0;
+    for (; c + WIDE <= dhp; c += WIDE) weighted_rows_panel(out + c, dhp, w, wr, wi, x + c, dhp, lo, hi, PANEL);
+    for (; c < dhp; c += 16) weighted_rows_panel(out + c, dhp, w, wr, wi, x + c, dhp, lo, hi, 16 / LANES);
+}
+
+/* xt (dhp x padded) = x (padded x dhp) transposed, both multiples of 16: in blocks of LANES x LANES,
+ * each transposed in registers by rounds of shuffles (round b swaps bit b of the row and the lane
+ * index), where element by element it cost as much as the products. */
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_shufflevector)
 #define HAVE_SHUFFLE 1
 #endif
 #endif
 #ifdef HAVE_SHUFFLE
-#define FOLD(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
-INLINE f32x16 fold8(f32x16 a, f32x16 b) {  /* [a's 8 pair sums, b's] */
-    return FOLD(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-         + FOLD(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-INLINE f32x16 fold4(f32x16 a, f32x16 b) {  /* 8-lane halves -> 4-lane quarters */
-    return FOLD(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-         + FOLD(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-}
-INLINE f32x16 fold2(f32x16 a, f32x16 b) {
-    return FOLD(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-         + FOLD(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-}
-INLINE f32x16 fold1(f32x16 a, f32x16 b) {
-    return FOLD(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + FOLD(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-/* Four rows' dot products with x, 4 partial sums a row: [r0 x4, r1 x4, r2 x4, r3 x4]. Straight-line
- * code, so that the accumulators stay in registers. */
-INLINE f32x16 dots4(const float *x, const float *r0, const float *r1, const float *r2, const float *r3, int64_t dh) {
-    f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t c = 0; c < dh; c += 16) {
-        const f32x16 xc = load16_f32(x + c);
-        a0 += xc * load16_f32(r0 + c);
-        a1 += xc * load16_f32(r1 + c);
-        a2 += xc * load16_f32(r2 + c);
-        a3 += xc * load16_f32(r3 + c);
-    }
-    return fold4(fold8(a0, a1), fold8(a2, a3));
-}
-#endif
-
-INLINE void dots16(const float *x, const float *rows, int64_t n, int64_t dh, float *out) {
-#ifdef HAVE_SHUFFLE
-    if (dh % 16 == 0) {
-        const float *r[16];  /* rows past n repeat row 0: computed, never written out */
-        for (int64_t s = 0; s < 16; s++) r[s] = rows + (s < n ? s : 0) * dh;
-        const f32x16 q0 = dots4(x, r[0], r[1], r[2], r[3], dh), q1 = dots4(x, r[4], r[5], r[6], r[7], dh);
-        const f32x16 q2 = dots4(x, r[8], r[9], r[10], r[11], dh), q3 = dots4(x, r[12], r[13], r[14], r[15], dh);
-        float lanes[16];
-        store16_f32(lanes, fold1(fold2(q0, q1), fold2(q2, q3)));
-        for (int64_t s = 0; s < n; s++) out[s] = lanes[s];
-        return;
-    }
-#endif
-    for (int64_t s = 0; s < n; s++) out[s] = dot(x, rows + s * dh, dh);
-}
-
-/* out[0:dh] = scale * sum_i w[i * ws] rows[i, 0:dh] for rows (n x dh), skipping zero weights (masked
- * keys): the sum stays in registers, the rows stream through. */
-INLINE void weighted_sum(float *out, const float *w, int64_t ws, const float *rows, int64_t n, int64_t dh,
-                         float scale) {
-    if (dh % 16 == 0 && dh <= 16 * MAX_CHUNKS) {
-        f32x16 acc[MAX_CHUNKS];
-        for (int64_t c = 0; c < dh / 16; c++) acc[c] = (f32x16){0};
-        for (int64_t i = 0; i < n; i++) {
-            const float x = w[i * ws];
-            if (x == 0.f) continue;
-            for (int64_t c = 0; c < dh / 16; c++) acc[c] += x * load16_f32(rows + i * dh + 16 * c);
+#define SWAP_BIT(BIT, LO, HI)                                                                         \
+    for (int r = 0; r < LANES; r++)                                                                   \
+        if (!(r & BIT)) {                                                                             \
+            const vec a = v[r], b = v[r | BIT];                                                       \
+            v[r] = __builtin_shufflevector(a, b, LO);                                                 \
+            v[r | BIT] = __builtin_shufflevector(a, b, HI);                                           \
         }
-        for (int64_t c = 0; c < dh / 16; c++) store16_f32(out + 16 * c, scale * acc[c]);
-        return;
-    }
-    for (int64_t j = 0; j < dh; j++) out[j] = 0.f;
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < dh; j++) out[j] += w[i * ws] * rows[i * dh + j];
-    for (int64_t j = 0; j < dh; j++) out[j] *= scale;
+#define INDICES(...) __VA_ARGS__
+INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss) {
+    vec v[LANES];
+    for (int r = 0; r < LANES; r++) v[r] = loadv(src + r * ss);
+#if LANES_16
+    SWAP_BIT(1, INDICES(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                INDICES(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+    SWAP_BIT(2, INDICES(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                INDICES(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+    SWAP_BIT(4, INDICES(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                INDICES(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+    SWAP_BIT(8, INDICES(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                INDICES(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+#elif LANES_8
+    SWAP_BIT(1, INDICES(0, 8, 2, 10, 4, 12, 6, 14), INDICES(1, 9, 3, 11, 5, 13, 7, 15))
+    SWAP_BIT(2, INDICES(0, 1, 8, 9, 4, 5, 12, 13), INDICES(2, 3, 10, 11, 6, 7, 14, 15))
+    SWAP_BIT(4, INDICES(0, 1, 2, 3, 8, 9, 10, 11), INDICES(4, 5, 6, 7, 12, 13, 14, 15))
+#else
+    SWAP_BIT(1, INDICES(0, 4, 2, 6), INDICES(1, 5, 3, 7))
+    SWAP_BIT(2, INDICES(0, 1, 4, 5), INDICES(2, 3, 6, 7))
+#endif
+    for (int r = 0; r < LANES; r++) storev(dst + r * ds, v[r]);
+}
+#else
+INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss) {
+    for (int r = 0; r < LANES; r++)
+        for (int c = 0; c < LANES; c++) dst[c * ds + r] = src[r * ss + c];
+}
+#endif
+
+INLINE void transpose(float *xt, const float *x, int64_t padded, int64_t dhp) {
+    for (int64_t s = 0; s < padded; s += LANES)
+        for (int64_t j = 0; j < dhp; j += LANES) transpose_block(xt + j * padded + s, padded, x + s * dhp + j, dhp);
 }
 
 /* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop), 2^n from the
@@ -201,80 +244,152 @@ INLINE float max16(f32x16 v) {
     return m;
 }
 
-/* q (nt x dh, already scaled), k, v (ns x dh) -> out (nt x dh) and the softmax p (nt x ns);
- * e: nt rows of ns rounded up to 16 floats. In phases over all queries (scores, softmax, weighted
- * values), so that the processor works on several queries at once: one query's chain of dependent
- * steps is longer than its work. */
-INLINE void forward_one(const float *q, const float *k, const float *v, const uint8_t *mask, int64_t ms_t,
-                        float *out, float *p, float *e, int64_t nt, int64_t ns, int64_t dh) {
-    const int64_t padded = (ns + 15) / 16 * 16;
-    for (int64_t t = 0; t < nt; t++) {
-        float *et = e + t * padded;
-        for (int64_t s = 0; s < ns; s += 16) dots16(q + t * dh, k + s * dh, ns - s < 16 ? ns - s : 16, dh, et + s);
-        const uint8_t *m = mask ? mask + t * ms_t : NULL;
-        if (m)
-            for (int64_t s = 0; s < ns; s++) et[s] = m[s] ? et[s] : -INFINITY;
-        for (int64_t s = ns; s < padded; s++) et[s] = -INFINITY;
-    }
-    for (int64_t t = 0; t < nt; t++) {
-        float *et = e + t * padded, *pt = p + t * ns;
-        f32x16 top = load16_f32(et);
-        for (int64_t s = 16; s < padded; s += 16) top = max16v(load16_f32(et + s), top);
-        const float most = max16(top);
-        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
-            const float fill = any_nan(et, ns) ? NAN : 0.f;
-            for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
-            memcpy(pt, et, sizeof(float) * ns);
-            continue;
+/* The end of each query's keys: 1 + its last unmasked key (ns without a mask, and where every key
+ * is masked: those rows are computed whole, so that a NaN score still gives NaN), 0 for the rows
+ * that pad nt to a multiple of 4. */
+INLINE void key_ends(int32_t *hi, const uint8_t *mask, int64_t ms_t, int64_t nt, int64_t ns) {
+    for (int64_t t = 0; t < (nt + 3) / 4 * 4; t++) {
+        int32_t end = t < nt ? (int32_t)ns : 0;
+        if (mask && t < nt) {
+            const uint8_t *m = mask + t * ms_t;
+            end = 0;
+            _Pragma("omp simd reduction(max:end)")
+            for (int32_t s = 0; s < (int32_t)ns; s++) {
+                const int32_t here = m[s] ? s + 1 : 0;
+                end = here > end ? here : end;
+            }
+            if (end == 0) end = (int32_t)ns;
         }
-        f32x16 sum = {0};
-        for (int64_t s = 0; s < padded; s += 16) {
-            const f32x16 x = exp16_nonpositive(load16_f32(et + s) - most);
-            sum += x;
-            store16_f32(et + s, x);
-        }
-        const f32x16 inv = (f32x16){0} + 1.f / sum16(sum);
-        for (int64_t s = 0; s < padded; s += 16) store16_f32(et + s, inv * load16_f32(et + s));
-        memcpy(pt, et, sizeof(float) * ns);
+        hi[t] = end;
     }
-    for (int64_t t = 0; t < nt; t++) weighted_sum(out + t * dh, e + t * padded, 1, v, ns, dh, 1.f);
+}
+
+/* e[s] = -inf where m[s] == 0, for s < n */
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+INLINE void apply_mask(float *e, const uint8_t *m, int64_t n) {
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+        u8x16 bytes;
+        memcpy(&bytes, m + s, 16);
+        const i32x16 keep = __builtin_convertvector(bytes, i32x16) != 0;
+        store16_f32(e + s, pick16(keep, load16_f32(e + s), (f32x16){0} - INFINITY));
+    }
+    for (; s < n; s++) e[s] = m[s] ? e[s] : -INFINITY;
+}
+
+/* The keys a block of 4 queries computes: up to its furthest end, rounded up to 16. */
+INLINE int64_t block_end(const int32_t *hi) {
+    int64_t end = 0;
+    for (int r = 0; r < 4; r++) end = hi[r] > end ? hi[r] : end;
+    return round16(end);
+}
+
+/* q (nt4 x dhp, already scaled), kt (dhp x padded: the keys transposed), v (padded x dhp) -> out
+ * (nt4 x dhp) and the softmax p (nt x ns); e: nt4 x padded floats; hi: the mask's key_ends.
+ * nt4 = nt rounded up to 4. */
+INLINE void forward_one(const float *q, const float *kt, const float *v, const uint8_t *mask, int64_t ms_t,
+                        float *out, float *p, float *e, const int32_t *hi, int64_t nt, int64_t ns, int64_t dh,
+                        int64_t dhp) {
+    const int64_t padded = round16(ns);
+    for (int64_t t0 = 0; t0 < nt; t0 += 4) {
+        const int64_t end = block_end(hi + t0);
+        rows_times_cols(e + t0 * padded, padded, q + t0 * dhp, dhp, kt, padded, end, dh);
+        for (int64_t t = t0; t < t0 + 4; t++) {
+            float *et = e + t * padded;
+            if (t >= nt) {  /* a row that pads the block: no weights */
+                memset(et, 0, sizeof(float) * padded);
+                continue;
+            }
+            const uint8_t *m = mask ? mask + t * ms_t : NULL;
+            const int64_t known = end < ns ? end : ns;
+            if (m) apply_mask(et, m, known);
+            for (int64_t s = known; s < end; s++) et[s] = -INFINITY;
+            f32x16 top = load16_f32(et);
+            for (int64_t s = 16; s < end; s += 16) top = max16v(load16_f32(et + s), top);
+            const float most = max16(top);
+            if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
+                const float fill = any_nan(et, ns) ? NAN : 0.f;
+                for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
+            } else {
+                f32x16 sum = {0};
+                for (int64_t s = 0; s < end; s += 16) {
+                    const f32x16 x = exp16_nonpositive(load16_f32(et + s) - most);
+                    sum += x;
+                    store16_f32(et + s, x);
+                }
+                const f32x16 inv = (f32x16){0} + 1.f / sum16(sum);
+                for (int64_t s = 0; s < end; s += 16) store16_f32(et + s, inv * load16_f32(et + s));
+                memset(et + end, 0, sizeof(float) * (padded - end));
+            }
+            memcpy(p + t * ns, et, sizeof(float) * ns);
+        }
+        weighted_rows(out + t0 * dhp, e + t0 * padded, padded, 1, v, 0, end, dhp);
+    }
 }
 
 /* The gradients of one (row, head): with P the softmax and G = dout,
  *     dP = G vᵀ,   dS = P * (dP - rowsum(P * dP)) * scale,   dq = dS k,   dk = dSᵀ q,   dv = Pᵀ G
- * for q unscaled (nt x dh); dq (nt x dh), dk, dv (ns x dh) are written whole; ds: nt x ns floats. */
-INLINE void backward_one(const float *q, const float *k, const float *v, const float *g, const float *p,
-                         float *dq, float *dk, float *dv, float *ds, int64_t nt, int64_t ns, int64_t dh,
-                         float scale) {
-    for (int64_t t = 0; t < nt; t++)  /* phases over all queries, as in forward_one */
-        for (int64_t s = 0; s < ns; s += 16) dots16(g + t * dh, v + s * dh, ns - s < 16 ? ns - s : 16, dh, ds + t * ns + s);
-    for (int64_t t = 0; t < nt; t++) {
-        const float *pt = p + t * ns;
-        float *dst = ds + t * ns, rowdot = 0.f;
-        _Pragma("omp simd reduction(+:rowdot)")
-        for (int64_t s = 0; s < ns; s++) rowdot += pt[s] * dst[s];  /* masked keys: pt[s] = 0 */
-        _Pragma("omp simd")
-        for (int64_t s = 0; s < ns; s++) dst[s] = pt[s] * (dst[s] - rowdot) * scale;
+ * for q (nt4 x dhp, unscaled), g (nt4 x dhp), k (padded x dhp), vt (dhp x padded: v transposed),
+ * pp: P (nt x ns) copied into nt4 x padded (zeros around it); dq (nt4 x dhp), dk, dv (padded x dhp)
+ * are written whole; ds: nt4 x padded floats, hi: nt4. A query's keys end after its last nonzero
+ * weight: past it dS is 0. */
+INLINE void backward_one(const float *q, const float *k, const float *vt, const float *g,
+                         const float *p, float *pp, float *dq, float *dk, float *dv, float *ds, int32_t *hi,
+                         int64_t nt, int64_t ns, int64_t dh, int64_t dhp, float scale) {
+    const int64_t padded = round16(ns), nt4 = (nt + 3) / 4 * 4;
+    for (int64_t t = 0; t < nt4; t++) {
+        float *pt = pp + t * padded;
+        int32_t end = 0;
+        if (t < nt) {
+            memcpy(pt, p + t * ns, sizeof(float) * ns);
+            _Pragma("omp simd reduction(max:end)")
+            for (int32_t s = 0; s < (int32_t)ns; s++) {
+                const int32_t here = pt[s] != 0.f ? s + 1 : 0;  /* (NaN counts: != 0) */
+                end = here > end ? here : end;
+            }
+        }
+        memset(pt + (t < nt ? ns : 0), 0, sizeof(float) * (padded - (t < nt ? ns : 0)));
+        hi[t] = end;
     }
-    for (int64_t t = 0; t < nt; t++) weighted_sum(dq + t * dh, ds + t * ns, 1, k, ns, dh, 1.f);
-    for (int64_t s = 0; s < ns; s++) {
-        weighted_sum(dk + s * dh, ds + s, ns, q, nt, dh, 1.f);
-        weighted_sum(dv + s * dh, p + s, ns, g, nt, dh, 1.f);
+    for (int64_t t0 = 0; t0 < nt4; t0 += 4) {
+        const int64_t end = block_end(hi + t0);
+        rows_times_cols(ds + t0 * padded, padded, g + t0 * dhp, dhp, vt, padded, end, dh);  /* dP */
+        for (int64_t t = t0; t < t0 + 4; t++) {
+            const float *pt = pp + t * padded;
+            float *dst = ds + t * padded, rowdot = 0.f;
+            _Pragma("omp simd reduction(+:rowdot)")
+            for (int64_t s = 0; s < end; s++) rowdot += pt[s] * dst[s];  /* masked keys: pt[s] = 0 */
+            _Pragma("omp simd")
+            for (int64_t s = 0; s < end; s++) dst[s] = pt[s] * (dst[s] - rowdot) * scale;
+            memset(dst + end, 0, sizeof(float) * (padded - end));
+        }
+        weighted_rows(dq + t0 * dhp, ds + t0 * padded, padded, 1, k, 0, end, dhp);
+    }
+    for (int64_t s0 = 0; s0 < ns; s0 += 4) {  /* keys s0..s0+3: from the first query that reaches them */
+        int64_t first = 0;
+        while (first < nt && hi[first] <= s0) first++;
+        weighted_rows(dk + s0 * dhp, ds + s0, 1, padded, q, first, nt, dhp);
+        weighted_rows(dv + s0 * dhp, pp + s0, 1, padded, g, first, nt, dhp);
     }
 }
 
 /* ------------------------------------------------------------------ the entry points, per type */
+/* rows of dh values at `stride` -> fp32 rows of dhp (zeros past dh), times scale; `to` rows in all
+ * (zero rows past `rows`) */
 #define DEFINE_ROWS(T, LOAD, LOAD16, STORE, STORE16)                                                  \
-INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t stride, int64_t dh, float scale) { \
+INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t to, int64_t stride, int64_t dh, \
+                          int64_t dhp, float scale) {                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
-        const T *x = src + r * stride; float *y = dst + r * dh; int64_t j = 0;                         \
+        const T *x = src + r * stride; float *y = dst + r * dhp; int64_t j = 0;                        \
         for (; j + 16 <= dh; j += 16) store16_f32(y + j, scale * LOAD16(x + j));                      \
         for (; j < dh; j++) y[j] = scale * LOAD(x[j]);                                                \
+        for (; j < dhp; j++) y[j] = 0.f;                                                              \
     }                                                                                                 \
+    memset(dst + rows * dhp, 0, sizeof(float) * (size_t)((to - rows) * dhp));                         \
 }                                                                                                     \
-INLINE void store_rows_##T(T *dst, const float *src, int64_t rows, int64_t stride, int64_t dh) {      \
+INLINE void store_rows_##T(T *dst, const float *src, int64_t rows, int64_t stride, int64_t dh, int64_t dhp) { \
     for (int64_t r = 0; r < rows; r++) {                                                              \
-        T *y = dst + r * stride; const float *x = src + r * dh; int64_t j = 0;                         \
+        T *y = dst + r * stride; const float *x = src + r * dhp; int64_t j = 0;                        \
         for (; j + 16 <= dh; j += 16) STORE16(y + j, load16_f32(x + j));                              \
         for (; j < dh; j++) STORE(y + j, x[j]);                                                       \
     }                                                                                                 \
@@ -283,13 +398,13 @@ INLINE void store_rows_##T(T *dst, const float *src, int64_t rows, int64_t strid
 DEFINE_ROWS(f32, from_f32, load16_f32, to_f32, store16_f32)
 DEFINE_ROWS(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
 
-/* The head size as a constant where it is a common one: the vector loops then unroll into registers. */
+/* The head size as a constant where it is a common one: the loops over it then unroll. */
 #define WITH_HEAD_SIZE(dh, CALL)                                                                      \
     switch (dh) {                                                                                     \
-    case 64: CALL(64); break;                                                                         \
-    case 32: CALL(32); break;                                                                         \
-    case 128: CALL(128); break;                                                                       \
-    default: CALL(dh);                                                                                \
+    case 64: CALL(64, 64); break;                                                                     \
+    case 32: CALL(32, 32); break;                                                                     \
+    case 128: CALL(128, 128); break;                                                                  \
+    default: CALL(dh, round16(dh));                                                                   \
     }
 
 /* The checks both passes make: sizes within the limits (they bound the scratch), strides not
@@ -301,7 +416,18 @@ static int attention_check(int64_t B, int64_t H, int64_t T, int64_t S, int64_t d
     return AIAYN_OK;
 }
 
-/* Forward arguments: attention_forward_args (abi.h). Scratch per thread: (2T + 2S) dh + T (S + 16) floats. */
+/* Scratch per thread, in floats: nt4 = nt rounded up to 4, padded = ns rounded up to 16, dhp = dh
+ * rounded up to 16; the key ends (int32) take a float each. */
+static int64_t forward_scratch(int64_t nt, int64_t ns, int64_t dh) {
+    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);
+    return 2 * nt4 * dhp + 3 * padded * dhp + nt4 * padded + nt4;  /* q, out; k, kᵀ, v; e; hi */
+}
+static int64_t backward_scratch(int64_t nt, int64_t ns, int64_t dh) {
+    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);
+    return 3 * nt4 * dhp + 5 * padded * dhp + 2 * nt4 * padded + nt4;  /* q, g, dq; k, v, vᵀ, dk, dv; P, dS; hi */
+}
+
+/* Forward arguments: attention_forward_args (abi.h). */
 #define DEFINE_FORWARD(T)                                                                             \
 static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
     (void)index;                                                                                      \
@@ -311,22 +437,30 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
     const int64_t H = a->H, nt = a->nt, ns = a->ns, dh = a->dh;                                         \
     const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
     const int64_t ms_b = a->ms_b, ms_t = a->ms_t, os_b = a->os_b, os_t = a->os_t;                     \
+    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);                    \
     const float scale = a->scale;                                                                     \
-    float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *of = vf + ns * dh, *e = of + nt * dh; \
-    for (int64_t i = lo; i < hi; i++) {                                                               \
+    float *qf = scratch, *of = qf + nt4 * dhp, *kf = of + nt4 * dhp, *kt = kf + padded * dhp;          \
+    float *vf = kt + padded * dhp, *e = vf + padded * dhp;                                            \
+    int32_t *ends = (int32_t *)(e + nt4 * padded);                                                    \
+    for (int64_t i = lo, ends_of = -1; i < hi; i++) {                                                 \
         const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
         if (i + 1 < hi) {  /* the next pair's rows, while this one computes */                        \
             prefetch_rows(q + nb * qs_b + nh * dh, nt, qs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
             prefetch_rows(k + nb * ks_b + nh * dh, ns, ks_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
             prefetch_rows(v + nb * vs_b + nh * dh, ns, vs_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
         }                                                                                             \
-        load_rows_##T(qf, q + b * qs_b + h * dh, nt, qs_t, dh, scale);                                \
-        load_rows_##T(kf, k + b * ks_b + h * dh, ns, ks_s, dh, 1.f);                                  \
-        load_rows_##T(vf, v + b * vs_b + h * dh, ns, vs_s, dh, 1.f);                                  \
+        load_rows_##T(qf, q + b * qs_b + h * dh, nt, nt4, qs_t, dh, dhp, scale);                      \
+        load_rows_##T(kf, k + b * ks_b + h * dh, ns, padded, ks_s, dh, dhp, 1.f);                     \
+        load_rows_##T(vf, v + b * vs_b + h * dh, ns, padded, vs_s, dh, dhp, 1.f);                     \
+        transpose(kt, kf, padded, dhp);                                                               \
         const uint8_t *m = mask ? mask + b * ms_b : NULL;                                             \
+        if (ends_of != b) {  /* (the heads of a row share its mask) */                                \
+            key_ends(ends, m, ms_t, nt, ns);                                                          \
+            ends_of = b;                                                                              \
+        }                                                                                             \
         float *p = probs + i * nt * ns;                                                               \
         WITH_HEAD_SIZE(dh, FORWARD_ONE)                                                               \
-        store_rows_##T(out + b * os_b + h * dh, of, nt, os_t, dh);                                    \
+        store_rows_##T(out + b * os_b + h * dh, of, nt, os_t, dh, dhp);                               \
     }                                                                                                 \
 }                                                                                                     \
 int attention_forward_##T(const attention_forward_args *a) {                                         \
@@ -334,12 +468,11 @@ int attention_forward_##T(const attention_forward_args *a) {                    
     const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
                                        | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->os_b | a->os_t); \
     if (status != AIAYN_OK) return status;                                                            \
-    const int64_t nt = a->nt, ns = a->ns, dh = a->dh;                                                   \
-    return parallel(forward_part_##T, a, a->B * a->H, a->threads, (2 * nt + 2 * ns) * dh + nt * (ns + 16)); \
+    return parallel(forward_part_##T, a, a->B * a->H, a->threads, forward_scratch(a->nt, a->ns, a->dh)); \
 }
-#define FORWARD_ONE(DH) forward_one(qf, kf, vf, m, ms_t, of, p, e, nt, ns, DH)
+#define FORWARD_ONE(DH, DHP) forward_one(qf, kt, vf, m, ms_t, of, p, e, ends, nt, ns, DH, DHP)
 
-/* Backward arguments: attention_backward_args (abi.h). Scratch per thread: (3T + 4S) dh + TS floats. */
+/* Backward arguments: attention_backward_args (abi.h). */
 #define DEFINE_BACKWARD(T)                                                                            \
 static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
     (void)index;                                                                                      \
@@ -350,9 +483,12 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
     const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
     const int64_t gs_b = a->gs_b, gs_t = a->gs_t, dqs_b = a->dqs_b, dqs_t = a->dqs_t;                 \
     const int64_t dks_b = a->dks_b, dks_s = a->dks_s, dvs_b = a->dvs_b, dvs_s = a->dvs_s;             \
+    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);                    \
     const float scale = a->scale;                                                                     \
-    float *qf = scratch, *kf = qf + nt * dh, *vf = kf + ns * dh, *gf = vf + ns * dh;                  \
-    float *dqf = gf + nt * dh, *dkf = dqf + nt * dh, *dvf = dkf + ns * dh, *ds = dvf + ns * dh;        \
+    float *qf = scratch, *gf = qf + nt4 * dhp, *dqf = gf + nt4 * dhp, *kf = dqf + nt4 * dhp;           \
+    float *vf = kf + padded * dhp, *vt = vf + padded * dhp, *dkf = vt + padded * dhp;                 \
+    float *dvf = dkf + padded * dhp, *pp = dvf + padded * dhp, *ds = pp + nt4 * padded;               \
+    int32_t *ends = (int32_t *)(ds + nt4 * padded);                                                   \
     for (int64_t i = lo; i < hi; i++) {                                                               \
         const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
         if (i + 1 < hi) {                                                                             \
@@ -361,15 +497,16 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
             prefetch_rows(v + nb * vs_b + nh * dh, ns, vs_s * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
             prefetch_rows(dout + nb * gs_b + nh * dh, nt, gs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
         }                                                                                             \
-        load_rows_##T(qf, q + b * qs_b + h * dh, nt, qs_t, dh, 1.f);                                  \
-        load_rows_##T(kf, k + b * ks_b + h * dh, ns, ks_s, dh, 1.f);                                  \
-        load_rows_##T(vf, v + b * vs_b + h * dh, ns, vs_s, dh, 1.f);                                  \
-        load_rows_##T(gf, dout + b * gs_b + h * dh, nt, gs_t, dh, 1.f);                               \
+        load_rows_##T(qf, q + b * qs_b + h * dh, nt, nt4, qs_t, dh, dhp, 1.f);                        \
+        load_rows_##T(kf, k + b * ks_b + h * dh, ns, padded, ks_s, dh, dhp, 1.f);                     \
+        load_rows_##T(vf, v + b * vs_b + h * dh, ns, padded, vs_s, dh, dhp, 1.f);                     \
+        load_rows_##T(gf, dout + b * gs_b + h * dh, nt, nt4, gs_t, dh, dhp, 1.f);                     \
+        transpose(vt, vf, padded, dhp);                                                               \
         const float *p = probs + i * nt * ns;                                                         \
         WITH_HEAD_SIZE(dh, BACKWARD_ONE)                                                              \
-        store_rows_##T(dq + b * dqs_b + h * dh, dqf, nt, dqs_t, dh);                                  \
-        store_rows_##T(dk + b * dks_b + h * dh, dkf, ns, dks_s, dh);                                  \
-        store_rows_##T(dv + b * dvs_b + h * dh, dvf, ns, dvs_s, dh);                                  \
+        store_rows_##T(dq + b * dqs_b + h * dh, dqf, nt, dqs_t, dh, dhp);                             \
+        store_rows_##T(dk + b * dks_b + h * dh, dkf, ns, dks_s, dh, dhp);                             \
+        store_rows_##T(dv + b * dvs_b + h * dh, dvf, ns, dvs_s, dh, dhp);                             \
     }                                                                                                 \
 }                                                                                                     \
 int attention_backward_##T(const attention_backward_args *a) {                                       \
@@ -378,10 +515,9 @@ int attention_backward_##T(const attention_backward_args *a) {                  
                                        | a->ks_s | a->vs_b | a->vs_s | a->gs_b | a->gs_t | a->dqs_b | a->dqs_t \
                                        | a->dks_b | a->dks_s | a->dvs_b | a->dvs_s);                  \
     if (status != AIAYN_OK) return status;                                                            \
-    const int64_t nt = a->nt, ns = a->ns, dh = a->dh;                                                   \
-    return parallel(backward_part_##T, a, a->B * a->H, a->threads, (3 * nt + 4 * ns) * dh + nt * ns); \
+    return parallel(backward_part_##T, a, a->B * a->H, a->threads, backward_scratch(a->nt, a->ns, a->dh)); \
 }
-#define BACKWARD_ONE(DH) backward_one(qf, kf, vf, gf, p, dqf, dkf, dvf, ds, nt, ns, DH, scale)
+#define BACKWARD_ONE(DH, DHP) backward_one(qf, kf, vt, gf, p, pp, dqf, dkf, dvf, ds, ends, nt, ns, DH, DHP, scale)
 
 DEFINE_FORWARD(f32)
 DEFINE_FORWARD(bf16)
