@@ -36,6 +36,80 @@
 #define INLINE static inline __attribute__((always_inline))
 typedef float f32;  /* the entry points' suffixes: _f32, _bf16 */
 
+/* ------------------------------------------------------------------------------------ vectors
+ * The kernels' vectors are the CPU's own registers: a wider vector type is split into these by the
+ * compiler, and its temporaries spilled to memory (with common.h's 16-float vectors, attention ran
+ * 2.5x and the loss 3.6x slower on AVX2 than on AVX-512, not 2x). */
+#if defined(__AVX512F__)
+#define LANES 16     /* 32 registers */
+#define PANEL 2      /* the GEMM kernels' accumulators: 4 rows x PANEL vectors */
+#elif defined(__AVX__)
+#define LANES 8      /* 16 registers */
+#define PANEL 2
+#else
+#define LANES 4      /* NEON: 32 registers; SSE: 16 (some spill) */
+#define PANEL 4
+#endif
+enum { WIDE = LANES * PANEL };  /* the columns a GEMM kernel's panel computes: 32 (AVX-512) or 16 */
+INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+typedef float vec __attribute__((vector_size(4 * LANES)));
+typedef int32_t ivec __attribute__((vector_size(4 * LANES)));
+typedef uint32_t uvec __attribute__((vector_size(4 * LANES)));
+typedef uint16_t hvec __attribute__((vector_size(2 * LANES)));
+typedef uint8_t bvec __attribute__((vector_size(LANES)));
+
+INLINE vec loadv_f32(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+INLINE void storev_f32(float *p, vec v) { memcpy(p, &v, sizeof v); }
+INLINE vec loadv_bf16(const bf16 *p) {
+    hvec h; memcpy(&h, p, sizeof h);
+    const uvec w = __builtin_convertvector(h, uvec) << 16;
+    vec v; memcpy(&v, &w, sizeof v); return v;
+}
+INLINE void storev_bf16(bf16 *p, vec v) {  /* to_bf16 on every lane */
+    uvec u; memcpy(&u, &v, sizeof u);
+    const uvec nan = (uvec)((u & 0x7FFFFFFF) > 0x7F800000);  /* all ones where NaN */
+    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
+    const hvec h = __builtin_convertvector(u, hvec);
+    memcpy(p, &h, sizeof h);
+}
+/* the lanes of yes where mask is all ones, of no where it is zero (a comparison's result) */
+INLINE vec pickv(ivec mask, vec yes, vec no) {
+    ivec y, n; memcpy(&y, &yes, sizeof y); memcpy(&n, &no, sizeof n);
+    y = (y & mask) | (n & ~mask);
+    vec v; memcpy(&v, &y, sizeof v); return v;
+}
+INLINE vec maxv(vec a, vec b) { return pickv(a > b, a, b); }
+INLINE float max_of(vec v) {
+    float m = v[0];
+    for (int j = 1; j < LANES; j++) m = v[j] > m ? v[j] : m;
+    return m;
+}
+INLINE float sum_of(vec v) {  /* pairwise, as a tree */
+    float t[LANES];
+    memcpy(t, &v, sizeof t);
+    for (int n = LANES / 2; n >= 1; n /= 2)
+        for (int j = 0; j < n; j++) t[j] += t[j + n];
+    return t[0];
+}
+
+/* exp_nonpositive (common.h) on every lane (the compiler does not vectorize the scalar one's loop),
+ * 2^n from the rounded float's bits as there (a conversion to integers is undefined for NaN). */
+INLINE vec expv_nonpositive(vec x) {
+    const vec zero = {0};
+    const ivec low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
+    const vec xc = pickv(low, zero - 87.f, x);
+    const vec big = xc * 1.44269504f + 12583039.f, n = big - 12583039.f;
+    const vec r = xc - n * 0.693145752f - n * 1.42860677e-6f;
+    const vec p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
+                  + r * (1.f / 720 + r * (1.f / 5040)))))));
+    uvec two_n;
+    memcpy(&two_n, &big, sizeof two_n);
+    two_n <<= 23;
+    vec scale;
+    memcpy(&scale, &two_n, sizeof scale);
+    return pickv(low, zero, p * scale);  /* NaN where x is: r and p are */
+}
+
 /* ------------------------------------------------------------------------ threads and scratch
  * Built with -fopenmp, the parts run on an OpenMP team: with PyTorch's wheels that is PyTorch's own
  * pool (the library needs libgomp.so.1 by name, and the loader hands it the copy torch has already
@@ -91,27 +165,6 @@ static int parallel(part_fn fn, const void *args, int64_t n, int64_t threads, in
  * of 4 queries computes only up to its last query's end, so a causal layer does about half the
  * products. Past that end the weights are zeros (masked keys' are anyway). */
 
-/* The kernels' vectors are the CPU's own registers (a wider vector type would be split into these
- * by the compiler, and its accumulators spilled to memory: AVX2 ran 2.5x slower so), PANEL of them
- * across C's columns, as many as leave the accumulators (4 x PANEL) and a row of B in registers. */
-#if defined(__AVX512F__)
-typedef f32x16 vec;  /* 32 registers: 4 x 2 accumulators */
-enum { LANES = 16, PANEL = 2 };
-#define LANES_16 1
-#elif defined(__AVX__)
-typedef f32x8 vec;   /* 16 registers: 4 x 2 */
-enum { LANES = 8, PANEL = 2 };
-#define LANES_8 1
-#else
-typedef f32x4 vec;   /* NEON, SSE: 32 or 16 registers, 4 x 4 (on SSE, some spill) */
-enum { LANES = 4, PANEL = 4 };
-#endif
-enum { WIDE = LANES * PANEL };  /* C's columns a panel computes: 32 (AVX-512) or 16 */
-
-INLINE vec loadv(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-INLINE void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
-INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
 /* c[r, 0:w LANES] = sum_j a[r, j] bt[j, 0:w LANES], r < 4 (c's rows at cs, a's at as, bt's at bs) */
 INLINE void rows_times_cols_panel(float *c, int64_t cs, const float *a, int64_t as, const float *bt, int64_t bs,
                                   int64_t dh, const int w) {
@@ -120,14 +173,14 @@ INLINE void rows_times_cols_panel(float *c, int64_t cs, const float *a, int64_t 
         for (int x = 0; x < w; x++) acc[r][x] = (vec){0};
     for (int64_t j = 0; j < dh; j++) {
         vec b[PANEL];
-        for (int x = 0; x < w; x++) b[x] = loadv(bt + j * bs + LANES * x);
+        for (int x = 0; x < w; x++) b[x] = loadv_f32(bt + j * bs + LANES * x);
         for (int r = 0; r < 4; r++) {
             const float ar = a[r * as + j];
             for (int x = 0; x < w; x++) acc[r][x] += ar * b[x];
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int x = 0; x < w; x++) storev(c + r * cs + LANES * x, acc[r][x]);
+        for (int x = 0; x < w; x++) storev_f32(c + r * cs + LANES * x, acc[r][x]);
 }
 
 /* c[r, 0:n] = a[r] . b[0:n] for 4 rows, n a multiple of 16 */
@@ -147,14 +200,14 @@ INLINE void weighted_rows_panel(float *out, int64_t os, const float *w, int64_t 
         for (int c = 0; c < width; c++) acc[r][c] = (vec){0};
     for (int64_t i = lo; i < hi; i++) {
         vec xi[PANEL];
-        for (int c = 0; c < width; c++) xi[c] = loadv(x + i * xs + LANES * c);
+        for (int c = 0; c < width; c++) xi[c] = loadv_f32(x + i * xs + LANES * c);
         for (int r = 0; r < 4; r++) {
             const float wri = w[r * wr + i * wi];
             for (int c = 0; c < width; c++) acc[r][c] += wri * xi[c];
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int c = 0; c < width; c++) storev(out + r * os + LANES * c, acc[r][c]);
+        for (int c = 0; c < width; c++) storev_f32(out + r * os + LANES * c, acc[r][c]);
 }
 
 /* out[r, 0:dhp] = sum_{lo <= i < hi} w[r * wr + i * wi] x[i, 0:dhp] for 4 rows (zeros if lo >= hi) */
@@ -184,8 +237,8 @@ INLINE void weighted_rows(float *out, const float *w, int64_t wr, int64_t wi, co
 #define INDICES(...) __VA_ARGS__
 INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss) {
     vec v[LANES];
-    for (int r = 0; r < LANES; r++) v[r] = loadv(src + r * ss);
-#if LANES_16
+    for (int r = 0; r < LANES; r++) v[r] = loadv_f32(src + r * ss);
+#if LANES == 16
     SWAP_BIT(1, INDICES(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
                 INDICES(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
     SWAP_BIT(2, INDICES(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
@@ -194,7 +247,7 @@ INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss
                 INDICES(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
     SWAP_BIT(8, INDICES(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
                 INDICES(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-#elif LANES_8
+#elif LANES == 8
     SWAP_BIT(1, INDICES(0, 8, 2, 10, 4, 12, 6, 14), INDICES(1, 9, 3, 11, 5, 13, 7, 15))
     SWAP_BIT(2, INDICES(0, 1, 8, 9, 4, 5, 12, 13), INDICES(2, 3, 10, 11, 6, 7, 14, 15))
     SWAP_BIT(4, INDICES(0, 1, 2, 3, 8, 9, 10, 11), INDICES(4, 5, 6, 7, 12, 13, 14, 15))
@@ -202,7 +255,7 @@ INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss
     SWAP_BIT(1, INDICES(0, 4, 2, 6), INDICES(1, 5, 3, 7))
     SWAP_BIT(2, INDICES(0, 1, 4, 5), INDICES(2, 3, 6, 7))
 #endif
-    for (int r = 0; r < LANES; r++) storev(dst + r * ds, v[r]);
+    for (int r = 0; r < LANES; r++) storev_f32(dst + r * ds, v[r]);
 }
 #else
 INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss) {
@@ -214,34 +267,6 @@ INLINE void transpose_block(float *dst, int64_t ds, const float *src, int64_t ss
 INLINE void transpose(float *xt, const float *x, int64_t padded, int64_t dhp) {
     for (int64_t s = 0; s < padded; s += LANES)
         for (int64_t j = 0; j < dhp; j += LANES) transpose_block(xt + j * padded + s, padded, x + s * dhp + j, dhp);
-}
-
-/* exp_nonpositive on 16 lanes (the compiler does not vectorize the scalar one's loop), 2^n from the
- * rounded float's bits as there (a conversion to integers is undefined for NaN). */
-INLINE f32x16 exp16_nonpositive(f32x16 x) {
-    const f32x16 zero = {0};
-    const i32x16 low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
-    const f32x16 xc = pick16(low, zero - 87.f, x);
-    const f32x16 big = xc * 1.44269504f + 12583039.f, n = big - 12583039.f;
-    const f32x16 r = xc - n * 0.693145752f - n * 1.42860677e-6f;
-    const f32x16 p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
-                     + r * (1.f / 720 + r * (1.f / 5040)))))));
-    u32x16 two_n;
-    memcpy(&two_n, &big, 64);
-    two_n <<= 23;
-    f32x16 scale;
-    memcpy(&scale, &two_n, 64);
-    return pick16(low, zero, p * scale);  /* NaN where x is: r and p are */
-}
-
-INLINE f32x16 max16v(f32x16 a, f32x16 b) { return pick16(a > b, a, b); }
-
-INLINE float max16(f32x16 v) {
-    f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
-    for (int j = 0; j < 8; j++) a[j] = a[j] > b[j] ? a[j] : b[j];
-    float m = a[0];
-    for (int j = 1; j < 8; j++) m = a[j] > m ? a[j] : m;
-    return m;
 }
 
 /* The end of each query's keys: 1 + its last unmasked key (ns without a mask, and where every key
@@ -265,14 +290,13 @@ INLINE void key_ends(int32_t *hi, const uint8_t *mask, int64_t ms_t, int64_t nt,
 }
 
 /* e[s] = -inf where m[s] == 0, for s < n */
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
 INLINE void apply_mask(float *e, const uint8_t *m, int64_t n) {
     int64_t s = 0;
-    for (; s + 16 <= n; s += 16) {
-        u8x16 bytes;
-        memcpy(&bytes, m + s, 16);
-        const i32x16 keep = __builtin_convertvector(bytes, i32x16) != 0;
-        store16_f32(e + s, pick16(keep, load16_f32(e + s), (f32x16){0} - INFINITY));
+    for (; s + LANES <= n; s += LANES) {
+        bvec bytes;
+        memcpy(&bytes, m + s, sizeof bytes);
+        const ivec keep = __builtin_convertvector(bytes, ivec) != 0;
+        storev_f32(e + s, pickv(keep, loadv_f32(e + s), (vec){0} - INFINITY));
     }
     for (; s < n; s++) e[s] = m[s] ? e[s] : -INFINITY;
 }
@@ -304,21 +328,21 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
             const int64_t known = end < ns ? end : ns;
             if (m) apply_mask(et, m, known);
             for (int64_t s = known; s < end; s++) et[s] = -INFINITY;
-            f32x16 top = load16_f32(et);
-            for (int64_t s = 16; s < end; s += 16) top = max16v(load16_f32(et + s), top);
-            const float most = max16(top);
+            vec top = loadv_f32(et);
+            for (int64_t s = LANES; s < end; s += LANES) top = maxv(loadv_f32(et + s), top);
+            const float most = max_of(top);
             if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
                 const float fill = any_nan(et, ns) ? NAN : 0.f;
                 for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
             } else {
-                f32x16 sum = {0};
-                for (int64_t s = 0; s < end; s += 16) {
-                    const f32x16 x = exp16_nonpositive(load16_f32(et + s) - most);
+                vec sum = {0};
+                for (int64_t s = 0; s < end; s += LANES) {
+                    const vec x = expv_nonpositive(loadv_f32(et + s) - most);
                     sum += x;
-                    store16_f32(et + s, x);
+                    storev_f32(et + s, x);
                 }
-                const f32x16 inv = (f32x16){0} + 1.f / sum16(sum);
-                for (int64_t s = 0; s < end; s += 16) store16_f32(et + s, inv * load16_f32(et + s));
+                const float inv = 1.f / sum_of(sum);
+                for (int64_t s = 0; s < end; s += LANES) storev_f32(et + s, inv * loadv_f32(et + s));
                 memset(et + end, 0, sizeof(float) * (padded - end));
             }
             memcpy(p + t * ns, et, sizeof(float) * ns);
@@ -376,12 +400,12 @@ INLINE void backward_one(const float *q, const float *k, const float *vt, const 
 /* ------------------------------------------------------------------ the entry points, per type */
 /* rows of dh values at `stride` -> fp32 rows of dhp (zeros past dh), times scale; `to` rows in all
  * (zero rows past `rows`) */
-#define DEFINE_ROWS(T, LOAD, LOAD16, STORE, STORE16)                                                  \
+#define DEFINE_ROWS(T, LOAD, LOADV, STORE, STOREV)                                                    \
 INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t to, int64_t stride, int64_t dh, \
                           int64_t dhp, float scale) {                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *x = src + r * stride; float *y = dst + r * dhp; int64_t j = 0;                        \
-        for (; j + 16 <= dh; j += 16) store16_f32(y + j, scale * LOAD16(x + j));                      \
+        for (; j + LANES <= dh; j += LANES) storev_f32(y + j, scale * LOADV(x + j));                  \
         for (; j < dh; j++) y[j] = scale * LOAD(x[j]);                                                \
         for (; j < dhp; j++) y[j] = 0.f;                                                              \
     }                                                                                                 \
@@ -390,13 +414,13 @@ INLINE void load_rows_##T(float *dst, const T *src, int64_t rows, int64_t to, in
 INLINE void store_rows_##T(T *dst, const float *src, int64_t rows, int64_t stride, int64_t dh, int64_t dhp) { \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         T *y = dst + r * stride; const float *x = src + r * dhp; int64_t j = 0;                        \
-        for (; j + 16 <= dh; j += 16) STORE16(y + j, load16_f32(x + j));                              \
+        for (; j + LANES <= dh; j += LANES) STOREV(y + j, loadv_f32(x + j));                          \
         for (; j < dh; j++) STORE(y + j, x[j]);                                                       \
     }                                                                                                 \
 }
 
-DEFINE_ROWS(f32, from_f32, load16_f32, to_f32, store16_f32)
-DEFINE_ROWS(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
+DEFINE_ROWS(f32, from_f32, loadv_f32, to_f32, storev_f32)
+DEFINE_ROWS(bf16, from_bf16, loadv_bf16, to_bf16, storev_bf16)
 
 /* The head size as a constant where it is a common one: the loops over it then unroll. */
 #define WITH_HEAD_SIZE(dh, CALL)                                                                      \
@@ -649,7 +673,7 @@ DEFINE_RESIDUAL_NORM(f32_bf16, f32, from_f32, to_f32, bf16, from_bf16, to_bf16) 
  * once into fp32 scratch that stays in the caches for its other passes, and rows are split between
  * threads. A row with a NaN logit gets a NaN loss and gradient, as in PyTorch. Arguments:
  * cross_entropy_args (abi.h). AIAYN_BAD_INDEX, having written nothing, if a target is outside [0, V). */
-#define DEFINE_CROSS_ENTROPY(T, LOAD, LOAD16, STORE, STORE16)                                         \
+#define DEFINE_CROSS_ENTROPY(T, LOAD, LOADV, STORE, STOREV)                                           \
 static void cross_entropy_part_##T(const void *args, int64_t lo, int64_t hi, float *row, int64_t index) { \
     (void)index;                                                                                      \
     const cross_entropy_args *a = args;                                                               \
@@ -657,34 +681,34 @@ static void cross_entropy_part_##T(const void *args, int64_t lo, int64_t hi, flo
     const int64_t *target = a->target; float *losses = a->losses;                                     \
     T *grad = a->grad; const int64_t V = a->V;                                                        \
     const float eps = a->eps, scale = a->scale;                                                       \
-    const int64_t body = V / 16 * 16;                                                                 \
+    const int64_t body = V / LANES * LANES;                                                           \
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *z = logits + r * stride;                                                             \
         const int64_t t = target[r];                                                                  \
-        f32x16 sum = {0}, top = sum - INFINITY;                                                       \
-        for (int64_t j = 0; j < body; j += 16) {                                                      \
-            const f32x16 x = LOAD16(z + j);                                                           \
-            store16_f32(row + j, x);                                                                  \
+        vec sum = {0}, top = sum - INFINITY;                                                          \
+        for (int64_t j = 0; j < body; j += LANES) {                                                   \
+            const vec x = LOADV(z + j);                                                               \
+            storev_f32(row + j, x);                                                                   \
             sum += x;                                                                                 \
-            top = max16v(x, top);                                                                     \
+            top = maxv(x, top);                                                                       \
         }                                                                                             \
-        float most = max16(top), total_z = sum16(sum);                                                \
+        float most = max_of(top), total_z = sum_of(sum);                                              \
         for (int64_t j = body; j < V; j++) {                                                          \
             row[j] = LOAD(z[j]); total_z += row[j]; most = row[j] > most ? row[j] : most;             \
         }                                                                                             \
-        f32x16 esum = {0};                                                                            \
-        for (int64_t j = 0; j < body; j += 16) {                                                      \
-            const f32x16 e = exp16_nonpositive(load16_f32(row + j) - most);                           \
-            store16_f32(row + j, e);                                                                  \
+        vec esum = {0};                                                                               \
+        for (int64_t j = 0; j < body; j += LANES) {                                                   \
+            const vec e = expv_nonpositive(loadv_f32(row + j) - most);                                \
+            storev_f32(row + j, e);                                                                   \
             esum += e;                                                                                \
         }                                                                                             \
-        float total = sum16(esum);                                                                    \
+        float total = sum_of(esum);                                                                   \
         for (int64_t j = body; j < V; j++) { row[j] = exp_nonpositive(row[j] - most); total += row[j]; } \
         losses[r] = logf(total) + most - (1.f - eps) * LOAD(z[t]) - eps * total_z / V;               \
         if (!grad) continue;                                                                          \
         T *g = grad + r * V;                                                                          \
         const float p_scale = scale / total, shift = scale * eps / V;                                 \
-        for (int64_t j = 0; j < body; j += 16) STORE16(g + j, p_scale * load16_f32(row + j) - shift); \
+        for (int64_t j = 0; j < body; j += LANES) STOREV(g + j, p_scale * loadv_f32(row + j) - shift); \
         for (int64_t j = body; j < V; j++) STORE(g + j, p_scale * row[j] - shift);                    \
         STORE(g + t, p_scale * row[t] - shift - scale * (1.f - eps));                                 \
     }                                                                                                 \
@@ -698,5 +722,5 @@ int cross_entropy_##T(const cross_entropy_args *a) {                            
     return parallel(cross_entropy_part_##T, a, a->rows, a->threads, a->V);                            \
 }
 
-DEFINE_CROSS_ENTROPY(f32, from_f32, load16_f32, to_f32, store16_f32)
-DEFINE_CROSS_ENTROPY(bf16, from_bf16, load16_bf16, to_bf16, store16_bf16)
+DEFINE_CROSS_ENTROPY(f32, from_f32, loadv_f32, to_f32, storev_f32)
+DEFINE_CROSS_ENTROPY(bf16, from_bf16, loadv_bf16, to_bf16, storev_bf16)
