@@ -304,7 +304,7 @@ static int beam_check(const beam_args *a) {
     return AIAYN_OK;
 }
 
-#define DEFINE_BEAM(NAME, T, LOAD)                                                                    \
+#define DEFINE_BEAM(NAME, T, LOAD, LOADV)                                                             \
 HOT int NAME(const beam_args *a)                                                                      \
 {                                                                                                     \
     const int status = beam_check(a);                                                                 \
@@ -322,12 +322,16 @@ HOT int NAME(const beam_args *a)                                                
         for (int64_t b = 0; b < r; b++) {                                                             \
             const T *row = x + (i * r + b) * xs;                                                      \
             const float base = scores[i * r + b];                                                     \
-            float top = -INFINITY, total = 0.f;                                                       \
-            _Pragma("omp simd reduction(max:top)")                                                    \
-            for (int64_t j = 0; j < V; j++) top = LOAD(row[j]) > top ? LOAD(row[j]) : top;            \
+            const int64_t body = V / LANES * LANES;  /* (the compiler vectorized the exp for AVX-512 \
+                                                         only: AVX2 ran 2.8x slower, 0.63x PyTorch's) */ \
+            vec tops = (vec){0} - INFINITY, sums = {0};                                               \
+            for (int64_t j = 0; j < body; j += LANES) tops = maxv(LOADV(row + j), tops);              \
+            float top = max_of(tops);                                                                 \
+            for (int64_t j = body; j < V; j++) top = LOAD(row[j]) > top ? LOAD(row[j]) : top;         \
             if (top == -INFINITY || base == -INFINITY) continue;  /* no live candidate here */        \
-            _Pragma("omp simd reduction(+:total)")                                                    \
-            for (int64_t j = 0; j < V; j++) total += exp_nonpositive(LOAD(row[j]) - top);             \
+            for (int64_t j = 0; j < body; j += LANES) sums += expv_nonpositive(LOADV(row + j) - top); \
+            float total = sum_of(sums);                                                               \
+            for (int64_t j = body; j < V; j++) total += exp_nonpositive(LOAD(row[j]) - top);          \
             const float lse = top + logf(total);                                                      \
             const int64_t j0 = only_eos ? eos : 0, j1 = only_eos ? eos + 1 : V;                       \
             for (int64_t s = j0; s < j1; s += 64) {                                                   \
@@ -358,8 +362,8 @@ HOT int NAME(const beam_args *a)                                                
     return AIAYN_OK;                                                                                  \
 }
 
-DEFINE_BEAM(beam_f32, float, from_f32)
-DEFINE_BEAM(beam_bf16, bf16, from_bf16)
+DEFINE_BEAM(beam_f32, float, from_f32, loadv_f32)
+DEFINE_BEAM(beam_bf16, bf16, from_bf16, loadv_bf16)
 
 /* ------------------------------------------------------------------------ a few rows' linear layer
  * out[r, j] = relu?(sum_i x[r, i] w[j, i] + bias[j]) for a few rows r: the projections of a decoding

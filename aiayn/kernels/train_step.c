@@ -33,82 +33,7 @@
 
 #include "common.h"
 
-#define INLINE static inline __attribute__((always_inline))
 typedef float f32;  /* the entry points' suffixes: _f32, _bf16 */
-
-/* ------------------------------------------------------------------------------------ vectors
- * The kernels' vectors are the CPU's own registers: a wider vector type is split into these by the
- * compiler, and its temporaries spilled to memory (with common.h's 16-float vectors, attention ran
- * 2.5x and the loss 3.6x slower on AVX2 than on AVX-512, not 2x). */
-#if defined(__AVX512F__)
-#define LANES 16     /* 32 registers */
-#define PANEL 2      /* the GEMM kernels' accumulators: 4 rows x PANEL vectors */
-#elif defined(__AVX__)
-#define LANES 8      /* 16 registers */
-#define PANEL 2
-#else
-#define LANES 4      /* NEON: 32 registers; SSE: 16 (some spill) */
-#define PANEL 4
-#endif
-enum { WIDE = LANES * PANEL };  /* the columns a GEMM kernel's panel computes: 32 (AVX-512) or 16 */
-INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-typedef float vec __attribute__((vector_size(4 * LANES)));
-typedef int32_t ivec __attribute__((vector_size(4 * LANES)));
-typedef uint32_t uvec __attribute__((vector_size(4 * LANES)));
-typedef uint16_t hvec __attribute__((vector_size(2 * LANES)));
-typedef uint8_t bvec __attribute__((vector_size(LANES)));
-
-INLINE vec loadv_f32(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-INLINE void storev_f32(float *p, vec v) { memcpy(p, &v, sizeof v); }
-INLINE vec loadv_bf16(const bf16 *p) {
-    hvec h; memcpy(&h, p, sizeof h);
-    const uvec w = __builtin_convertvector(h, uvec) << 16;
-    vec v; memcpy(&v, &w, sizeof v); return v;
-}
-INLINE void storev_bf16(bf16 *p, vec v) {  /* to_bf16 on every lane */
-    uvec u; memcpy(&u, &v, sizeof u);
-    const uvec nan = (uvec)((u & 0x7FFFFFFF) > 0x7F800000);  /* all ones where NaN */
-    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
-    const hvec h = __builtin_convertvector(u, hvec);
-    memcpy(p, &h, sizeof h);
-}
-/* the lanes of yes where mask is all ones, of no where it is zero (a comparison's result) */
-INLINE vec pickv(ivec mask, vec yes, vec no) {
-    ivec y, n; memcpy(&y, &yes, sizeof y); memcpy(&n, &no, sizeof n);
-    y = (y & mask) | (n & ~mask);
-    vec v; memcpy(&v, &y, sizeof v); return v;
-}
-INLINE vec maxv(vec a, vec b) { return pickv(a > b, a, b); }
-INLINE float max_of(vec v) {
-    float m = v[0];
-    for (int j = 1; j < LANES; j++) m = v[j] > m ? v[j] : m;
-    return m;
-}
-INLINE float sum_of(vec v) {  /* pairwise, as a tree */
-    float t[LANES];
-    memcpy(t, &v, sizeof t);
-    for (int n = LANES / 2; n >= 1; n /= 2)
-        for (int j = 0; j < n; j++) t[j] += t[j + n];
-    return t[0];
-}
-
-/* exp_nonpositive (common.h) on every lane (the compiler does not vectorize the scalar one's loop),
- * 2^n from the rounded float's bits as there (a conversion to integers is undefined for NaN). */
-INLINE vec expv_nonpositive(vec x) {
-    const vec zero = {0};
-    const ivec low = x < -87.f;  /* all ones where exp(x) is 0 in fp32 (and for -inf) */
-    const vec xc = pickv(low, zero - 87.f, x);
-    const vec big = xc * 1.44269504f + 12583039.f, n = big - 12583039.f;
-    const vec r = xc - n * 0.693145752f - n * 1.42860677e-6f;
-    const vec p = 1.f + r * (1.f + r * (1.f / 2 + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120
-                  + r * (1.f / 720 + r * (1.f / 5040)))))));
-    uvec two_n;
-    memcpy(&two_n, &big, sizeof two_n);
-    two_n <<= 23;
-    vec scale;
-    memcpy(&scale, &two_n, sizeof scale);
-    return pickv(low, zero, p * scale);  /* NaN where x is: r and p are */
-}
 
 /* ------------------------------------------------------------------------ threads and scratch
  * Built with -fopenmp, the parts run on an OpenMP team: with PyTorch's wheels that is PyTorch's own
@@ -164,6 +89,15 @@ static int parallel(part_fn fn, const void *args, int64_t n, int64_t threads, in
  * A query's keys end at its last unmasked one (`hi`; causal attention: its own position): each block
  * of 4 queries computes only up to its last query's end, so a causal layer does about half the
  * products. Past that end the weights are zeros (masked keys' are anyway). */
+
+/* The GEMM kernels' accumulators: 4 rows x PANEL vectors, with a row of B, in the registers. */
+#if LANES == 4
+#define PANEL 4
+#else
+#define PANEL 2
+#endif
+enum { WIDE = LANES * PANEL };  /* the columns a panel computes: 32 (AVX-512) or 16 */
+INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* c[r, 0:w LANES] = sum_j a[r, j] bt[j, 0:w LANES], r < 4 (c's rows at cs, a's at as, bt's at bs) */
 INLINE void rows_times_cols_panel(float *c, int64_t cs, const float *a, int64_t as, const float *bt, int64_t bs,
