@@ -54,6 +54,17 @@ def test_train_table_has_our_rows(train_table, precision):
     assert tok_s > 0 and mfu > 0 and rss > 0.05
 
 
+def test_train_kernels_table_compares_each_kernel_with_pytorch():
+    from aiayn import kernels
+
+    if not kernels.available():
+        pytest.skip("the kernels are not built here")
+    rows = table_rows(run_script("train_kernels.py", "--threads", "1"))
+    assert {r[0] for r in rows} >= {"attention, causal", "attention, every key", "loss", "dropout mask"}
+    for row in rows:
+        assert number(row[3]) > 0 and number(row[4]) > 0 and row[6].split()[0] in ("yes", "no")
+
+
 def test_train_profile_names_the_ops():
     out = run_script("train_throughput.py", "--engines", "aiayn", "--precisions", "fp32", "--profile")
     assert "profile of tiny fp32 aiayn" in out and "aten::" in out
