@@ -281,7 +281,7 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
             }
             memcpy(p + t * ns, et, sizeof(float) * ns);
         }
-        weighted_rows(out + t0 * dhp, e + t0 * padded, padded, 1, v, 0, end, dhp);
+        weighted_rows(out + t0 * dhp, e + t0 * padded, padded, 1, v, 0, end < ns ? end : ns, dhp);
     }
 }
 
@@ -321,7 +321,7 @@ INLINE void backward_one(const float *q, const float *k, const float *vt, const 
             for (int64_t s = 0; s < end; s++) dst[s] = pt[s] * (dst[s] - rowdot) * scale;
             memset(dst + end, 0, sizeof(float) * (padded - end));
         }
-        weighted_rows(dq + t0 * dhp, ds + t0 * padded, padded, 1, k, 0, end, dhp);
+        weighted_rows(dq + t0 * dhp, ds + t0 * padded, padded, 1, k, 0, end < ns ? end : ns, dhp);
     }
     for (int64_t s0 = 0; s0 < ns; s0 += 4) {  /* keys s0..s0+3: from the first query that reaches them */
         int64_t first = 0;
