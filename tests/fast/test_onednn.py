@@ -135,7 +135,7 @@ def test_AIAYN_KERNELS_all_and_0_decide_without_measuring(tuned, monkeypatch, sw
     assert any(isinstance(m, OneDNNTrainingLinear) for m in model.modules()) == onednn
 
 
-def test_the_gemm_measurement_times_both_paths_and_leaves_no_gradient_mode_behind(tuned):
+def test_the_gemm_measurement_runs_from_under_no_grad_into_a_table_of_its_own(tuned):
     from aiayn.fast.onednn import faster_here
 
     with torch.no_grad():  # (asked from anywhere: measured with gradients all the same)
