@@ -20,9 +20,8 @@ from collections.abc import Callable
 import torch
 
 from aiayn import bench, capability, kernels
-from aiayn.fast.modules import add_dropout, dropout
+from aiayn.kernels import tuning
 from aiayn.model.attention import attend, causal_mask
-from aiayn.train.loss import label_smoothed_cross_entropy
 
 
 def cpu_ms(fn: Callable[[], object], reps: int) -> float:
@@ -50,41 +49,19 @@ def attention(dtype, B, T, heads, head_dim, causal):
     return step
 
 
-def loss(dtype, rows, vocab):
-    logits = torch.randn(rows, vocab, dtype=dtype, requires_grad=True)
-    target = torch.randint(0, vocab, (rows,))
-    return lambda: label_smoothed_cross_entropy(logits, target, 0.1).backward()
-
-
-def residual(dtype, rows, width):
-    norm = torch.nn.LayerNorm(width).to(dtype)
-    x, y = (torch.randn(rows, width, dtype=dtype, requires_grad=True) for _ in range(2))
-
-    def step():
-        out = kernels.residual_layer_norm(x, y, norm, 0.1)
-        if out is None:
-            out = norm(add_dropout(x, y, 0.1))
-        out.sum().backward()
-    return step
-
-
-def mask(dtype, rows, width):
-    x = torch.randn(rows, width, dtype=dtype)
-    return lambda: dropout(x, 0.1)
-
-
 def cases(quick: bool):
     """(kernel, shape, family, head size, length, make(dtype) -> step)"""
-    n = 4 if quick else 1  # (quick: a quarter of the rows)
+    n = 4 if quick else 1  # (quick: a quarter of attention's rows)
     yield ("attention, causal", f"{12 // n} x 64, 4 heads of 32 (the LM preset)", "attention", 32, 64,
            lambda dt: attention(dt, 12 // n, 64, 4, 32, True))
     for T in (32, 64) if not quick else (32,):
         for causal in (True, False):
             yield (f"attention, {'causal' if causal else 'every key'}", f"{2048 // T // n} x {T}, 4 heads of 64 (small)",
                    "attention", 64, T, lambda dt, T=T, causal=causal: attention(dt, 2048 // T // n, T, 4, 64, causal))
-    yield "loss", f"{512 // n} x 8,000", "loss", 0, 0, lambda dt: loss(dt, 512 // n, 8000)
-    yield "residual + LayerNorm", f"{2048 // n} x 256", "residual", 0, 0, lambda dt: residual(dt, 2048 // n, 256)
-    yield "dropout mask", f"{2048 // n} x 1,024", "dropout", 0, 0, lambda dt: mask(dt, 2048 // n, 1024)
+    # the other families: the steps their timing takes (aiayn.kernels.tuning)
+    yield "loss", "512 x 8,000", "loss", 0, 0, tuning.MEASURES["loss"]
+    yield "residual + LayerNorm", "2048 x 256", "residual", 0, 0, tuning.MEASURES["residual"]
+    yield "dropout mask", "2048 x 1,024", "dropout", 0, 0, tuning.MEASURES["dropout"]
 
 
 def main() -> None:
