@@ -78,25 +78,29 @@ class FastMultiHeadAttention(MultiHeadAttention):
     (train_step.c); a decoding step: the cache write and the attention in one call (decode_step.c)."""
 
     def _kernels_may(self, need_weights: bool) -> bool:
+        """The decoding kernels: no dropout on the weights (the training kernel has its own)."""
         return not need_weights and not (self.training and self.dropout.p)
 
+    def _trains(self, need_weights: bool) -> bool:
+        return not need_weights and self.training
+
     def self_attention(self, qkv, mask, cache, need_weights):
-        if self._kernels_may(need_weights):
-            out = None
-            if self.training and cache is None:
-                out = kernels.training_attention(qkv, qkv, mask, self.n_heads, self.d_model, k_col=self.d_model)
-            elif cache is not None and mask is None:  # one new token sees every position
-                out = kernels.self_attention_step(qkv, *cache, self.n_heads)
-            if out is not None:
-                return out, None
+        out = None
+        if self._trains(need_weights) and cache is None:
+            out = kernels.training_attention(qkv, qkv, mask, self.n_heads, self.d_model, k_col=self.d_model,
+                                             dropout=self.dropout.p)
+        elif self._kernels_may(need_weights) and cache is not None and mask is None:  # one new token, every position
+            out = kernels.self_attention_step(qkv, *cache, self.n_heads)
+        if out is not None:
+            return out, None
         return super().self_attention(qkv, mask, cache, need_weights)
 
     def cross_attention(self, q, kv, mask, need_weights):
-        step = self._kernels_may(need_weights)
-        if step and self.training and isinstance(kv, Tensor):
-            out = kernels.training_attention(q, kv, mask, self.n_heads, self.d_model, k_col=0)
+        if self._trains(need_weights) and isinstance(kv, Tensor):
+            out = kernels.training_attention(q, kv, mask, self.n_heads, self.d_model, k_col=0, dropout=self.dropout.p)
             if out is not None:
                 return out, None
+        step = self._kernels_may(need_weights)
         if isinstance(kv, Tensor):
             kv = split_kv(kv, self.n_heads)
         if step:

@@ -130,10 +130,11 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
                       "k bos eos max_len min_len n_forbid finished steps"),
     "greedy": _struct("greedy", "step positions forbid out_tokens", "bos eos max_len min_len n_forbid length"),
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
-                                 f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads", "scale"),
+                                 f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads seed threshold",
+                                 "scale keep"),
     "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
                                   f"B H nt ns dh {_ATTENTION_STRIDES} gs_b gs_t dqs_b dqs_t dks_b dks_s dvs_b dvs_s "
-                                  "threads", "scale"),
+                                  "threads seed threshold", "scale keep"),
     "dropout_mask": _struct("dropout_mask", "mask", "n seed threshold threads", "scale"),
     "residual_norm_forward": _struct("residual_norm_forward", "x y mask w b out z stats", "rows n threads", "eps"),
     "residual_norm_backward": _struct("residual_norm_backward", "dout z mask w stats dx dy partial", "rows n threads"),
@@ -837,17 +838,19 @@ MAX_TRAIN_LENGTH = 128
 
 
 def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int,
-                       k_col: int) -> Tensor | None:
+                       k_col: int, dropout: float = 0.0) -> Tensor | None:
     """Multi-head attention with a backward pass (train_step.c), heads split and merged in place:
     queries are x_q[..., :D] (B, T, >= D), keys x_kv[..., k_col:k_col + D] and values the next D
     columns (B, S, ...), D = d_model; mask None or boolean, broadcastable to (B, 1, T, S) with a
-    1 for heads, True = may attend. -> (B, T, D), softmax(q kᵀ / sqrt(Dh) + mask) v per head.
+    1 for heads, True = may attend. -> (B, T, D), softmax(q kᵀ / sqrt(Dh) + mask) v per head, the
+    weights through dropout with probability `dropout` (their mask is `dropout_mask`'s over (B, H,
+    T, S), its seed drawn from torch's generator).
 
     Self-attention passes its fused projection [q | k | v] as both x_q and x_kv (k_col = D), and
     gets its gradient back in one tensor; cross-attention passes q and the source's [k | v]. Same
     results as PyTorch's attention to rounding (tests/model/test_kernels.py, float64 reference).
     None if the kernel does not take these inputs (the caller then uses PyTorch's operators)."""
-    if x_q.dim() != 3 or x_kv.dim() != 3:
+    if x_q.dim() != 3 or x_kv.dim() != 3 or not 0.0 <= dropout < 1.0:
         return None
     (B, T, _), S = x_q.shape, x_kv.size(1)
     if not (x_kv.size(0) == B and 0 < T <= MAX_TRAIN_LENGTH and 0 < S <= MAX_TRAIN_LENGTH and B > 0
@@ -856,7 +859,7 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
             and _on_cpu(x_q, x_kv) and 0 < d_model // n_heads <= _LIMITS["MAX_HEAD_DIM"]
             and _mask_strides(mask, B, T, S) is not None and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads)):
         return None
-    return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col)
+    return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col, dropout)
 
 
 def _mask_strides(mask: Tensor | None, B: int, T: int, S: int) -> tuple[int, int] | None:
@@ -872,8 +875,11 @@ def _mask_strides(mask: Tensor | None, B: int, T: int, S: int) -> tuple[int, int
 
 class _TrainingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int, k_col: int):
+    def forward(ctx, x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int, k_col: int,
+                dropout: float):
         B, T, S, Dh = x_q.size(0), x_q.size(1), x_kv.size(1), d_model // n_heads
+        seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) if dropout > 0 else 0
+        ctx.drop = dict(seed=seed, threshold=round(dropout * 65536), keep=1.0 / (1.0 - dropout))
         out = x_q.new_empty(B, T, d_model)
         probs = torch.empty(B, n_heads, T, S, dtype=torch.float32)
         (qs_b, qs_t), (kv_b, kv_s), (ms_b, ms_t) = x_q.stride()[:2], x_kv.stride()[:2], _mask_strides(mask, B, T, S)
@@ -882,7 +888,7 @@ class _TrainingAttention(torch.autograd.Function):
             mask=mask.data_ptr() if mask is not None else 0, out=out.data_ptr(), probs=probs.data_ptr(),
             B=B, H=n_heads, nt=T, ns=S, dh=Dh, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
             ms_b=ms_b, ms_t=ms_t, os_b=out.stride(0), os_t=out.stride(1), threads=torch.get_num_threads(),
-            scale=1.0 / math.sqrt(Dh)))
+            scale=1.0 / math.sqrt(Dh), **ctx.drop))
         ctx.save_for_backward(x_q, x_kv, probs)
         ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
         return out
@@ -906,8 +912,8 @@ class _TrainingAttention(torch.autograd.Function):
             probs=probs.data_ptr(), dq=d_q.data_ptr(), dk=_column(d_kv, k_col), dv=_column(d_kv, k_col + D),
             B=B, H=H, nt=T, ns=S, dh=D // H, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
             gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s, dvs_b=dkv_b, dvs_s=dkv_s,
-            threads=torch.get_num_threads(), scale=1.0 / math.sqrt(D // H)))
-        return d_q, None if ctx.same else d_kv, None, None, None, None
+            threads=torch.get_num_threads(), scale=1.0 / math.sqrt(D // H), **ctx.drop))
+        return d_q, None if ctx.same else d_kv, None, None, None, None, None
 
 
 def _column(x: Tensor, col: int) -> int:

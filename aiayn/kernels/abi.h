@@ -190,7 +190,9 @@ enum {
     X(int64_t, qs_b) X(int64_t, qs_t) X(int64_t, ks_b) X(int64_t, ks_s) X(int64_t, vs_b) X(int64_t, vs_s) \
     X(int64_t, ms_b) X(int64_t, ms_t) X(int64_t, os_b) X(int64_t, os_t)                               \
     X(int64_t, threads)                                                                               \
-    X(float, scale)
+    X(int64_t, seed) X(int64_t, threshold)  /* dropout on the weights, dropout_mask's over (B, H, nt, ns) (threshold 0: none) */ \
+    X(float, scale)                                                                                   \
+    X(float, keep)             /* a kept weight's factor, 1 / (1 - p) */
 
 #define AIAYN_ATTENTION_BACKWARD_ARGS(X)                                                              \
     X(const void *, q) X(const void *, k) X(const void *, v)  /* as in the forward pass */            \
@@ -202,7 +204,8 @@ enum {
     X(int64_t, gs_b) X(int64_t, gs_t) X(int64_t, dqs_b) X(int64_t, dqs_t)                             \
     X(int64_t, dks_b) X(int64_t, dks_s) X(int64_t, dvs_b) X(int64_t, dvs_s)                           \
     X(int64_t, threads)                                                                               \
-    X(float, scale)
+    X(int64_t, seed) X(int64_t, threshold)  /* the forward pass's */                                  \
+    X(float, scale) X(float, keep)
 
 #define AIAYN_DROPOUT_MASK_ARGS(X)                                                                    \
     X(void *, mask)            /* n, written */                                                       \

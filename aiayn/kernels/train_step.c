@@ -90,6 +90,25 @@ static int parallel(part_fn fn, const void *args, int64_t n, int64_t threads, in
  * of 4 queries computes only up to its last query's end, so a causal layer does about half the
  * products. Past that end the weights are zeros (masked keys' are anyway). */
 
+/* Dropout's draw (dropout_mask below): element i is dropped where lane i % 4 of splitmix64's word
+ * i / 4 (at counter seed + i / 4) is below threshold. */
+INLINE uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+#define DROP_WORD(seed, w) splitmix64((seed) + (uint64_t)(w) * 0x9E3779B97F4A7C15ull)
+
+/* w[0:n] *= the dropout mask's elements first .. first + n - 1 (keep where kept, else 0): attention's
+ * dropout on its weights, the same mask as dropout_mask's over (B, H, nt, ns) with the same seed. */
+INLINE void drop_weights(float *w, int64_t n, uint64_t seed, uint64_t threshold, float keep, int64_t first) {
+    for (int64_t i = first; i < first + n;) {
+        const uint64_t r = DROP_WORD(seed, i / 4);
+        for (int j = (int)(i % 4); j < 4 && i < first + n; j++, i++)
+            w[i - first] *= ((r >> (16 * j)) & 0xFFFF) >= threshold ? keep : 0.f;
+    }
+}
+
 /* The GEMM kernels' accumulators: 4 rows x PANEL vectors, with a row of B, in the registers. */
 #if LANES == 4
 #define PANEL 4
@@ -242,12 +261,16 @@ INLINE int64_t block_end(const int32_t *hi) {
     return round16(end);
 }
 
+/* Dropout on one (row, head)'s weights: their mask's seed, threshold (0: none), kept factor, and the
+ * index of its first weight in (B, H, nt, ns). */
+typedef struct { uint64_t seed, threshold; float keep; int64_t first; } drop;
+
 /* q (nt4 x dhp, already scaled), kt (dhp x padded: the keys transposed), v (padded x dhp) -> out
- * (nt4 x dhp) and the softmax p (nt x ns); e: nt4 x padded floats; hi: the mask's key_ends.
- * nt4 = nt rounded up to 4. */
+ * (nt4 x dhp) and the softmax p (nt x ns), out from the weights after dropout `d`; e: nt4 x padded
+ * floats; hi: the mask's key_ends. nt4 = nt rounded up to 4. */
 INLINE void forward_one(const float *q, const float *kt, const float *v, const uint8_t *mask, int64_t ms_t,
                         float *out, float *p, float *e, const int32_t *hi, int64_t nt, int64_t ns, int64_t dh,
-                        int64_t dhp) {
+                        int64_t dhp, const drop *d) {
     const int64_t padded = round16(ns);
     for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         const int64_t end = block_end(hi + t0);
@@ -280,6 +303,7 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
                 memset(et + end, 0, sizeof(float) * (padded - end));
             }
             memcpy(p + t * ns, et, sizeof(float) * ns);
+            if (d->threshold) drop_weights(et, end < ns ? end : ns, d->seed, d->threshold, d->keep, d->first + t * ns);
         }
         weighted_rows(out + t0 * dhp, e + t0 * padded, padded, 1, v, 0, end < ns ? end : ns, dhp);
     }
@@ -293,7 +317,7 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
  * weight: past it dS is 0. */
 INLINE void backward_one(const float *q, const float *k, const float *vt, const float *g,
                          const float *p, float *pp, float *dq, float *dk, float *dv, float *ds, int32_t *hi,
-                         int64_t nt, int64_t ns, int64_t dh, int64_t dhp, float scale) {
+                         int64_t nt, int64_t ns, int64_t dh, int64_t dhp, float scale, const drop *d) {
     const int64_t padded = round16(ns), nt4 = (nt + 3) / 4 * 4;
     for (int64_t t = 0; t < nt4; t++) {
         float *pt = pp + t * padded;
@@ -315,6 +339,8 @@ INLINE void backward_one(const float *q, const float *k, const float *vt, const 
         for (int64_t t = t0; t < t0 + 4; t++) {
             const float *pt = pp + t * padded;
             float *dst = ds + t * padded, rowdot = 0.f;
+            if (d->threshold && t < nt)  /* the gradient of the weights before their dropout */
+                drop_weights(dst, end < ns ? end : ns, d->seed, d->threshold, d->keep, d->first + t * ns);
             _Pragma("omp simd reduction(+:rowdot)")
             for (int64_t s = 0; s < end; s++) rowdot += pt[s] * dst[s];  /* masked keys: pt[s] = 0 */
             _Pragma("omp simd")
@@ -323,6 +349,8 @@ INLINE void backward_one(const float *q, const float *k, const float *vt, const 
         }
         weighted_rows(dq + t0 * dhp, ds + t0 * padded, padded, 1, k, 0, end < ns ? end : ns, dhp);
     }
+    if (d->threshold)  /* dv = (P after dropout)ᵀ G */
+        for (int64_t t = 0; t < nt; t++) drop_weights(pp + t * padded, ns, d->seed, d->threshold, d->keep, d->first + t * ns);
     for (int64_t s0 = 0; s0 < ns; s0 += 4) {  /* keys s0..s0+3: from the first query that reaches them */
         int64_t first = 0;
         while (first < nt && hi[first] <= s0) first++;
@@ -367,8 +395,10 @@ DEFINE_ROWS(bf16, from_bf16, loadv_bf16, to_bf16, storev_bf16)
 
 /* The checks both passes make: sizes within the limits (they bound the scratch), strides not
  * negative (a stride 0 broadcasts the mask). */
-static int attention_check(int64_t B, int64_t H, int64_t T, int64_t S, int64_t dh, int64_t strides) {
+static int attention_check(int64_t B, int64_t H, int64_t T, int64_t S, int64_t dh, int64_t strides,
+                           int64_t threshold) {
     AIAYN_REQUIRE(B >= 0 && H >= 1 && T >= 1 && S >= 1 && dh >= 1, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(threshold >= 0 && threshold < 65536, AIAYN_BAD_SIZE);  /* (65536: every weight dropped) */
     AIAYN_REQUIRE(T <= AIAYN_MAX_KEYS && S <= AIAYN_MAX_KEYS && dh <= AIAYN_MAX_HEAD_DIM, AIAYN_OVER_LIMIT);
     AIAYN_REQUIRE(strides >= 0, AIAYN_BAD_STRIDE);  /* the strides' OR: negative if any is */
     return AIAYN_OK;
@@ -417,6 +447,7 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
             ends_of = b;                                                                              \
         }                                                                                             \
         float *p = probs + i * nt * ns;                                                               \
+        const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
         WITH_HEAD_SIZE(dh, FORWARD_ONE)                                                               \
         store_rows_##T(out + b * os_b + h * dh, of, nt, os_t, dh, dhp);                               \
     }                                                                                                 \
@@ -424,11 +455,11 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
 int attention_forward_##T(const attention_forward_args *a) {                                         \
     AIAYN_REQUIRE(a->q && a->k && a->v && a->out && a->probs, AIAYN_NULL_POINTER);                    \
     const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
-                                       | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->os_b | a->os_t); \
+                                       | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->os_b | a->os_t, a->threshold); \
     if (status != AIAYN_OK) return status;                                                            \
     return parallel(forward_part_##T, a, a->B * a->H, a->threads, forward_scratch(a->nt, a->ns, a->dh)); \
 }
-#define FORWARD_ONE(DH, DHP) forward_one(qf, kt, vf, m, ms_t, of, p, e, ends, nt, ns, DH, DHP)
+#define FORWARD_ONE(DH, DHP) forward_one(qf, kt, vf, m, ms_t, of, p, e, ends, nt, ns, DH, DHP, &d)
 
 /* Backward arguments: attention_backward_args (abi.h). */
 #define DEFINE_BACKWARD(T)                                                                            \
@@ -461,6 +492,7 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
         load_rows_##T(gf, dout + b * gs_b + h * dh, nt, nt4, gs_t, dh, dhp, 1.f);                     \
         transpose(vt, vf, padded, dhp);                                                               \
         const float *p = probs + i * nt * ns;                                                         \
+        const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
         WITH_HEAD_SIZE(dh, BACKWARD_ONE)                                                              \
         store_rows_##T(dq + b * dqs_b + h * dh, dqf, nt, dqs_t, dh, dhp);                             \
         store_rows_##T(dk + b * dks_b + h * dh, dkf, ns, dks_s, dh, dhp);                             \
@@ -471,11 +503,11 @@ int attention_backward_##T(const attention_backward_args *a) {                  
     AIAYN_REQUIRE(a->q && a->k && a->v && a->dout && a->probs && a->dq && a->dk && a->dv, AIAYN_NULL_POINTER); \
     const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
                                        | a->ks_s | a->vs_b | a->vs_s | a->gs_b | a->gs_t | a->dqs_b | a->dqs_t \
-                                       | a->dks_b | a->dks_s | a->dvs_b | a->dvs_s);                  \
+                                       | a->dks_b | a->dks_s | a->dvs_b | a->dvs_s, a->threshold);     \
     if (status != AIAYN_OK) return status;                                                            \
     return parallel(backward_part_##T, a, a->B * a->H, a->threads, backward_scratch(a->nt, a->ns, a->dh)); \
 }
-#define BACKWARD_ONE(DH, DHP) backward_one(qf, kf, vt, gf, p, pp, dqf, dkf, dvf, ds, ends, nt, ns, DH, DHP, scale)
+#define BACKWARD_ONE(DH, DHP) backward_one(qf, kf, vt, gf, p, pp, dqf, dkf, dvf, ds, ends, nt, ns, DH, DHP, scale, &d)
 
 DEFINE_FORWARD(f32)
 DEFINE_FORWARD(bf16)
@@ -489,11 +521,6 @@ DEFINE_BACKWARD(bf16)
  * work is split. PyTorch draws one random number per element on one thread (~50 ms of a base
  * model's bf16 step); this is a few multiplies per four elements, on every thread.
  * Arguments: dropout_mask_args (abi.h). */
-INLINE uint64_t splitmix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 #define DEFINE_DROPOUT(T, STORE)                                                                      \
 static void dropout_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
@@ -506,11 +533,11 @@ static void dropout_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
     const int64_t full = n / 4 < hi ? n / 4 : hi;  /* words whose four elements all exist */         \
     _Pragma("omp simd")                                                                               \
     for (int64_t w = lo; w < full; w++) {                                                            \
-        const uint64_t r = splitmix64(seed + (uint64_t)w * 0x9E3779B97F4A7C15ull);                    \
+        const uint64_t r = DROP_WORD(seed, w);                                                        \
         for (int j = 0; j < 4; j++) mask[4 * w + j] = ((r >> (16 * j)) & 0xFFFF) >= threshold ? keep : drop; \
     }                                                                                                 \
     for (int64_t w = full > lo ? full : lo; w < hi; w++) {  /* the last, partial word */             \
-        const uint64_t r = splitmix64(seed + (uint64_t)w * 0x9E3779B97F4A7C15ull);                    \
+        const uint64_t r = DROP_WORD(seed, w);                                                        \
         for (int j = 0; j < 4 && 4 * w + j < n; j++)                                                  \
             mask[4 * w + j] = ((r >> (16 * j)) & 0xFFFF) >= threshold ? keep : drop;                  \
     }                                                                                                 \

@@ -80,6 +80,56 @@ def test_training_attention_matches_pytorch_in_float64(B, T, S, H, head_dim, kin
         _close(ours_kv.grad, b.grad, tol)
 
 
+@pytest.mark.parametrize("kind", ["causal", "cross"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("T, S, head_dim", [(7, 7, 16), (19, 13, 5)])
+def test_training_attention_with_dropout_matches_pytorch_given_its_mask(kind, dtype, T, S, head_dim):
+    """Dropout on the weights (attn_dropout): the kernel's mask is dropout_mask's over (B, H, T, S)
+    from the same seed, so the float64 reference can apply it; forward and every gradient agree."""
+    dt, tol = DTYPES[dtype]
+    B, H, p = 3, 2, 0.3
+    D = H * head_dim
+    S = T if kind == "causal" else S
+    g = torch.Generator().manual_seed(T * 100 + S)
+    x_q = torch.randn(B, T, 3 * D if kind == "causal" else D, generator=g, dtype=torch.float64)
+    x_kv = x_q if kind == "causal" else torch.randn(B, S, 2 * D, generator=g, dtype=torch.float64)
+    k_col = D if kind == "causal" else 0
+    mask = causal_mask(T) if kind == "causal" else torch.rand(B, 1, 1, S, generator=g) < 0.8
+    grad = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+
+    ours_q = x_q.to(dt).requires_grad_()
+    ours_kv = ours_q if kind == "causal" else x_kv.to(dt).requires_grad_()
+    torch.manual_seed(5)
+    out = kernels.training_attention(ours_q, ours_kv, mask, H, D, k_col, dropout=p)
+    assert out is not None
+    out.backward(grad.to(dt))
+    torch.manual_seed(5)  # the same seed: the same mask
+    keep = kernels._dropout_mask(torch.empty(B, H, T, S), p).double()
+    assert 0.5 < (keep > 0).double().mean().item() < 0.9  # (1 - p = 0.7 of them kept)
+
+    a = x_q.clone().requires_grad_()
+    b = a if kind == "causal" else x_kv.clone().requires_grad_()
+    heads = lambda t, n: t.reshape(B, n, H, -1).transpose(1, 2)
+    q, k, v = heads(a[..., :D], T), heads(b[..., k_col:k_col + D], S), heads(b[..., k_col + D:k_col + 2 * D], S)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(head_dim)).masked_fill(~mask, float("-inf")).softmax(-1)
+    expected = ((weights.nan_to_num(0.0) * keep) @ v).transpose(1, 2).reshape(B, T, D)
+    expected.backward(grad)
+    _close(out, expected, tol)
+    _close(ours_q.grad, a.grad, tol)
+    if kind == "cross":
+        _close(ours_kv.grad, b.grad, tol)
+
+
+def test_attention_layers_in_training_take_the_kernel_with_attention_dropout(record):
+    """attn_dropout > 0 (the small preset's 0.1) no longer sends training to PyTorch's attention."""
+    from aiayn.config import preset
+
+    calls = record(kernels, "training_attention")
+    model = accelerate(build_model(preset("tiny", vocab_size=40).replace(attn_dropout=0.1))).train()
+    model(torch.randint(4, 40, (2, 6)), torch.randint(4, 40, (2, 5))).sum().backward()
+    assert len(calls) == 6 and all(out is not None for out in calls)  # 2 encoder, 2 + 2 decoder attentions
+
+
 def test_training_attention_declines_what_it_does_not_take():
     x = torch.randn(2, 3, 24)
     assert kernels.training_attention(x.double(), x.double(), None, 2, 8, 8) is None  # float64
