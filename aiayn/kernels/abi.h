@@ -190,9 +190,9 @@ enum {
     X(int64_t, qs_b) X(int64_t, qs_t) X(int64_t, ks_b) X(int64_t, ks_s) X(int64_t, vs_b) X(int64_t, vs_s) \
     X(int64_t, ms_b) X(int64_t, ms_t) X(int64_t, os_b) X(int64_t, os_t)                               \
     X(int64_t, threads)                                                                               \
-    X(int64_t, seed) X(int64_t, threshold)  /* dropout on the weights, dropout_mask's over (B, H, nt, ns) (threshold 0: none) */ \
+    X(int64_t, seed) X(int64_t, threshold)  /* dropout on the weights: dropout_mask's over (B, H, nt, ns) */ \
     X(float, scale)                                                                                   \
-    X(float, keep)             /* a kept weight's factor, 1 / (1 - p) */
+    X(float, keep)             /* a kept weight's factor, 1 / (1 - p) (threshold 0: no dropout) */
 
 #define AIAYN_ATTENTION_BACKWARD_ARGS(X)                                                              \
     X(const void *, q) X(const void *, k) X(const void *, v)  /* as in the forward pass */            \

@@ -128,7 +128,7 @@ INLINE float sum_of(vec v) {  /* pairwise, as a tree */
     return t[0];
 }
 
-/* exp_nonpositive (common.h) on every lane (the compiler does not vectorize the scalar one's loop),
+/* exp_nonpositive (above) on every lane (the compiler does not vectorize the scalar one's loop),
  * 2^n from the rounded float's bits as there (a conversion to integers is undefined for NaN). */
 INLINE vec expv_nonpositive(vec x) {
     const vec zero = {0};

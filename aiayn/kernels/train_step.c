@@ -117,6 +117,7 @@ INLINE void drop_weights(float *w, int64_t n, uint64_t seed, uint64_t threshold,
 #endif
 enum { WIDE = LANES * PANEL };  /* the columns a panel computes: 32 (AVX-512) or 16 */
 INLINE int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+INLINE int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }  /* the GEMM kernels' rows */
 
 /* c[r, 0:w LANES] = sum_j a[r, j] bt[j, 0:w LANES], r < 4 (c's rows at cs, a's at as, bt's at bs) */
 INLINE void rows_times_cols_panel(float *c, int64_t cs, const float *a, int64_t as, const float *bt, int64_t bs,
@@ -226,7 +227,7 @@ INLINE void transpose(float *xt, const float *x, int64_t padded, int64_t dhp) {
  * is masked: those rows are computed whole, so that a NaN score still gives NaN), 0 for the rows
  * that pad nt to a multiple of 4. */
 INLINE void key_ends(int32_t *hi, const uint8_t *mask, int64_t ms_t, int64_t nt, int64_t ns) {
-    for (int64_t t = 0; t < (nt + 3) / 4 * 4; t++) {
+    for (int64_t t = 0; t < round4(nt); t++) {
         int32_t end = t < nt ? (int32_t)ns : 0;
         if (mask && t < nt) {
             const uint8_t *m = mask + t * ms_t;
@@ -318,7 +319,7 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
 INLINE void backward_one(const float *q, const float *k, const float *vt, const float *g,
                          const float *p, float *pp, float *dq, float *dk, float *dv, float *ds, int32_t *hi,
                          int64_t nt, int64_t ns, int64_t dh, int64_t dhp, float scale, const drop *d) {
-    const int64_t padded = round16(ns), nt4 = (nt + 3) / 4 * 4;
+    const int64_t padded = round16(ns), nt4 = round4(nt);
     for (int64_t t = 0; t < nt4; t++) {
         float *pt = pp + t * padded;
         int32_t end = 0;
@@ -407,11 +408,11 @@ static int attention_check(int64_t B, int64_t H, int64_t T, int64_t S, int64_t d
 /* Scratch per thread, in floats: nt4 = nt rounded up to 4, padded = ns rounded up to 16, dhp = dh
  * rounded up to 16; the key ends (int32) take a float each. */
 static int64_t forward_scratch(int64_t nt, int64_t ns, int64_t dh) {
-    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);
+    const int64_t nt4 = round4(nt), padded = round16(ns), dhp = round16(dh);
     return 2 * nt4 * dhp + 3 * padded * dhp + nt4 * padded + nt4;  /* q, out; k, kᵀ, v; e; hi */
 }
 static int64_t backward_scratch(int64_t nt, int64_t ns, int64_t dh) {
-    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);
+    const int64_t nt4 = round4(nt), padded = round16(ns), dhp = round16(dh);
     return 3 * nt4 * dhp + 5 * padded * dhp + 2 * nt4 * padded + nt4;  /* q, g, dq; k, v, vᵀ, dk, dv; P, dS; hi */
 }
 
@@ -425,7 +426,7 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
     const int64_t H = a->H, nt = a->nt, ns = a->ns, dh = a->dh;                                         \
     const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
     const int64_t ms_b = a->ms_b, ms_t = a->ms_t, os_b = a->os_b, os_t = a->os_t;                     \
-    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);                    \
+    const int64_t nt4 = round4(nt), padded = round16(ns), dhp = round16(dh);                           \
     const float scale = a->scale;                                                                     \
     float *qf = scratch, *of = qf + nt4 * dhp, *kf = of + nt4 * dhp, *kt = kf + padded * dhp;          \
     float *vf = kt + padded * dhp, *e = vf + padded * dhp;                                            \
@@ -472,7 +473,7 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
     const int64_t qs_b = a->qs_b, qs_t = a->qs_t, ks_b = a->ks_b, ks_s = a->ks_s, vs_b = a->vs_b, vs_s = a->vs_s; \
     const int64_t gs_b = a->gs_b, gs_t = a->gs_t, dqs_b = a->dqs_b, dqs_t = a->dqs_t;                 \
     const int64_t dks_b = a->dks_b, dks_s = a->dks_s, dvs_b = a->dvs_b, dvs_s = a->dvs_s;             \
-    const int64_t nt4 = (nt + 3) / 4 * 4, padded = round16(ns), dhp = round16(dh);                    \
+    const int64_t nt4 = round4(nt), padded = round16(ns), dhp = round16(dh);                           \
     const float scale = a->scale;                                                                     \
     float *qf = scratch, *gf = qf + nt4 * dhp, *dqf = gf + nt4 * dhp, *kf = dqf + nt4 * dhp;           \
     float *vf = kf + padded * dhp, *vt = vf + padded * dhp, *dkf = vt + padded * dhp;                 \
