@@ -51,6 +51,7 @@ import torch
 from aiayn import bench
 from aiayn.data.corpus import SHAKESPEARE, read_text
 from aiayn.fast.inference import TRAINING_PRIMITIVES, bound_primitive_caches
+from aiayn.memory import keep_freed_memory
 from aiayn.model import build_model
 from aiayn.tasks.lm import PRESETS, LMTask, lm_loss, train_tokenizer
 from aiayn.train.loop import Trainer, autocast
@@ -142,6 +143,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="50 steps, 20 eval batches, one seed")
     args = p.parse_args()
     bound_primitive_caches(TRAINING_PRIMITIVES)  # as `aiayn train` runs (before any oneDNN op)
+    keep_freed_memory()  # as the CLI runs every command
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.precision and (missing := bench.lacks(args.precision)):
         p.error(f"--precision {args.precision}: {missing}")

@@ -994,18 +994,21 @@ def _suffix(x: Tensor, y: Tensor) -> str:
 
 
 def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
-                  want_grad: bool) -> tuple[Tensor, Tensor | None] | None:
+                  want_grad: bool, overwrite: bool = False) -> tuple[Tensor, Tensor | None] | None:
     """Label-smoothed cross-entropy of each row of logits (N, V) against target (N,) -> fp32 losses
     (N,), and with want_grad the gradient scale * (softmax - (1 - eps) onehot - eps / V) in logits'
     dtype: aiayn.train.loss._LabelSmoothedCE's forward pass in one multithreaded kernel
-    (train_step.c). None if the kernel does not take these inputs."""
+    (train_step.c). overwrite (contiguous logits): the gradient is written over the logits, each
+    row once it is read. None if the kernel does not take these inputs."""
     if not (logits.dim() == 2 and logits.size(0) > 0 and logits.stride(1) == 1 and target.dtype == torch.int64
             and target.shape == logits.shape[:1] and target.is_contiguous() and target.is_cpu and _on_cpu(logits)
             and _wins("loss", logits.dtype)):
         return None
     n, V = logits.shape
     losses = torch.empty(n, dtype=torch.float32)
-    grad = torch.empty(n, V, dtype=logits.dtype) if want_grad else None
+    grad = None
+    if want_grad:
+        grad = logits if overwrite and logits.is_contiguous() else torch.empty(n, V, dtype=logits.dtype)
     args = _STRUCTS["cross_entropy"](logits=logits.data_ptr(), target=target.data_ptr(), losses=losses.data_ptr(),
                                      grad=grad.data_ptr() if grad is not None else 0, stride=logits.stride(0), rows=n,
                                      V=V, threads=torch.get_num_threads(), eps=eps, scale=scale)

@@ -28,7 +28,9 @@ def translation_loss(model, batch: Batch, label_smoothing: float = 0.0, reductio
     h = model.decode(batch.tgt_in, memory, memory_mask)   # (B, T, D)
     keep = batch.tgt_out != batch.pad_id
     logits = model.logits(h[keep])                          # (N, V)
-    loss = label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction)
+    # the gradient takes the logits' memory, except where R-Drop reads them again
+    loss = label_smoothed_cross_entropy(logits, batch.tgt_out[keep], label_smoothing, reduction,
+                                        overwrite_logits=not rdrop)
     if rdrop:  # row-major masking keeps the two copies' tokens in two halves, in the same order
         loss = loss + rdrop / 4 * symmetric_kl(logits).mean()
     return loss

@@ -64,6 +64,38 @@ def test_bf16_logits_get_bf16_gradients_close_to_fp32():
     torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=1e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_overwriting_the_logits_gives_the_same_loss_and_gradients(monkeypatch, dtype, reduction):
+    # the training case: the logits are a linear layer's output, which its backward does not need
+    monkeypatch.setattr(loss_mod, "ROWS", 7)  # several blocks, the last one partial
+    torch.manual_seed(2)
+    x, target = torch.randn(30, 16, dtype=dtype), torch.randint(0, 40, (30,))
+    w, b = torch.randn(40, 16, dtype=dtype), torch.randn(40, dtype=dtype)
+    results = []
+    for overwrite in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        logits = F.linear(*leaves)
+        loss = label_smoothed_cross_entropy(logits, target, 0.1, reduction, overwrite_logits=overwrite)
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        results.append((loss, grads, logits.detach()))
+    (loss, grads, logits), (loss_o, grads_o, logits_o) = results
+    assert torch.equal(loss, loss_o)
+    for a, b in zip(grads, grads_o):
+        assert torch.equal(a, b)
+    assert not torch.equal(logits_o, logits)  # their memory now holds the gradient (and no copy was made)
+    if reduction == "sum":
+        want = torch.softmax(logits.double(), 1) - 0.9 * F.one_hot(target, 40) - 0.1 / 40
+        torch.testing.assert_close(logits_o.double(), want, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_no_gradient_wanted_leaves_the_logits_alone():
+    logits, target = torch.randn(6, 9), torch.randint(0, 9, (6,))
+    before = logits.clone()
+    label_smoothed_cross_entropy(logits, target, 0.1, overwrite_logits=True)
+    assert torch.equal(logits, before)
+
+
 def test_bad_shapes_and_reduction():
     with pytest.raises(ValueError, match="expected"):
         label_smoothed_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
