@@ -86,7 +86,10 @@ def _blockwise(logits: Tensor, target: Tensor, eps: float, scale: float, want_gr
     work = None if in_grad else torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
     for i in range(0, n, ROWS):
         rows, t = slice(i, i + ROWS), target[i:i + ROWS, None]
-        z = logits[rows] if in_grad and overwrite else (grad[rows] if in_grad else work[:min(ROWS, n - i)]).copy_(logits[rows])
+        if in_grad and overwrite:
+            z = logits[rows]  # worked on where it lies: it becomes the gradient
+        else:
+            z = (grad[rows] if in_grad else work[:min(ROWS, n - i)]).copy_(logits[rows])
         m = z.amax(dim=1, keepdim=True)
         # -(1 - eps) log p_t - eps * mean_j log p_j  =  lse - (1 - eps) z_t - eps * mean_j z_j
         z_t = z.gather(1, t)
