@@ -378,16 +378,16 @@ DEFINE_BEAM(beam_bf16, bf16, from_bf16, loadv_bf16)
  * in fp32; bf16 pairs by the CPU's bf16 dot product where it has one (vdpbf16ps: inputs below
  * 2^-126 count as zero), else widened. Arguments: linear_args (abi.h). */
 #if defined(__AVX512F__)
-typedef f32x16 lin_vec;    /* the CPU's vector of floats */
-typedef u32x16 lin_uvec;
 #define LIN_VW 16
 #define LIN_MR 8
 #else
-typedef f32x8 lin_vec;
-typedef uint32_t lin_uvec __attribute__((vector_size(32)));
 #define LIN_VW 8
 #define LIN_MR 6
 #endif
+typedef float lin_vec __attribute__((vector_size(4 * LIN_VW)));  /* the CPU's vector of floats (NEON: two) */
+typedef int32_t lin_ivec __attribute__((vector_size(4 * LIN_VW)));
+typedef uint32_t lin_uvec __attribute__((vector_size(4 * LIN_VW)));
+typedef uint16_t lin_hvec __attribute__((vector_size(2 * LIN_VW)));
 #define LIN_PW (2 * LIN_VW)  /* outputs per panel */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -410,6 +410,21 @@ static inline f32x16 relu16(f32x16 v) {  /* max(0, v), NaN kept (as torch.relu) 
     bits &= ~(v <= (f32x16){0});
     memcpy(&v, &bits, 64);
     return v;
+}
+static inline lin_vec lin_relu(lin_vec v) {  /* the same on a lin_vec */
+    lin_ivec bits; memcpy(&bits, &v, sizeof v);
+    bits &= ~(v <= (lin_vec){0});
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline lin_vec lin_load_f32(const float *p) { lin_vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void lin_store_f32(float *p, lin_vec v) { memcpy(p, &v, sizeof v); }
+static inline void lin_store_bf16(bf16 *p, lin_vec v) {  /* to_bf16 on every lane */
+    lin_uvec u; memcpy(&u, &v, sizeof u);
+    const lin_uvec nan = (lin_uvec)((u & 0x7FFFFFFF) > 0x7F800000);  /* all ones where NaN */
+    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
+    const lin_hvec h = __builtin_convertvector(u, lin_hvec);
+    memcpy(p, &h, sizeof h);
 }
 
 /* Where vector c (0, 1) of the panel that starts at tile t reads its weights: its tile (the last
@@ -480,9 +495,9 @@ static inline int64_t lin_chunk(int64_t tile_bytes, int64_t panel) {
 }
 
 /* MR rows (a constant: the accumulators stay in registers) against the panels of tiles
- * [first_tile, end_tile) of the weight, then
- * bias, ReLU and the store of each of the panel's tiles (up to 16 outputs each) */
-#define DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, MR)                    \
+ * [first_tile, end_tile) of the weight, then, straight from the accumulators, scale (int8), bias,
+ * ReLU and the store of each of the panel's vectors (LIN_VW outputs of one tile each) */
+#define DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE, MR)                     \
 static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args *a, const T *x, T *out, \
                                                                  int64_t first_tile, int64_t end_tile) \
 {                                                                                                     \
@@ -494,29 +509,29 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
         lin_vec acc[MR][2];                                                                           \
         for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = (lin_vec){0};                            \
         PRODUCTS(MR)                                                                                  \
-        float res[MR][LIN_PW];                                                                        \
-        for (int m = 0; m < MR; m++) memcpy(res[m], acc[m], sizeof res[m]);                           \
-        for (int64_t u = t; u < t + LIN_PW / 16 && u < tiles; u++) {                                  \
-            float b[16] = {0};                                                                        \
-            const int64_t first = u * 16, width = n - first < 16 ? n - first : 16;                    \
+        for (int c = 0; c < 2; c++) {                                                                 \
+            const int64_t u = t + (c * LIN_VW) / 16, first = u * 16 + LIN_LANE(c);                   \
+            if (u >= tiles || first >= n) break;  /* (a panel past the last output: never stored) */  \
+            const int64_t width = n - first < LIN_VW ? n - first : LIN_VW;                            \
+            float b[LIN_VW] = {0};                                                                    \
             if (bias) for (int64_t j = 0; j < width; j++) b[j] = LOAD(bias[first + j]);               \
-            const f32x16 bv = load16_f32(b);                                                          \
+            const lin_vec bv = lin_load_f32(b);                                                       \
             for (int m = 0; m < MR; m++) {                                                            \
-                f32x16 r = SCALE(load16_f32(res[m] + (u - t) * 16), u) + bv;                           \
-                if (a->relu) r = relu16(r);                                                           \
+                lin_vec r = SCALE(acc[m][c], u, LIN_LANE(c)) + bv;                                    \
+                if (a->relu) r = lin_relu(r);                                                         \
                 T *o = out + m * os + first;                                                          \
-                if (width == 16) STORE16(o, r);                                                       \
+                if (width == LIN_VW) STOREV(o, r);                                                    \
                 else for (int64_t j = 0; j < width; j++) STORE(o + j, r[j]);                           \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
 }
 
-#define DEFINE_LINEAR(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE)                             \
-DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, LIN_MR)  /* NAME_LIN_MR */     \
-DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 4)                             \
-DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 2)                             \
-DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STORE16, STORE, 1)                             \
+#define DEFINE_LINEAR(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE)                              \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE, LIN_MR)  /* NAME_LIN_MR */      \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE, 4)                              \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE, 2)                              \
+DEFINE_LINEAR_ROWS(NAME, T, WT, PRODUCTS, SCALE, LOAD, STOREV, STORE, 1)                              \
 HOT int NAME(const linear_args *a)                                                                    \
 {                                                                                                     \
     const int status = linear_check(a);                                                               \
@@ -824,17 +839,17 @@ static inline lin_vec i8_widen(const int8_t *p) {
             acc[m][1] += s * v1;                                                                      \
         }                                                                                             \
     }
-#define I8_SCALE(r, u) ((r) * load16_f32((const float *)i8_tile(w, u, k)))
-DEFINE_LINEAR(linear_f32_i8_widened, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, store16_f32, to_f32)
+#define I8_SCALE(r, u, lane) ((r) * lin_load_f32((const float *)i8_tile(w, u, k) + (lane)))
+DEFINE_LINEAR(linear_f32_i8_widened, float, int8_t, I8_PRODUCTS, I8_SCALE, from_f32, lin_store_f32, to_f32)
 HOT int linear_f32_i8(const linear_args *a) {
     AIAYN_REQUIRE(a->k <= AIAYN_INT8_MAX_K, AIAYN_OVER_LIMIT);
     return linear_f32_i8_widened(a);
 }
 #endif
-#define NO_SCALE(r, u) (r)
+#define NO_SCALE(r, u, lane) (r)
 
-DEFINE_LINEAR(linear_f32, float, float, F32_PRODUCTS, NO_SCALE, from_f32, store16_f32, to_f32)
-DEFINE_LINEAR(linear_bf16, bf16, bf16, BF16_PRODUCTS, NO_SCALE, from_bf16, store16_bf16, to_bf16)
+DEFINE_LINEAR(linear_f32, float, float, F32_PRODUCTS, NO_SCALE, from_f32, lin_store_f32, to_f32)
+DEFINE_LINEAR(linear_bf16, bf16, bf16, BF16_PRODUCTS, NO_SCALE, from_bf16, lin_store_bf16, to_bf16)
 
 /* ---------------------------------------------------------------- the inputs of a many-row int8 GEMM
  * x -> bytes q = round(x / scale) + zero, one scale and zero point for the whole tensor, from the range
