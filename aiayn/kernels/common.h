@@ -1,5 +1,5 @@
 /* What aiayn's C kernels share (decode_step.c, train_step.c): their argument structs and limits
- * (abi.h), bf16 <-> fp32, a vectorizable exp, 16-float vectors and vectors of the CPU's own width,
+ * (abi.h), bf16 <-> fp32, a vectorizable exp, vectors of the CPU's own width and of 16 floats,
  * prefetching. */
 #ifndef AIAYN_KERNELS_COMMON_H
 #define AIAYN_KERNELS_COMMON_H
@@ -43,10 +43,10 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* 16 floats as one value: GCC/Clang vector extensions, lowered to whatever the CPU has (one AVX-512
- * register, two AVX2 ones, four NEON ones). Loads and stores go through memcpy: any alignment. */
+ * register, two AVX2 ones, four NEON ones). Loads and stores go through memcpy: any alignment.
+ * For the int8 kernels' tiles of 16 outputs and the int8 inputs' quantization (decode_step.c);
+ * loops that can run in the CPU's own width use `vec` (below). */
 typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
@@ -56,19 +56,7 @@ static inline f32x16 load16_bf16(const bf16 *p) {
     u32x16 w = __builtin_convertvector(h, u32x16) << 16;
     f32x16 v; memcpy(&v, &w, 64); return v;
 }
-static inline float sum16(f32x16 v) {  /* a tree, not 15 additions in a row */
-    f32x8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32); a += b;
-    f32x4 c, d; memcpy(&c, &a, 16); memcpy(&d, (char *)&a + 16, 16); c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
 static inline void store16_f32(float *p, f32x16 v) { memcpy(p, &v, 64); }
-static inline void store16_bf16(bf16 *p, f32x16 v) {  /* to_bf16 on 16 lanes */
-    u32x16 u; memcpy(&u, &v, 64);
-    const u32x16 nan = (u & 0x7FFFFFFF) > 0x7F800000;  /* all ones where NaN */
-    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
-    const u16x16 h = __builtin_convertvector(u, u16x16);
-    memcpy(p, &h, 32);
-}
 
 /* the lanes of yes where mask is all ones, of no where it is zero (a vector comparison's result) */
 typedef int32_t i32x16 __attribute__((vector_size(64)));
