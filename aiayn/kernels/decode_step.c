@@ -384,7 +384,7 @@ DEFINE_BEAM(beam_bf16, bf16, from_bf16, loadv_bf16)
 #define LIN_VW 8
 #define LIN_MR 6
 #endif
-typedef float lin_vec __attribute__((vector_size(4 * LIN_VW)));  /* the CPU's vector of floats (NEON: two) */
+typedef float lin_vec __attribute__((vector_size(4 * LIN_VW)));  /* the CPU's vector of floats (NEON, SSE: two) */
 typedef int32_t lin_ivec __attribute__((vector_size(4 * LIN_VW)));
 typedef uint32_t lin_uvec __attribute__((vector_size(4 * LIN_VW)));
 typedef uint16_t lin_hvec __attribute__((vector_size(2 * LIN_VW)));
@@ -511,7 +511,7 @@ static inline __attribute__((always_inline)) void NAME##_##MR(const linear_args 
         PRODUCTS(MR)                                                                                  \
         for (int c = 0; c < 2; c++) {                                                                 \
             const int64_t u = t + (c * LIN_VW) / 16, first = u * 16 + LIN_LANE(c);                   \
-            if (u >= tiles || first >= n) break;  /* (a panel past the last output: never stored) */  \
+            if (u >= tiles || first >= n) break;  /* (past the last output: computed, never stored) */ \
             const int64_t width = n - first < LIN_VW ? n - first : LIN_VW;                            \
             float b[LIN_VW] = {0};                                                                    \
             if (bias) for (int64_t j = 0; j < width; j++) b[j] = LOAD(bias[first + j]);               \
