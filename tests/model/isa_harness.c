@@ -161,10 +161,70 @@ static void training(void) {
     show("residual_norm_backward_f32_partial", partial, 2 * 2 * N);
 }
 
+/* A random 2-layer post-norm decoder (D 32, 2 heads of 16, d_ff 48, vocab 37) over a source of 5
+ * positions: one sentence's greedy decoding and its beam search (3 beams), each in one call: the
+ * decoder layers, the whole step, its in-place reorder of the caches, argmax and the beam step. */
+enum { DD = 32, DH = 2, DF = 48, DV = 37, DS = 5, DL = 2, DMAX = 8 };
+static float *weight_tiles(int64_t n, int64_t k) { return tiles_f32(randoms(n * k, 1.f / sqrtf((float)k)), n, k); }
+
+static void decoding(void) {
+    const float *table = randoms(DV * DD, 1.f), *positions = randoms((DMAX + 1) * DD, 0.5f);
+    const float *source_k = randoms(DH * DS * (DD / DH), 1.f), *source_v = randoms(DH * DS * (DD / DH), 1.f);
+    const uint8_t mask[DS] = {1, 1, 1, 1, 0};
+    const float *out_w = weight_tiles(DV, DD), *out_b = randoms(DV, 0.1f);
+    decoder_layer_args layers[DL];
+    for (int l = 0; l < DL; l++) {
+        float *ones = malloc(sizeof(float) * DD);
+        for (int j = 0; j < DD; j++) ones[j] = 1.f + 0.1f * uniform();
+        layers[l] = (decoder_layer_args){
+            .qkv_w = weight_tiles(3 * DD, DD), .qkv_b = randoms(3 * DD, 0.1f), .self_w = weight_tiles(DD, DD),
+            .self_b = randoms(DD, 0.1f), .norm1_w = ones, .norm1_b = randoms(DD, 0.1f), .q_w = weight_tiles(DD, DD),
+            .q_b = randoms(DD, 0.1f), .cross_w = weight_tiles(DD, DD), .cross_b = randoms(DD, 0.1f), .norm2_w = ones,
+            .norm2_b = randoms(DD, 0.1f), .ff1_w = weight_tiles(DF, DD), .ff1_b = randoms(DF, 0.1f),
+            .ff2_w = weight_tiles(DD, DF), .ff2_b = randoms(DD, 0.1f), .norm3_w = ones, .norm3_b = randoms(DD, 0.1f),
+            .source_k = source_k, .source_v = source_v, .mask = mask, .D = DD, .H = DH, .d_ff = DF, .S = DS,
+            .sks_b = DH * DS * (DD / DH), .sks_h = DS * (DD / DH), .sks_t = DD / DH,
+            .svs_b = DH * DS * (DD / DH), .svs_h = DS * (DD / DH), .svs_t = DD / DH, .ms_b = DS, .eps = 1e-5f};
+    }
+    for (int beams = 1; beams <= 3; beams += 2) {
+        const int64_t cap = DMAX + 1, dh = DD / DH;  /* caches (beams, H, cap, dh) */
+        for (int l = 0; l < DL; l++) {
+            layers[l].k_cache = calloc((size_t)(beams * DH * cap * dh), sizeof(float));
+            layers[l].v_cache = calloc((size_t)(beams * DH * cap * dh), sizeof(float));
+            layers[l].group = beams;
+            layers[l].ks_b = layers[l].vs_b = DH * cap * dh;
+            layers[l].ks_h = layers[l].vs_h = cap * dh;
+            layers[l].ks_t = layers[l].vs_t = dh;
+        }
+        decoder_step_args step = {.table = table, .layers = layers, .out_w = out_w, .out_b = out_b, .B = beams,
+                                  .n_layers = DL, .vocab = DV, .D = DD, .V = DV, .scale = sqrtf((float)DD)};
+        const int64_t forbid[1] = {0};
+        int64_t tokens[3 * (DMAX + 1)], lengths[3];
+        if (beams == 1) {
+            greedy_args g = {.step = &step, .positions = positions, .forbid = forbid, .out_tokens = tokens,
+                             .bos = 1, .eos = 2, .max_len = DMAX, .min_len = 2, .n_forbid = 1};
+            check("greedy_f32", greedy_f32(&g));
+            for (int64_t i = 0; i < g.length; i++) printf("greedy %lld\n", (long long)tokens[i]);
+        } else {
+            float penalties[DMAX + 1], scores[3];
+            for (int i = 0; i <= DMAX; i++) penalties[i] = powf((5.f + (float)(i + 1)) / 6.f, 0.6f);
+            search_args b = {.step = &step, .positions = positions, .penalties = penalties, .forbid = forbid,
+                             .out_tokens = tokens, .out_scores = scores, .out_lengths = lengths, .k = beams,
+                             .bos = 1, .eos = 2, .max_len = DMAX, .min_len = 1, .n_forbid = 1};
+            check("search_f32", search_f32(&b));
+            for (int64_t h = 0; h < b.finished; h++) {
+                printf("search_f32_score %.9g\n", scores[h]);
+                for (int64_t i = 0; i < lengths[h]; i++) printf("search %lld\n", (long long)tokens[h * (DMAX + 1) + i]);
+            }
+        }
+    }
+}
+
 int main(void) {
     linears();
     decoding_attention();
     rows();
     training();
+    decoding();
     return 0;
 }
