@@ -179,9 +179,10 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer
 
 class FastTransformer(Transformer):
     """A decoding step of one new token a row through an inference copy whose decoder layers take the
-    one-call decoder layer (FastTransformerLayer.step_plan) and whose generator has the few-rows
-    kernel's tiles: the embedding, every layer and the generator in one kernel call
-    (kernels.decoder_step), the same results as the modules' path, without its Python between them."""
+    one-call decoder layer (FastTransformerLayer.step_plan): the embedding, every layer and, where
+    the few-rows kernel takes its rows, the generator in one kernel call (kernels.decoder_step; more
+    rows: the generator's own module after it), the same results as the modules' path, without its
+    Python between them, and beam search's reorders of the caches done in place."""
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         if tokens.size(1) == 1 and not self.training:
@@ -213,12 +214,13 @@ class FastTransformer(Transformer):
             _STEPS[cache] = known
         if known[1] is None:
             return None
-        logits = kernels.decoder_step(tokens, self.tgt_embed.positions(start, 1), start, known[1], order)
-        if logits is not None:
-            cache.length += 1
-            if order is not None:
-                cache.order_applied()
-        return logits
+        out = kernels.decoder_step(tokens, self.tgt_embed.positions(start, 1), start, known[1], order)
+        if out is None:
+            return None
+        cache.length += 1
+        if order is not None:
+            cache.order_applied()
+        return out if known[1][-1] == "logits" else self.generator(out)
 
     def search_one(self, memory: Tensor, memory_mask: Tensor, max_len: int, beam_size: int, alpha: float,
                    forbid: tuple[int, ...], min_len: int, bos_id: int, eos_id: int) -> list | None:
@@ -257,12 +259,16 @@ class FastTransformer(Transformer):
                               bos_id, eos_id, max_len, min_len)
 
     def _step_plan(self, cache: KVCache) -> tuple | None:
+        """The whole step's plan for this cache's buffers: with the generator where the few-rows
+        kernel takes this many rows, else without it (the generator's module then runs after)."""
         generator, embed, n = self.generator, self.tgt_embed, len(self.decoder.layers)
         tiles = getattr(generator, "tiles", None)
         plans = [layer.step_plan() for layer in self.decoder.layers]
         if tiles is None or not isinstance(self.decoder.norm, nn.Identity) or any(p is None for p in plans):
             return None
         caches = [(cache.self_k[i], cache.self_v[i]) for i in range(n)]
+        if cache.batch_size > kernels.linear_rows(tiles.dtype):
+            tiles = None  # (oneDNN's GEMM is faster there)
         return kernels.decoder_step_plan(embed.tokens.weight, embed.scale, plans, caches, cache.length,
                                          list(zip(cache.cross_k, cache.cross_v)), cache.memory_mask, tiles,
                                          generator.bias, generator.out_features)

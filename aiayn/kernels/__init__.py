@@ -78,7 +78,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 5  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 6  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -657,21 +657,24 @@ def _room(caches: list[tuple[Tensor, Tensor]]) -> int:
 
 
 def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: list[tuple[Tensor, Tensor]],
-                      start: int, sources: list[tuple[Tensor, Tensor]], mask: Tensor | None, out_tiles: Tensor,
+                      start: int, sources: list[tuple[Tensor, Tensor]], mask: Tensor | None, out_tiles: Tensor | None,
                       out_bias: Tensor | None, V: int) -> tuple | None:
     """What `decoder_step` needs of an encoder-decoder's decoder and one decoding's buffers, checked
     once: the embedding table (vocab, D) and its scale; every post-norm decoder layer's plan (from
     `decoder_layer_plan`), self-attention cache (k_buf, v_buf) (B, H, >= start + 1, Dh), source keys
     and values (b, H, S, Dh) and the source mask (b, 1, 1, S) or None; the generator (out_tiles in
-    `linear_tiles`' form, its bias or None, V outputs). Good for as long as these buffers are the
-    cache's: the caller keeps them, and with them the plan. None where the kernel does not take
-    them: where `embed`, `decoder_layer` or `linear` would not."""
+    `linear_tiles`' form, its bias or None, V outputs), or out_tiles None: a step without it, whose
+    result is the decoder's output (B, 1, D) (plan[-1] says which: "logits" or "hidden"). Good for as
+    long as these buffers are the cache's: the caller keeps them, and with them the plan. None where
+    the kernel does not take them: where `embed`, `decoder_layer` or `linear` would not."""
     dtype, tiles_dtype, function = plans[0][2], plans[0][3], plans[0][1].replace("layer", "step")
     B, D = caches[0][0].size(0), table.size(1)
+    if out_tiles is None:
+        out_bias, V = None, D
     if not (table.dtype == dtype and table.is_contiguous() and usable(table)
             and all(p[1] == plans[0][1] for p in plans) and len(plans) == len(caches) == len(sources)
-            and _tiles_fit(out_tiles, V, D, dtype) and out_tiles.is_cpu and out_tiles.dtype == tiles_dtype
-            and B <= _wins("linear", tiles_dtype)
+            and (out_tiles is None or (_tiles_fit(out_tiles, V, D, dtype) and out_tiles.is_cpu
+                                       and out_tiles.dtype == tiles_dtype and B <= _wins("linear", tiles_dtype)))
             and (out_bias is None or (out_bias.shape == (V,) and out_bias.is_contiguous() and out_bias.dtype == dtype))):
         return None
     layers = (_STRUCTS["decoder_layer"] * len(plans))()
@@ -680,36 +683,39 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
         if args is None or args.D != D:
             return None
         layers[i] = args
-    grad = any(p[4] for p in plans) or out_tiles.requires_grad or (out_bias is not None and out_bias.requires_grad)
+    grad = (any(p[4] for p in plans) or (out_tiles is not None and out_tiles.requires_grad)
+            or (out_bias is not None and out_bias.requires_grad))
     args = _STRUCTS["decoder_step"](
-        table=table.data_ptr(), layers=ctypes.addressof(layers), out_w=out_tiles.data_ptr(),
+        table=table.data_ptr(), layers=ctypes.addressof(layers), out_w=0 if out_tiles is None else out_tiles.data_ptr(),
         out_b=0 if out_bias is None else out_bias.data_ptr(), B=B, n_layers=len(plans), vocab=table.size(0), D=D, V=V,
         scale=scale)
-    return args, function, dtype, _room(caches), grad, (layers, table, out_tiles, out_bias, plans)  # (kept alive)
+    keep = (layers, table, out_tiles, out_bias, plans)  # (kept alive with their addresses)
+    return args, function, dtype, _room(caches), grad, keep, "hidden" if out_tiles is None else "logits"
 
 
 def decoder_step_recache(plan: tuple, caches: list[tuple[Tensor, Tensor]], start: int) -> tuple | None:
     """`plan` (from `decoder_step_plan`) for new self-attention caches (k_buf, v_buf) of the same rows,
     everything else the same: what a reorder of beam search's rows changes, every step. Only these
     buffers are checked (~10x cheaper than a new plan). None where the kernel does not take them."""
-    base, function, dtype, _, grad, keep = plan
+    base, function, dtype, _, grad, keep, result = plan
     layers = type(keep[0]).from_buffer_copy(keep[0])
     if not all(_self_cache(args, base.B, start, k_buf, v_buf, dtype) for args, (k_buf, v_buf) in zip(layers, caches)):
         return None
     base = type(base).from_buffer_copy(base)
     base.layers = ctypes.addressof(layers)
-    return base, function, dtype, _room(caches), grad, (layers, *keep[1:])
+    return base, function, dtype, _room(caches), grad, (layers, *keep[1:]), result
 
 
 def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, order: Tensor | None = None) -> Tensor | None:
     """A whole decoding step of an encoder-decoder in one call (decode_step.c's decoder_step): the
     newest tokens (B, 1) embedded with their positions (1, D) (position `start`), through every
     decoder layer (writing each cache's keys and values at `start`), then the generator -> logits
-    (B, 1, V). `plan`: from `decoder_step_plan`, for these caches. `order` (B,): first each cache's
+    (B, 1, V) (a plan without one: the decoder's output (B, 1, D)). `plan`: from `decoder_step_plan`,
+    for these caches. `order` (B,): first each cache's
     rows reordered in place, row b taking row order[b]'s positions (beam search's reorder). The same
     results, bit for bit, as `embed`, `decoder_layer` and `linear` called in turn. None where the
     kernel does not take them, or if a token (or an order) is out of range: then nothing is written."""
-    base, function, dtype, room, grad, _ = plan
+    base, function, dtype, room, grad, _, _ = plan
     B, T = tokens.shape
     if not (T == 1 and B == base.B and 0 <= start < room and _takes_ids(tokens) and positions.shape == (1, base.D)
             and positions.dtype == dtype and positions.is_contiguous() and positions.is_cpu
@@ -732,9 +738,9 @@ def search(plan: tuple, positions: Tensor, penalties: Tensor, forbid: Tensor, bo
     finished hypotheses (tokens without BOS and EOS, score), in the order they finished. None where
     the kernels do not take these, or the beam step does not win here (the caller then runs the
     reference), or a token was outside the embeddings (the caches are then spent)."""
-    base, function, dtype, room, grad, _ = plan
+    base, function, dtype, room, grad, _, result = plan
     L = max_len + 1
-    if not (0 <= max_len and L <= room and positions.shape == (L, base.D) and positions.dtype == dtype
+    if not (result == "logits" and 0 <= max_len and L <= room and positions.shape == (L, base.D) and positions.dtype == dtype
             and positions.is_contiguous() and positions.is_cpu and penalties.shape == (L,)
             and penalties.dtype == torch.float32 and penalties.is_contiguous() and penalties.is_cpu
             and _takes_ids(forbid) and 0 <= min_len and not (grad and torch.is_grad_enabled()) and available()
@@ -762,8 +768,8 @@ def greedy(plan: tuple, positions: Tensor, forbid: Tensor, bos: int, eos: int, m
     (max_len, D): the decoder's. -> the tokens, without BOS and EOS. None where the kernels do not
     take these or do not win here (the caller then runs the reference), or a token was outside the
     embeddings (the cache is then spent)."""
-    base, function, dtype, room, grad, _ = plan
-    if not (base.B == 1 and 0 <= max_len <= room and positions.shape == (max_len, base.D) and positions.dtype == dtype
+    base, function, dtype, room, grad, _, result = plan
+    if not (result == "logits" and base.B == 1 and 0 <= max_len <= room and positions.shape == (max_len, base.D) and positions.dtype == dtype
             and positions.is_contiguous() and positions.is_cpu and _takes_ids(forbid) and 0 <= min_len
             and not (grad and torch.is_grad_enabled()) and available() and _wins("decode", dtype)):
         return None

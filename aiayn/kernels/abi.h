@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 5
+#define AIAYN_ABI_VERSION 6
 
 typedef enum {
     AIAYN_OK = 0,
@@ -148,8 +148,8 @@ enum {
     X(const decoder_layer_args *, layers)  /* n_layers, each a layer's decoder_layer_args but its x, \
                                               out, B and t (this call's) */                           \
     X(const void *, out_w) X(const void *, out_b)  /* the generator (V, D) in `linear`'s tiles; its   \
-                                                      bias or NULL */                                 \
-    X(void *, logits)           /* (B, V) contiguous, written */                                      \
+                                                      bias or NULL. out_w NULL: no generator (V = D) */ \
+    X(void *, logits)           /* (B, V) contiguous, written: the logits, or the decoder's output */ \
     X(const int64_t *, order)   /* B ids in [0, B), or NULL: first each layer's cache rows reordered in \
                                    place, row b taking row order[b]'s positions 0..t-1 (beam search) */ \
     X(int64_t, B) X(int64_t, t) X(int64_t, n_layers) X(int64_t, vocab) X(int64_t, D) X(int64_t, V)    \

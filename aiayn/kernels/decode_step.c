@@ -1002,7 +1002,8 @@ DEFINE_DECODER_LAYER(decoder_layer_f32_i8, float, linear_f32_i8, attend_f32, add
 /* ------------------------------------------------------------------ a whole decoding step
  * One new token of each of B rows through the decoder of an encoder-decoder: its embedding and
  * position (embed), every post-norm decoder layer (decoder_layer), and the generator (linear): the
- * logits. The kernels, order and precision of the one-call-per-layer path, so the same results, bit
+ * logits; without a generator (out_w NULL), the decoder's output, for oneDNN's GEMM to finish where
+ * it is faster than `linear` (many rows). The kernels, order and precision of the one-call-per-layer path, so the same results, bit
  * for bit; in one call it also saves the Python between the layers (module calls, checks, new
  * tensors: ~120 us a step of the small model, more than its arithmetic at one sentence in int8).
  * With an `order` it first reorders every layer's cache rows in place (beam search's reorder,
@@ -1016,8 +1017,9 @@ static decoder_layer_args step_layer(const decoder_step_args *a, int64_t l, void
 }
 
 static int decoder_step_check(const decoder_step_args *a) {
-    AIAYN_REQUIRE(a->tokens && a->table && a->positions && a->layers && a->out_w && a->logits, AIAYN_NULL_POINTER);
+    AIAYN_REQUIRE(a->tokens && a->table && a->positions && a->layers && a->logits, AIAYN_NULL_POINTER);
     AIAYN_REQUIRE(a->B >= 0 && a->t >= 0 && a->n_layers >= 1 && a->vocab >= 1 && a->D >= 1 && a->V >= 1, AIAYN_BAD_SIZE);
+    AIAYN_REQUIRE(a->out_w || a->V == a->D, AIAYN_BAD_SIZE);  /* no generator: the decoder's output */
     AIAYN_REQUIRE(a->D <= AIAYN_MAX_ROW, AIAYN_OVER_LIMIT);
     if (a->order)
         for (int64_t b = 0; b < a->B; b++) AIAYN_REQUIRE(a->order[b] >= 0 && a->order[b] < a->B, AIAYN_BAD_INDEX);
@@ -1092,8 +1094,11 @@ HOT int NAME(const decoder_step_args *a)                                        
         const decoder_layer_args layer = step_layer(a, l, x);                                         \
         STEP(LAYER(&layer));                                                                          \
     }                                                                                                 \
-    STEP(LINEAR(&(linear_args){.x = x, .w = a->out_w, .bias = a->out_b, .out = a->logits, .rows = B,  \
-                          .n = a->V, .k = D, .xs = D, .os = a->V}));                                   \
+    if (a->out_w)                                                                                     \
+        STEP(LINEAR(&(linear_args){.x = x, .w = a->out_w, .bias = a->out_b, .out = a->logits, .rows = B, \
+                              .n = a->V, .k = D, .xs = D, .os = a->V}));                               \
+    else                                                                                              \
+        memcpy(a->logits, x, (size_t)(B * D) * sizeof(T));                                            \
 done:                                                                                                 \
     free(x);                                                                                          \
     return failed;                                                                                    \
@@ -1121,6 +1126,7 @@ HOT int NAME(search_args *a)                                                    
 {                                                                                                     \
     AIAYN_REQUIRE(a->step && a->positions && a->penalties && a->out_tokens && a->out_scores          \
                   && a->out_lengths && (a->forbid || a->n_forbid == 0), AIAYN_NULL_POINTER);          \
+    AIAYN_REQUIRE(a->step->out_w, AIAYN_NULL_POINTER);  /* (its step makes logits) */                 \
     const int64_t k = a->k, L = a->max_len + 1, V = a->step->V, D = a->step->D, eos = a->eos;        \
     AIAYN_REQUIRE(k >= 1 && a->max_len >= 0 && a->min_len >= 0 && a->n_forbid >= 0                   \
                   && a->step->B == k, AIAYN_BAD_SIZE);                                                 \
@@ -1194,6 +1200,7 @@ HOT int NAME(greedy_args *a)                                                    
 {                                                                                                     \
     AIAYN_REQUIRE(a->step && a->positions && a->out_tokens && (a->forbid || a->n_forbid == 0),        \
                   AIAYN_NULL_POINTER);                                                                \
+    AIAYN_REQUIRE(a->step->out_w, AIAYN_NULL_POINTER);  /* (its step makes logits) */                 \
     const int64_t V = a->step->V, D = a->step->D, eos = a->eos, n_forbid = a->n_forbid;              \
     AIAYN_REQUIRE(a->max_len >= 0 && a->min_len >= 0 && n_forbid >= 0 && a->step->B == 1, AIAYN_BAD_SIZE); \
     AIAYN_REQUIRE(eos >= 0 && eos < V && a->bos >= 0 && a->bos < a->step->vocab, AIAYN_BAD_INDEX);   \

@@ -543,6 +543,49 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
         assert results[path][1:] == results["modules"][1:], path
 
 
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
+def test_one_call_step_without_the_generator(kernel, monkeypatch, precision):
+    """Where the few-rows kernel does not take the generator's rows (the linear family lost there),
+    the one-call step runs the embedding and the decoder layers (beam search's reorders in place)
+    and the generator's own module finishes it: the same logits and searches, bit for bit, as the
+    one-call decoder layers called one by one with the same generator."""
+    from aiayn.config import ModelConfig
+    from aiayn.decode import beam_search, greedy
+    from aiayn.fast.inference import inference_model, onednn_available
+    from aiayn.fast.modules import FastTransformer
+    from aiayn.model import build_model
+
+    if not onednn_available() and precision != "int8":
+        pytest.skip("no oneDNN here: the inference copy has no kernel tiles")
+    if precision == "int8" and not capability.probe("cpu").int8:
+        pytest.skip("no int8 engine here")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=60, d_model=32, n_heads=4, d_ff=96, n_encoder_layers=1,
+                                    n_decoder_layers=2, max_len=64, dropout=0.0)).eval()
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    copy = inference_model(model, precision)
+    wins = kernels._wins
+    monkeypatch.setattr(kernels, "_wins", lambda family, *a: 0 if family == "linear" else wins(family, *a))
+    src = torch.randint(4, 60, (3, 9))
+    src[1, 5:] = 0
+    whole, one_step, results, kinds = FastTransformer._whole_step, kernels.decoder_step, {}, []
+    monkeypatch.setattr(kernels, "decoder_step", lambda *a: kinds.append(a[3][-1]) or one_step(*a))
+    for path in ("step", "layer"):
+        monkeypatch.setattr(FastTransformer, "_whole_step", whole if path == "step" else (lambda self, *a: None))
+        with torch.inference_mode():
+            memory, mask = copy.encode(src)
+            cache = copy.init_cache(memory, mask, 12)
+            tokens, out = torch.full((3, 1), 1), []
+            for _ in range(6):
+                out.append(copy.decode_step(tokens, cache))
+                tokens = out[-1].argmax(-1)
+            results[path] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
+                             beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
+    assert kinds and set(kinds) == {"hidden"}  # the one-call step ran, without the generator
+    assert torch.equal(results["step"][0], results["layer"][0])
+    assert results["step"][1:] == results["layer"][1:]
+
+
 def _small_copy(monkeypatch):
     """A small encoder-decoder's fp32 inference copy, every kernel on (the one-call step's tests)."""
     from aiayn.config import ModelConfig

@@ -246,12 +246,23 @@ def test_the_one_call_decoder_layer_has_its_own_decision(measured, monkeypatch):
             copy.decode_step(torch.full((rows, 1), 1), copy.init_cache(memory, mask, 4))
 
     step(1)  # (every other family's decision made: their measurements decode too)
-    calls = []
-    real = FastTransformerLayer._decoder_step
-    monkeypatch.setattr(FastTransformerLayer, "_decoder_step", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    taken = []  # (rows, whether a one-call path took them): the whole step's, else each layer's
+    real_layer, real_step = FastTransformerLayer._decoder_step, kernels.decoder_step
+
+    def layer(self, x, *a):
+        out = real_layer(self, x, *a)
+        return taken.append((x.size(0), out is not None)) or out
+
+    def whole(tokens, *a):
+        out = real_step(tokens, *a)
+        return taken.append((tokens.size(0), out is not None)) or out
+
+    monkeypatch.setattr(FastTransformerLayer, "_decoder_step", layer)
+    monkeypatch.setattr(kernels, "decoder_step", whole)
     step(2)
     step(3)
-    assert [out is not None for out in calls] == [True, False]  # one call up to 2 rows, the modules from 3
+    assert {rows for rows, took in taken if took} == {2}  # one call up to 2 rows (its generator on oneDNN)
+    assert (3, False) in taken  # the modules from 3
     assert {"layer_f32", "linear_f32"} <= set(measured)
 
 
