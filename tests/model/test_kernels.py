@@ -492,18 +492,12 @@ def test_the_inference_copy_uses_the_linear_kernel_for_a_few_rows_only(kernel, m
     assert calls == [3, kernels.MAX_LINEAR_ROWS + 1]  # asked both times; the second declined (oneDNN's GEMM)
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
-@pytest.mark.parametrize("d_model, heads", [(32, 4), (64, 2)])  # heads of 8 (the scalar path) and 32
-def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, precision, d_model, heads):
-    """A decoding step in one call (embedding, every decoder layer and the generator: decoder_step)
-    and through the one-call decoder layer give the same logits, bit for bit, as the same kernels
-    called module by module (embed, linear, attention steps, add_layer_norm): greedy and beam search
-    (rows reordered and dropped), a padded source, a source shared by beams (group > 1); int8: int8
-    weights, fp32 inputs."""
+def _tiled_copy(monkeypatch, precision: str, d_model: int = 32, heads: int = 4):
+    """A small 1+2-layer encoder-decoder's inference copy of `precision` with the kernels' tiles (every
+    kernel on), and a batch of 3 sources, one padded (the one-call steps' tests); skips where there
+    are no tiles to be had."""
     from aiayn.config import ModelConfig
-    from aiayn.decode import beam_search, greedy
     from aiayn.fast.inference import inference_model, onednn_available
-    from aiayn.fast.modules import FastTransformer, FastTransformerLayer
     from aiayn.model import build_model
 
     if not onednn_available() and precision != "int8":
@@ -514,9 +508,38 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
     model = build_model(ModelConfig(vocab_size=60, d_model=d_model, n_heads=heads, d_ff=96, n_encoder_layers=1,
                                     n_decoder_layers=2, max_len=64, dropout=0.0)).eval()
     monkeypatch.setenv("AIAYN_KERNELS", "all")  # (whether it wins here: the linear family's tuning)
-    copy = inference_model(model, precision)
     src = torch.randint(4, 60, (3, 9))
     src[1, 5:] = 0
+    return inference_model(model, precision), src
+
+
+def _decodes(copy, src: torch.Tensor) -> tuple:
+    """What the one-call steps' tests compare between paths: six steps from BOS (each step's argmax
+    fed back: logits), greedy decoding and beam search (3 beams) of src."""
+    from aiayn.decode import beam_search, greedy
+
+    with torch.inference_mode():
+        memory, mask = copy.encode(src)
+        cache = copy.init_cache(memory, mask, 12)
+        tokens, out = torch.full((src.size(0), 1), 1), []
+        for _ in range(6):
+            out.append(copy.decode_step(tokens, cache))
+            tokens = out[-1].argmax(-1)
+        return torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8), beam_search(copy, src, 1, 2, beam_size=3,
+                                                                                      max_extra=8)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16), "int8"])
+@pytest.mark.parametrize("d_model, heads", [(32, 4), (64, 2)])  # heads of 8 (the scalar path) and 32
+def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, precision, d_model, heads):
+    """A decoding step in one call (embedding, every decoder layer and the generator: decoder_step)
+    and through the one-call decoder layer give the same logits, bit for bit, as the same kernels
+    called module by module (embed, linear, attention steps, add_layer_norm): greedy and beam search
+    (rows reordered and dropped), a padded source, a source shared by beams (group > 1); int8: int8
+    weights, fp32 inputs."""
+    from aiayn.fast.modules import FastTransformer, FastTransformerLayer
+
+    copy, src = _tiled_copy(monkeypatch, precision, d_model, heads)
     whole, layer, calls, results = FastTransformer._whole_step, FastTransformerLayer._decoder_step, [], {}
     recache, one_step = kernels.decoder_step_recache, kernels.decoder_step  # (beam search's reorders: a new
     monkeypatch.setattr(kernels, "decoder_step_recache",  # sentence's rows, or the rows' order, in the call)
@@ -528,15 +551,7 @@ def test_one_call_steps_are_the_kernels_called_one_by_one(kernel, monkeypatch, p
                             (lambda self, *a: calls.append(path) or whole(self, *a)) if path == "step" else (lambda self, *a: None))
         monkeypatch.setattr(FastTransformerLayer, "_decoder_step",
                             (lambda self, *a: calls.append(path) or layer(self, *a)) if path == "layer" else (lambda self, *a: None))
-        with torch.inference_mode():
-            memory, mask = copy.encode(src)
-            cache = copy.init_cache(memory, mask, 12)
-            tokens, out = torch.full((3, 1), 1), []
-            for _ in range(6):
-                out.append(copy.decode_step(tokens, cache))
-                tokens = out[-1].argmax(-1)
-            results[path] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
-                             beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
+        results[path] = _decodes(copy, src)
     assert {"step", "layer", "recache", "in place"} <= set(calls)  # each ran
     for path in ("step", "layer"):
         assert torch.equal(results[path][0], results["modules"][0]), path
@@ -549,38 +564,16 @@ def test_one_call_step_without_the_generator(kernel, monkeypatch, precision):
     the one-call step runs the embedding and the decoder layers (beam search's reorders in place)
     and the generator's own module finishes it: the same logits and searches, bit for bit, as the
     one-call decoder layers called one by one with the same generator."""
-    from aiayn.config import ModelConfig
-    from aiayn.decode import beam_search, greedy
-    from aiayn.fast.inference import inference_model, onednn_available
     from aiayn.fast.modules import FastTransformer
-    from aiayn.model import build_model
 
-    if not onednn_available() and precision != "int8":
-        pytest.skip("no oneDNN here: the inference copy has no kernel tiles")
-    if precision == "int8" and not capability.probe("cpu").int8:
-        pytest.skip("no int8 engine here")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=60, d_model=32, n_heads=4, d_ff=96, n_encoder_layers=1,
-                                    n_decoder_layers=2, max_len=64, dropout=0.0)).eval()
-    monkeypatch.setenv("AIAYN_KERNELS", "all")
-    copy = inference_model(model, precision)
+    copy, src = _tiled_copy(monkeypatch, precision)
     wins = kernels._wins
     monkeypatch.setattr(kernels, "_wins", lambda family, *a: 0 if family == "linear" else wins(family, *a))
-    src = torch.randint(4, 60, (3, 9))
-    src[1, 5:] = 0
     whole, one_step, results, kinds = FastTransformer._whole_step, kernels.decoder_step, {}, []
     monkeypatch.setattr(kernels, "decoder_step", lambda *a: kinds.append(a[3][-1]) or one_step(*a))
     for path in ("step", "layer"):
         monkeypatch.setattr(FastTransformer, "_whole_step", whole if path == "step" else (lambda self, *a: None))
-        with torch.inference_mode():
-            memory, mask = copy.encode(src)
-            cache = copy.init_cache(memory, mask, 12)
-            tokens, out = torch.full((3, 1), 1), []
-            for _ in range(6):
-                out.append(copy.decode_step(tokens, cache))
-                tokens = out[-1].argmax(-1)
-            results[path] = (torch.cat(out, 1), greedy(copy, src, 1, 2, max_extra=8),
-                             beam_search(copy, src, 1, 2, beam_size=3, max_extra=8))
+        results[path] = _decodes(copy, src)
     assert kinds and set(kinds) == {"hidden"}  # the one-call step ran, without the generator
     assert torch.equal(results["step"][0], results["layer"][0])
     assert results["step"][1:] == results["layer"][1:]
