@@ -220,7 +220,7 @@ class FastTransformer(Transformer):
         cache.length += 1
         if order is not None:
             cache.order_applied()
-        return out if known[1][-1] == "logits" else self.generator(out)
+        return out if kernels.step_makes_logits(known[1]) else self.generator(out)
 
     def search_one(self, memory: Tensor, memory_mask: Tensor, max_len: int, beam_size: int, alpha: float,
                    forbid: tuple[int, ...], min_len: int, bos_id: int, eos_id: int) -> list | None:

@@ -664,9 +664,9 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
     `decoder_layer_plan`), self-attention cache (k_buf, v_buf) (B, H, >= start + 1, Dh), source keys
     and values (b, H, S, Dh) and the source mask (b, 1, 1, S) or None; the generator (out_tiles in
     `linear_tiles`' form, its bias or None, V outputs), or out_tiles None: a step without it, whose
-    result is the decoder's output (B, 1, D) (plan[-1] says which: "logits" or "hidden"). Good for as
-    long as these buffers are the cache's: the caller keeps them, and with them the plan. None where
-    the kernel does not take them: where `embed`, `decoder_layer` or `linear` would not."""
+    result is the decoder's output (B, 1, D) (`step_makes_logits` says which). Good for as long as
+    these buffers are the cache's: the caller keeps them, and with them the plan. None where the
+    kernel does not take them: where `embed`, `decoder_layer` or `linear` would not."""
     dtype, tiles_dtype, function = plans[0][2], plans[0][3], plans[0][1].replace("layer", "step")
     B, D = caches[0][0].size(0), table.size(1)
     if out_tiles is None:
@@ -689,21 +689,26 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
         table=table.data_ptr(), layers=ctypes.addressof(layers), out_w=0 if out_tiles is None else out_tiles.data_ptr(),
         out_b=0 if out_bias is None else out_bias.data_ptr(), B=B, n_layers=len(plans), vocab=table.size(0), D=D, V=V,
         scale=scale)
-    keep = (layers, table, out_tiles, out_bias, plans)  # (kept alive with their addresses)
-    return args, function, dtype, _room(caches), grad, keep, "hidden" if out_tiles is None else "logits"
+    return args, function, dtype, _room(caches), grad, (layers, table, out_tiles, out_bias, plans)  # (kept alive)
+
+
+def step_makes_logits(plan: tuple) -> bool:
+    """Whether `decoder_step` with this plan ends with the generator (logits), or without it (the
+    decoder's output, for the generator's module to finish)."""
+    return bool(plan[0].out_w)
 
 
 def decoder_step_recache(plan: tuple, caches: list[tuple[Tensor, Tensor]], start: int) -> tuple | None:
     """`plan` (from `decoder_step_plan`) for new self-attention caches (k_buf, v_buf) of the same rows,
     everything else the same: what a reorder of beam search's rows changes, every step. Only these
     buffers are checked (~10x cheaper than a new plan). None where the kernel does not take them."""
-    base, function, dtype, _, grad, keep, result = plan
+    base, function, dtype, _, grad, keep = plan
     layers = type(keep[0]).from_buffer_copy(keep[0])
     if not all(_self_cache(args, base.B, start, k_buf, v_buf, dtype) for args, (k_buf, v_buf) in zip(layers, caches)):
         return None
     base = type(base).from_buffer_copy(base)
     base.layers = ctypes.addressof(layers)
-    return base, function, dtype, _room(caches), grad, (layers, *keep[1:]), result
+    return base, function, dtype, _room(caches), grad, (layers, *keep[1:])
 
 
 def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, order: Tensor | None = None) -> Tensor | None:
@@ -711,11 +716,11 @@ def decoder_step(tokens: Tensor, positions: Tensor, start: int, plan: tuple, ord
     newest tokens (B, 1) embedded with their positions (1, D) (position `start`), through every
     decoder layer (writing each cache's keys and values at `start`), then the generator -> logits
     (B, 1, V) (a plan without one: the decoder's output (B, 1, D)). `plan`: from `decoder_step_plan`,
-    for these caches. `order` (B,): first each cache's
-    rows reordered in place, row b taking row order[b]'s positions (beam search's reorder). The same
+    for these caches. `order` (B,): first each cache's rows reordered in place, row b taking row
+    order[b]'s positions (beam search's reorder). The same
     results, bit for bit, as `embed`, `decoder_layer` and `linear` called in turn. None where the
     kernel does not take them, or if a token (or an order) is out of range: then nothing is written."""
-    base, function, dtype, room, grad, _, _ = plan
+    base, function, dtype, room, grad, _ = plan
     B, T = tokens.shape
     if not (T == 1 and B == base.B and 0 <= start < room and _takes_ids(tokens) and positions.shape == (1, base.D)
             and positions.dtype == dtype and positions.is_contiguous() and positions.is_cpu
@@ -738,9 +743,10 @@ def search(plan: tuple, positions: Tensor, penalties: Tensor, forbid: Tensor, bo
     finished hypotheses (tokens without BOS and EOS, score), in the order they finished. None where
     the kernels do not take these, or the beam step does not win here (the caller then runs the
     reference), or a token was outside the embeddings (the caches are then spent)."""
-    base, function, dtype, room, grad, _, result = plan
+    base, function, dtype, room, grad, _ = plan
     L = max_len + 1
-    if not (result == "logits" and 0 <= max_len and L <= room and positions.shape == (L, base.D) and positions.dtype == dtype
+    if not (step_makes_logits(plan) and 0 <= max_len and L <= room and positions.shape == (L, base.D)
+            and positions.dtype == dtype
             and positions.is_contiguous() and positions.is_cpu and penalties.shape == (L,)
             and penalties.dtype == torch.float32 and penalties.is_contiguous() and penalties.is_cpu
             and _takes_ids(forbid) and 0 <= min_len and not (grad and torch.is_grad_enabled()) and available()
@@ -768,8 +774,9 @@ def greedy(plan: tuple, positions: Tensor, forbid: Tensor, bos: int, eos: int, m
     (max_len, D): the decoder's. -> the tokens, without BOS and EOS. None where the kernels do not
     take these or do not win here (the caller then runs the reference), or a token was outside the
     embeddings (the cache is then spent)."""
-    base, function, dtype, room, grad, _, result = plan
-    if not (result == "logits" and base.B == 1 and 0 <= max_len <= room and positions.shape == (max_len, base.D) and positions.dtype == dtype
+    base, function, dtype, room, grad, _ = plan
+    if not (step_makes_logits(plan) and base.B == 1 and 0 <= max_len <= room and positions.shape == (max_len, base.D)
+            and positions.dtype == dtype
             and positions.is_contiguous() and positions.is_cpu and _takes_ids(forbid) and 0 <= min_len
             and not (grad and torch.is_grad_enabled()) and available() and _wins("decode", dtype)):
         return None
