@@ -33,30 +33,30 @@ NO_KERNELS = "-nokernels"  # an aiayn engine's name with this suffix: the same, 
 
 
 # ------------------------------------------------------------------------------- the machine
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     """Two lines: CPU, cores, torch and its thread count, the load when we started; then what the
-    capability probe found (the precisions this machine runs natively)."""
+    capability probe found on `device` (the precisions it runs natively)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{capability.cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), load average {load:.2f} at start\n"
-            f"{capability.probe('cpu').describe()}")
+            f"{capability.probe(device).describe()}")
 
 
-def lacks(precision: str) -> str | None:
-    """Why this machine cannot run `precision` natively (the benchmark's row says so instead of a
-    crash or a crawl), or None. Peers' names for precisions (float32, int8) are understood too."""
+def lacks(precision: str, device: str = "cpu") -> str | None:
+    """Why `device` cannot run `precision` natively (the benchmark's row says so instead of a crash or
+    a crawl), or None. Peers' names for precisions (float32, int8) are understood too."""
     name = {"float32": "fp32", "float16": "fp16", "int8_float32": "int8"}.get(precision, precision)
     try:
-        capability.check_precision(name, "cpu")
+        capability.check_precision(name, device)
     except capability.PrecisionError as e:
         return str(e).split(": use ")[0]
     return None
 
 
-def header(title: str) -> str:
+def header(title: str, device: str = "cpu") -> str:
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    return f"# {title}\n{now} | {machine()}\ncommand: {cmd}"
+    return f"# {title}\n{now} | {machine(device)}\ncommand: {cmd}"
 
 
 def peak_rss_gib() -> float:
@@ -64,31 +64,38 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def matmul_peaks(precisions: Sequence[str], n: int = 2048, clock=time.perf_counter) -> dict[str, float | None]:
-    """The matmul peak (FLOP/s) of each precision this machine runs natively; None for the others
+def matmul_peaks(precisions: Sequence[str], n: int = 2048, clock=time.perf_counter,
+                 device: str = "cpu") -> dict[str, float | None]:
+    """The matmul peak (FLOP/s) of each precision `device` runs natively; None for the others
     (their GEMM would crawl or be refused). bf16-model's peak is bf16's."""
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-model": torch.bfloat16}
-    return {p: None if lacks(p) else matmul_peak(dtypes[p], n, clock=clock) for p in precisions}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-model": torch.bfloat16, "fp16": torch.float16}
+    return {p: None if lacks(p, device) else matmul_peak(dtypes[p], n, clock=clock, device=device) for p in precisions}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, clock=time.perf_counter,
+                device: str = "cpu") -> float:
     """FLOP/s of the best of `reps` (n, n) @ (n, n) products: the peak that MFU is measured against.
 
     On a CPU both of torch's GEMM back ends are tried -- its default (MKL for fp32) and oneDNN, which
-    aiayn's fp32 training and inference use (2x MKL on AMD CPUs) -- and the faster one is the peak."""
+    aiayn's fp32 training and inference use (2x MKL on AMD CPUs) -- and the faster one is the peak.
+    On a GPU, fp32 is IEEE fp32 (TF32 as the process has it set: off unless asked for)."""
     from aiayn.fast.inference import onednn_available
 
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     products = [lambda: a @ b]
-    if onednn_available():
+    gpu = torch.device(device).type == "cuda"
+    if not gpu and onednn_available():
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     best = float("inf")
     for product in products:
         for _ in range(2):
             product()
+        sync()
         for _ in range(reps):
             t = clock()
             product()
+            sync()
             best = min(best, clock() - t)
     return 2 * n**3 / best
 

@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                     # small and base, fp32 and bf16
     python benchmarks/train_throughput.py --configs small --precisions bf16 --rounds 3
     python benchmarks/train_throughput.py --quick             # a tiny model, seconds: checks it works
+    python benchmarks/train_throughput.py --device cuda --configs base --max-tokens 25000   # on a GPU
     python benchmarks/train_throughput.py --threads 1 --clock cpu   # per CPU-second, on a busy machine
     python benchmarks/train_throughput.py --configs small --precisions bf16 --engines aiayn --profile
                                                               # + where the time goes, op by op
@@ -29,7 +30,8 @@ Reported per cell:
   target tok/s   real target tokens (EOS included, padding not) per second of training steps
   GFLOP/s, MFU   model FLOPs per second, and that against the peak matmul rate of the precision,
                  measured in this run ((n, n) @ (n, n), best of 5)
-  peak RSS       the cell process's peak resident memory (model, optimizer, activations, libraries)
+  peak RSS       the cell process's peak resident memory (model, optimizer, activations, libraries);
+                 with --device cuda, the GPU memory its tensors took at most (torch.cuda.max_memory_allocated)
 
 FLOPs are counted analytically, on real tokens only, the same count for both engines (so padding and
 any work an engine spends on it lowers its MFU): a multiply-add is 2 FLOPs and a training step is
@@ -88,17 +90,18 @@ def train_flops(cfg: ModelConfig, batch: Batch) -> float:
 
 
 # ------------------------------------------------------------------------------- the engines
-def aiayn_step(cfg: ModelConfig, precision: str):
+def aiayn_step(cfg: ModelConfig, precision: str, device: str = "cpu"):
     from aiayn.model import build_model
     from aiayn.tasks.translation import translation_loss
     from aiayn.memory import keep_freed_memory
     from aiayn.train.loop import Bf16Twin, autocast, make_optimizer
     from aiayn.fast import for_training
 
-    keep_freed_memory()  # as `aiayn train` does on a CPU
-    tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1)
+    if device == "cpu":
+        keep_freed_memory()  # as `aiayn train` does on a CPU
+    tcfg = TrainConfig(max_steps=1, precision=precision, label_smoothing=0.1, device=device)
     torch.manual_seed(0)
-    model = for_training(build_model(cfg).train(), precision, "cpu")  # as the Trainer does
+    model = for_training(build_model(cfg).to(device).train(), precision, device)  # as the Trainer does
     optimizer = make_optimizer(model, tcfg)
     twin = Bf16Twin(model) if precision == "bf16-model" else None
 
@@ -115,21 +118,22 @@ def aiayn_step(cfg: ModelConfig, precision: str):
             twin.sync()
         return value
 
-    return step, lambda b: b
+    return step, lambda b: b.to(device)
 
 
-def hf_step(cfg: ModelConfig, precision: str):
+def hf_step(cfg: ModelConfig, precision: str, device: str = "cpu"):
     import peers
 
     from aiayn.train.loop import autocast
 
-    tcfg = TrainConfig(max_steps=1, precision=precision)
-    model = peers.hf_marian(cfg).train()
+    tcfg = TrainConfig(max_steps=1, precision=precision, device=device)
+    model = peers.hf_marian(cfg).to(device).train()
     pad = model.config.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9,
                                   weight_decay=1e-4, fused=True)
 
     def convert(b: Batch):
+        b = b.to(device)
         return (b.src.masked_fill(b.src == PAD, pad), (b.src != PAD).long(),
                 b.tgt_in.masked_fill(b.tgt_in == PAD, pad), b.tgt_out.masked_fill(b.tgt_out == PAD, -100))
 
@@ -156,7 +160,8 @@ def run_cell(spec: dict) -> dict:
     cfg = model_config(spec["config"])
     n_batches = spec["warmup"] + spec["steps"]
     batches = make_batches(cfg, spec["pairs"], spec["max_tokens"], n_batches, spec["seed"])
-    step, convert = (aiayn_step if spec["engine"].startswith("aiayn") else hf_step)(cfg, spec["precision"])
+    device = spec.get("device", "cpu")
+    step, convert = (aiayn_step if spec["engine"].startswith("aiayn") else hf_step)(cfg, spec["precision"], device)
     inputs = [convert(b) for b in batches]
     for i in range(spec["warmup"]):
         step(inputs[i % len(inputs)])
@@ -170,8 +175,10 @@ def run_cell(spec: dict) -> dict:
         seconds = min(seconds, clock() - t0)
     tokens = sum(batches[i % len(batches)].n_tokens for i in timed)
     flops = sum(train_flops(cfg, batches[i % len(batches)]) for i in timed)
+    # (each step's loss.item() waits for the GPU: the clock stops after the last one's work)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else bench.peak_rss_gib()
     result = {"tok_s": tokens / seconds, "flops_s": flops / seconds, "seconds": seconds, "tokens": tokens,
-              "loss": loss, "rss_gib": bench.peak_rss_gib()}
+              "loss": loss, "rss_gib": memory}
     if spec.get("profile"):  # the same steps again, under torch.profiler: self time per op
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for i in timed:
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="after the table, each cell's ops by self CPU time (torch.profiler, the timed steps again)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then the GPU's, allocated)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a check that it runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -218,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown engine {e!r}")
 
     bench.set_threads(args.threads)
-    print(bench.header("Training throughput: aiayn vs HF MarianMTModel"))
-    n = 256 if args.quick else 2048
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    gpu = args.device != "cpu"
+    print(bench.header("Training throughput: aiayn vs HF MarianMTModel", args.device))
+    n = 256 if args.quick else 8192 if gpu else 2048
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    peak = bench.matmul_peaks(precisions, n, clock=clock)
+    peak = bench.matmul_peaks(precisions, n, clock=clock, device=args.device)
     peaks = ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peak.items() if v and p != "bf16-model")
     print(f"rates per {args.clock} second; matmul peak ({n}x{n}): {peaks or 'none measured'}")
     for name in configs:
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # HF has no bf16-model mode: those rows compare with HF's bf16 (autocast) cell
     cells = [dict(config=c, precision=HF_PRECISION.get(pr, pr) if e == "hf" else pr, engine=e)
-             for c in configs for pr in precisions for e in engines if not bench.lacks(pr)]
+             for c in configs for pr in precisions for e in engines if not bench.lacks(pr, args.device)]
     cells = [dict(t) for t in dict.fromkeys(tuple(cell.items()) for cell in cells)]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
@@ -245,15 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         for cell in (cells if r % 2 == 0 else cells[::-1]):  # alternate the order against drift
             spec = {**cell, "steps": args.steps, "warmup": args.warmup, "passes": args.passes,
                     "max_tokens": args.max_tokens, "pairs": args.pairs, "seed": args.seed,
-                    "threads": args.threads, "clock": args.clock, "profile": args.profile}
+                    "threads": args.threads, "clock": args.clock, "profile": args.profile, "device": args.device}
             results.setdefault(tuple(cell.values()), []).append(bench.run_cell(script, spec))
 
     rows = []
     for c in configs:
         for pr in precisions:
             hf = bench.best_of(results.get((c, HF_PRECISION.get(pr, pr), "hf"), [{"error": "not run"}]), "tok_s")
-            if bench.lacks(pr):
-                rows.append([c, pr, "all", f"not run: {bench.lacks(pr)}", "", "", "", ""])
+            if bench.lacks(pr, args.device):
+                rows.append([c, pr, "all", f"not run: {bench.lacks(pr, args.device)}", "", "", "", ""])
                 continue
             for e in engines:
                 if (c, pr, e) not in results:  # HF in a bf16-model row
@@ -266,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([c, pr, ENGINE_NAMES[e], bench.fmt(res["tok_s"]), bench.fmt(res["flops_s"] / 1e9),
                              f"{100 * res['flops_s'] / peak[pr]:.3g}%", f"{res['rss_gib']:.2f}", ratio])
     print()
-    print(bench.table(["config", "precision", "engine", "target tok/s", "GFLOP/s", "MFU", "peak RSS GiB",
-                       "vs HF"], rows))
+    memory = "peak GPU GiB" if gpu else "peak RSS GiB"
+    print(bench.table(["config", "precision", "engine", "target tok/s", "GFLOP/s", "MFU", memory, "vs HF"], rows))
     for cell, runs in results.items():
         res = bench.best_of(runs, "tok_s")
         if "profile" in res:
