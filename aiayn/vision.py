@@ -57,9 +57,10 @@ def vit_attention(model, image: Tensor) -> tuple[Tensor, list[Tensor]]:
     if model.cfg.pool != "cls":
         raise InputError("this ViT pools the mean of its patches: it has no class token to explain")
     with evaluating(model):
-        pooled, weights = model.features(images_to_input(image[None]), need_weights=True)
+        x = images_to_input(image[None]).to(next(model.parameters()).device)
+        pooled, weights = model.features(x, need_weights=True)
         probs = model.head(pooled).float().softmax(-1)[0]
-    return probs, [w[0].float() for w in weights]
+    return probs.cpu(), [w[0].float().cpu() for w in weights]
 
 
 def attention_rollout(weights: list[Tensor]) -> Tensor:

@@ -230,7 +230,7 @@ class FastTransformer(Transformer):
         kernels do not take it here (the caller then runs the reference)."""
         from aiayn.decode.beam import length_penalty
 
-        if memory.size(0) != 1 or self.training or max_len + 1 > self.tgt_embed.max_len:
+        if memory.size(0) != 1 or self.training or max_len + 1 > self.tgt_embed.max_len or not memory.is_cpu:
             return None
         cache = self.init_cache(memory, memory_mask, max_len + 1)
         cache.rows_per_source = beam_size
@@ -249,7 +249,7 @@ class FastTransformer(Transformer):
         """Greedy decoding of one sentence, its encoded source `memory` (1, S, D), in one kernel call
         (kernels.greedy: the same tokens as aiayn.decode.greedy, without its Python between the steps)
         -> its tokens; None where the kernels do not take it here (the caller then runs the reference)."""
-        if memory.size(0) != 1 or self.training or not 0 < max_len <= self.tgt_embed.max_len:
+        if memory.size(0) != 1 or self.training or not 0 < max_len <= self.tgt_embed.max_len or not memory.is_cpu:
             return None
         cache = self.init_cache(memory, memory_mask, max_len)
         plan = self._step_plan(cache)

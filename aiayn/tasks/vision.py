@@ -68,9 +68,12 @@ def split_train_val(data: ImageSet, val_fraction: float = VAL_FRACTION, seed: in
 
 @torch.no_grad()
 def predict(model, images: Tensor, batch_size: int = EVAL_BATCH) -> Tensor:
-    """uint8 images (N, H, W) -> class probabilities (N, K), in eval mode."""
+    """uint8 images (N, H, W) -> class probabilities (N, K) on the CPU, computed in eval mode on the
+    model's device."""
+    device = next(model.parameters()).device
     with evaluating(model):
-        return torch.cat([model(images_to_input(chunk)).float().softmax(-1) for chunk in images.split(batch_size)])
+        return torch.cat([model(images_to_input(chunk).to(device)).float().softmax(-1).cpu()
+                          for chunk in images.split(batch_size)])
 
 
 def accuracy(model, data: ImageSet) -> float:
