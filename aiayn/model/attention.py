@@ -7,6 +7,7 @@ True = may attend. Masks are built here, once per batch, and never inside layers
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # ---------------------------------------------------------------------------------------- masks
@@ -43,6 +44,11 @@ def _square_causal_mask(length: int, device: torch.device) -> Tensor:
 # batch of 8,192 tokens, 4 heads of 32 or 64 (Xeon with AMX, torch 2.13): 192 keys 0.68-0.83x,
 # 256 0.97-1.43x, 384 1.8-2.0x, 785 (a pixel model's image) 3.6x; forward alone 2.5-7x at 256-785
 FUSED_FROM_KEYS = 256
+# On a GPU, every fused kernel but cuDNN's: cuDNN builds a graph for each new shape (~0.1-0.4 s), and
+# token-budget batches bring a new shape nearly every step. H200, torch 2.11, base model in bf16,
+# batches of 25k tokens, ten steps of new shapes: 33k target tokens/s with cuDNN's, 221k without (HF
+# Marian, which keeps it: 58k / 370k); the same ten shapes again, once built: 249k / 248k.
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: nn.Module | None = None,
@@ -60,8 +66,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout:
         # told it is causal, the fused kernel skips the blocks above the diagonal (785 tokens: 1.4x fwd+bwd)
         T = q.size(-2)
         causal = mask is not None and mask.shape == (1, 1, T, T) and mask is causal_mask(T, mask.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                              dropout_p=dropout.p if dropping else 0.0), None
+        with sdpa_kernel(GPU_ATTENTION) if q.is_cuda else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                                  dropout_p=dropout.p if dropping else 0.0), None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is not None:  # a -inf bias at the mask's own (broadcast) size: cheaper than masked_fill on scores
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
