@@ -27,8 +27,17 @@ from torch import Tensor
 from aiayn import kernels
 from aiayn.errors import InputError
 
-ROWS = 128  # rows a block: the block's fp32 copy (4 MB at V = 8k) is reused, never reallocated
+ROWS = 128  # rows a block on a CPU: the block's fp32 copy (4 MB at V = 8k) is reused, never reallocated
+GPU_BLOCK = 2**25  # values a block on a GPU (128 MB in fp32): each block is ~15 kernel launches, and
+# blocks of 128 rows made a base model's loss ~3,000 launches a step at 25k tokens (H200: its step
+# was bound by launching kernels)
 LOG2_E = math.log2(math.e)
+
+
+def block_rows(logits: Tensor) -> int:
+    """Rows of `logits` (N, V) worked on at once: ROWS on a CPU (a block stays in its caches), as many
+    as GPU_BLOCK values on a GPU."""
+    return ROWS if logits.device.type == "cpu" else max(ROWS, GPU_BLOCK // max(1, logits.size(1)))
 
 
 def _exp_(x: Tensor) -> Tensor:
@@ -83,13 +92,14 @@ def _blockwise(logits: Tensor, target: Tensor, eps: float, scale: float, want_gr
     grad = (logits if overwrite else torch.empty_like(logits)) if want_grad else None
     # in fp32 each block is worked on in the gradient's own rows: no copy of it at the end
     in_grad = grad is not None and grad.dtype == compute
-    work = None if in_grad else torch.empty(min(n, ROWS), vocab, dtype=compute, device=logits.device)
-    for i in range(0, n, ROWS):
-        rows, t = slice(i, i + ROWS), target[i:i + ROWS, None]
+    block = block_rows(logits)
+    work = None if in_grad else torch.empty(min(n, block), vocab, dtype=compute, device=logits.device)
+    for i in range(0, n, block):
+        rows, t = slice(i, i + block), target[i:i + block, None]
         if in_grad and overwrite:
             z = logits[rows]  # worked on where it lies: it becomes the gradient
         else:
-            z = (grad[rows] if in_grad else work[:min(ROWS, n - i)]).copy_(logits[rows])
+            z = (grad[rows] if in_grad else work[:min(block, n - i)]).copy_(logits[rows])
         m = z.amax(dim=1, keepdim=True)
         # -(1 - eps) log p_t - eps * mean_j log p_j  =  lse - (1 - eps) z_t - eps * mean_j z_j
         z_t = z.gather(1, t)
@@ -130,10 +140,11 @@ class _SymmetricKL(torch.autograd.Function):
         n, vocab = logits.shape[0] // 2, logits.shape[1]
         losses = torch.empty(n, dtype=compute, device=logits.device)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        rows = min(n, ROWS)
+        block = block_rows(logits)
+        rows = min(n, block)
         lp, lq, p, q = (torch.empty(rows, vocab, dtype=compute, device=logits.device) for _ in range(4))
-        for i in range(0, n, ROWS):
-            k = min(ROWS, n - i)
+        for i in range(0, n, block):
+            k = min(block, n - i)
             a, b, e, f = lp[:k], lq[:k], p[:k], q[:k]
             for z, lz, pz in ((logits[i:i + k], a, e), (logits[n + i:n + i + k], b, f)):
                 lz.copy_(z)
