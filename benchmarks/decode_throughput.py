@@ -3,6 +3,8 @@
     python benchmarks/decode_throughput.py                    # small and base, greedy and beam 4
     python benchmarks/decode_throughput.py --configs small --rounds 3
     python benchmarks/decode_throughput.py --quick            # a tiny model, seconds: checks it works
+    python benchmarks/decode_throughput.py --device cuda --engines aiayn-fp32,aiayn-bf16,hf-fp32,hf-bf16
+                                                              # on a GPU, against HF there
 
 The task (PEERS.md): 512 random source sentences of 20 tokens, batches of 64, every output forced to
 exactly 20 tokens (EOS banned before then, the length capped there), so that random weights decode
@@ -56,18 +58,20 @@ def model_config(name: str) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------- the engines
-def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
+def aiayn_engine(cfg: ModelConfig, precision: str, length: int, device: str = "cpu"):
     """-> decode(src (B, S), beam) -> list of output lengths."""
     from aiayn.decode import beam_search, greedy
     from aiayn.fast.inference import inference_model
     from aiayn.memory import keep_freed_memory
     from aiayn.model import build_model
 
-    keep_freed_memory()  # as the CLI does
+    if device == "cpu":
+        keep_freed_memory()  # as the CLI does
     torch.manual_seed(0)
-    model = inference_model(build_model(cfg), precision)
+    model = inference_model(build_model(cfg).to(device), precision)
 
     def decode(src, beam: int) -> list[int]:
+        src = src.to(device)
         with torch.inference_mode():
             if beam == 1:
                 out = greedy(model, src, BOS, EOS, max_extra=length - src.size(1), min_len=length)
@@ -80,14 +84,15 @@ def aiayn_engine(cfg: ModelConfig, precision: str, length: int):
     return decode, None
 
 
-def hf_engine(cfg: ModelConfig, precision: str, length: int):
+def hf_engine(cfg: ModelConfig, precision: str, length: int, device: str = "cpu"):
     import peers
 
-    model = peers.hf_marian(cfg).eval()
+    model = peers.hf_marian(cfg).eval().to(device)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
 
     def decode(src, beam: int) -> list[int]:
+        src = src.to(device)
         with torch.inference_mode():
             out = model.generate(input_ids=src, attention_mask=torch.ones_like(src), num_beams=beam,
                                  do_sample=False, min_new_tokens=length, max_new_tokens=length)
@@ -129,11 +134,13 @@ def run_cell(spec: dict) -> dict:
     L, B, n = spec["length"], spec["batch"], spec["sentences"]
     src = bench.random_sources(n, L, cfg.vocab_size, spec["seed"])
     kind, precision = spec["engine"].split("-")[:2]
+    device = spec.get("device", "cpu")
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "aiayn":
-            per_batch, whole = aiayn_engine(cfg, precision, L)
+            per_batch, whole = aiayn_engine(cfg, precision, L, device)
         elif kind == "hf":
-            per_batch, whole = hf_engine(cfg, precision, L)
+            per_batch, whole = hf_engine(cfg, precision, L, device)
         else:
             per_batch, whole = ct2_engine(cfg, precision, L, B, Path(tmp), spec["ct2_threads"])
         if whole is None and spec.get("workers", 1) > 1 and kind == "aiayn":
@@ -145,12 +152,14 @@ def run_cell(spec: dict) -> dict:
         clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
         for beam in spec["beams"]:
             whole(src[:B], beam)  # warm-up
+            sync()
             t0 = clock()
             lengths = whole(src, beam)
+            sync()
             seconds = clock() - t0
             result[f"beam{beam}"] = {"sent_s": n / seconds, "tok_s": sum(lengths) / seconds,
                                      "seconds": seconds, "forced": all(x == L for x in lengths)}
-    result["rss_gib"] = bench.peak_rss_gib()
+    result["rss_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else bench.peak_rss_gib()
     return result
 
 
@@ -172,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu: per second of process CPU time (all threads), for a busy machine with --threads 1 "
                    "--ct2-threads 1x1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU the peer is HF: CTranslate2 is not run)")
     p.add_argument("--quick", action="store_true", help="tiny model, few sentences: a check that it runs")
     args = p.parse_args(argv)
     if args.quick:
         args.configs, args.sentences, args.length, args.batch = "tiny", 16, 6, 8
+    gpu = args.device != "cpu"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    if gpu and args.clock == "cpu":
+        p.error("--clock cpu measures a CPU's work: on a GPU use wall time")
     configs, engines = args.configs.split(","), args.engines.split(",")
     beams = [int(b) for b in args.beams.split(",")]
     for name in configs:
@@ -188,28 +203,35 @@ def main(argv: list[str] | None = None) -> int:
         NAMES.setdefault(e, NAMES[base] + ", no C kernels")
 
     bench.set_threads(args.threads)
-    print(bench.header("Decoding throughput: aiayn vs HF generate and CTranslate2"))
+    print(bench.header("Decoding throughput: aiayn vs HF generate and CTranslate2", args.device))
     print(f"{args.sentences} sentences x {args.length} source tokens, outputs forced to {args.length} "
           f"tokens, batches of {args.batch}; aiayn {args.workers} worker(s), CTranslate2 threads "
           f"{args.ct2_threads} (inter x intra); rates per {args.clock} second")
-    cells = [(c, e) for c in configs for e in engines if not bench.lacks(e.split("-")[1])]
+    def lacks(engine: str) -> str | None:
+        if gpu and engine.startswith("ct2"):
+            return "not run on a GPU (CTranslate2 is compared on CPUs)"
+        return bench.lacks(engine.split("-")[1], args.device)
+
+    cells = [(c, e) for c in configs for e in engines if not lacks(e)]
     results: dict[tuple, list[dict]] = {}
     script = Path(__file__).resolve()
     for r in range(args.rounds):
         for c, e in (cells if r % 2 == 0 else cells[::-1]):
             spec = {"config": c, "engine": e, "beams": beams, "length": args.length, "batch": args.batch,
                     "sentences": args.sentences, "seed": args.seed, "threads": args.threads,
-                    "workers": args.workers, "ct2_threads": args.ct2_threads, "clock": args.clock}
+                    "workers": args.workers, "ct2_threads": args.ct2_threads, "clock": args.clock,
+                    "device": args.device}
             results.setdefault((c, e), []).append(bench.run_cell(script, spec))
 
+    peers = ("hf-fp32", "hf-bf16") if gpu else ("ct2-float32", "ct2-int8")
     rows = []
     for c in configs:
         cfg = model_config(c)
         for beam in beams:
             key = f"beam{beam}"
             per = {e: bench.best_of([x.get(key, x) for x in results[(c, e)]], "tok_s") if (c, e) in results
-                   else {"error": f"not run: {bench.lacks(e.split('-')[1])}"} for e in engines}
-            ct2 = {e: per[e]["tok_s"] for e in ("ct2-float32", "ct2-int8") if e in per and "error" not in per[e]}
+                   else {"error": f"not run: {lacks(e)}"} for e in engines}
+            peer = {e: per[e]["tok_s"] for e in peers if e in per and "error" not in per[e]}
             for e in engines:
                 res = per[e]
                 search = "greedy" if beam == 1 else f"beam {beam}"
@@ -218,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                     why = res["error"] if res["error"].startswith("not run") else "failed: " + res["error"]
                     rows.append([name, search, NAMES[e], why, "", "", ""])
                     continue
-                vs = [f"{res['tok_s'] / ct2[p]:.2f}x" if p in ct2 and not e.startswith("ct2") else ""
-                      for p in ("ct2-float32", "ct2-int8")]
+                vs = [f"{res['tok_s'] / peer[p]:.2f}x" if p in peer and not e.startswith(p.split("-")[0]) else ""
+                      for p in peers]
                 engine = NAMES[e] + ("" if res["forced"] else " (output lengths NOT forced)")
                 rows.append([name, search, engine, bench.fmt(res["sent_s"], 1), bench.fmt(res["tok_s"]), *vs])
     print()
-    print(bench.table(["config", "search", "engine", "sentences/s", "target tok/s", "vs CT2 f32",
-                       "vs CT2 int8"], rows))
+    print(bench.table(["config", "search", "engine", "sentences/s", "target tok/s",
+                       *(f"vs {NAMES[p]}" for p in peers)], rows))
     return 0
 
 
