@@ -45,10 +45,17 @@ def _train_config(args, **defaults):
 def _check_device(device: str) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is available")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _resume_settings(args) -> dict | None:
@@ -832,6 +839,7 @@ def cmd_explain(args) -> int:
     from aiayn.explain import explain_lm, explain_translation, save_figures, summary
     from aiayn.fast.inference import inference_model
 
+    _check_device(args.device)
     text = " ".join(args.sentence)
     if _is_image_request(args):
         if len(args.sentence) != 1:
@@ -843,7 +851,6 @@ def cmd_explain(args) -> int:
         raise UserError("--top-k must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
-    _check_device(args.device)
     directory = model_dir(args.model, "translation")
     model, tokenizer, task, extra = load_model_dir(directory, args.device)
     if task not in ("translation", "lm"):

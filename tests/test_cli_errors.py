@@ -263,6 +263,20 @@ def test_fp16_translation_is_refused_on_a_cpu(capsys):
     assert "needs a GPU (--device cuda)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("device, message", [("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device 'cuda:x'"),
+                                             ("cpu:1", "unknown device 'cpu:1'"), ("mps", "unknown device 'mps'")])
+def test_an_unknown_device_is_refused_in_one_line(capsys, device, message):
+    assert_one_line_error(run(capsys, "translate", "A dog.", "--device", device), message, "use cpu, cuda or cuda:N")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU (tests/test_cuda.py covers it)")
+def test_a_gpu_asked_for_without_one_is_refused_in_one_line(capsys, tmp_path):
+    assert_one_line_error(run(capsys, "translate", "A dog.", "--device", "cuda:1"), "no CUDA GPU is available")
+    assert_one_line_error(run(capsys, "train", "lm", "--out", tmp_path / "r", "--device", "cuda", "--max-steps", "1"),
+                          "no CUDA GPU is available")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("task", ["translation", "lm", "vit", "image-gpt"])
 def test_a_negative_learning_rate_is_refused_before_training(capsys, tmp_path, task):
     out = tmp_path / "run"

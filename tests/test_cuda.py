@@ -63,6 +63,14 @@ def test_the_probe_sees_the_gpu_and_auto_takes_its_bf16():
         capability.choose_precision("int8", "cuda", "decode")
 
 
+def test_a_gpu_this_machine_lacks_is_refused_in_one_line(capsys):
+    n = torch.cuda.device_count()
+    assert main(["translate", "--device", f"cuda:{n}", "A dog."]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"aiayn: error: --device cuda:{n}: this machine has {n} CUDA GPU(s), "
+                                    f"cuda:0 to cuda:{n - 1}") and "Traceback" not in err
+
+
 def test_a_training_step_computes_the_same_loss_and_gradients_as_on_the_cpu():
     cfg = preset("small", vocab_size=500)
     torch.manual_seed(0)
