@@ -864,7 +864,7 @@ def cmd_explain(args) -> int:
     else:
         ex = explain_lm(model, tokenizer, text, top_k=args.top_k, max_new_tokens=args.max_new_tokens or 10)
     paths = save_figures(ex, Path(args.out))
-    print(f"model: {model_dir} ({task})")
+    print(f"model: {directory} ({task})")
     print(summary(ex))
     print(f"wrote {len(paths)} images to {args.out}: {', '.join(p.name for p in paths)}")
     return 0

@@ -226,3 +226,23 @@ def test_lora_fine_tuning_and_vision_training_run_on_the_gpu(tmp_path, capsys):
                  "--eval-every", "20", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-layers", "1",
                  "--batch-size", "32", "--quiet"]) == 0
     assert checkpoints(tmp_path / "vit")
+
+
+def test_explain_draws_the_same_attention_on_the_gpu(tmp_path, capsys):
+    # the shipped translation model and the shipped ViT on an image: the text summary (top next tokens,
+    # probabilities) the same as on the CPU, in fp32 without TF32
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    digit = Image.new("L", (28, 28))
+    digit.paste(255, (12, 5, 16, 23))  # a 1: a bar down the middle
+    digit.save(image)
+    for what in (["A dog runs on the beach."], [str(image)]):
+        summaries = []
+        for device in ("cpu", "cuda"):
+            with exact_fp32():
+                out, _ = _out(capsys, "explain", *what, "--device", device, "--precision", "fp32",
+                              "--out", str(tmp_path / device))
+            summaries.append(out.replace(str(tmp_path / device), "OUT"))
+        assert summaries[0] == summaries[1]
+        assert sorted(p.name for p in (tmp_path / "cpu").iterdir()) == sorted(p.name for p in (tmp_path / "cuda").iterdir())

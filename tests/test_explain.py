@@ -202,6 +202,7 @@ def test_cli_translation_writes_images_and_summary(saved, tmp_path, capsys):
     assert set(names) == {"positional_encoding.png", "attention_encoder.png", "attention_decoder.png",
                           "attention_cross.png", "alignment.png", "next_tokens.png"}
     assert all(_not_blank(out / n) for n in names)
+    assert stdout.startswith(f"model: {saved / 'mt'} (translation)\n")
     assert "source tokens (" in stdout and "next-token distributions, top 3" in stdout
     assert f"wrote 6 images to {out}" in stdout
 
