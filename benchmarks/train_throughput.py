@@ -226,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown engine {e!r}")
 
     bench.set_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU here")
     gpu = args.device != "cpu"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    if gpu and args.clock == "cpu":
+        p.error("--clock cpu measures a CPU's work: on a GPU use wall time")
     print(bench.header("Training throughput: aiayn vs HF MarianMTModel", args.device))
     n = 256 if args.quick else 8192 if gpu else 2048
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
