@@ -246,3 +246,18 @@ def test_explain_draws_the_same_attention_on_the_gpu(tmp_path, capsys):
             summaries.append(out.replace(str(tmp_path / device), "OUT"))
         assert summaries[0] == summaries[1]
         assert sorted(p.name for p in (tmp_path / "cpu").iterdir()) == sorted(p.name for p in (tmp_path / "cuda").iterdir())
+
+
+def test_the_search_steps_pick_on_the_gpu_what_they_pick_on_the_cpu():
+    # on a CPU they search blocks of the vocabulary first; on a GPU all of it at once (one kernel)
+    from aiayn.decode.beam import beam_step
+    from aiayn.decode.greedy import row_argmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 8000)
+    lprobs, scores = logits.log_softmax(-1), torch.randn(6, 4)
+    for cpu, gpu in zip(beam_step(lprobs, scores, 4), beam_step(lprobs.cuda(), scores.cuda(), 4)):
+        assert torch.equal(gpu.cpu(), cpu)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.view(24, 8000).to(dtype)
+        assert torch.equal(row_argmax(x.cuda()).cpu(), row_argmax(x))
