@@ -241,7 +241,7 @@ class Trainer:
         """One optimizer update over cfg.update_freq micro-batches -> (mean loss, target tokens)."""
         cfg, model, twin, parallel = self.cfg, self.model, self.twin, self.parallel
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, total_tokens = 0.0, 0
+        values, total_tokens = [], 0
         if parallel is not None:
             parallel.seed(cfg.seed, self.state["step"])
         for i in range(cfg.update_freq):
@@ -253,19 +253,21 @@ class Trainer:
                 with autocast(cfg) if twin is None else contextlib.nullcontext():
                     if parallel is None:
                         loss, n_tokens = self.task.loss(model if twin is None else twin.model, batch, cfg)
-                        value = loss.item()
+                        value = loss.detach()  # read after the backward pass: on a GPU, .item() here
+                        # would idle it while the backward pass's kernels are launched
                     else:
                         loss, n_tokens, value = parallel.loss(batch)
                 self.scaler.scale(loss / cfg.update_freq).backward()
             if twin is not None:
                 twin.collect_grads()
-            total_loss += value / cfg.update_freq
+            values.append(value)
             total_tokens += n_tokens
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         if cfg.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         else:  # a finite loss can still overflow in the backward pass
             norm = _grad_norm(model)
+        total_loss = sum(float(v) / cfg.update_freq for v in values)  # (where a GPU's step is waited for)
         if not (math.isfinite(total_loss) and torch.isfinite(norm)):
             return self._skip_update(total_loss)
         self.state["nonfinite"] = 0
