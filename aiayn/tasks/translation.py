@@ -67,8 +67,9 @@ class TranslationTask:
         return token_batches(self.train, self.max_tokens, seed=seed, epoch=epoch)
 
     def loss(self, model, indices: list[int], cfg: TrainConfig):
-        batch = self._collate([self.train[i] for i in indices]).to(self.device)
-        n = batch.n_tokens
+        batch = self._collate([self.train[i] for i in indices])
+        n = batch.n_tokens  # counted before the batch goes to a GPU: no wait for it
+        batch = batch.to(self.device)
         self._padding[0] += batch.tgt_out.numel() - n
         self._padding[1] += batch.tgt_out.numel()
         return translation_loss(model, batch, cfg.label_smoothing, rdrop=cfg.rdrop), n
