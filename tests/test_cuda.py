@@ -1,6 +1,7 @@
 """The CUDA path, on a GPU (skipped without one): the same model computes the same results there as on
-the CPU, training runs in every precision the GPU has and resumes exactly, decoding in bf16/fp16 keeps
-the shipped model's BLEU, and every command takes --device cuda.
+the CPU, training runs in every precision the GPU has and resumes with the same random draws (equal to
+rounding: GPU kernels may sum in another order from run to run), decoding in bf16/fp16 keeps the
+shipped model's BLEU, and every command takes --device cuda.
 
 Reference results on the GPU are computed with TF32 off (`exact_fp32`): cuBLAS and cuDNN may round
 fp32 products through TF32 otherwise, which is a precision of its own, not fp32's."""
