@@ -874,8 +874,10 @@ def cmd_explain(args) -> int:
 def cmd_bench(args) -> int:
     from aiayn.bench import run_suite
 
+    _check_device(args.device)
     extra = [*(["--configs", args.configs] if args.configs else []),
-             *(["--rounds", str(args.rounds)] if args.rounds else [])]
+             *(["--rounds", str(args.rounds)] if args.rounds else []),
+             *(["--device", args.device] if args.device != "cpu" else [])]
     try:
         return run_suite(args.part, quick=args.quick, extra=extra)
     except FileNotFoundError as e:
@@ -1352,6 +1354,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks that it runs")
     b.add_argument("--configs", help="train/decode: model sizes, comma-separated (default small,base)")
     b.add_argument("--rounds", type=int, help="train/decode: measure every cell N times, keep the fastest")
+    b.add_argument("--device", default="cpu", help="train/decode: cpu or cuda (on a GPU HF is the peer; the LM "
+                   "benchmarks run on the CPU)")
     b.set_defaults(func=cmd_bench)
     return parser
 

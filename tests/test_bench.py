@@ -200,6 +200,26 @@ def test_run_suite_rejects_unknown_parts_and_skips_missing_scripts(tmp_path, mon
     assert "not written yet" in capsys.readouterr().out
 
 
+def test_aiayn_bench_passes_its_device_to_the_translation_benchmarks(monkeypatch, capsys):
+    from aiayn import cli
+
+    calls = []
+    monkeypatch.setattr(bench, "run_suite", lambda part, quick=False, extra=(): calls.append((part, list(extra))) or 0)
+    monkeypatch.setattr(cli, "_check_device", lambda device: None)  # (this machine may have no GPU)
+    assert cli.main(["bench", "train", "--device", "cuda", "--configs", "base"]) == 0
+    assert cli.main(["bench", "decode"]) == 0
+    assert calls == [("train", ["--configs", "base", "--device", "cuda"]), ("decode", [])]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_aiayn_bench_on_a_gpu_this_machine_lacks_is_one_line(capsys):
+    from aiayn import cli
+
+    assert cli.main(["bench", "train", "--device", "cuda"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("aiayn: error: --device cuda") and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------- A/B
 def _in_git() -> bool:
     try:
