@@ -182,7 +182,10 @@ def test_translate_says_its_choice_once(machine, capsys):
     assert main(["translate", "--beam", "1", "A dog runs."]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()
-    assert captured.err.strip().splitlines() == ["aiayn: precision fp32: this CPU has no bf16 instructions (AVX2)"]
+    # (the first test to use the kernels built for this ISA also hears that they are built, once)
+    once = ("aiayn: building the C kernels", "aiayn: timing its kernels")
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith(once)]
+    assert lines == ["aiayn: precision fp32: this CPU has no bf16 instructions (AVX2)"]
 
 
 def _lm_run(tmp_path, *extra):
@@ -224,3 +227,17 @@ def test_the_server_decodes_in_auto_and_refuses_what_the_cpu_lacks(machine):
         decode_precision("bf16")
     machine(AVX512_BF16)
     assert decode_precision(None) == "bf16" and decode_precision(None, "fp32") == "fp32"
+
+
+def test_a_gpu_servers_requests_are_checked_against_the_gpu(monkeypatch):
+    # its models on a GPU: auto and a request's precision are the GPU's to run, not the host CPU's
+    pytest.importorskip("fastapi")
+    from aiayn.serve.app import Server
+    from aiayn.serve.models import Limits, Models, TranslationModel
+
+    monkeypatch.setattr(capability, "probe", lambda device="cpu": TURING if device == "cuda" else AVX512_BF16)
+    gpu = Models(TranslationModel("m", None, None, None, "en", "de", 0.6, device="cuda"), None)
+    assert gpu.device == "cuda" and Models(None, None).device == "cpu"
+    assert Server(gpu, Limits(), None, 4, "auto").precision == "fp32"  # a T4 has no bf16; the CPU has
+    with pytest.raises(PrecisionError, match="CPU only"):
+        Server(gpu, Limits(), None, 4, "int8")

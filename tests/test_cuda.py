@@ -262,3 +262,25 @@ def test_the_search_steps_pick_on_the_gpu_what_they_pick_on_the_cpu():
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.view(24, 8000).to(dtype)
         assert torch.equal(row_argmax(x.cuda()).cpu(), row_argmax(x))
+
+
+def test_the_server_translates_and_generates_on_the_gpu():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from aiayn.data.corpus import ASSETS
+    from aiayn.serve.app import create_app
+    from aiayn.serve.models import load_models
+
+    models = load_models(ASSETS / "models" / "en-de", ASSETS / "models" / "shakespeare-char", "cuda")
+    with exact_fp32(), TestClient(create_app(models), raise_server_exceptions=False) as client:
+        r = client.post("/v1/translate", json={"texts": SENTENCES[:2], "precision": "fp32"})
+        assert r.status_code == 200, r.text
+        cpu = translate(load_model_dir(model_dir(None, "translation"))[0], models.translation.tokenizer,
+                        SENTENCES[:2], beam=4, alpha=models.translation.alpha)
+        assert r.json()["translations"] == cpu
+        r = client.post("/v1/generate", json={"prompt": "ROMEO:", "max_new_tokens": 20, "temperature": 0})
+        assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 20
+        # a precision the GPU lacks is the request's error, said as the CLI says it
+        r = client.post("/v1/translate", json={"text": "A dog.", "precision": "int8"})
+        assert r.status_code == 422 and "CPU only" in r.text

@@ -145,7 +145,7 @@ class Server:
 
     def __init__(self, models: Models, limits: Limits, api_key: str | None, beam: int, precision: str):
         self.models, self.limits, self.api_key, self.beam = models, limits, api_key, beam
-        self.precision = decode_precision(precision)
+        self.precision = decode_precision(precision, device=models.device)
         self.executor: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
         self.generations = weakref.WeakSet()  # the generations under way: a generator that is dropped leaves
@@ -191,7 +191,7 @@ class Server:
         if beam > self.limits.max_beam:
             raise APIError(422, f"beam must be <= {self.limits.max_beam}, got {beam}")
         try:
-            precision = decode_precision(precision, self.precision)
+            precision = decode_precision(precision, self.precision, self.models.device)
         except ValueError as e:
             raise APIError(422, str(e)) from None
         key = (beam, t.alpha if alpha is None else alpha, precision)

@@ -117,6 +117,11 @@ class Models:
     translation: TranslationModel | None
     lm: LanguageModel | None
 
+    @property
+    def device(self) -> str:
+        """Where the served models are (both on one device: load_models puts them there)."""
+        return next((m.device for m in (self.translation, self.lm) if m is not None), "cpu")
+
 
 def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str = "cpu",
                 adapters: list[str | Path] = ()) -> Models:
