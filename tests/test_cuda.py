@@ -214,7 +214,7 @@ def test_a_language_model_trains_and_samples_on_the_gpu(tmp_path, capsys):
     assert gpu == cpu
 
 
-def test_lora_fine_tuning_and_vision_training_run_on_the_gpu(tmp_path, capsys):
+def test_lora_fine_tuning_and_the_image_models_train_on_the_gpu(tmp_path, capsys):
     assert main(tiny.cli_train_args(tmp_path, tmp_path / "base", "--device", "cuda", "--max-steps", "6",
                                     "--eval-every", "6")) == 0
     base = checkpoints(tmp_path / "base")[-1]
@@ -223,10 +223,12 @@ def test_lora_fine_tuning_and_vision_training_run_on_the_gpu(tmp_path, capsys):
     out, _ = _out(capsys, "translate", "--device", "cuda", "--model", str(base), "--adapter",
                   str(tmp_path / "lora" / "adapter.safetensors"), "the red dog runs")
     assert out.strip()
+    small = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-layers", "1", "--quiet"]
     assert main(["train", "vit", "--out", str(tmp_path / "vit"), "--device", "cuda", "--max-steps", "20",
-                 "--eval-every", "20", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-layers", "1",
-                 "--batch-size", "32", "--quiet"]) == 0
-    assert checkpoints(tmp_path / "vit")
+                 "--eval-every", "20", "--batch-size", "32", *small]) == 0
+    assert main(["train", "image-gpt", "--out", str(tmp_path / "pixels"), "--device", "cuda", "--max-steps", "6",
+                 "--eval-every", "6", "--batch-size", "8", "--levels", "4", *small]) == 0
+    assert checkpoints(tmp_path / "vit") and checkpoints(tmp_path / "pixels")
 
 
 def test_explain_draws_the_same_attention_on_the_gpu(tmp_path, capsys):

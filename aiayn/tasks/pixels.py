@@ -62,11 +62,11 @@ def bits_per_pixel(model, tokenizer: PixelTokenizer, data: ImageSet, conditional
                    batch_size: int = EVAL_BATCH) -> float:
     """Test negative log-likelihood of the quantized images, in bits per pixel (given the class
     token when conditional, else the "any class" token)."""
-    nll, n = 0.0, 0
+    nll, n, device = 0.0, 0, next(model.parameters()).device
     with evaluating(model):
         for i in range(0, len(data), batch_size):
             labels = data.labels[i:i + batch_size] if conditional else None
-            tokens = tokenizer.encode(data.images[i:i + batch_size], labels)
+            tokens = tokenizer.encode(data.images[i:i + batch_size], labels).to(device)
             nll += pixel_nll(model, tokens, reduction="sum").item()
             n += tokens[:, 1:].numel()
     return nll / n / math.log(2)
