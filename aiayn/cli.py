@@ -17,6 +17,7 @@ from aiayn.errors import InputError
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+DEVICE_HELP = "cpu (default), cuda or cuda:N: where the model runs (a GPU needs a CUDA build of torch)"
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
                          "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
                          "dynamically quantized linears)")
@@ -989,7 +990,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model", "fp16"],
                    help="auto (default): bf16 autocast where the device computes bf16 natively (CUDA; "
                         "CPUs with AVX512_BF16, AMX or ARM BF16), else fp32; bf16: autocast; bf16-model: "
@@ -1223,7 +1224,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
     t.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6, §6.1)")
     t.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     t.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
@@ -1248,7 +1249,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
     g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     g.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     g.set_defaults(func=cmd_generate)
@@ -1261,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref-file", help="your own test reference file")
     e.add_argument("--beam", type=int, default=4)
     e.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     e.add_argument("--workers", type=int, help="CPU: batches decoded at once, one thread each "
                    "(default: one per CPU thread; 1 = one batch at a time on all threads)")
@@ -1288,7 +1289,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--top-k", type=int, default=5, help="next tokens shown per step (default 5)")
     x.add_argument("--max-new-tokens", type=int, help="output tokens at most (translation default: source "
                    "length + 50; language model default: 10)")
-    x.add_argument("--device", default="cpu")
+    x.add_argument("--device", default="cpu", help=DEVICE_HELP)
     x.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     x.add_argument("--adapter", help="a LoRA adapter (adapter.safetensors, or a LoRA run directory) for --model, merged into its weights")
     x.set_defaults(func=cmd_explain)
@@ -1315,7 +1316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "most; it stops sooner when none came for 2 ms (default 20)")
     s.add_argument("--max-new-tokens", type=int, default=1000, help="generation limit per request (default 1000)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--adapter", action="append", help="a LoRA adapter, merged into the served model of its "
                    "task (translation or lm); repeatable")
@@ -1354,8 +1355,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks that it runs")
     b.add_argument("--configs", help="train/decode: model sizes, comma-separated (default small,base)")
     b.add_argument("--rounds", type=int, help="train/decode: measure every cell N times, keep the fastest")
-    b.add_argument("--device", default="cpu", help="train/decode: cpu or cuda (on a GPU HF is the peer; the LM "
-                   "benchmarks run on the CPU)")
+    b.add_argument("--device", default="cpu", help="train/decode: cpu, cuda or cuda:N (on a GPU HF is the "
+                   "peer; the LM benchmarks run on the CPU)")
     b.set_defaults(func=cmd_bench)
     return parser
 
