@@ -3,7 +3,7 @@
 # decoding throughput against HF Marian, and optionally the Multi30k recipe trained on the GPU, then
 # averaged and scored.
 #
-#   bash benchmarks/gpu.sh OUT_DIR            # tests and benchmarks: ~6 minutes on an H200
+#   bash benchmarks/gpu.sh OUT_DIR            # tests and benchmarks: ~7 minutes on an H200 (estimated)
 #   bash benchmarks/gpu.sh OUT_DIR MINUTES    # and the recipe, MINUTES of training (+ ~2 minutes)
 #
 # From the repository root, with the machine's python3 (a torch with CUDA, the project's dependencies;
