@@ -64,6 +64,28 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def peak_memory_gib(device: str = "cpu") -> float:
+    """On a GPU, the most memory this process's tensors took there; on a CPU, peak_rss_gib()."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return peak_rss_gib()
+
+
+def synchronize(device: str = "cpu") -> None:
+    """Wait for the work queued on `device` (a GPU's), so that a clock read next counts it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_error(device: str, clock: str) -> str | None:
+    """Why a benchmark cannot measure on `device` by `clock` ("wall" or "cpu"), or None."""
+    if device != "cpu" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA GPU here"
+    if device != "cpu" and clock == "cpu":
+        return "--clock cpu measures a CPU's work: on a GPU use wall time"
+    return None
+
+
 def matmul_peaks(precisions: Sequence[str], n: int = 2048, clock=time.perf_counter,
                  device: str = "cpu") -> dict[str, float | None]:
     """The matmul peak (FLOP/s) of each precision `device` runs natively; None for the others
@@ -83,19 +105,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, clock=time.per
 
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     products = [lambda: a @ b]
-    gpu = torch.device(device).type == "cuda"
-    if not gpu and onednn_available():
+    if torch.device(device).type == "cpu" and onednn_available():
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
     best = float("inf")
     for product in products:
         for _ in range(2):
             product()
-        sync()
+        synchronize(device)
         for _ in range(reps):
             t = clock()
             product()
-            sync()
+            synchronize(device)
             best = min(best, clock() - t)
     return 2 * n**3 / best
 

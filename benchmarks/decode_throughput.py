@@ -135,7 +135,6 @@ def run_cell(spec: dict) -> dict:
     src = bench.random_sources(n, L, cfg.vocab_size, spec["seed"])
     kind, precision = spec["engine"].split("-")[:2]
     device = spec.get("device", "cpu")
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "aiayn":
             per_batch, whole = aiayn_engine(cfg, precision, L, device)
@@ -152,14 +151,14 @@ def run_cell(spec: dict) -> dict:
         clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
         for beam in spec["beams"]:
             whole(src[:B], beam)  # warm-up
-            sync()
+            bench.synchronize(device)
             t0 = clock()
             lengths = whole(src, beam)
-            sync()
+            bench.synchronize(device)
             seconds = clock() - t0
             result[f"beam{beam}"] = {"sent_s": n / seconds, "tok_s": sum(lengths) / seconds,
                                      "seconds": seconds, "forced": all(x == L for x in lengths)}
-    result["rss_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else bench.peak_rss_gib()
+    result["rss_gib"] = bench.peak_memory_gib(device)
     return result
 
 
@@ -187,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.configs, args.sentences, args.length, args.batch = "tiny", 16, 6, 8
     gpu = args.device != "cpu"
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU here")
-    if gpu and args.clock == "cpu":
-        p.error("--clock cpu measures a CPU's work: on a GPU use wall time")
+    if bench.device_error(args.device, args.clock):
+        p.error(bench.device_error(args.device, args.clock))
     configs, engines = args.configs.split(","), args.engines.split(",")
     beams = [int(b) for b in args.beams.split(",")]
     for name in configs:

@@ -176,9 +176,8 @@ def run_cell(spec: dict) -> dict:
     tokens = sum(batches[i % len(batches)].n_tokens for i in timed)
     flops = sum(train_flops(cfg, batches[i % len(batches)]) for i in timed)
     # (each step's loss.item() waits for the GPU: the clock stops after the last one's work)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else bench.peak_rss_gib()
     result = {"tok_s": tokens / seconds, "flops_s": flops / seconds, "seconds": seconds, "tokens": tokens,
-              "loss": loss, "rss_gib": memory}
+              "loss": loss, "rss_gib": bench.peak_memory_gib(device)}
     if spec.get("profile"):  # the same steps again, under torch.profiler: self time per op
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for i in timed:
@@ -227,10 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.set_threads(args.threads)
     gpu = args.device != "cpu"
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU here")
-    if gpu and args.clock == "cpu":
-        p.error("--clock cpu measures a CPU's work: on a GPU use wall time")
+    if bench.device_error(args.device, args.clock):
+        p.error(bench.device_error(args.device, args.clock))
     print(bench.header("Training throughput: aiayn vs HF MarianMTModel", args.device))
     n = 256 if args.quick else 8192 if gpu else 2048
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
