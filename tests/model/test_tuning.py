@@ -31,6 +31,7 @@ def measured(monkeypatch, cache):
     calls = []
     real = tuning._measure
     monkeypatch.setattr(tuning, "_measure", lambda key: calls.append(key) or real(key))
+    monkeypatch.setattr(tuning, "_others_busy", lambda: lambda: 0.0)  # (each measured once, whatever else runs)
     yield calls
     kernels._library.cache_clear()
     tuning.forget()
@@ -45,6 +46,44 @@ def test_a_decision_is_measured_once_and_kept_beside_the_library(measured, cache
     assert saved["threads"] == torch.get_num_threads()
     tuning.forget()  # a new process: read, not measured again
     assert kernels._wins("residual", torch.float32) == first and measured == ["residual_f32"]
+
+
+def test_a_timing_disturbed_by_other_work_is_taken_again_and_the_least_disturbed_kept(measured, cache,
+                                                                                      monkeypatch, capsys):
+    """Other work on the CPU while a family is timed (CI on the other core of a 2-core machine made
+    the training attention lose where it wins 2x alone): timed again, up to TIMINGS times; the
+    result measured with the least other work is kept, with how busy the CPU was."""
+    busy = iter([1.5, 0.9, 1.2])  # other work, in cores, during each timing
+    monkeypatch.setattr(tuning, "_others_busy", lambda: (lambda b: lambda: b)(next(busy)))
+    results = iter([(False, [0.98]), (True, [1.6]), (False, [0.97])])
+    monkeypatch.setattr(tuning, "_measure", lambda key: measured.append(key) or next(results))
+    assert kernels._wins("residual", torch.float32) is True
+    assert measured == ["residual_f32"] * tuning.TIMINGS
+    (table,) = cache.rglob("*.tuning-*t.json")
+    saved = json.loads(table.read_text())
+    assert saved["residual_f32"] is True and saved["residual_f32_speedups"] == [1.6]
+    assert saved["residual_f32_busy"] == 0.9
+    err = capsys.readouterr().err
+    assert err.count("aiayn: timing its kernels again (residual_f32)") == tuning.TIMINGS - 1
+
+
+def test_an_undisturbed_timing_is_taken_once(measured, cache, monkeypatch):
+    monkeypatch.setattr(tuning, "_others_busy", lambda: lambda: tuning.BUSY)  # at the limit: not disturbed
+    kernels._wins("residual", torch.float32)
+    assert measured == ["residual_f32"]
+    (table,) = cache.rglob("*.tuning-*t.json")
+    assert "residual_f32_busy" not in json.loads(table.read_text())
+
+
+def test_other_work_is_read_from_proc_stat_where_there_is_one(monkeypatch):
+    import time
+
+    read = tuning._others_busy()
+    time.sleep(0.15)
+    busy = read()
+    assert isinstance(busy, float) and busy >= 0.0
+    monkeypatch.setattr(tuning, "_cpu_seconds", lambda: None)  # not Linux: cannot tell, so not disturbed
+    assert tuning._others_busy()() == 0.0
 
 
 def test_the_gemm_decision_is_kept_apart_from_the_kernels(measured, cache, monkeypatch):
