@@ -3,7 +3,7 @@
 # decoding throughput against HF Marian, and optionally the Multi30k recipe trained on the GPU, then
 # averaged and scored.
 #
-#   bash benchmarks/gpu.sh OUT_DIR            # tests and benchmarks: ~7 minutes on an H200 (estimated)
+#   bash benchmarks/gpu.sh OUT_DIR            # tests and benchmarks: ~5 minutes on an H200
 #   bash benchmarks/gpu.sh OUT_DIR MINUTES    # and the recipe, MINUTES of training (+ ~2 minutes)
 #
 # From the repository root, with the machine's python3 (a torch with CUDA, the project's dependencies;
@@ -30,8 +30,8 @@ lscpu | grep -m1 'Model name'
 stage tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage train 150 python3 benchmarks/train_throughput.py --device cuda --configs base --precisions fp32,bf16 \
     --max-tokens 25000 --steps 10 --warmup 3 --passes 2
-stage decode 150 python3 benchmarks/decode_throughput.py --device cuda --configs base \
-    --engines aiayn-fp32,aiayn-bf16,hf-fp32,hf-bf16
+stage decode 200 python3 benchmarks/decode_throughput.py --device cuda --configs base \
+    --engines aiayn-fp32,aiayn-bf16,hf-fp32,hf-bf16 --rounds 2  # (the host CPU's launches: noisy)
 if [ "$minutes" -gt 0 ]; then
     run=$(mktemp -d)/multi30k
     stage recipe $((minutes * 60 + 90)) python3 -m aiayn train translation --preset multi30k --lr 5e-3 \
