@@ -35,7 +35,8 @@ Timings taken while other work shared the CPU decide wrongly (on a 2-core Zen 4,
 core made the training attention lose at the shortest length, 0.99x, where it was 1.6-2.4x faster
 alone: a language model then trained ~20% slower): on Linux the CPU time other processes (and a
 hypervisor's steal) took meanwhile is read from /proc/stat, and a disturbed measurement is taken
-again, up to TIMINGS times, the least disturbed kept.
+again, up to TIMINGS times, the least disturbed kept. How busy other work kept the CPU is saved with
+each decision; a later process that finds the CPU quiet measures a disturbed decision again.
 
 AIAYN_KERNELS=all uses every kernel wherever it takes the inputs (tests that compare the kernels with
 PyTorch), oneDNN's training GEMMs included; AIAYN_KERNELS=0 none, and PyTorch's own GEMMs.
@@ -70,6 +71,9 @@ _tables: dict[tuple[str, int], dict] = {}  # (library, threads) -> decisions, fo
 _state = threading.local()  # .timing: the family being timed, .off: whether it is off just now,
 #                             .measuring: the keys this thread is measuring
 _told = False  # whether this process has said that it times the kernels
+_told_again = False  # ... and that it times some again, other work having disturbed them
+_again: dict[tuple[str, int], set[str]] = {}  # (library, threads) -> decisions measured while other work
+#                                              disturbed them, dropped for this process to measure again
 
 
 def forced(family: str) -> bool | None:
@@ -104,9 +108,7 @@ def decide(key: str, library_path: str | Path) -> bool | int:
                     (found, table[f"{key}_speedups"]), busy = _measure_undisturbed(key)
                 finally:
                     measuring.discard(key)
-                table[key] = found
-                if busy > BUSY:  # (kept, so that a later look at the table sees why it may be off)
-                    table[f"{key}_busy"] = round(busy, 2)
+                table[key], table[f"{key}_busy"] = found, round(busy, 2)
                 _save(table, Path(library_path))
     return found
 
@@ -126,9 +128,10 @@ def for_torch(key: str) -> bool | int:
 
 def forget() -> None:
     """Drop this process's decisions (tests)."""
-    global _told
+    global _told, _told_again
     _tables.clear()
-    _told = False
+    _again.clear()
+    _told = _told_again = False
 
 
 def _path(library_path: Path, threads: int) -> Path:
@@ -145,6 +148,11 @@ def _table(library_path: Path) -> dict:
             table = None
         if not isinstance(table, dict) or table.get("version") != VERSION:
             table = {"version": VERSION, "threads": threads}
+        disturbed = {k.removesuffix("_busy") for k, v in table.items() if k.endswith("_busy") and v > BUSY}
+        if disturbed and _quiet_now():  # measured while other work ran, and the CPU is quiet now: again
+            for key in disturbed:
+                table.pop(key, None)
+            _again[(str(library_path), threads)] = disturbed
         table = _tables.setdefault((str(library_path), threads), table)
     return table
 
@@ -155,12 +163,16 @@ def _save(table: dict, library_path: Path) -> None:
         on_disk = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         on_disk = {}
-    if on_disk.get("version") == VERSION:
-        table.update({k: v for k, v in on_disk.items() if k not in table})
+    if on_disk.get("version") != VERSION:
+        on_disk = {}
+    # what others measured is this process's too, except the disturbed decisions it measures again
+    # (kept on disk until it has)
+    again = _again.get((str(library_path), table["threads"]), set())
+    table.update({k: v for k, v in on_disk.items() if k not in table and k not in again})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
+        tmp.write_text(json.dumps({**on_disk, **table}, indent=1))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache: measured again by the next process
@@ -248,6 +260,7 @@ def _measurable(dtype: torch.dtype) -> bool:
 def _measure_undisturbed(key: str) -> tuple[tuple[bool | int, list[float]], float]:
     """_measure(key), taken again while other work disturbed it (up to TIMINGS times): the least
     disturbed result, and how busy other work kept the CPU then (cores, see _others_busy)."""
+    global _told_again
     best = None
     for attempt in range(TIMINGS):
         read = _others_busy()
@@ -257,10 +270,18 @@ def _measure_undisturbed(key: str) -> tuple[tuple[bool | int, list[float]], floa
             best = result, busy
         if busy <= BUSY:
             break
-        if attempt + 1 < TIMINGS:
-            print(f"aiayn: timing its kernels again ({key}): other work kept this CPU busy meanwhile "
-                  f"({busy:.1f} cores' worth)", file=sys.stderr, flush=True)
+        if attempt + 1 < TIMINGS and not _told_again:
+            print(f"aiayn: timing its kernels once more: other work kept this CPU busy meanwhile ({busy:.1f} "
+                  "cores' worth; a quiet CPU times them right)", file=sys.stderr, flush=True)
+            _told_again = True
     return best
+
+
+def _quiet_now(seconds: float = 0.2) -> bool:
+    """Whether other work leaves this process's cores free just now (this process idle meanwhile)."""
+    read = _others_busy()
+    time.sleep(seconds)
+    return read() <= BUSY
 
 
 def _others_busy() -> Callable[[], float]:
