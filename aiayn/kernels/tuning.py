@@ -148,7 +148,8 @@ def _table(library_path: Path) -> dict:
             table = None
         if not isinstance(table, dict) or table.get("version") != VERSION:
             table = {"version": VERSION, "threads": threads}
-        disturbed = {k.removesuffix("_busy") for k, v in table.items() if k.endswith("_busy") and v > BUSY}
+        disturbed = {k.removesuffix("_busy") for k, v in table.items()
+                     if k.endswith("_busy") and isinstance(v, (int, float)) and v > BUSY}
         if disturbed and _quiet_now():  # measured while other work ran, and the CPU is quiet now: again
             for key in disturbed:
                 table.pop(key, None)
