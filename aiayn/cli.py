@@ -885,6 +885,77 @@ def cmd_bench(args) -> int:
         raise UserError(str(e)) from None
 
 
+# ------------------------------------------------------------------------------------ machine
+def cmd_machine(args) -> int:
+    import torch
+
+    from aiayn import capability, kernels
+    from aiayn.kernels import tuning
+
+    _check_device(args.device)
+    print(capability.probe(args.device).describe())
+    print(f"auto: {capability.choose_precision('auto', args.device)[1]}")
+    if torch.device(args.device).type == "cuda":
+        print("C kernels: for a CPU only (on a GPU PyTorch's operators run)")
+        return 0
+    threads = torch.get_num_threads()
+    print(f"threads: {threads} (PyTorch's; OMP_NUM_THREADS sets them)")
+    if not kernels.enabled():
+        print("C kernels: off (AIAYN_KERNELS=0): PyTorch's operators run")
+        return 0
+    path = kernels.library_path()
+    if path is None:
+        print("C kernels: none here (no C compiler, a failed build, or neither Linux nor macOS): PyTorch's "
+              "operators run")
+        return 0
+    if args.retime:
+        removed = tuning.clear(path)
+        print(f"C kernels: {path}; removed {len(removed)} table(s) of timings: each family of kernels is "
+              "timed again at its next use")
+        return 0
+    every = " (AIAYN_KERNELS=all: every kernel wherever it takes the inputs, whatever the timings)"
+    print(f"C kernels: {path}{every if os.environ.get('AIAYN_KERNELS') == 'all' else ''}")
+    table, decisions = tuning.saved(path)
+    if not decisions:
+        print(f"timings: none yet for {threads} thread(s): each family of kernels is timed at its first use")
+        return 0
+    print(f"timed on this CPU with {threads} thread(s), speed-up = PyTorch's time / the kernels' ({table}):")
+    rows = [(key, _decision_text(key, decision), _speedups_text(key, speedups),
+             f"timed while other work ran ({busy:.1f} cores): timed again on a quiet CPU"
+             if isinstance(busy, (int, float)) and busy > tuning.BUSY else "")
+            for key, (decision, speedups, busy) in decisions.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + (f"  {row[3]}" if row[3] else ""))
+    print("a family not listed is timed at its first use; `aiayn machine --retime` times every one again")
+    return 0
+
+
+def _sizes(key: str) -> tuple[str, tuple[int, ...]]:
+    """(unit, sizes) at which a kernel family is timed: ("", ()) for a family timed at one size."""
+    from aiayn.kernels import tuning
+
+    return {"attention": ("tokens", tuning.ATTENTION_LENGTHS), "linear": ("rows", tuning.LINEAR_ROWS),
+            "layer": ("rows", tuning.LINEAR_ROWS), "beam": ("sentences", tuning.BEAM_SENTENCES)
+            }.get(key.split("_")[0], ("", ()))
+
+
+def _decision_text(key: str, decision) -> str:
+    """A tuning decision in words: on, off, or on up to a size."""
+    unit, _ = _sizes(key)
+    if isinstance(decision, bool) or not unit:
+        return "on" if decision else "off"
+    return f"on up to {decision} {unit}" if decision else "off"
+
+
+def _speedups_text(key: str, speedups: list) -> str:
+    """The speed-ups measured, each with its size where the family is timed at several."""
+    _, sizes = _sizes(key)
+    if len(speedups) < 2 or len(speedups) > len(sizes):
+        return ", ".join(f"{x:.2f}x" for x in speedups)
+    return ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
+
+
 # ----------------------------------------------------------------------------- import / export
 def cmd_import(args) -> int:
     from aiayn.checkpoint import write_model
@@ -1358,6 +1429,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="train/decode: cpu, cuda or cuda:N (on a GPU HF is the "
                    "peer; the LM benchmarks run on the CPU)")
     b.set_defaults(func=cmd_bench)
+    m = sub.add_parser("machine", help="what this machine computes natively, and which C kernels run here",
+                       description="The device's native precisions and auto's choice, the threads, and "
+                       "the C kernels: built or not, and each family's decision as timed on this CPU "
+                       "(on, off, or up to which size; its speed-ups over PyTorch's operators).")
+    m.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    m.add_argument("--retime", action="store_true", help="forget the kernels' timings for this CPU: each "
+                   "family is timed again at its next use (after other work disturbed a first run, say)")
+    m.set_defaults(func=cmd_machine)
     return parser
 
 

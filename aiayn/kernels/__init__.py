@@ -312,6 +312,13 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
+def library_path() -> Path | None:
+    """The kernels' library built for this machine (built now if it is not yet), or None where
+    there is none (no compiler, a failed build, not Linux or macOS)."""
+    library = _library()
+    return None if library is None else Path(library._name)
+
+
 def usable(*tensors: Tensor, family: str = "decode") -> bool | int:
     """Whether a decoding kernel is built, enabled and faster here, and takes these tensors: on a CPU,
     fp32 or bf16 (all one dtype), no gradient wanted (it has no backward): False, or the family's

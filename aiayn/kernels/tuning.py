@@ -126,6 +126,33 @@ def for_torch(key: str) -> bool | int:
     return decide(key, kernels.cache_dir() / f"torch-{machine}")
 
 
+def saved(library_path: str | Path) -> tuple[Path, dict]:
+    """The decisions saved for this library and this process's thread count: (the table's path,
+    {key: decision}, empty if none yet), each decision with its speed-ups and how busy other work kept
+    the CPU while it was timed: {key: (decision, [speed-ups], busy cores or None)}."""
+    path = _path(Path(library_path), torch.get_num_threads())
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if not isinstance(table, dict) or table.get("version") != VERSION:
+        return path, {}
+    keys = [k for k in table if k not in ("version", "threads") and not k.endswith(("_speedups", "_busy"))]
+    return path, {k: (table[k], table.get(f"{k}_speedups", []), table.get(f"{k}_busy")) for k in sorted(keys)}
+
+
+def clear(library_path: str | Path) -> list[Path]:
+    """Remove the decisions saved for this library (every thread count): the kernels are timed
+    again at their next use. -> the tables removed."""
+    library_path = Path(library_path)
+    removed = []
+    for table in library_path.parent.glob(f"{library_path.stem}.tuning-*t.json"):
+        table.unlink(missing_ok=True)
+        removed.append(table)
+    forget()
+    return removed
+
+
 def forget() -> None:
     """Drop this process's decisions (tests)."""
     global _told, _told_again
