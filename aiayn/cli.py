@@ -903,32 +903,42 @@ def cmd_machine(args) -> int:
     if not kernels.enabled():
         print("C kernels: off (AIAYN_KERNELS=0): PyTorch's operators run")
         return 0
-    path = kernels.library_path()
-    if path is None:
+    library = kernels.library_path()
+    tables = [tuning.torch_table()] + ([library] if library else [])
+    if args.retime:
+        removed = [t for table in tables for t in tuning.clear(table)]
+        print(f"removed {len(removed)} table(s) of timings: each choice is timed again at its next use")
+        return 0
+    if library is None:
         print("C kernels: none here (no C compiler, a failed build, or neither Linux nor macOS): PyTorch's "
               "operators run")
-        return 0
-    if args.retime:
-        removed = tuning.clear(path)
-        print(f"C kernels: {path}; removed {len(removed)} table(s) of timings: each family of kernels is "
-              "timed again at its next use")
-        return 0
-    every = " (AIAYN_KERNELS=all: every kernel wherever it takes the inputs, whatever the timings)"
-    print(f"C kernels: {path}{every if os.environ.get('AIAYN_KERNELS') == 'all' else ''}")
-    table, decisions = tuning.saved(path)
+    else:
+        every = " (AIAYN_KERNELS=all: every kernel wherever it takes the inputs, whatever the timings)"
+        print(f"C kernels: {library}{every if os.environ.get('AIAYN_KERNELS') == 'all' else ''}")
+    decisions = {}
+    for table in tables:
+        decisions |= tuning.saved(table)[1]
     if not decisions:
-        print(f"timings: none yet for {threads} thread(s): each family of kernels is timed at its first use")
+        print(f"timings: none yet for {threads} thread(s): each choice is timed at its first use")
         return 0
-    print(f"timed on this CPU with {threads} thread(s), speed-up = PyTorch's time / the kernels' ({table}):")
-    rows = [(key, _decision_text(key, decision), _speedups_text(key, speedups),
+    print(f"timed on this CPU with {threads} thread(s) (speed-up: PyTorch's time / aiayn's choice's; "
+          f"tables in {tables[0].parent}):")
+    rows = [(key, _FAMILIES.get(key.split("_")[0], ""), _decision_text(key, decision), _speedups_text(key, speedups),
              f"timed while other work ran ({busy:.1f} cores): timed again on a quiet CPU"
              if isinstance(busy, (int, float)) and busy > tuning.BUSY else "")
-            for key, (decision, speedups, busy) in decisions.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            for key, (decision, speedups, busy) in sorted(decisions.items())]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + (f"  {row[3]}" if row[3] else ""))
-    print("a family not listed is timed at its first use; `aiayn machine --retime` times every one again")
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + (f"  {row[4]}" if row[4] else ""))
+    print("a choice not listed is timed at its first use; `aiayn machine --retime` times every one again")
     return 0
+
+
+_FAMILIES = {  # aiayn.kernels.tuning's families, in words
+    "attention": "training attention", "residual": "training residual + LayerNorm", "dropout": "dropout masks",
+    "loss": "training loss", "decode": "a decoding step's small operators", "beam": "beam search's step",
+    "linear": "a decoding step's linear layers", "layer": "a decoder layer's whole step",
+    "gemm": "fp32 training's linear layers on oneDNN (else PyTorch's own GEMM)"}
 
 
 def _sizes(key: str) -> tuple[str, tuple[int, ...]]:

@@ -22,6 +22,7 @@ def library(tmp_path, monkeypatch):
     real one left alone."""
     path = tmp_path / "kernels-0123456789abcdef.so"
     monkeypatch.setattr(kernels, "library_path", lambda: path)
+    monkeypatch.setattr(tuning, "torch_table", lambda: tmp_path / "torch-0123456789abcdef")
     monkeypatch.setenv("AIAYN_KERNELS", "1")
     yield path
     tuning.forget()
@@ -48,12 +49,12 @@ def test_each_decision_timed_here_in_words(capsys, library):
           layer_f32=16, layer_f32_speedups=[2.0, 1.5, 1.2, 1.1, 1.05, 0.9], layer_f32_busy=1.5)
     out = _out(capsys)
     assert f"C kernels: {library}" in out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert lines["attention_bf16_dh32"].split()[1:] == ["on", "up", "to", "64", "tokens", "1.30x", "at", "32,",
-                                                        "1.10x", "at", "64,", "0.90x", "at", "128"]
-    assert lines["loss_f32"].split()[1:] == ["on", "1.45x"]
-    assert lines["residual_f32"].split()[1:] == ["off", "0.94x"]
-    assert lines["linear_i8"].split()[1:] == ["off", "0.80x"]
+    lines = {line.split()[0]: " ".join(line.split()) for line in out.splitlines() if line.startswith("  ")}
+    assert lines["attention_bf16_dh32"].endswith("training attention on up to 64 tokens 1.30x at 32, 1.10x at 64, "
+                                                 "0.90x at 128")
+    assert lines["loss_f32"].endswith("training loss on 1.45x")
+    assert lines["residual_f32"].endswith("off 0.94x")
+    assert lines["linear_i8"].endswith("a decoding step's linear layers off 0.80x")
     assert "on up to 16 rows" in lines["layer_f32"]
     assert "timed while other work ran (1.5 cores): timed again on a quiet CPU" in lines["layer_f32"]
     assert not any("other work" in lines[k] for k in ("attention_bf16_dh32", "loss_f32"))
@@ -64,20 +65,28 @@ def test_nothing_timed_yet_and_another_thread_count_apart(capsys, library):
     assert "timings: none yet for" in _out(capsys)
 
 
+def test_pytorchs_own_choices_are_listed_with_the_kernels_or_without_them(capsys, library, monkeypatch):
+    _save(tuning.torch_table(), gemm_f32=False, gemm_f32_speedups=[0.93])
+    expected = "gemm_f32 fp32 training's linear layers on oneDNN (else PyTorch's own GEMM) off 0.93x"
+    lines = [" ".join(line.split()) for line in _out(capsys).splitlines()]
+    assert expected in lines
+    monkeypatch.setattr(kernels, "library_path", lambda: None)  # no compiler: that choice still holds
+    lines = [" ".join(line.split()) for line in _out(capsys).splitlines()]
+    assert expected in lines and any(line.startswith("C kernels: none here") for line in lines)
+
+
 def test_retime_forgets_every_thread_count_and_the_next_use_times_again(capsys, library):
-    tables = [_save(library, loss_f32=True), _save(library, threads=torch.get_num_threads() + 1, loss_f32=True)]
+    tables = [_save(library, loss_f32=True), _save(library, threads=torch.get_num_threads() + 1, loss_f32=True),
+              _save(tuning.torch_table(), gemm_f32=True)]
     out = _out(capsys, "--retime")
-    assert "removed 2 table(s) of timings" in out
+    assert "removed 3 table(s) of timings" in out
     assert not any(t.exists() for t in tables)
     assert "timings: none yet" in _out(capsys)
 
 
-def test_kernels_off_or_missing_is_said(capsys, monkeypatch):
+def test_kernels_off_is_said(capsys, monkeypatch):
     monkeypatch.setenv("AIAYN_KERNELS", "0")
     assert "C kernels: off (AIAYN_KERNELS=0)" in _out(capsys)
-    monkeypatch.setenv("AIAYN_KERNELS", "1")
-    monkeypatch.setattr(kernels, "library_path", lambda: None)
-    assert "C kernels: none here" in _out(capsys)
 
 
 def test_a_device_it_cannot_use_is_one_line(capsys):

@@ -117,13 +117,18 @@ def for_torch(key: str) -> bool | int:
     """The decision for `key` of a family that chooses between PyTorch's own paths (no C kernel, so
     it holds where the kernels are not built): kept in the kernels' cache per CPU, torch version
     (whose oneDNN and MKL it measured) and MKL's ISA cap."""
+    return decide(key, torch_table())
+
+
+def torch_table() -> Path:
+    """Where for_torch's decisions are kept (a library's name: the tables are beside it)."""
     import hashlib
 
     from aiayn import kernels
 
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")
     machine = hashlib.sha256(f"{kernels.machine_key()} torch {torch.__version__} mkl {mkl}".encode()).hexdigest()[:16]
-    return decide(key, kernels.cache_dir() / f"torch-{machine}")
+    return kernels.cache_dir() / f"torch-{machine}"
 
 
 def saved(library_path: str | Path) -> tuple[Path, dict]:
