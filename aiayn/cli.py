@@ -923,7 +923,7 @@ def cmd_machine(args) -> int:
         return 0
     print(f"timed on this CPU with {threads} thread(s) (speed-up: PyTorch's time / aiayn's choice's; "
           f"tables in {tables[0].parent}):")
-    rows = [(key, _FAMILIES.get(key.split("_")[0], ""), _decision_text(key, decision), _speedups_text(key, speedups),
+    rows = [(key, *tuning.in_words(key, decision, speedups),
              f"timed while other work ran ({busy:.1f} cores): timed again on a quiet CPU"
              if isinstance(busy, (int, float)) and busy > tuning.BUSY else "")
             for key, (decision, speedups, busy) in sorted(decisions.items())]
@@ -932,38 +932,6 @@ def cmd_machine(args) -> int:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + (f"  {row[4]}" if row[4] else ""))
     print("a choice not listed is timed at its first use; `aiayn machine --retime` times every one again")
     return 0
-
-
-_FAMILIES = {  # aiayn.kernels.tuning's families, in words
-    "attention": "training attention", "residual": "training residual + LayerNorm", "dropout": "dropout masks",
-    "loss": "training loss", "decode": "a decoding step's small operators", "beam": "beam search's step",
-    "linear": "a decoding step's linear layers", "layer": "a decoder layer's whole step",
-    "gemm": "fp32 training's linear layers on oneDNN (else PyTorch's own GEMM)"}
-
-
-def _sizes(key: str) -> tuple[str, tuple[int, ...]]:
-    """(unit, sizes) at which a kernel family is timed: ("", ()) for a family timed at one size."""
-    from aiayn.kernels import tuning
-
-    return {"attention": ("tokens", tuning.ATTENTION_LENGTHS), "linear": ("rows", tuning.LINEAR_ROWS),
-            "layer": ("rows", tuning.LINEAR_ROWS), "beam": ("sentences", tuning.BEAM_SENTENCES)
-            }.get(key.split("_")[0], ("", ()))
-
-
-def _decision_text(key: str, decision) -> str:
-    """A tuning decision in words: on, off, or on up to a size."""
-    unit, _ = _sizes(key)
-    if isinstance(decision, bool) or not unit:
-        return "on" if decision else "off"
-    return f"on up to {decision} {unit}" if decision else "off"
-
-
-def _speedups_text(key: str, speedups: list) -> str:
-    """The speed-ups measured, each with its size where the family is timed at several."""
-    _, sizes = _sizes(key)
-    if len(speedups) < 2 or len(speedups) > len(sizes):
-        return ", ".join(f"{x:.2f}x" for x in speedups)
-    return ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
 
 
 # ----------------------------------------------------------------------------- import / export

@@ -146,6 +146,30 @@ def saved(library_path: str | Path) -> tuple[Path, dict]:
     return path, {k: (table[k], table.get(f"{k}_speedups", []), table.get(f"{k}_busy")) for k in sorted(keys)}
 
 
+FAMILIES = {  # each family in words (aiayn machine)
+    "attention": "training attention", "residual": "training residual + LayerNorm", "dropout": "dropout masks",
+    "loss": "training loss", "decode": "a decoding step's small operators", "beam": "beam search's step",
+    "linear": "a decoding step's linear layers", "layer": "a decoder layer's whole step",
+    "gemm": "fp32 training's linear layers on oneDNN (else PyTorch's own GEMM)"}
+
+
+def in_words(key: str, decision: bool | int, speedups: list[float]) -> tuple[str, str, str]:
+    """A decision as `aiayn machine` shows it: (what the family is, "on" / "off" / "on up to N
+    tokens|rows|sentences", the speed-ups, each at its size where the family is timed at several)."""
+    family = key.split("_")[0]
+    unit, sizes = {"attention": ("tokens", ATTENTION_LENGTHS), "linear": ("rows", LINEAR_ROWS),
+                   "layer": ("rows", LINEAR_ROWS), "beam": ("sentences", BEAM_SENTENCES)}.get(family, ("", ()))
+    if isinstance(decision, bool) or not unit:
+        said = "on" if decision else "off"
+    else:
+        said = f"on up to {decision} {unit}" if decision else "off"
+    if 1 < len(speedups) <= len(sizes):
+        measured = ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
+    else:
+        measured = ", ".join(f"{x:.2f}x" for x in speedups)
+    return FAMILIES.get(family, ""), said, measured
+
+
 def clear(library_path: str | Path) -> list[Path]:
     """Remove the decisions saved for this library (every thread count): the kernels are timed
     again at their next use. -> the tables removed."""
