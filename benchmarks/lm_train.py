@@ -17,6 +17,8 @@ Reported:
   cpu s          the CPU time of the same (all threads; nanoGPT's: its whole process): on a busy
                  machine, the steadier figure
   tokens/s       training tokens (steps x 12 x 64) per wall second
+  step ms        the median time from one training step's end to the next's (nanoGPT's: its own
+                 per-iteration log): where the machine's speed drifts, the steadier comparison
   val loss       nanoGPT's estimate: mean loss over --eval-iters random batches of 12 x 64 from the
                  validation text (nanoGPT's train.py default is 200; its README CPU command uses 20),
                  +- its standard error (that of a 20-batch estimate is sqrt(10) times larger)
@@ -43,6 +45,7 @@ import re
 import resource
 import shutil
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -81,9 +84,11 @@ def run_nanogpt(checkout: Path, threads: int) -> dict:
                               capture_output=True, text=True, env=env)
         wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     found = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", proc.stdout)
-    if proc.returncode != 0 or not found:
+    steps = [float(ms) for ms in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", proc.stdout)][1:]
+    if proc.returncode != 0 or not found or not steps:
         raise SystemExit(f"nanoGPT failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return {"wall_s": wall, "cpu_s": cpu, "val_loss": float(found[-1][2]), "tok_s": 2000 * 12 * 64 / wall}
+    return {"wall_s": wall, "cpu_s": cpu, "val_loss": float(found[-1][2]), "tok_s": 2000 * 12 * 64 / wall,
+            "step_ms": statistics.median(steps)}
 
 
 def _children_cpu() -> float:
@@ -121,6 +126,14 @@ def run(text: str, seed: int, steps: int, precision: str | None, eval_iters: int
     model = build_model(model_cfg)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(task, model, tokenizer, train_cfg, run_dir)
+        ends, step = [], trainer.train_step
+
+        def timed_step():
+            out = step()
+            ends.append(time.perf_counter())
+            return out
+
+        trainer.train_step = timed_step
         t0, c0 = time.perf_counter(), time.process_time()
         summary = trainer.run(progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -128,7 +141,8 @@ def run(text: str, seed: int, steps: int, precision: str | None, eval_iters: int
     return {"seed": seed, "wall": wall, "cpu": cpu, "steps": summary["step"],
             "tok_s": summary["step"] * train_cfg.batch_size * train_cfg.context / wall,
             "est": est, "err": err, "val_loss": summary["val_loss"], "params": sum(p.numel() for p in model.parameters()),
-            "precision": trainer.cfg.precision}
+            "precision": trainer.cfg.precision,
+            "step_ms": statistics.median(1e3 * (b - a) for a, b in zip(ends, ends[1:])) if len(ends) > 1 else 0.0}
 
 
 def main() -> None:
@@ -177,26 +191,30 @@ def main() -> None:
     while args.nanogpt and len(peers) < args.nanogpt_runs:
         peers.append(run_nanogpt(args.nanogpt, torch.get_num_threads()))
     rows = [(f"aiayn, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}", f"{r['tok_s']:,.0f}",
-             f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in runs]
+             f"{r['step_ms']:.1f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in runs]
     rows += [(f"aiayn, no C kernels, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}",
-              f"{r['tok_s']:,.0f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in plain]
-    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("wall", "cpu", "tok_s", "est", "val_loss")}
+              f"{r['tok_s']:,.0f}", f"{r['step_ms']:.1f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}")
+             for r in plain]
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("wall", "cpu", "tok_s", "step_ms", "est", "val_loss")}
     if len(runs) > 1:
         rows.append((f"aiayn, mean of {len(runs)}", f"{mean['wall']:.1f}", f"{mean['cpu']:.1f}", f"{args.steps}",
-                     f"{mean['tok_s']:,.0f}", f"{mean['est']:.4f}", f"{mean['val_loss']:.4f}"))
+                     f"{mean['tok_s']:,.0f}", f"{mean['step_ms']:.1f}", f"{mean['est']:.4f}", f"{mean['val_loss']:.4f}"))
     if peers:
         for i, peer in enumerate(peers):
             rows.append((f"nanoGPT (this run{f', {i + 1}' if len(peers) > 1 else ''})", f"{peer['wall_s']:.1f}",
-                         f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}", f"{peer['val_loss']:.4f}", "-"))
-        peer = {k: sum(r[k] for r in peers) / len(peers) for k in ("wall_s", "cpu_s", "tok_s", "val_loss")}
+                         f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}", f"{peer['step_ms']:.1f}",
+                         f"{peer['val_loss']:.4f}", "-"))
+        peer = {k: sum(r[k] for r in peers) / len(peers) for k in ("wall_s", "cpu_s", "tok_s", "step_ms", "val_loss")}
         name = "nanoGPT (this run)" if len(peers) == 1 else f"nanoGPT, mean of {len(peers)}"
         if len(peers) > 1:
             rows.append((name, f"{peer['wall_s']:.1f}", f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}",
-                         f"{peer['val_loss']:.4f}", "-"))
+                         f"{peer['step_ms']:.1f}", f"{peer['val_loss']:.4f}", "-"))
     else:
         peer, name = NANOGPT, "nanoGPT (PEERS.md, Zen 5)"
-        rows.append((name, f"{peer['wall_s']:.0f}", "-", "2000", f"~{peer['tok_s']:,}", f"{peer['val_loss']:.4f}", "-"))
-    head = ("", "wall s", "cpu s", "iters", "tokens/s", f"val loss ({args.eval_iters} batches)", "val loss, all")
+        rows.append((name, f"{peer['wall_s']:.0f}", "-", "2000", f"~{peer['tok_s']:,}", "-", f"{peer['val_loss']:.4f}",
+                     "-"))
+    head = ("", "wall s", "cpu s", "iters", "tokens/s", "step ms", f"val loss ({args.eval_iters} batches)",
+            "val loss, all")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -205,6 +223,9 @@ def main() -> None:
         ok = mean["val_loss"] <= TARGET_LOSS and mean["wall"] < target_wall
         print(f"target: val loss <= {TARGET_LOSS} in under {target_wall:.1f} s (half the wall of {name}), "
               f"mean of {len(runs)} seed(s): {'met' if ok else 'NOT met'}")
+    if peers and mean["step_ms"]:
+        print(f"median step: aiayn {mean['step_ms']:.1f} ms, {name} {peer['step_ms']:.1f} ms: "
+              f"{peer['step_ms'] / mean['step_ms']:.2f}x")
 
 
 if __name__ == "__main__":
