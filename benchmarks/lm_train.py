@@ -29,8 +29,8 @@ Reported:
 nanoGPT itself runs in the same benchmark with `--nanogpt DIR` (a checkout of karpathy/nanoGPT): its
 README command for a CPU, timed as a whole process with the same thread count, after aiayn's first
 run; the target is then judged against that wall time. On a machine whose speed drifts (a busy VM),
-`--nanogpt-runs N` runs it N times, interleaved with aiayn's seeds, and judges on the means. Its run validates every 250 steps (20 batches of
-train and val each), ours once. Without --nanogpt the nanoGPT row is the figure of PEERS.md, measured
+`--nanogpt-runs N` runs it N times, interleaved with aiayn's seeds, and judges on the means. Its run
+validates every 250 steps (20 batches of train and val each), ours once. Without --nanogpt the nanoGPT row is the figure of PEERS.md, measured
 on a Zen 5 (2 cores): compare with it only on such a machine.
 
     python benchmarks/lm_train.py --seeds 1 --nanogpt ../nanoGPT
@@ -44,8 +44,8 @@ import os
 import re
 import resource
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,25 +190,25 @@ def main() -> None:
             peers.append(run_nanogpt(args.nanogpt, torch.get_num_threads()))
     while args.nanogpt and len(peers) < args.nanogpt_runs:
         peers.append(run_nanogpt(args.nanogpt, torch.get_num_threads()))
-    rows = [(f"aiayn, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}", f"{r['tok_s']:,.0f}",
-             f"{r['step_ms']:.1f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}") for r in runs]
-    rows += [(f"aiayn, no C kernels, seed {r['seed']}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}",
-              f"{r['tok_s']:,.0f}", f"{r['step_ms']:.1f}", f"{r['est']:.4f} +- {r['err']:.4f}", f"{r['val_loss']:.4f}")
-             for r in plain]
+    def aiayn_row(name: str, r: dict, estimate: str) -> tuple[str, ...]:
+        return (name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']}", f"{r['tok_s']:,.0f}", f"{r['step_ms']:.1f}",
+                estimate, f"{r['val_loss']:.4f}")
+
+    def nanogpt_row(name: str, r: dict) -> tuple[str, ...]:
+        return (name, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", "2000", f"{r['tok_s']:,.0f}", f"{r['step_ms']:.1f}",
+                f"{r['val_loss']:.4f}", "-")
+
+    rows = [aiayn_row(f"aiayn, seed {r['seed']}", r, f"{r['est']:.4f} +- {r['err']:.4f}") for r in runs]
+    rows += [aiayn_row(f"aiayn, no C kernels, seed {r['seed']}", r, f"{r['est']:.4f} +- {r['err']:.4f}") for r in plain]
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("wall", "cpu", "tok_s", "step_ms", "est", "val_loss")}
     if len(runs) > 1:
-        rows.append((f"aiayn, mean of {len(runs)}", f"{mean['wall']:.1f}", f"{mean['cpu']:.1f}", f"{args.steps}",
-                     f"{mean['tok_s']:,.0f}", f"{mean['step_ms']:.1f}", f"{mean['est']:.4f}", f"{mean['val_loss']:.4f}"))
+        rows.append(aiayn_row(f"aiayn, mean of {len(runs)}", {**mean, "steps": args.steps}, f"{mean['est']:.4f}"))
     if peers:
-        for i, peer in enumerate(peers):
-            rows.append((f"nanoGPT (this run{f', {i + 1}' if len(peers) > 1 else ''})", f"{peer['wall_s']:.1f}",
-                         f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}", f"{peer['step_ms']:.1f}",
-                         f"{peer['val_loss']:.4f}", "-"))
+        rows += [nanogpt_row(f"nanoGPT (this run{f', {i + 1}' if len(peers) > 1 else ''})", r) for i, r in enumerate(peers)]
         peer = {k: sum(r[k] for r in peers) / len(peers) for k in ("wall_s", "cpu_s", "tok_s", "step_ms", "val_loss")}
         name = "nanoGPT (this run)" if len(peers) == 1 else f"nanoGPT, mean of {len(peers)}"
         if len(peers) > 1:
-            rows.append((name, f"{peer['wall_s']:.1f}", f"{peer['cpu_s']:.1f}", "2000", f"{peer['tok_s']:,.0f}",
-                         f"{peer['step_ms']:.1f}", f"{peer['val_loss']:.4f}", "-"))
+            rows.append(nanogpt_row(name, peer))
     else:
         peer, name = NANOGPT, "nanoGPT (PEERS.md, Zen 5)"
         rows.append((name, f"{peer['wall_s']:.0f}", "-", "2000", f"~{peer['tok_s']:,}", "-", f"{peer['val_loss']:.4f}",
