@@ -895,6 +895,7 @@ def cmd_machine(args) -> int:
     _check_device(args.device)
     print(capability.probe(args.device).describe())
     print(f"auto: {capability.choose_precision('auto', args.device)[1]}")
+    print(f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ""))
     if torch.device(args.device).type == "cuda":
         print("C kernels: for a CPU only (on a GPU PyTorch's operators run)")
         return 0
@@ -1440,12 +1441,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()  # (a reader that went away is seen here, not in Python's flush at exit)
+            return status
     except (InputError, TrainingError) as e:  # the user's input, or a run that cannot go on: one line
         if os.environ.get("AIAYN_DEBUG") == "1":  # the traceback, for a bug report
             raise
         print(f"aiayn: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UserError) else EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (`aiayn ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        return 128 + 13  # a SIGPIPE's exit status
     except OSError as e:
         if os.environ.get("AIAYN_DEBUG") == "1":
             raise

@@ -320,3 +320,16 @@ def test_aiayn_debug_shows_the_traceback(capsys, monkeypatch):
     monkeypatch.setenv("AIAYN_DEBUG", "1")
     with pytest.raises(Exception, match="no such model"):
         main(["translate", "--model", "/no/such/model", "x"])
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly():
+    """`aiayn ... | head`: once head has what it wants, aiayn stops without a word (no "Broken
+    pipe" error, no traceback), with a SIGPIPE's exit status."""
+    import sys
+
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "aiayn", "machine"], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    os.close(read)  # the reader is gone before aiayn writes its first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err.decode() == ""

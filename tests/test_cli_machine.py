@@ -39,7 +39,8 @@ def test_it_says_the_device_auto_and_the_threads(capsys):
     out = _out(capsys).splitlines()
     assert out[0] == capability.probe("cpu").describe()
     assert out[1] == f"auto: {capability.choose_precision('auto', 'cpu')[1]}"
-    assert out[2].startswith(f"threads: {torch.get_num_threads()} ")
+    assert out[2].startswith(f"torch {torch.__version__}")
+    assert out[3].startswith(f"threads: {torch.get_num_threads()} ")
 
 
 def test_each_decision_timed_here_in_words(capsys, library):
