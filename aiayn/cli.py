@@ -918,7 +918,7 @@ def cmd_machine(args) -> int:
         print(f"C kernels: {library}{every if os.environ.get('AIAYN_KERNELS') == 'all' else ''}")
     decisions = {}
     for table in tables:
-        decisions |= tuning.saved(table)[1]
+        decisions |= tuning.saved(table)
     if not decisions:
         print(f"timings: none yet for {threads} thread(s): each choice is timed at its first use")
         return 0

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.configs, args.sentences, args.length, args.batch = "tiny", 16, 6, 8
     gpu = args.device != "cpu"
-    if bench.device_error(args.device, args.clock):
-        p.error(bench.device_error(args.device, args.clock))
+    if error := bench.device_error(args.device, args.clock):
+        p.error(error)
     configs, engines = args.configs.split(","), args.engines.split(",")
     beams = [int(b) for b in args.beams.split(",")]
     for name in configs:

@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.set_threads(args.threads)
     gpu = args.device != "cpu"
-    if bench.device_error(args.device, args.clock):
-        p.error(bench.device_error(args.device, args.clock))
+    if error := bench.device_error(args.device, args.clock):
+        p.error(error)
     print(bench.header("Training throughput: aiayn vs HF MarianMTModel", args.device))
     n = 256 if args.quick else 8192 if gpu else 2048
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

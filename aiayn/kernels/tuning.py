@@ -131,19 +131,12 @@ def torch_table() -> Path:
     return kernels.cache_dir() / f"torch-{machine}"
 
 
-def saved(library_path: str | Path) -> tuple[Path, dict]:
-    """The decisions saved for this library and this process's thread count: (the table's path,
-    {key: decision}, empty if none yet), each decision with its speed-ups and how busy other work kept
-    the CPU while it was timed: {key: (decision, [speed-ups], busy cores or None)}."""
-    path = _path(Path(library_path), torch.get_num_threads())
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if not isinstance(table, dict) or table.get("version") != VERSION:
-        return path, {}
+def saved(library_path: str | Path) -> dict[str, tuple]:
+    """The decisions saved for this library and this process's thread count (empty if none yet):
+    {key: (decision, [speed-ups], how busy other work kept the CPU while it was timed, or None)}."""
+    table = _read(_path(Path(library_path), torch.get_num_threads()))
     keys = [k for k in table if k not in ("version", "threads") and not k.endswith(("_speedups", "_busy"))]
-    return path, {k: (table[k], table.get(f"{k}_speedups", []), table.get(f"{k}_busy")) for k in sorted(keys)}
+    return {k: (table[k], table.get(f"{k}_speedups", []), table.get(f"{k}_busy")) for k in keys}
 
 
 FAMILIES = {  # each family in words (aiayn machine)
@@ -194,16 +187,20 @@ def _path(library_path: Path, threads: int) -> Path:
     return library_path.with_name(f"{library_path.stem}.tuning-{threads}t.json")
 
 
+def _read(path: Path) -> dict:
+    """The table saved at `path`: {} if there is none, or it is unreadable or of another version."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) and table.get("version") == VERSION else {}
+
+
 def _table(library_path: Path) -> dict:
     threads = torch.get_num_threads()
     table = _tables.get((str(library_path), threads))
     if table is None:
-        try:
-            table = json.loads(_path(library_path, threads).read_text())
-        except (OSError, ValueError):
-            table = None
-        if not isinstance(table, dict) or table.get("version") != VERSION:
-            table = {"version": VERSION, "threads": threads}
+        table = _read(_path(library_path, threads)) or {"version": VERSION, "threads": threads}
         disturbed = {k.removesuffix("_busy") for k, v in table.items()
                      if k.endswith("_busy") and isinstance(v, (int, float)) and v > BUSY}
         if disturbed and _quiet_now():  # measured while other work ran, and the CPU is quiet now: again
@@ -216,12 +213,7 @@ def _table(library_path: Path) -> dict:
 
 def _save(table: dict, library_path: Path) -> None:
     path = _path(library_path, table["threads"])
-    try:  # merged with what other processes measured meanwhile; atomic
-        on_disk = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        on_disk = {}
-    if on_disk.get("version") != VERSION:
-        on_disk = {}
+    on_disk = _read(path)  # merged with what other processes measured meanwhile; written atomically
     # what others measured is this process's too, except the disturbed decisions it measures again
     # (kept on disk until it has)
     again = _again.get((str(library_path), table["threads"]), set())

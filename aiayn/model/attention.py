@@ -45,9 +45,10 @@ def _square_causal_mask(length: int, device: torch.device) -> Tensor:
 # 256 0.97-1.43x, 384 1.8-2.0x, 785 (a pixel model's image) 3.6x; forward alone 2.5-7x at 256-785
 FUSED_FROM_KEYS = 256
 # On a GPU, every fused kernel but cuDNN's: cuDNN builds a graph for each new shape (~0.6 s more for
-# a step of new shapes below), and token-budget batches bring a new shape nearly every step. H200, torch 2.11, base model in bf16,
-# batches of 25k tokens, ten steps of new shapes: 33k target tokens/s with cuDNN's, 221k without (HF
-# Marian, which keeps it: 58k / 370k); the same ten shapes again, once built: 249k / 248k.
+# a step of new shapes below), and token-budget batches bring a new shape nearly every step. H200,
+# torch 2.11, base model in bf16, batches of 25k tokens, ten steps of new shapes: 33k target tokens/s
+# with cuDNN's, 221k without (HF Marian, which keeps it: 58k / 370k); the same ten shapes again, once
+# built: 249k / 248k.
 GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
