@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from aiayn import kernels
 from aiayn.model.attention import KVCache, MultiHeadAttention, split_kv
-from aiayn.model.layers import Embedding, TransformerLayer
+from aiayn.model.layers import Embedding, FeedForward, TransformerLayer
 from aiayn.model.transformer import Transformer
 
 
@@ -116,6 +116,28 @@ class FastMultiHeadAttention(MultiHeadAttention):
                 and kernels.supports(q, k, v, mask)):
             return kernels.decode_attention(q, k, v, mask), None
         return super().attend(q, k, v, mask, need_weights)
+
+
+class FastFeedForward(FeedForward):
+    """Training with GELU: the first linear layer's bias and the activation in one kernel call each
+    way (train_step.c; the bias's gradient summed in the backward one), its product made without the
+    bias."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.act is F.gelu and kernels.bias_gelu_takes(x, self.w1.bias):
+            h = _product(self.w1, x)
+            if h is not None:
+                return self.w2(kernels.bias_gelu(h, self.w1.bias))
+        return super().forward(x)
+
+
+def _product(linear: nn.Linear, x: Tensor) -> Tensor | None:
+    """x Wᵀ, the linear layer's product without its bias (on oneDNN where its products are:
+    aiayn.fast.onednn); None for a layer of another kind (a LoRA adapter's)."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight)
+    own = getattr(linear, "product", None)
+    return own(x) if own is not None else None
 
 
 class FastTransformerLayer(TransformerLayer):
@@ -278,4 +300,4 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> (i
 
 
 FAST = {nn.Dropout: FastDropout, Embedding: FastEmbedding, MultiHeadAttention: FastMultiHeadAttention,
-        TransformerLayer: FastTransformerLayer, Transformer: FastTransformer}
+        FeedForward: FastFeedForward, TransformerLayer: FastTransformerLayer, Transformer: FastTransformer}

@@ -76,6 +76,12 @@ class OneDNNTrainingLinear(nn.Linear):
             return F.linear(x, weight, bias)  # oneDNN already serves bf16; this class is for fp32
         return _LinearFn.apply(x, weight, bias)
 
+    def product(self, x: Tensor) -> Tensor:
+        """x Wᵀ without the bias (for a kernel that adds it: aiayn.fast.modules.FastFeedForward)."""
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, self.weight)
+        return _LinearFn.apply(x, self.weight, None)
+
 
 def faster_here() -> bool:
     """Whether oneDNN's GEMMs train fp32 linear layers faster than PyTorch's own on this machine

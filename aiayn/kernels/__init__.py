@@ -3,8 +3,8 @@
 PyTorch's operators cover everything aiayn does; a kernel here does several of them in one call where
 measurement showed that to pay. decode_step.c serves a decoding step: less time, and fewer
 operators, each of which hands the GIL over between decoding threads. train_step.c serves a training
-step: attention and the post-norm residual (dropout + LayerNorm), forward and backward, dropout
-masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no PyTorch headers),
+step: attention, the post-norm residual (dropout + LayerNorm) and the feed-forward's bias + GELU,
+forward and backward, dropout masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no PyTorch headers),
 compiled with the system's C compiler for this CPU (-march=native, capped like oneDNN by
 ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) into a cache directory, and called through ctypes, which
 releases the GIL. Each kernel takes one struct of named, typed arguments and returns a status
@@ -78,7 +78,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 6  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 7  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -139,6 +139,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "residual_norm_forward": _struct("residual_norm_forward", "x y mask w b out z stats", "rows n threads", "eps"),
     "residual_norm_backward": _struct("residual_norm_backward", "dout z mask w stats dx dy partial", "rows n threads"),
     "cross_entropy": _struct("cross_entropy", "logits target losses grad", "stride rows V threads", "eps scale"),
+    "bias_gelu_forward": _struct("bias_gelu_forward", "h bias out grad", "rows n threads"),
+    "bias_gelu_backward": _struct("bias_gelu_backward", "dout grad dh partial", "rows n threads"),
 }
 
 
@@ -1035,3 +1037,51 @@ def cross_entropy(logits: Tensor, target: Tensor, eps: float, scale: float,
     if not _call("cross_entropy_" + _FUNCTIONS[logits.dtype], args, declines=(Status.BAD_INDEX,)):
         raise IndexError(f"target id out of range for {V} classes")
     return losses, grad
+
+
+def bias_gelu_takes(x: Tensor, bias: Tensor | None) -> bool:
+    """Whether `bias_gelu` will take the product of x (..., in) and a linear layer's weight, with
+    this bias: CPU tensors, its product in a dtype the kernels have (that of autocast where it is
+    on), and the kernel faster on this machine. Asked before the product, which it is made without
+    the bias."""
+    if bias is None or bias.dim() != 1 or not (x.is_cpu and bias.is_cpu and available()):
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype in _FUNCTIONS and bias.dtype in _FUNCTIONS and _wins("gelu", dtype)
+
+
+def bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
+    """gelu(h + bias) (GELU's exact form) for the product h (..., n) of a linear layer made without
+    its bias (n,), with a backward pass: one pass each way (train_step.c), the bias's gradient summed
+    in the backward one, where PyTorch makes three (gelu, gelu_backward, the bias's sum). Only where
+    `bias_gelu_takes` said so. Same results as F.gelu(h + bias) to ~1e-7 (fp32) or rounding (bf16)
+    (tests/model/test_train_kernels.py)."""
+    return _BiasGelu.apply(h, bias)
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, bias: Tensor) -> Tensor:
+        h = h.contiguous()
+        b = bias.detach().float().contiguous()
+        out = torch.empty_like(h)
+        grad = torch.empty_like(h) if any(ctx.needs_input_grad) else None  # gelu'(h + bias), for backward
+        n = h.size(-1)
+        _call("bias_gelu_forward_" + _FUNCTIONS[h.dtype], _STRUCTS["bias_gelu_forward"](
+            h=h.data_ptr(), bias=b.data_ptr(), out=out.data_ptr(), grad=grad.data_ptr() if grad is not None else 0,
+            rows=h.numel() // n, n=n, threads=torch.get_num_threads()))
+        ctx.save_for_backward(grad)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        d_out = d_out.to(grad.dtype).contiguous()
+        n, threads = grad.size(-1), torch.get_num_threads()
+        dh = torch.empty_like(grad)
+        partial = torch.zeros(threads, n, dtype=torch.float32)  # each part's sums of the bias's gradient
+        _call("bias_gelu_backward_" + _FUNCTIONS[grad.dtype], _STRUCTS["bias_gelu_backward"](
+            dout=d_out.data_ptr(), grad=grad.data_ptr(), dh=dh.data_ptr(), partial=partial.data_ptr(),
+            rows=grad.numel() // n, n=n, threads=threads))
+        return dh, partial.sum(0).to(ctx.bias_dtype)

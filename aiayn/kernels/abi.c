@@ -94,6 +94,12 @@ TABLE(residual_norm_backward, AIAYN_RESIDUAL_NORM_BACKWARD_ARGS)
 #define ARGS_T cross_entropy_args
 TABLE(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
 #undef ARGS_T
+#define ARGS_T bias_gelu_forward_args
+TABLE(bias_gelu_forward, AIAYN_BIAS_GELU_FORWARD_ARGS)
+#undef ARGS_T
+#define ARGS_T bias_gelu_backward_args
+TABLE(bias_gelu_backward, AIAYN_BIAS_GELU_BACKWARD_ARGS)
+#undef ARGS_T
 
 const aiayn_field *aiayn_abi_fields(const char *kernel, int64_t *size) {
 #define LOOKUP(name)                                                                                  \

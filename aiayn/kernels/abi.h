@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 6
+#define AIAYN_ABI_VERSION 7
 
 typedef enum {
     AIAYN_OK = 0,
@@ -238,12 +238,26 @@ enum {
     X(int64_t, stride) X(int64_t, rows) X(int64_t, V) X(int64_t, threads)                             \
     X(float, eps) X(float, scale)
 
+#define AIAYN_BIAS_GELU_FORWARD_ARGS(X)                                                               \
+    X(const void *, h)         /* (rows, n) contiguous: the first linear layer's product, no bias */  \
+    X(const float *, bias)     /* n */                                                                \
+    X(void *, out)             /* written: (rows, n), gelu(h + bias) */                               \
+    X(void *, grad)            /* written: (rows, n), gelu'(h + bias), for the backward pass; or NULL */ \
+    X(int64_t, rows) X(int64_t, n) X(int64_t, threads)
+
+#define AIAYN_BIAS_GELU_BACKWARD_ARGS(X)                                                              \
+    X(const void *, dout) X(const void *, grad)  /* (rows, n) contiguous each: grad the forward pass's */ \
+    X(void *, dh)              /* written: (rows, n), dout grad */                                    \
+    X(float *, partial)        /* (threads, n) zeros: each part's sums of dh (the bias's gradient) */ \
+    X(int64_t, rows) X(int64_t, n) X(int64_t, threads)
+
 /* Every kernel, with its entry points' variants (suffixes). */
 #define AIAYN_KERNELS(K)                                                                              \
     K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(quantize) K(decoder_layer)        \
     K(decoder_step) K(search) K(greedy)                                                               \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
-    K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)
+    K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)                  \
+    K(bias_gelu_forward) K(bias_gelu_backward)
 
 #define AIAYN_FIELD(type, name) type name;
 #define AIAYN_STRUCT(kernel, ARGS) typedef struct { ARGS(AIAYN_FIELD) } kernel##_args;
@@ -264,6 +278,8 @@ AIAYN_STRUCT(dropout_mask, AIAYN_DROPOUT_MASK_ARGS)
 AIAYN_STRUCT(residual_norm_forward, AIAYN_RESIDUAL_NORM_FORWARD_ARGS)
 AIAYN_STRUCT(residual_norm_backward, AIAYN_RESIDUAL_NORM_BACKWARD_ARGS)
 AIAYN_STRUCT(cross_entropy, AIAYN_CROSS_ENTROPY_ARGS)
+AIAYN_STRUCT(bias_gelu_forward, AIAYN_BIAS_GELU_FORWARD_ARGS)
+AIAYN_STRUCT(bias_gelu_backward, AIAYN_BIAS_GELU_BACKWARD_ARGS)
 
 /* The entry points: <kernel>_f32 and <kernel>_bf16 (the residual norm also _f32_bf16: an fp32 stream,
  * a bf16 sublayer output, as under autocast). argmax writes its `done`, quantize its `zero` and `scale`,
@@ -275,6 +291,7 @@ AIAYN_ENTRY(decoder_step, const) AIAYN_ENTRY(search, ) AIAYN_ENTRY(greedy, )
 AIAYN_ENTRY(attention_forward, const) AIAYN_ENTRY(attention_backward, const)
 AIAYN_ENTRY(dropout_mask, const) AIAYN_ENTRY(residual_norm_forward, const)
 AIAYN_ENTRY(residual_norm_backward, const) AIAYN_ENTRY(cross_entropy, const)
+AIAYN_ENTRY(bias_gelu_forward, const) AIAYN_ENTRY(bias_gelu_backward, const)
 int linear_f32_i8(const linear_args *);  /* int8 weights (tiles with their scales), fp32 inputs */
 int decoder_layer_f32_i8(const decoder_layer_args *);
 int decoder_step_f32_i8(const decoder_step_args *);

@@ -89,6 +89,13 @@ INLINE vec loadv_bf16(const bf16 *p) {
     const uvec w = __builtin_convertvector(h, uvec) << 16;
     vec v; memcpy(&v, &w, sizeof v); return v;
 }
+#if defined(__AVX512BF16__) && LANES == 16
+/* AVX512_BF16's conversion: to_bf16 on every lane in one instruction (the integer rounding below
+ * made the bias + GELU kernel's bf16 forward pass 1.5x slower than its fp32 one on a Zen 4), except
+ * that it flushes subnormal values (below 2^-126) to zero, where to_bf16 rounds them. */
+#include <immintrin.h>
+INLINE void storev_bf16(bf16 *p, vec v) { const __m256bh h = _mm512_cvtneps_pbh((__m512)v); memcpy(p, &h, sizeof h); }
+#else
 INLINE void storev_bf16(bf16 *p, vec v) {  /* to_bf16 on every lane */
     uvec u; memcpy(&u, &v, sizeof u);
     const uvec nan = (uvec)((u & 0x7FFFFFFF) > 0x7F800000);  /* all ones where NaN */
@@ -96,6 +103,7 @@ INLINE void storev_bf16(bf16 *p, vec v) {  /* to_bf16 on every lane */
     const hvec h = __builtin_convertvector(u, hvec);
     memcpy(p, &h, sizeof h);
 }
+#endif
 /* the lanes of yes where mask is all ones, of no where it is zero (a comparison's result) */
 INLINE vec pickv(ivec mask, vec yes, vec no) {
     ivec y, n; memcpy(&y, &yes, sizeof y); memcpy(&n, &no, sizeof n);

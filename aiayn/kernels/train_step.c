@@ -5,6 +5,7 @@
  *   dropout_mask_*                                   dropout's scaled mask
  *   residual_norm_forward_*, residual_norm_backward_*  LayerNorm(x + dropout(y)), the post-norm residual
  *   cross_entropy_*                                  label-smoothed cross-entropy and its gradient
+ *   bias_gelu_*                                      the feed-forward's bias + GELU, forward and backward
  *
  * Attention: the forward and backward passes of multi-head attention (§3.2),
  *
@@ -686,3 +687,82 @@ int cross_entropy_##T(const cross_entropy_args *a) {                            
 
 DEFINE_CROSS_ENTROPY(f32, from_f32, loadv_f32, to_f32, storev_f32)
 DEFINE_CROSS_ENTROPY(bf16, from_bf16, loadv_bf16, to_bf16, storev_bf16)
+
+/* ------------------------------------------------------------ the feed-forward's bias + GELU (§3.3)
+ * Forward: out = gelu(h + bias), where h = x W1ᵀ is the first linear layer's product without its
+ * bias and gelu(u) = u Φ(u), Φ the standard normal's CDF (GELU's exact form, F.gelu's default); and,
+ * for the backward pass, grad = gelu'(h + bias) = Φ + u φ, φ the normal's density. Backward:
+ * dh = dout grad and the bias's gradient, the sum of dh over rows, as one row of partial sums per
+ * part (`partial`: parts x n fp32, summed by the caller). PyTorch: the bias added in the GEMM, gelu,
+ * then gelu_backward (which computes erf and exp again) and the bias's sum, another pass. Φ from erf
+ * by Abramowitz and Stegun's 7.1.26 (|error| < 1.5e-7), whose exp(-u²/2) is also φ's: one exp an
+ * element,
+ *     Φ(u) = 1 - q (u >= 0), q (u < 0),   q = exp(-u²/2) t (a1 + t (a2 + ... + t a5)) / 2,
+ *     t = 1 / (1 + p |u| / sqrt 2).
+ * Rows are computed in vectors of LANES, each row's tail (n % LANES) through copies padded with
+ * zeros. Arguments: bias_gelu_forward_args, bias_gelu_backward_args (abi.h). */
+INLINE vec gelu_cdf(vec u, vec *pdf) {  /* Φ(u), and φ(u) into *pdf */
+    const vec zero = {0};
+    const vec a = pickv(u < 0.f, zero - u, u) * 0.70710678f;  /* |u| / sqrt 2 */
+    const vec t = 1.f / (1.f + 0.3275911f * a);
+    const vec e = expv_nonpositive(zero - a * a);
+    const vec q = 0.5f * e * t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+                  + t * (-1.453152027f + t * 1.061405429f))));
+    *pdf = e * 0.39894228f;  /* exp(-u²/2) / sqrt(2 pi) */
+    return pickv(u < 0.f, q, 1.f - q);
+}
+
+#define DEFINE_BIAS_GELU(T, LOADV, STOREV)                                                            \
+static void bias_gelu_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+    (void)scratch; (void)index;                                                                       \
+    const bias_gelu_forward_args *a = args;                                                           \
+    const T *h = a->h; const float *bias = a->bias; T *out = a->out, *grad = a->grad;                 \
+    const int64_t n = a->n, m = n % LANES;                                                            \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+        const T *hr = h + r * n; T *o = out + r * n, *g = grad ? grad + r * n : NULL;                 \
+        T ht[LANES] = {0}, ot[LANES], gt[LANES]; float bt[LANES] = {0};  /* the tail's */             \
+        if (m) { memcpy(ht, hr + n - m, m * sizeof(T)); memcpy(bt, bias + n - m, m * sizeof(float)); } \
+        for (int64_t j = 0; j < n; j += LANES) {                                                      \
+            const int whole = j + LANES <= n;                                                         \
+            const vec u = LOADV(whole ? hr + j : ht) + loadv_f32(whole ? bias + j : bt);              \
+            vec pdf;                                                                                  \
+            const vec cdf = gelu_cdf(u, &pdf);                                                        \
+            STOREV(whole ? o + j : ot, u * cdf);                                                      \
+            if (g) STOREV(whole ? g + j : gt, cdf + u * pdf);                                         \
+        }                                                                                             \
+        if (m) { memcpy(o + n - m, ot, m * sizeof(T)); if (g) memcpy(g + n - m, gt, m * sizeof(T)); } \
+    }                                                                                                 \
+}                                                                                                     \
+int bias_gelu_forward_##T(const bias_gelu_forward_args *a) {                                          \
+    AIAYN_REQUIRE(a->h && a->bias && a->out, AIAYN_NULL_POINTER);                                     \
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);                                         \
+    return parallel(bias_gelu_part_##T, a, a->rows, a->threads, 0);                                   \
+}                                                                                                     \
+static void bias_gelu_back_part_##T(const void *args, int64_t lo, int64_t hi, float *scratch, int64_t index) { \
+    (void)scratch;                                                                                    \
+    const bias_gelu_backward_args *a = args;                                                          \
+    const T *dout = a->dout, *grad = a->grad; T *dh = a->dh;                                          \
+    const int64_t n = a->n, m = n % LANES;                                                            \
+    float *db = a->partial + index * n;                                                               \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+        const T *dr = dout + r * n, *gr = grad + r * n; T *o = dh + r * n;                            \
+        T dt[LANES] = {0}, gt[LANES] = {0}, ot[LANES]; float bt[LANES] = {0};  /* the tail's */       \
+        if (m) { memcpy(dt, dr + n - m, m * sizeof(T)); memcpy(gt, gr + n - m, m * sizeof(T)); memcpy(bt, db + n - m, m * 4); } \
+        for (int64_t j = 0; j < n; j += LANES) {                                                      \
+            const int whole = j + LANES <= n;                                                         \
+            const vec d = LOADV(whole ? dr + j : dt) * LOADV(whole ? gr + j : gt);                    \
+            STOREV(whole ? o + j : ot, d);                                                            \
+            float *dbj = whole ? db + j : bt;                                                         \
+            storev_f32(dbj, loadv_f32(dbj) + d);                                                      \
+        }                                                                                             \
+        if (m) { memcpy(o + n - m, ot, m * sizeof(T)); memcpy(db + n - m, bt, m * 4); }               \
+    }                                                                                                 \
+}                                                                                                     \
+int bias_gelu_backward_##T(const bias_gelu_backward_args *a) {                                        \
+    AIAYN_REQUIRE(a->dout && a->grad && a->dh && a->partial, AIAYN_NULL_POINTER);                     \
+    AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);                                         \
+    return parallel(bias_gelu_back_part_##T, a, a->rows, a->threads, 0);                              \
+}
+
+DEFINE_BIAS_GELU(f32, loadv_f32, storev_f32)
+DEFINE_BIAS_GELU(bf16, loadv_bf16, storev_bf16)

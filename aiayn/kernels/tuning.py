@@ -15,6 +15,8 @@ layers up to the most rows, beam search's step up to the most sentences (at 16, 
                   size, 2,048 tokens, lengths 32-128
     residual      training's post-norm residual x + dropout(y) -> LayerNorm, (2048, 256)
     dropout       dropout masks, (2048, 1024)
+    gelu          training's feed-forward bias + GELU after its first product, (2048, 16) -> 1024
+                  (bf16: under autocast, as training runs it)
     loss          label-smoothed cross-entropy, (512, 8000)
     decode        greedy decoding of 16 sentences by a 1+2-layer model, vocabulary 8,000 (attention
                   steps, residual + norm, argmax, embedding)
@@ -141,7 +143,7 @@ def saved(library_path: str | Path) -> dict[str, tuple]:
 
 FAMILIES = {  # each family in words (aiayn machine)
     "attention": "training attention", "residual": "training residual + LayerNorm", "dropout": "dropout masks",
-    "loss": "training loss", "decode": "a decoding step's small operators", "beam": "beam search's step",
+    "loss": "training loss", "gelu": "training feed-forward's bias + GELU", "decode": "a decoding step's small operators", "beam": "beam search's step",
     "linear": "a decoding step's linear layers", "layer": "a decoder layer's whole step",
     "gemm": "fp32 training's linear layers on oneDNN (else PyTorch's own GEMM)"}
 
@@ -544,6 +546,25 @@ def _dropout(dtype):
     return lambda: dropout(x, 0.1)
 
 
+def _gelu(dtype):
+    import torch.nn.functional as F
+
+    from aiayn import kernels
+
+    w1 = torch.nn.Linear(16, 1024)  # a narrow input: the products (the same on and off) take little
+    x = torch.randn(2048, 16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def step():
+        with autocast:
+            if kernels.bias_gelu_takes(x, w1.bias):
+                y = kernels.bias_gelu(F.linear(x, w1.weight), w1.bias)
+            else:
+                y = F.gelu(w1(x))
+        y.backward(torch.ones_like(y))
+    return step
+
+
 def _loss(dtype):
     from aiayn.train.loss import label_smoothed_cross_entropy
 
@@ -609,4 +630,4 @@ def _gemm(dtype):
     return step
 
 
-MEASURES = {"residual": _residual, "dropout": _dropout, "loss": _loss, "decode": _decode, "beam": _beam, "gemm": _gemm}
+MEASURES = {"residual": _residual, "dropout": _dropout, "gelu": _gelu, "loss": _loss, "decode": _decode, "beam": _beam, "gemm": _gemm}

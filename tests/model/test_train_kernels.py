@@ -36,8 +36,8 @@ def _reference(x_q, x_kv, mask, H, D, k_col):
     return (weights @ v).transpose(1, 2).reshape(B, T, D)
 
 
-def _close(ours, reference, tol):
-    scale = reference.abs().max().clamp_min(1e-6)
+def _close(ours, reference, tol, floor=1e-6):
+    scale = reference.abs().max().clamp_min(floor)
     assert ((ours.double() - reference).abs().max() / scale).item() < tol
 
 
@@ -304,3 +304,81 @@ def test_without_openmp_the_kernels_use_their_own_threads_and_agree(monkeypatch,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(with_openmp[4], without[4]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(rows=st.integers(1, 30), width=st.sampled_from([1, 7, 16, 33, 512]), spread=st.sampled_from([0.1, 3.0, 30.0]),
+       dtype=st.sampled_from([*sorted(DTYPES), "autocast"]), seed=st.integers(0, 2**16))
+def test_bias_gelu_matches_pytorch_in_float64(rows, width, spread, dtype, seed):
+    # autocast: a bf16 product and an fp32 bias (the parameter), whose gradient stays fp32
+    g = torch.Generator().manual_seed(seed)
+    dt, tol = DTYPES["bf16" if dtype == "autocast" else dtype]
+    b_dt = torch.float32 if dtype == "autocast" else dt
+    h, b, grad = spread * torch.randn(rows, width, generator=g), torch.randn(width, generator=g), torch.randn(rows, width, generator=g)
+    ours_h, ours_b = h.to(dt).requires_grad_(), b.to(b_dt).requires_grad_()
+    out = kernels.bias_gelu(ours_h, ours_b)
+    out.backward(grad.to(dt))
+    ref_h, ref_b = ours_h.detach().double().requires_grad_(), ours_b.detach().double().requires_grad_()
+    expected = torch.nn.functional.gelu(ref_h + ref_b)
+    expected.backward(grad.to(dt).double())
+    assert out.dtype == dt and ours_h.grad.dtype == dt and ours_b.grad.dtype == b_dt
+    # to the tolerance of values of 1 at least: GELU's negative tail, -u Φ(u), is small, and 1 + erf
+    # there loses the same digits in PyTorch's fp32 as in ours (~1e-7 of |u|, absolute)
+    _close(out, expected, tol, floor=1.0)
+    _close(ours_h.grad, ref_h.grad, tol, floor=1.0)
+    _close(ours_b.grad, ref_b.grad, tol, floor=1.0)
+
+
+def test_bias_gelu_is_exact_to_fp32_at_the_extremes():
+    u = torch.tensor([[0.0, -0.0, 1e-30, -1e-3, 1e-3, -5.0, 5.0, -12.0, 12.0, -50.0, 50.0, -3e38, 3e38]]).requires_grad_()
+    out = kernels.bias_gelu(u, torch.zeros(u.size(1)))
+    out.sum().backward()
+    ref = u.detach().double().requires_grad_()
+    torch.nn.functional.gelu(ref).sum().backward()
+    torch.testing.assert_close(out.double(), torch.nn.functional.gelu(ref.detach()), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(u.grad.double(), ref.grad, rtol=1e-6, atol=1e-7)
+    assert kernels.bias_gelu(torch.tensor([[float("nan")]]), torch.zeros(1)).isnan().all()
+
+
+def test_bias_gelu_takes_what_it_computes():
+    x, bias = torch.randn(4, 8), torch.randn(16)
+    assert kernels.bias_gelu_takes(x, bias)
+    assert not kernels.bias_gelu_takes(x.double(), bias)      # float64
+    assert not kernels.bias_gelu_takes(x, None)               # no bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):        # its product will be bf16
+        assert kernels.bias_gelu_takes(x, bias) == bool(kernels._wins("gelu", torch.bfloat16))
+
+
+def _gelu_lm(d_model=32):
+    return ModelConfig(vocab_size=50, d_model=d_model, n_heads=4, d_ff=72, n_encoder_layers=0, n_decoder_layers=2,
+                       dropout=0.0, max_len=16, norm_first=True, activation="gelu", positional="learned")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_gelu_model_trains_through_the_kernel_with_pytorchs_gradients(monkeypatch, record, precision):
+    from aiayn.fast import for_training
+    from aiayn.lora import LoRAConfig, add_lora
+    from aiayn.tasks.lm import lm_loss
+
+    torch.manual_seed(0)
+    monkeypatch.setenv("AIAYN_KERNELS", "all")  # fp32: the linear layers on oneDNN, where torch has it
+    model = for_training(build_model(_gelu_lm()), precision, "cpu").train()
+    x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    calls = record(kernels, "bias_gelu")
+    grads = {}
+    for setting in ("all", "0"):
+        monkeypatch.setenv("AIAYN_KERNELS", setting)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = lm_loss(model, x, y)
+        loss.backward()
+        grads[setting] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(calls) == 2  # AIAYN_KERNELS=all: each layer's feed-forward; =0: none
+    tol = dict(rtol=1e-4, atol=1e-6) if precision == "fp32" else dict(rtol=0.05, atol=2e-3)
+    for name, grad in grads["all"].items():
+        torch.testing.assert_close(grad, grads["0"][name], **tol, msg=name)
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    adapted = accelerate(build_model(_gelu_lm())).train()
+    add_lora(adapted, LoRAConfig(rank=2, targets=("ff",)))  # an adapter's product is its own: PyTorch's path
+    lm_loss(adapted, x, y).backward()
+    assert len(calls) == 2
