@@ -80,18 +80,29 @@ class Bf16Twin:
             p.data = p.data.to(torch.bfloat16)
         self._master = list(master.parameters())
         self._bf16 = list(self.model.parameters())
+        self._buffers: dict[torch.Tensor, torch.Tensor] = {}  # master -> the storage of its fp32 gradient
 
     @torch.no_grad()
     def collect_grads(self) -> None:
-        """Add the copy's gradients into the masters' (fp32) and clear the copy's."""
+        """Add the copy's gradients into the masters' (fp32) and clear the copy's. Where a master has
+        none yet (the optimizer's zero_grad sets them to None), its gradient is converted into an
+        fp32 buffer kept from update to update, all of them in one foreach operator."""
+        fresh, buffers, grads = [], [], []
         for m, b in zip(self._master, self._bf16):
             if b.grad is None:
                 continue
             if m.grad is None:
-                m.grad = b.grad.float()
+                buffer = self._buffers.get(m)
+                if buffer is None:
+                    buffer = self._buffers[m] = torch.empty_like(m)
+                fresh.append(m), buffers.append(buffer), grads.append(b.grad)
             else:
                 m.grad.add_(b.grad)
             b.grad = None
+        if fresh:
+            torch._foreach_copy_(buffers, grads)
+            for m, buffer in zip(fresh, buffers):
+                m.grad = buffer
 
     @torch.no_grad()
     def sync(self) -> None:

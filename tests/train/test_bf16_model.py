@@ -44,6 +44,13 @@ def test_gradients_are_added_into_fp32_masters_and_cleared():
     for p, g1, g2 in zip(master.parameters(), *grads, strict=True):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, g1 + g2, rtol=0, atol=0)
+    master.zero_grad(set_to_none=True)  # the next update (its fp32 buffers are the last update's)
+    for q in twin.model.parameters():
+        q.grad = torch.randn_like(q)
+    new = [q.grad.float() for q in twin.model.parameters()]
+    twin.collect_grads()
+    for p, g in zip(master.parameters(), new, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
 
 
 @pytest.mark.bf16
