@@ -387,7 +387,6 @@ DEFINE_BEAM(beam_bf16, bf16, from_bf16, loadv_bf16)
 typedef float lin_vec __attribute__((vector_size(4 * LIN_VW)));  /* the CPU's vector of floats (NEON, SSE: two) */
 typedef int32_t lin_ivec __attribute__((vector_size(4 * LIN_VW)));
 typedef uint32_t lin_uvec __attribute__((vector_size(4 * LIN_VW)));
-typedef uint16_t lin_hvec __attribute__((vector_size(2 * LIN_VW)));
 #define LIN_PW (2 * LIN_VW)  /* outputs per panel */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -417,15 +416,19 @@ static inline lin_vec lin_relu(lin_vec v) {  /* the same on a lin_vec */
     memcpy(&v, &bits, sizeof v);
     return v;
 }
+#if LIN_VW == LANES  /* x86 with AVX: the CPU's vectors, common.h's */
+#define lin_load_f32 loadv_f32
+#define lin_store_f32 storev_f32
+#define lin_store_bf16 storev_bf16
+#else  /* NEON, SSE: two of common.h's vectors */
 static inline lin_vec lin_load_f32(const float *p) { lin_vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void lin_store_f32(float *p, lin_vec v) { memcpy(p, &v, sizeof v); }
-static inline void lin_store_bf16(bf16 *p, lin_vec v) {  /* to_bf16 on every lane */
-    lin_uvec u; memcpy(&u, &v, sizeof u);
-    const lin_uvec nan = (lin_uvec)((u & 0x7FFFFFFF) > 0x7F800000);  /* all ones where NaN */
-    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (0x7FC0 & nan);
-    const lin_hvec h = __builtin_convertvector(u, lin_hvec);
-    memcpy(p, &h, sizeof h);
+static inline void lin_store_bf16(bf16 *p, lin_vec v) {
+    vec half[2]; memcpy(half, &v, sizeof half);
+    storev_bf16(p, half[0]);
+    storev_bf16(p + LANES, half[1]);
 }
+#endif
 
 /* Where vector c (0, 1) of the panel that starts at tile t reads its weights: its tile (the last
  * tile again past the end: computed, never stored) and its first output in that tile. */
