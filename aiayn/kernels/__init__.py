@@ -4,12 +4,12 @@ PyTorch's operators cover everything aiayn does; a kernel here does several of t
 measurement showed that to pay. decode_step.c serves a decoding step: less time, and fewer
 operators, each of which hands the GIL over between decoding threads. train_step.c serves a training
 step: attention, the post-norm residual (dropout + LayerNorm) and the feed-forward's bias + GELU,
-forward and backward, dropout masks and the loss, on PyTorch's own OpenMP threads. The kernels are plain C (no PyTorch headers),
-compiled with the system's C compiler for this CPU (-march=native, capped like oneDNN by
-ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) into a cache directory, and called through ctypes, which
-releases the GIL. Each kernel takes one struct of named, typed arguments and returns a status
-(abi.h states the contract); the structs' ctypes mirrors are below, compared field by field with
-the library's own table when it loads, and the kernels' limits are read from it.
+forward and backward, dropout masks and the loss, on PyTorch's own OpenMP threads. The kernels are
+plain C (no PyTorch headers), compiled with the system's C compiler for this CPU (-march=native,
+capped like oneDNN by ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) into a cache directory, and called
+through ctypes, which releases the GIL. Each kernel takes one struct of named, typed arguments and
+returns a status (abi.h states the contract); the structs' ctypes mirrors are below, compared field
+by field with the library's own table when it loads, and the kernels' limits are read from it.
 
 Whether a kernel pays depends on the CPU (on an AVX2-only one the training attention and the loss
 lose to PyTorch), so each family is timed against PyTorch's operators on this machine the first
@@ -1046,7 +1046,8 @@ def bias_gelu_takes(x: Tensor, bias: Tensor | None) -> bool:
     the bias."""
     if bias is None or bias.dim() != 1 or not (x.is_cpu and bias.is_cpu and available()):
         return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    autocast = torch.is_autocast_enabled("cpu") and x.dtype == torch.float32  # (it casts fp32 only)
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     return dtype in _FUNCTIONS and bias.dtype in _FUNCTIONS and _wins("gelu", dtype)
 
 

@@ -256,7 +256,7 @@ enum {
     K(attend) K(add_norm) K(argmax) K(embed) K(beam) K(linear) K(quantize) K(decoder_layer)        \
     K(decoder_step) K(search) K(greedy)                                                               \
     K(attention_forward) K(attention_backward) K(dropout_mask)                                        \
-    K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)                  \
+    K(residual_norm_forward) K(residual_norm_backward) K(cross_entropy)                              \
     K(bias_gelu_forward) K(bias_gelu_backward)
 
 #define AIAYN_FIELD(type, name) type name;

@@ -143,7 +143,8 @@ def saved(library_path: str | Path) -> dict[str, tuple]:
 
 FAMILIES = {  # each family in words (aiayn machine)
     "attention": "training attention", "residual": "training residual + LayerNorm", "dropout": "dropout masks",
-    "loss": "training loss", "gelu": "training feed-forward's bias + GELU", "decode": "a decoding step's small operators", "beam": "beam search's step",
+    "loss": "training loss", "gelu": "training feed-forward's bias + GELU",
+    "decode": "a decoding step's small operators", "beam": "beam search's step",
     "linear": "a decoding step's linear layers", "layer": "a decoder layer's whole step",
     "gemm": "fp32 training's linear layers on oneDNN (else PyTorch's own GEMM)"}
 
@@ -630,4 +631,5 @@ def _gemm(dtype):
     return step
 
 
-MEASURES = {"residual": _residual, "dropout": _dropout, "gelu": _gelu, "loss": _loss, "decode": _decode, "beam": _beam, "gemm": _gemm}
+MEASURES = {"residual": _residual, "dropout": _dropout, "gelu": _gelu, "loss": _loss, "decode": _decode, "beam": _beam,
+            "gemm": _gemm}

@@ -347,22 +347,27 @@ def test_bias_gelu_takes_what_it_computes():
     assert not kernels.bias_gelu_takes(x, None)               # no bias
     with torch.autocast("cpu", dtype=torch.bfloat16):        # its product will be bf16
         assert kernels.bias_gelu_takes(x, bias) == bool(kernels._wins("gelu", torch.bfloat16))
+        assert not kernels.bias_gelu_takes(x.double(), bias)  # autocast leaves float64 as it is
 
 
-def _gelu_lm(d_model=32):
-    return ModelConfig(vocab_size=50, d_model=d_model, n_heads=4, d_ff=72, n_encoder_layers=0, n_decoder_layers=2,
+def _gelu_lm():
+    return ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=72, n_encoder_layers=0, n_decoder_layers=2,
                        dropout=0.0, max_len=16, norm_first=True, activation="gelu", positional="learned")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_gelu_model_trains_through_the_kernel_with_pytorchs_gradients(monkeypatch, record, precision):
     from aiayn.fast import for_training
+    from aiayn.fast.inference import onednn_available
+    from aiayn.fast.onednn import OneDNNTrainingLinear
     from aiayn.lora import LoRAConfig, add_lora
     from aiayn.tasks.lm import lm_loss
 
     torch.manual_seed(0)
     monkeypatch.setenv("AIAYN_KERNELS", "all")  # fp32: the linear layers on oneDNN, where torch has it
     model = for_training(build_model(_gelu_lm()), precision, "cpu").train()
+    on_onednn = precision == "fp32" and onednn_available()
+    assert all((type(m.ff.w1) is OneDNNTrainingLinear) == on_onednn for m in model.decoder.layers)
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     calls = record(kernels, "bias_gelu")
     grads = {}
