@@ -159,6 +159,23 @@ static void training(void) {
         .threads = 2}));
     show("residual_norm_backward_f32_dx", dx, 3 * N);
     show("residual_norm_backward_f32_partial", partial, 2 * 2 * N);
+
+    float *h = randoms(3 * N, 3.f), gelu[3 * N], slope[3 * N], dh[3 * N], bias_grad[2 * N] = {0};
+    check("bias_gelu_forward_f32", bias_gelu_forward_f32(&(bias_gelu_forward_args){
+        .h = h, .bias = b, .out = gelu, .grad = slope, .rows = 3, .n = N, .threads = 2}));
+    show("bias_gelu_forward_f32", gelu, 3 * N);
+    check("bias_gelu_backward_f32", bias_gelu_backward_f32(&(bias_gelu_backward_args){
+        .dout = g, .grad = slope, .dh = dh, .partial = bias_grad, .rows = 3, .n = N, .threads = 2}));
+    show("bias_gelu_backward_f32_dh", dh, 3 * N);
+    show("bias_gelu_backward_f32_partial", bias_grad, 2 * N);
+    bf16 *hb = bf16s(h, 3 * N), *gb = bf16s(g, 3 * N), gelu_b[3 * N], slope_b[3 * N], dh_b[3 * N];
+    float bias_grad_b[2 * N] = {0};
+    check("bias_gelu_forward_bf16", bias_gelu_forward_bf16(&(bias_gelu_forward_args){
+        .h = hb, .bias = b, .out = gelu_b, .grad = slope_b, .rows = 3, .n = N, .threads = 1}));
+    show_bf16("bf16_bias_gelu_forward", gelu_b, 3 * N);
+    check("bias_gelu_backward_bf16", bias_gelu_backward_bf16(&(bias_gelu_backward_args){
+        .dout = gb, .grad = slope_b, .dh = dh_b, .partial = bias_grad_b, .rows = 3, .n = N, .threads = 1}));
+    show_bf16("bf16_bias_gelu_backward_dh", dh_b, 3 * N);
 }
 
 /* A random 2-layer post-norm decoder (D 32, 2 heads of 16, d_ff 48, vocab 37) over a source of 5
