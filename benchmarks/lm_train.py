@@ -10,7 +10,8 @@ for a CPU: 4 layers, 4 heads, d_model 128, context 64, batch 12, 2000 steps, dro
 (0.9, 0.99), weight decay 0.1, lr 1e-3 warmed up over 100 steps then cosine-decayed to 1e-4,
 gradients clipped at 1. Characters are tokens; the first 90% of the text trains, the last 10%
 validates. The run is the one `aiayn train lm` makes: the shared Trainer, into a temporary run
-directory, validating and checkpointing once, at the end.
+directory, validating and checkpointing once, at the end. A 10-step run goes first, untimed: on a
+machine's first use it builds aiayn's kernels and times them (once per machine, then cached).
 
 Reported:
   wall s         the whole Trainer.run: 2000 steps, the final validation, the checkpoint and plot
@@ -173,6 +174,9 @@ def main() -> None:
         p.error("--nanogpt-runs must be at least 1")
 
     text, runs, plain, peers = read_text(SHAKESPEARE), [], [], []
+    # untimed: a first use builds aiayn's kernels and times them against PyTorch's on this machine,
+    # once per machine (cached), which would otherwise fall into the first seed's time
+    run(text, seeds[0], 10, args.precision, 1)
     for seed in seeds:
         runs.append(run(text, seed, args.steps, args.precision, args.eval_iters))
         if args.without_kernels:  # the same run right after, AIAYN_KERNELS=0 (read at every kernel call)
