@@ -36,11 +36,20 @@ on a Zen 5 (2 cores): compare with it only on such a machine.
 
     python benchmarks/lm_train.py --seeds 1 --nanogpt ../nanoGPT
     python benchmarks/lm_train.py --seeds 1,2 --nanogpt ../nanoGPT --nanogpt-runs 2   # aiayn, nanoGPT, aiayn, nanoGPT
+
+A change of a few percent is lost in such drift between whole runs. `--alternate` times the
+training step alone instead: one Trainer per setting in this process, blocks of 25 steps taken in
+turn (--rounds of them each), so that every setting meets the drift alike; a setting is a precision,
+with `:nokernels` for AIAYN_KERNELS=0 (its model built that way too: fp32's linear layers stay on
+PyTorch's GEMM):
+
+    python benchmarks/lm_train.py --alternate bf16,bf16:nokernels,bf16-model --rounds 10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
@@ -146,6 +155,53 @@ def run(text: str, seed: int, steps: int, precision: str | None, eval_iters: int
             "step_ms": statistics.median(1e3 * (b - a) for a, b in zip(ends, ends[1:])) if len(ends) > 1 else 0.0}
 
 
+@contextlib.contextmanager
+def kernels_off(off: bool):
+    """AIAYN_KERNELS=0 inside (read at every kernel call), as it was outside."""
+    setting = os.environ.get("AIAYN_KERNELS")
+    if off:
+        os.environ["AIAYN_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if setting is None:
+            os.environ.pop("AIAYN_KERNELS", None)
+        else:
+            os.environ["AIAYN_KERNELS"] = setting
+
+
+def alternate(text: str, settings: list[str], rounds: int, block: int = 25) -> None:
+    """Each setting's training step, timed in blocks of `block` steps taken in turn, `rounds` times
+    (the first 5 steps of each setting's first block left out: allocations, oneDNN's primitives)."""
+    model_cfg, train_cfg = PRESETS["shakespeare-cpu"]
+    tokenizer = train_tokenizer("char", text)
+    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, max_len=train_cfg.context)
+    task = LMTask.from_text(text, tokenizer, train_cfg.batch_size, train_cfg.context)
+    trainers, times = {}, {s: [] for s in settings}
+    with tempfile.TemporaryDirectory() as root:
+        for i, setting in enumerate(settings):
+            precision, _, kernels = setting.partition(":")
+            with kernels_off(kernels == "nokernels"):
+                torch.manual_seed(1)
+                trainers[setting] = Trainer(task, build_model(model_cfg), tokenizer,
+                                            train_cfg.replace(precision=precision, seed=1), Path(root) / str(i))
+        for r in range(rounds):
+            for setting, trainer in trainers.items():
+                with kernels_off(setting.endswith(":nokernels")):
+                    for j in range(block):
+                        t = time.perf_counter()
+                        trainer.train_step()
+                        if r or j >= 5:
+                            times[setting].append(time.perf_counter() - t)
+    first = statistics.median(times[settings[0]])
+    print(f"{rounds} rounds of {block} steps each, in turn, {torch.get_num_threads()} threads")
+    print(f"{'setting':<24} {'median step ms':>14} {'p10 ms':>8} {'vs ' + settings[0]:>14}")
+    for setting, ts in times.items():
+        median = statistics.median(ts)
+        print(f"{setting + ' (' + trainers[setting].cfg.precision + ')':<24} {1e3 * median:>14.2f} "
+              f"{1e3 * sorted(ts)[len(ts) // 10]:>8.2f} {first / median:>13.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2000)
@@ -160,6 +216,10 @@ def main() -> None:
     p.add_argument("--without-kernels", action="store_true",
                    help="after each seed's run, the same run with AIAYN_KERNELS=0: a row of its own")
     p.add_argument("--quick", action="store_true", help="50 steps, 20 eval batches, one seed")
+    p.add_argument("--alternate", metavar="A,B,...",
+                   help="time the step alone, in blocks of 25 steps taken in turn by these settings in this "
+                        "process: precisions, each with ':nokernels' for AIAYN_KERNELS=0 (e.g. bf16,bf16:nokernels)")
+    p.add_argument("--rounds", type=int, default=10, help="with --alternate: blocks per setting (default 10)")
     args = p.parse_args()
     bound_primitive_caches(TRAINING_PRIMITIVES)  # as `aiayn train` runs (before any oneDNN op)
     keep_freed_memory()  # as the CLI runs every command
@@ -172,6 +232,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.nanogpt_runs < 1:
         p.error("--nanogpt-runs must be at least 1")
+    if args.alternate is not None:
+        settings = [s.strip() for s in args.alternate.split(",") if s.strip()]
+        for setting in settings:
+            precision, _, kernels = setting.partition(":")
+            if precision not in ("auto", "fp32", "bf16", "bf16-model") or kernels not in ("", "nokernels"):
+                p.error(f"--alternate: {setting!r} is not a precision (auto, fp32, bf16, bf16-model), "
+                        "with or without ':nokernels'")
+            if missing := bench.lacks(precision):
+                p.error(f"--alternate {setting}: {missing}")
+        if not settings or args.rounds < 1:
+            p.error("--alternate needs at least one setting, and --rounds at least 1")
+        alternate(read_text(SHAKESPEARE), settings, args.rounds)
+        return
 
     text, runs, plain, peers = read_text(SHAKESPEARE), [], [], []
     # untimed: a first use builds aiayn's kernels and times them against PyTorch's on this machine,
@@ -179,14 +252,9 @@ def main() -> None:
     run(text, seeds[0], 10, args.precision, 1)
     for seed in seeds:
         runs.append(run(text, seed, args.steps, args.precision, args.eval_iters))
-        if args.without_kernels:  # the same run right after, AIAYN_KERNELS=0 (read at every kernel call)
-            setting = os.environ.get("AIAYN_KERNELS")
-            os.environ["AIAYN_KERNELS"] = "0"
-            plain.append(run(text, seed, args.steps, args.precision, args.eval_iters))
-            if setting is None:
-                del os.environ["AIAYN_KERNELS"]
-            else:
-                os.environ["AIAYN_KERNELS"] = setting
+        if args.without_kernels:  # the same run right after, AIAYN_KERNELS=0
+            with kernels_off(True):
+                plain.append(run(text, seed, args.steps, args.precision, args.eval_iters))
         if len(runs) == 1:
             print(f"aiayn shakespeare-cpu: {runs[0]['params'] / 1e6:.2f}M parameters, {runs[0]['precision']}, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)

@@ -1,6 +1,6 @@
 """The training kernels (aiayn/kernels/train_step.c) against PyTorch's operators on the same inputs:
 attention (causal, and over every key), the label-smoothed loss, the post-norm residual, dropout's
-mask, forward and backward, each in fp32 and in bf16 where this CPU computes it natively. CPU ms a
+mask, the feed-forward's bias + GELU, forward and backward, each in fp32 and in bf16 where this CPU computes it natively. CPU ms a
 call, the fastest of --reps, kernels and PyTorch taken in turn.
 
     taskset -c 1 python benchmarks/train_kernels.py --threads 1
@@ -62,6 +62,7 @@ def cases(quick: bool):
     yield "loss", "512 x 8,000", "loss", 0, 0, tuning.MEASURES["loss"]
     yield "residual + LayerNorm", "2048 x 256", "residual", 0, 0, tuning.MEASURES["residual"]
     yield "dropout mask", "2048 x 1,024", "dropout", 0, 0, tuning.MEASURES["dropout"]
+    yield "bias + GELU", "2048 x 16 -> 1,024", "gelu", 0, 0, tuning.MEASURES["gelu"]
 
 
 def main() -> None:

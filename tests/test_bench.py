@@ -60,7 +60,7 @@ def test_train_kernels_table_compares_each_kernel_with_pytorch():
     if not kernels.available():
         pytest.skip("the kernels are not built here")
     rows = table_rows(run_script("train_kernels.py", "--threads", "1"))
-    assert {r[0] for r in rows} >= {"attention, causal", "attention, every key", "loss", "dropout mask"}
+    assert {r[0] for r in rows} >= {"attention, causal", "attention, every key", "loss", "dropout mask", "bias + GELU"}
     for row in rows:
         assert number(row[3]) > 0 and number(row[4]) > 0 and row[6].split()[0] in ("yes", "no")
 
@@ -100,6 +100,18 @@ def test_the_lm_benchmark_refuses_a_precision_the_cpu_lacks_in_one_line():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("needs bf16 in hardware, and this CPU is capped below bf16 "
                                                          "by ONEDNN_MAX_CPU_ISA=AVX2")
+
+
+def test_the_lm_benchmark_alternates_settings_in_one_process():
+    proc = subprocess.run([sys.executable, str(BENCH / "lm_train.py"), "--alternate", "fp32,fp32:nokernels",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp32")]
+    assert [r[0] for r in rows] == ["fp32", "fp32:nokernels"] and rows[0][-1] == "1.00x"
+    assert all(float(r[2]) > 0 for r in rows)  # median step ms
+    bad = subprocess.run([sys.executable, str(BENCH / "lm_train.py"), "--alternate", "fp32,fp8"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "'fp8' is not a precision" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_train_rejects_no_passes():
