@@ -1,7 +1,7 @@
 """The training kernels (aiayn/kernels/train_step.c) against PyTorch's operators on the same inputs:
 attention (causal, and over every key), the label-smoothed loss, the post-norm residual, dropout's
-mask, the feed-forward's bias + GELU, forward and backward, each in fp32 and in bf16 where this CPU computes it natively. CPU ms a
-call, the fastest of --reps, kernels and PyTorch taken in turn.
+mask, the feed-forward's bias + GELU, forward and backward, each in fp32 and in bf16 where this CPU
+computes it natively. CPU ms a call, the fastest of --reps, kernels and PyTorch taken in turn.
 
     taskset -c 1 python benchmarks/train_kernels.py --threads 1
     python benchmarks/train_kernels.py --quick                      # seconds: that it runs
