@@ -122,16 +122,21 @@ def nanogpt_val_loss(model, task: LMTask, cfg, eval_iters: int, seed: int = 1337
     return losses.mean().item(), (losses.std() / len(losses) ** 0.5).item() if len(losses) > 1 else 0.0
 
 
+def preset(text: str):
+    """The shakespeare-cpu preset on `text`: (model config, training config, tokenizer, task)."""
+    model_cfg, train_cfg = PRESETS["shakespeare-cpu"]
+    tokenizer = train_tokenizer("char", text)
+    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, max_len=train_cfg.context)
+    return model_cfg, train_cfg, tokenizer, LMTask.from_text(text, tokenizer, train_cfg.batch_size, train_cfg.context)
+
+
 def run(text: str, seed: int, steps: int, precision: str | None, eval_iters: int) -> dict:
     """One training run at the preset: its wall and CPU time, tokens/s and validation losses."""
-    model_cfg, train_cfg = PRESETS["shakespeare-cpu"]
+    model_cfg, train_cfg, tokenizer, task = preset(text)
     changes = {"max_steps": steps, "eval_every": steps, "seed": seed}
     if precision:
         changes["precision"] = precision
     train_cfg = train_cfg.replace(**changes)
-    tokenizer = train_tokenizer("char", text)
-    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, max_len=train_cfg.context)
-    task = LMTask.from_text(text, tokenizer, train_cfg.batch_size, train_cfg.context)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -173,10 +178,7 @@ def kernels_off(off: bool):
 def alternate(text: str, settings: list[str], rounds: int, block: int = 25) -> None:
     """Each setting's training step, timed in blocks of `block` steps taken in turn, `rounds` times
     (the first 5 steps of each setting's first block left out: allocations, oneDNN's primitives)."""
-    model_cfg, train_cfg = PRESETS["shakespeare-cpu"]
-    tokenizer = train_tokenizer("char", text)
-    model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size, max_len=train_cfg.context)
-    task = LMTask.from_text(text, tokenizer, train_cfg.batch_size, train_cfg.context)
+    model_cfg, train_cfg, tokenizer, task = preset(text)
     trainers, times = {}, {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as root:
         for i, setting in enumerate(settings):

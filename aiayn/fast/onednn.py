@@ -72,15 +72,17 @@ class OneDNNTrainingLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if rows != slice(None):  # (a full slice would cost its backward a copy)
             weight, bias = weight[rows], bias[rows] if bias is not None else None
-        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return F.linear(x, weight, bias)  # oneDNN already serves bf16; this class is for fp32
-        return _LinearFn.apply(x, weight, bias)
+        return _linear(x, weight, bias)
 
     def product(self, x: Tensor) -> Tensor:
         """x Wᵀ without the bias (for a kernel that adds it: aiayn.fast.modules.FastFeedForward)."""
-        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return F.linear(x, self.weight)
-        return _LinearFn.apply(x, self.weight, None)
+        return _linear(x, self.weight, None)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)  # oneDNN already serves bf16; this class is for fp32
+    return _LinearFn.apply(x, weight, bias)
 
 
 def faster_here() -> bool:
