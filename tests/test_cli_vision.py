@@ -216,3 +216,12 @@ def test_image_gpt_fine_tuning_keeps_the_palette(pix_run, data, tmp_path, capsys
     assert main(["train", "vit", "--data", str(data), "--init-from", str(pix_run), "--out", str(tmp_path / "y"),
                  "--max-steps", "1"]) == 1
     assert "not a vit model" in capsys.readouterr().err
+
+
+@pytest.mark.bf16
+@pytest.mark.parametrize("shape", [["--positional", "sincos2d", "--pool", "mean"], ["--positional", "learned", "--pool", "cls"]])
+def test_vit_trains_as_a_bf16_model(data, tmp_path, shape):
+    """bf16-model: fp32 images and the fp32 sinusoidal positions meet the bf16 copy's layers."""
+    assert main(["train", "vit", "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--eval-every", "2", "--precision", "bf16-model", *VIT, *shape]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["precision"] == "bf16-model"

@@ -33,7 +33,8 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(cfg.channels, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+        x = self.proj(images.to(self.proj.weight.dtype))  # a bf16 model (bf16-model) takes fp32 images
+        return x.flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
 
 
 class VisionTransformer(nn.Module):
@@ -57,7 +58,8 @@ class VisionTransformer(nn.Module):
 
     def tokens(self, images: Tensor) -> Tensor:
         """(B, C, H, W) in [0, 1] -> the encoder's input (B, T, D): patches + positions [, class token]."""
-        x = self.patches(images * 2 - 1) + self.pos  # centred intensities; (B, N, D)
+        x = self.patches(images * 2 - 1)  # centred intensities; (B, N, D)
+        x = x + self.pos.to(x.dtype)  # the sinusoidal buffer stays fp32 in a bf16 model
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # (B, 1 + N, D)
         return self.dropout(x)
