@@ -117,12 +117,37 @@ INLINE float max_of(vec v) {
     for (int j = 1; j < LANES; j++) m = v[j] > m ? v[j] : m;
     return m;
 }
-INLINE float sum_of(vec v) {  /* pairwise, as a tree */
+/* The sum of the lanes pairwise, as a tree: lane j += lane j + n for n = LANES / 2, ..., 1. With
+ * shuffles the same additions in the same order, in registers: as a loop over an array they went
+ * through the stack, ~10% of the training attention's forward pass on a Zen 4. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLE 1
+#endif
+#endif
+INLINE float sum_of(vec v) {
+#if defined(HAVE_SHUFFLE) && LANES == 16
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    v += __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
+    return v[0];
+#elif defined(HAVE_SHUFFLE) && LANES == 8
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3);
+    v += __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1);
+    return v[0];
+#elif defined(HAVE_SHUFFLE) && LANES == 4
+    v += __builtin_shufflevector(v, v, 2, 3, 2, 3);
+    v += __builtin_shufflevector(v, v, 1, 1, 1, 1);
+    return v[0];
+#else
     float t[LANES];
     memcpy(t, &v, sizeof t);
     for (int n = LANES / 2; n >= 1; n /= 2)
         for (int j = 0; j < n; j++) t[j] += t[j + n];
     return t[0];
+#endif
 }
 
 /* exp_nonpositive (above) on every lane (the compiler does not vectorize the scalar one's loop),

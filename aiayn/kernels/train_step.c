@@ -176,12 +176,7 @@ INLINE void weighted_rows(float *out, const float *w, int64_t wr, int64_t wi, co
 /* xt (dhp x padded) = x (padded x dhp) transposed, both multiples of 16: in blocks of LANES x LANES,
  * each transposed in registers by rounds of shuffles (round b swaps bit b of the row and the lane
  * index), where element by element it cost as much as the products. */
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define HAVE_SHUFFLE 1
-#endif
-#endif
-#ifdef HAVE_SHUFFLE
+#ifdef HAVE_SHUFFLE  /* (common.h) */
 #define SWAP_BIT(BIT, LO, HI)                                                                         \
     for (int r = 0; r < LANES; r++)                                                                   \
         if (!(r & BIT)) {                                                                             \
