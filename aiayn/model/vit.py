@@ -59,7 +59,9 @@ class VisionTransformer(nn.Module):
     def tokens(self, images: Tensor) -> Tensor:
         """(B, C, H, W) in [0, 1] -> the encoder's input (B, T, D): patches + positions [, class token]."""
         x = self.patches(images * 2 - 1)  # centred intensities; (B, N, D)
-        x = x + self.pos.to(x.dtype)  # the sinusoidal buffer stays fp32 in a bf16 model
+        # the weights' type: a bf16 model (bf16-model) keeps its sinusoidal buffer in fp32; under
+        # autocast the fp32 positions keep the residual stream in fp32 (the patches come out bf16)
+        x = x + self.pos.to(self.patches.proj.weight.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # (B, 1 + N, D)
         return self.dropout(x)

@@ -47,6 +47,21 @@ def test_shapes_pooling_and_the_shared_stack():
             torch.testing.assert_close(weights[0].sum(-1), torch.ones(3, 2, T))
 
 
+@pytest.mark.bf16
+@pytest.mark.parametrize("positional", ["sincos2d", "learned"])
+def test_the_residual_stream_keeps_the_weights_type(positional):
+    """Under bf16 autocast an fp32 ViT's tokens stay fp32 (its patches come out bf16); in a bf16 copy
+    of it (precision bf16-model) they are bf16, the fp32 images and sinusoidal buffer cast to it."""
+    torch.manual_seed(0)
+    model = VisionTransformer(TINY.replace(positional=positional, pool="mean"))  # (no class token to cat)
+    x = torch.rand(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.tokens(x).dtype == torch.float32
+    for p in model.parameters():  # as aiayn.train.loop.Bf16Twin makes its copy
+        p.data = p.data.to(torch.bfloat16)
+    assert model.tokens(x).dtype == torch.bfloat16 and model(x).dtype == torch.bfloat16
+
+
 def test_zero_head_starts_uniform_and_images_are_independent():
     torch.manual_seed(0)
     model = VisionTransformer(TINY).eval()
