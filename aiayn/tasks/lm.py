@@ -22,6 +22,8 @@ from aiayn.train.loss import label_smoothed_cross_entropy
 
 TRAIN_FRACTION = 0.9     # the first 90% of the text trains, the last 10% validates (nanoGPT's split)
 MAX_VAL_BATCHES = 200    # validation reads at most this many batches of windows
+VAL_TOKENS = 8192        # validation's forward passes: up to this many tokens each,
+VAL_LOGITS = 2 ** 25     # and up to this many logits (tokens x vocabulary), never fewer than a batch
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -139,8 +141,11 @@ class LMTask:
 
     @torch.no_grad()
     def validate(self, model, cfg: TrainConfig) -> dict[str, float]:
+        """The mean loss over the validation windows, in forward passes of several batches each
+        (the small LM's validation: 1.2 -> 0.94 s in batches of 128 windows rather than 12)."""
+        tokens = min(VAL_TOKENS, VAL_LOGITS // model.cfg.vocab_size)
         nll, n = 0.0, 0
-        for starts in self.val_starts.split(self.batch_size):
+        for starts in self.val_starts.split(max(self.batch_size, tokens // self.context)):
             x, y = self.windows(starts, self.val)
             nll += lm_loss(model, x, y, reduction="sum").item()
             n += y.numel()

@@ -62,6 +62,27 @@ def test_validation_reads_the_val_text_once_in_order():
     assert task.validate(model, PRESETS["shakespeare-cpu"][1]) == result
 
 
+def test_validation_takes_several_batches_a_pass_within_its_bounds(monkeypatch):
+    """The windows go through the model in passes of up to VAL_TOKENS tokens and VAL_LOGITS logits,
+    never fewer than one batch's: the loss is the same however they are grouped."""
+    import aiayn.tasks.lm as lm
+
+    task = _task(n_val=201, batch_size=2, context=8)  # 25 windows
+    torch.manual_seed(0)
+    model = LanguageModel(lm_config(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_decoder_layers=1,
+                                    max_len=8)).eval()
+    passes = []
+    monkeypatch.setattr(model, "forward", lambda x, _f=model.forward: passes.append(len(x)) or _f(x))
+    cfg = PRESETS["shakespeare-cpu"][1]
+    losses = {}
+    for tokens, logits, expected in ((8192, 2 ** 25, [25]), (80, 2 ** 25, [10, 10, 5]), (8192, 50 * 8, [2] * 12 + [1])):
+        monkeypatch.setattr(lm, "VAL_TOKENS", tokens), monkeypatch.setattr(lm, "VAL_LOGITS", logits)
+        passes.clear()
+        losses[tokens, logits] = task.validate(model, cfg)["val_loss"]
+        assert passes == expected
+    assert max(losses.values()) - min(losses.values()) < 1e-5 * min(losses.values())
+
+
 def test_a_text_shorter_than_a_window_is_a_data_error():
     with pytest.raises(DataError, match="validation part of the text has 5 tokens"):
         LMTask(torch.arange(100), torch.arange(5), batch_size=2, context=8)
