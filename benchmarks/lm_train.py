@@ -76,6 +76,7 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=Fa
                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]  # its README's
 TARGET_LOSS = 1.89
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-model")  # --precision, and --alternate's settings
 
 
 def run_nanogpt(checkout: Path, threads: int) -> dict:
@@ -180,16 +181,17 @@ def alternate(text: str, settings: list[str], rounds: int, block: int = 25) -> N
     (the first 5 steps of each setting's first block left out: allocations, oneDNN's primitives)."""
     model_cfg, train_cfg, tokenizer, task = preset(text)
     trainers, times = {}, {s: [] for s in settings}
+    off = {s: s.partition(":")[2] == "nokernels" for s in settings}
     with tempfile.TemporaryDirectory() as root:
         for i, setting in enumerate(settings):
-            precision, _, kernels = setting.partition(":")
-            with kernels_off(kernels == "nokernels"):
+            precision = setting.partition(":")[0]
+            with kernels_off(off[setting]):
                 torch.manual_seed(1)
                 trainers[setting] = Trainer(task, build_model(model_cfg), tokenizer,
                                             train_cfg.replace(precision=precision, seed=1), Path(root) / str(i))
         for r in range(rounds):
             for setting, trainer in trainers.items():
-                with kernels_off(setting.endswith(":nokernels")):
+                with kernels_off(off[setting]):
                     for j in range(block):
                         t = time.perf_counter()
                         trainer.train_step()
@@ -208,7 +210,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", default="1,2,3", help="comma-separated; the target is judged on the mean")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="default: the preset's (auto: bf16 where the CPU computes it natively, else fp32)")
     p.add_argument("--nanogpt", type=Path, metavar="DIR", help="a nanoGPT checkout: run it in this benchmark")
     p.add_argument("--nanogpt-runs", type=int, default=1, metavar="N",
@@ -238,8 +240,8 @@ def main() -> None:
         settings = [s.strip() for s in args.alternate.split(",") if s.strip()]
         for setting in settings:
             precision, _, kernels = setting.partition(":")
-            if precision not in ("auto", "fp32", "bf16", "bf16-model") or kernels not in ("", "nokernels"):
-                p.error(f"--alternate: {setting!r} is not a precision (auto, fp32, bf16, bf16-model), "
+            if precision not in PRECISIONS or kernels not in ("", "nokernels"):
+                p.error(f"--alternate: {setting!r} is not a precision ({', '.join(PRECISIONS)}), "
                         "with or without ':nokernels'")
             if missing := bench.lacks(precision):
                 p.error(f"--alternate {setting}: {missing}")
