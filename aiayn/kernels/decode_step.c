@@ -445,6 +445,7 @@ static inline int64_t lin_tile(int64_t t, int c, int64_t tiles) {
     for (int64_t i = 0; i < k; i++) {                                                                 \
         lin_vec v0, v1;                                                                               \
         memcpy(&v0, w0 + i * 16, sizeof v0); memcpy(&v1, w1 + i * 16, sizeof v1);                     \
+        IN_REGISTER(v0); IN_REGISTER(v1);                                                             \
         for (int m = 0; m < MR; m++) {                                                                \
             const float s = x[m * xs + i];                                                            \
             acc[m][0] += s * v0;                                                                      \

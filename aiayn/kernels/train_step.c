@@ -110,16 +110,6 @@ INLINE void drop_weights(float *w, int64_t n, uint64_t seed, uint64_t threshold,
     }
 }
 
-/* v kept in a register from here on: an empty asm that says it changes v. Without it GCC folds every
- * use of a loaded row of B into its FMA as a memory operand, one load per FMA (4 a vector here)
- * instead of one a vector, and the products ran load-bound: the training attention took 1.10-1.29x
- * as long at the LM's and a translation model's shapes on a Zen 4 (AVX-512; capped to AVX2
- * 1.14-1.18x), fwd + bwd, fp32 and bf16. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) (void)0
-#endif
 /* The GEMM kernels' accumulators: 4 rows x PANEL vectors, with a row of B, in the registers. */
 #if LANES == 4
 #define PANEL 4
