@@ -742,7 +742,10 @@ static void bias_gelu_back_part_##T(const void *args, int64_t lo, int64_t hi, fl
     for (int64_t r = lo; r < hi; r++) {                                                               \
         const T *dr = dout + r * n, *gr = grad + r * n; T *o = dh + r * n;                            \
         T dt[LANES] = {0}, gt[LANES] = {0}, ot[LANES]; float bt[LANES] = {0};  /* the tail's */       \
-        if (m) { memcpy(dt, dr + n - m, m * sizeof(T)); memcpy(gt, gr + n - m, m * sizeof(T)); memcpy(bt, db + n - m, m * 4); } \
+        if (m) {                                                                                      \
+            memcpy(dt, dr + n - m, m * sizeof(T)); memcpy(gt, gr + n - m, m * sizeof(T));             \
+            memcpy(bt, db + n - m, m * sizeof(float));                                                \
+        }                                                                                             \
         for (int64_t j = 0; j < n; j += LANES) {                                                      \
             const int whole = j + LANES <= n;                                                         \
             const vec d = LOADV(whole ? dr + j : dt) * LOADV(whole ? gr + j : gt);                    \
@@ -750,7 +753,7 @@ static void bias_gelu_back_part_##T(const void *args, int64_t lo, int64_t hi, fl
             float *dbj = whole ? db + j : bt;                                                         \
             storev_f32(dbj, loadv_f32(dbj) + d);                                                      \
         }                                                                                             \
-        if (m) { memcpy(o + n - m, ot, m * sizeof(T)); memcpy(db + n - m, bt, m * 4); }               \
+        if (m) { memcpy(o + n - m, ot, m * sizeof(T)); memcpy(db + n - m, bt, m * sizeof(float)); }   \
     }                                                                                                 \
 }                                                                                                     \
 int bias_gelu_backward_##T(const bias_gelu_backward_args *a) {                                        \
