@@ -852,11 +852,13 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
 
 
 # ------------------------------------------------------------------------------------ training
-# longest queries/keys training_attention takes on any machine (tuning.py measures up to which
-# length it wins on this one). It keeps the (B, H, T, S) fp32 softmax, and its loops are quadratic
-# in the length without GEMM blocking: on a Zen 5, causal fwd+bwd, 2 threads, kernel vs PyTorch:
-# T 128 bf16 15.4 / 14.3 ms, fp32 16.5 / 35.1; T 256 bf16 41.5 / 23.0, fp32 40.3 / 52.1
-MAX_TRAIN_LENGTH = 128
+# longest queries/keys training_attention takes (the longest length tuning.py times: it measures up
+# to which one the kernel wins on this machine). It keeps the (B, H, T, S) fp32 softmax, and its
+# loops are quadratic in the length without GEMM blocking, so where it stops winning differs by CPU:
+# causal fwd+bwd, 2 threads, kernel vs PyTorch, on a Zen 5: T 128 bf16 15.4 / 14.3 ms, T 256 bf16
+# 41.5 / 23.0, fp32 40.3 / 52.1; on a Zen 4 (2,048 tokens, 4 heads of 64, against SDPA): bf16 T 256
+# 6.4 / 17.8, T 512 12.1 / 29.0, T 1024 27.0 / 34.7; capped to AVX2, fp32 T 512 14.7 / 32.8.
+MAX_TRAIN_LENGTH = 1024
 
 
 def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int,

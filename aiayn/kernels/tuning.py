@@ -12,7 +12,7 @@ layers up to the most rows, beam search's step up to the most sentences (at 16, 
 
     family        what is timed (forward + backward where it trains)
     attention     training self-attention, causal and over every key, 4 heads of the model's head
-                  size, 2,048 tokens, lengths 32-128
+                  size, 2,048 tokens, lengths 32-1,024
     residual      training's post-norm residual x + dropout(y) -> LayerNorm, (2048, 256)
     dropout       dropout masks, (2048, 1024)
     gelu          training's feed-forward bias + GELU after its first product, (2048, 16) -> 1024
@@ -58,14 +58,14 @@ from pathlib import Path
 
 import torch
 
-ATTENTION_LENGTHS = (32, 64, 128)
+ATTENTION_LENGTHS = (32, 64, 128, 256, 512, 1024)  # (up to kernels.MAX_TRAIN_LENGTH)
 BEAM_SENTENCES = (1, 16)  # one sentence: the step's ~15 PyTorch operators cost more than their arithmetic
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The linear layers timed alone win more than in a decoding step (where the rest of the step shares
 # the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
 # as won from 10% faster.
 LINEAR_MARGIN = 1.10
-VERSION = 9  # a new version measures again (what is measured, how, or the library's boundary, changed)
+VERSION = 10  # a new version measures again (what is measured, how, or the library's boundary, changed)
 BUSY = 0.5  # cores' worth of other work, beyond the cores this process's threads leave free, that disturbs a timing
 TIMINGS = 3  # a disturbed measurement is taken again, at most this many times in all
 _lock = threading.RLock()
