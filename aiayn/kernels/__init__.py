@@ -78,7 +78,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 7  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 8  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -132,8 +132,8 @@ _STRUCTS = {  # kernel -> its argument struct (decode_step.c, then train_step.c)
     "attention_forward": _struct("attention_forward", "q k v mask out probs",
                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t os_b os_t threads seed threshold",
                                  "scale keep"),
-    "attention_backward": _struct("attention_backward", "q k v dout probs dq dk dv",
-                                  f"B H nt ns dh {_ATTENTION_STRIDES} gs_b gs_t dqs_b dqs_t dks_b dks_s dvs_b dvs_s "
+    "attention_backward": _struct("attention_backward", "q k v dout probs mask dq dk dv",
+                                  f"B H nt ns dh {_ATTENTION_STRIDES} ms_b ms_t gs_b gs_t dqs_b dqs_t dks_b dks_s dvs_b dvs_s "
                                   "threads seed threshold", "scale keep"),
     "dropout_mask": _struct("dropout_mask", "mask", "n seed threshold threads", "scale"),
     "residual_norm_forward": _struct("residual_norm_forward", "x y mask w b out z stats", "rows n threads", "eps"),
@@ -853,12 +853,25 @@ def beam_candidates(logits: Tensor, scores: Tensor, n: int, forbid: Tensor, eos:
 
 # ------------------------------------------------------------------------------------ training
 # longest queries/keys training_attention takes (the longest length tuning.py times: it measures up
-# to which one the kernel wins on this machine). It keeps the (B, H, T, S) fp32 softmax, and its
-# loops are quadratic in the length without GEMM blocking, so where it stops winning differs by CPU:
+# to which one the kernel wins on this machine). Its loops are quadratic in the length without GEMM
+# blocking, so where it stops winning differs by CPU:
 # causal fwd+bwd, 2 threads, kernel vs PyTorch, on a Zen 5: T 128 bf16 15.4 / 14.3 ms, T 256 bf16
 # 41.5 / 23.0, fp32 40.3 / 52.1; on a Zen 4 (2,048 tokens, 4 heads of 64, against SDPA): bf16 T 256
 # 6.4 / 17.8, T 512 12.1 / 29.0, T 1024 27.0 / 34.7; capped to AVX2, fp32 T 512 14.7 / 32.8.
 MAX_TRAIN_LENGTH = 1024
+# The forward pass keeps the softmax for the backward pass (B, H, T, S fp32) up to this many bytes a
+# call; above it the backward pass computes it again (the same values). Computing it again costs
+# 6-19% of the kernel's fwd + bwd time (most at short lengths, where the softmax is small: LM shape
+# 12 x 64, 4 heads, 0.8 MB kept, 1.19x; 64 x 256, 6 heads, 96 MB kept, 1.06x; Zen 4, bf16) and
+# saves its memory: the shakespeare LM preset (batch 64 x 256, no dropout) peaked at 3.03 GiB
+# keeping it, 2.31 computing it again, 2.42 on PyTorch's fused attention.
+KEEP_SOFTMAX_BYTES = 64 * 2**20
+
+
+def keeps_softmax(B: int, H: int, T: int, S: int) -> bool:
+    """Whether training_attention's forward pass keeps its (B, H, T, S) fp32 softmax for the backward
+    pass (KEEP_SOFTMAX_BYTES), rather than the backward pass computing it again."""
+    return B * H * T * S * 4 <= KEEP_SOFTMAX_BYTES
 
 
 def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: int, d_model: int,
@@ -905,23 +918,24 @@ class _TrainingAttention(torch.autograd.Function):
         seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) if dropout > 0 else 0
         ctx.drop = dict(seed=seed, threshold=round(dropout * 65536), keep=1.0 / (1.0 - dropout))
         out = x_q.new_empty(B, T, d_model)
-        probs = torch.empty(B, n_heads, T, S, dtype=torch.float32)
+        probs = torch.empty(B, n_heads, T, S, dtype=torch.float32) if keeps_softmax(B, n_heads, T, S) else None
         (qs_b, qs_t), (kv_b, kv_s), (ms_b, ms_t) = x_q.stride()[:2], x_kv.stride()[:2], _mask_strides(mask, B, T, S)
         _call("attention_forward_" + _FUNCTIONS[x_q.dtype], _STRUCTS["attention_forward"](
             q=x_q.data_ptr(), k=_column(x_kv, k_col), v=_column(x_kv, k_col + d_model),
-            mask=mask.data_ptr() if mask is not None else 0, out=out.data_ptr(), probs=probs.data_ptr(),
+            mask=mask.data_ptr() if mask is not None else 0, out=out.data_ptr(),
+            probs=probs.data_ptr() if probs is not None else 0,
             B=B, H=n_heads, nt=T, ns=S, dh=Dh, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
             ms_b=ms_b, ms_t=ms_t, os_b=out.stride(0), os_t=out.stride(1), threads=torch.get_num_threads(),
             scale=1.0 / math.sqrt(Dh), **ctx.drop))
-        ctx.save_for_backward(x_q, x_kv, probs)
+        ctx.save_for_backward(x_q, x_kv, probs, mask)
         ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        x_q, x_kv, probs = ctx.saved_tensors
-        D, k_col = ctx.d_model, ctx.k_col
-        B, H, T, S = probs.shape
+        x_q, x_kv, probs, mask = ctx.saved_tensors
+        D, k_col, H = ctx.d_model, ctx.k_col, ctx.n_heads
+        B, T, S = x_q.size(0), x_q.size(1), x_kv.size(1)
         if d_out.stride(2) != 1:
             d_out = d_out.contiguous()
         if ctx.same:  # one gradient for the fused projection, every column of it written if [q | k | v]
@@ -930,12 +944,13 @@ class _TrainingAttention(torch.autograd.Function):
             d_q = x_q.new_empty(x_q.shape) if x_q.size(2) == D else x_q.new_zeros(x_q.shape)
             d_kv = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (0, 2 * D) else x_kv.new_zeros(x_kv.shape)
         (qs_b, qs_t), (kv_b, kv_s), (gs_b, gs_t) = x_q.stride()[:2], x_kv.stride()[:2], d_out.stride()[:2]
-        (dqs_b, dqs_t), (dkv_b, dkv_s) = d_q.stride()[:2], d_kv.stride()[:2]
+        (dqs_b, dqs_t), (dkv_b, dkv_s), (ms_b, ms_t) = d_q.stride()[:2], d_kv.stride()[:2], _mask_strides(mask, B, T, S)
         _call("attention_backward_" + _FUNCTIONS[x_q.dtype], _STRUCTS["attention_backward"](
             q=x_q.data_ptr(), k=_column(x_kv, k_col), v=_column(x_kv, k_col + D), dout=d_out.data_ptr(),
-            probs=probs.data_ptr(), dq=d_q.data_ptr(), dk=_column(d_kv, k_col), dv=_column(d_kv, k_col + D),
+            probs=probs.data_ptr() if probs is not None else 0, mask=mask.data_ptr() if mask is not None else 0,
+            dq=d_q.data_ptr(), dk=_column(d_kv, k_col), dv=_column(d_kv, k_col + D),
             B=B, H=H, nt=T, ns=S, dh=D // H, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
-            gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s, dvs_b=dkv_b, dvs_s=dkv_s,
+            ms_b=ms_b, ms_t=ms_t, gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s, dvs_b=dkv_b, dvs_s=dkv_s,
             threads=torch.get_num_threads(), scale=1.0 / math.sqrt(D // H), **ctx.drop))
         return d_q, None if ctx.same else d_kv, None, None, None, None, None
 

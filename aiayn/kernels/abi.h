@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 7
+#define AIAYN_ABI_VERSION 8
 
 typedef enum {
     AIAYN_OK = 0,
@@ -185,7 +185,7 @@ enum {
     X(const void *, k) X(const void *, v)  /* (B, ns, >= H dh) at ks_b, ks_s and vs_b, vs_s: ns keys */         \
     X(const uint8_t *, mask)   /* (B, nt, ns) at ms_b, ms_t, 1; a stride 0 broadcasts; or NULL */       \
     X(void *, out)             /* (B, nt, >= H dh) at os_b, os_t */                                    \
-    X(float *, probs)          /* written: the softmax, (B, H, nt, ns) contiguous */                    \
+    X(float *, probs)          /* written: the softmax, (B, H, nt, ns) contiguous; or NULL (not kept) */ \
     X(int64_t, B) X(int64_t, H) X(int64_t, nt) X(int64_t, ns) X(int64_t, dh)                            \
     X(int64_t, qs_b) X(int64_t, qs_t) X(int64_t, ks_b) X(int64_t, ks_s) X(int64_t, vs_b) X(int64_t, vs_s) \
     X(int64_t, ms_b) X(int64_t, ms_t) X(int64_t, os_b) X(int64_t, os_t)                               \
@@ -197,10 +197,12 @@ enum {
 #define AIAYN_ATTENTION_BACKWARD_ARGS(X)                                                              \
     X(const void *, q) X(const void *, k) X(const void *, v)  /* as in the forward pass */            \
     X(const void *, dout)      /* (B, nt, >= H dh) at gs_b, gs_t */                                    \
-    X(const float *, probs)    /* the forward pass's */                                               \
+    X(const float *, probs)    /* the forward pass's; or NULL: the softmax is computed again */       \
+    X(const uint8_t *, mask)   /* as in the forward pass */                                           \
     X(void *, dq) X(void *, dk) X(void *, dv)  /* written, at dqs_*, dks_*, dvs_* */                  \
     X(int64_t, B) X(int64_t, H) X(int64_t, nt) X(int64_t, ns) X(int64_t, dh)                            \
     X(int64_t, qs_b) X(int64_t, qs_t) X(int64_t, ks_b) X(int64_t, ks_s) X(int64_t, vs_b) X(int64_t, vs_s) \
+    X(int64_t, ms_b) X(int64_t, ms_t)                                                                 \
     X(int64_t, gs_b) X(int64_t, gs_t) X(int64_t, dqs_b) X(int64_t, dqs_t)                             \
     X(int64_t, dks_b) X(int64_t, dks_s) X(int64_t, dvs_b) X(int64_t, dvs_s)                           \
     X(int64_t, threads)                                                                               \

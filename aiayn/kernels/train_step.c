@@ -26,8 +26,10 @@
  * Layouts, in elements, every last dimension contiguous: q[b, t, h] starts at q + b*qs_b + t*qs_t +
  * h*dh; k, v (over positions s), out, dout, dq, dk, dv likewise. mask: bytes at mask + b*ms_b +
  * t*ms_t + s (a stride 0 broadcasts), or NULL. probs: the softmax, (B, H, T, S) fp32, written by
- * the forward pass, read by the backward pass. Work is split over (row, head) pairs between
- * `threads` threads: each pair's outputs are its own, so no two threads write one place.
+ * the forward pass, read by the backward pass; or NULL, and the backward pass computes it again by
+ * the forward pass's own operations (the same values, O(T) memory for O(T²): at long lengths the
+ * kept softmax outweighed everything else a layer keeps). Work is split over (row, head) pairs
+ * between `threads` threads: each pair's outputs are its own, so no two threads write one place.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -262,44 +264,58 @@ INLINE int64_t block_end(const int32_t *hi) {
  * index of its first weight in (B, H, nt, ns). */
 typedef struct { uint64_t seed, threshold; float keep; int64_t first; } drop;
 
+/* The softmax of queries t0 .. t0 + 3 over their keys into e's rows t0 .. t0 + 3 (nt4 x padded floats,
+ * zeros past each block's `end`, and in rows past nt): q (nt4 x dhp, already scaled), kt (dhp x
+ * padded: the keys transposed), the mask's rows (at ms_t) or NULL, `end` = block_end of its key ends.
+ * The forward pass computes it, and the backward pass again where the forward pass kept no copy:
+ * the same operations, so the same values. */
+INLINE void softmax_block(float *e, const float *q, const float *kt, const uint8_t *mask, int64_t ms_t,
+                          int64_t t0, int64_t end, int64_t nt, int64_t ns, int64_t dh, int64_t dhp) {
+    const int64_t padded = round16(ns);
+    rows_times_cols(e + t0 * padded, padded, q + t0 * dhp, dhp, kt, padded, end, dh);
+    for (int64_t t = t0; t < t0 + 4; t++) {
+        float *et = e + t * padded;
+        if (t >= nt) {  /* a row that pads the block: no weights */
+            memset(et, 0, sizeof(float) * padded);
+            continue;
+        }
+        const uint8_t *m = mask ? mask + t * ms_t : NULL;
+        const int64_t known = end < ns ? end : ns;
+        if (m) apply_mask(et, m, known);
+        for (int64_t s = known; s < end; s++) et[s] = -INFINITY;
+        vec top = loadv_f32(et);
+        for (int64_t s = LANES; s < end; s += LANES) top = maxv(loadv_f32(et + s), top);
+        const float most = max_of(top);
+        if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
+            const float fill = any_nan(et, ns) ? NAN : 0.f;
+            for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
+        } else {
+            vec sum = {0};
+            for (int64_t s = 0; s < end; s += LANES) {
+                const vec x = expv_nonpositive(loadv_f32(et + s) - most);
+                sum += x;
+                storev_f32(et + s, x);
+            }
+            const float inv = 1.f / sum_of(sum);
+            for (int64_t s = 0; s < end; s += LANES) storev_f32(et + s, inv * loadv_f32(et + s));
+            memset(et + end, 0, sizeof(float) * (padded - end));
+        }
+    }
+}
+
 /* q (nt4 x dhp, already scaled), kt (dhp x padded: the keys transposed), v (padded x dhp) -> out
- * (nt4 x dhp) and the softmax p (nt x ns), out from the weights after dropout `d`; e: nt4 x padded
- * floats; hi: the mask's key_ends. nt4 = nt rounded up to 4. */
+ * (nt4 x dhp), and the softmax into p (nt x ns) unless p is NULL; out from the weights after dropout
+ * `d`; e: nt4 x padded floats; hi: the mask's key_ends. nt4 = nt rounded up to 4. */
 INLINE void forward_one(const float *q, const float *kt, const float *v, const uint8_t *mask, int64_t ms_t,
                         float *out, float *p, float *e, const int32_t *hi, int64_t nt, int64_t ns, int64_t dh,
                         int64_t dhp, const drop *d) {
     const int64_t padded = round16(ns);
     for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         const int64_t end = block_end(hi + t0);
-        rows_times_cols(e + t0 * padded, padded, q + t0 * dhp, dhp, kt, padded, end, dh);
-        for (int64_t t = t0; t < t0 + 4; t++) {
+        softmax_block(e, q, kt, mask, ms_t, t0, end, nt, ns, dh, dhp);
+        for (int64_t t = t0; t < t0 + 4 && t < nt; t++) {
             float *et = e + t * padded;
-            if (t >= nt) {  /* a row that pads the block: no weights */
-                memset(et, 0, sizeof(float) * padded);
-                continue;
-            }
-            const uint8_t *m = mask ? mask + t * ms_t : NULL;
-            const int64_t known = end < ns ? end : ns;
-            if (m) apply_mask(et, m, known);
-            for (int64_t s = known; s < end; s++) et[s] = -INFINITY;
-            vec top = loadv_f32(et);
-            for (int64_t s = LANES; s < end; s += LANES) top = maxv(loadv_f32(et + s), top);
-            const float most = max_of(top);
-            if (most == -INFINITY) {  /* nothing to attend to: zeros, and no weights (NaN if a score is) */
-                const float fill = any_nan(et, ns) ? NAN : 0.f;
-                for (int64_t s = 0; s < padded; s++) et[s] = s < ns ? fill : 0.f;
-            } else {
-                vec sum = {0};
-                for (int64_t s = 0; s < end; s += LANES) {
-                    const vec x = expv_nonpositive(loadv_f32(et + s) - most);
-                    sum += x;
-                    storev_f32(et + s, x);
-                }
-                const float inv = 1.f / sum_of(sum);
-                for (int64_t s = 0; s < end; s += LANES) storev_f32(et + s, inv * loadv_f32(et + s));
-                memset(et + end, 0, sizeof(float) * (padded - end));
-            }
-            memcpy(p + t * ns, et, sizeof(float) * ns);
+            if (p) memcpy(p + t * ns, et, sizeof(float) * ns);
             if (d->threshold) drop_weights(et, end < ns ? end : ns, d->seed, d->threshold, d->keep, d->first + t * ns);
         }
         weighted_rows(out + t0 * dhp, e + t0 * padded, padded, 1, v, 0, end < ns ? end : ns, dhp);
@@ -308,26 +324,34 @@ INLINE void forward_one(const float *q, const float *kt, const float *v, const u
 
 /* The gradients of one (row, head): with P the softmax and G = dout,
  *     dP = G vᵀ,   dS = P * (dP - rowsum(P * dP)) * scale,   dq = dS k,   dk = dSᵀ q,   dv = Pᵀ G
- * for q (nt4 x dhp, unscaled), g (nt4 x dhp), k (padded x dhp), vt (dhp x padded: v transposed),
- * pp: P (nt x ns) copied into nt4 x padded (zeros around it); dq (nt4 x dhp), dk, dv (padded x dhp)
- * are written whole; ds: nt4 x padded floats, hi: nt4. A query's keys end after its last nonzero
- * weight: past it dS is 0. */
-INLINE void backward_one(const float *q, const float *k, const float *vt, const float *g,
-                         const float *p, float *pp, float *dq, float *dk, float *dv, float *ds, int32_t *hi,
+ * for q (nt4 x dhp, unscaled), g (nt4 x dhp), k (padded x dhp), vt (dhp x padded: v transposed);
+ * P: the forward pass's copy p (nt x ns), or where p is NULL computed again as the forward pass did,
+ * from qs (q scaled), kt (k transposed), the mask and its key ends `ends`; either way into pp (nt4 x
+ * padded, zeros around it). dq (nt4 x dhp), dk, dv (padded x dhp) are written whole; ds: nt4 x padded
+ * floats, hi: nt4. A query's keys end after its last nonzero weight: past it dS is 0. */
+INLINE void backward_one(const float *q, const float *k, const float *vt, const float *g, const float *p,
+                         const float *qs, const float *kt, const uint8_t *mask, int64_t ms_t, const int32_t *ends,
+                         float *pp, float *dq, float *dk, float *dv, float *ds, int32_t *hi,
                          int64_t nt, int64_t ns, int64_t dh, int64_t dhp, float scale, const drop *d) {
     const int64_t padded = round16(ns), nt4 = round4(nt);
-    for (int64_t t = 0; t < nt4; t++) {
-        float *pt = pp + t * padded;
-        int32_t end = 0;
-        if (t < nt) {
-            memcpy(pt, p + t * ns, sizeof(float) * ns);
-            _Pragma("omp simd reduction(max:end)")
-            for (int32_t s = 0; s < (int32_t)ns; s++) {
-                const int32_t here = pt[s] != 0.f ? s + 1 : 0;  /* (NaN counts: != 0) */
-                end = here > end ? here : end;
-            }
+    if (p) {
+        for (int64_t t = 0; t < nt4; t++) {
+            const int64_t copied = t < nt ? ns : 0;
+            memcpy(pp + t * padded, p + t * ns, sizeof(float) * copied);
+            memset(pp + t * padded + copied, 0, sizeof(float) * (padded - copied));
         }
-        memset(pt + (t < nt ? ns : 0), 0, sizeof(float) * (padded - (t < nt ? ns : 0)));
+    } else {
+        for (int64_t t0 = 0; t0 < nt; t0 += 4)
+            softmax_block(pp, qs, kt, mask, ms_t, t0, block_end(ends + t0), nt, ns, dh, dhp);
+    }
+    for (int64_t t = 0; t < nt4; t++) {
+        const float *pt = pp + t * padded;
+        int32_t end = 0;
+        _Pragma("omp simd reduction(max:end)")
+        for (int32_t s = 0; s < (int32_t)(t < nt ? ns : 0); s++) {
+            const int32_t here = pt[s] != 0.f ? s + 1 : 0;  /* (NaN counts: != 0) */
+            end = here > end ? here : end;
+        }
         hi[t] = end;
     }
     for (int64_t t0 = 0; t0 < nt4; t0 += 4) {
@@ -409,7 +433,8 @@ static int64_t forward_scratch(int64_t nt, int64_t ns, int64_t dh) {
 }
 static int64_t backward_scratch(int64_t nt, int64_t ns, int64_t dh) {
     const int64_t nt4 = round4(nt), padded = round16(ns), dhp = round16(dh);
-    return 3 * nt4 * dhp + 5 * padded * dhp + 2 * nt4 * padded + nt4;  /* q, g, dq; k, v, vᵀ, dk, dv; P, dS; hi */
+    /* q, g, dq, q scaled; k, v, vᵀ, dk, dv, kᵀ; P, dS; hi, the key ends */
+    return 4 * nt4 * dhp + 6 * padded * dhp + 2 * nt4 * padded + 2 * nt4;
 }
 
 /* Forward arguments: attention_forward_args (abi.h). */
@@ -443,14 +468,14 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
             key_ends(ends, m, ms_t, nt, ns);                                                          \
             ends_of = b;                                                                              \
         }                                                                                             \
-        float *p = probs + i * nt * ns;                                                               \
+        float *p = probs ? probs + i * nt * ns : NULL;                                                \
         const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
         WITH_HEAD_SIZE(dh, FORWARD_ONE)                                                               \
         store_rows_##T(out + b * os_b + h * dh, of, nt, os_t, dh, dhp);                               \
     }                                                                                                 \
 }                                                                                                     \
 int attention_forward_##T(const attention_forward_args *a) {                                         \
-    AIAYN_REQUIRE(a->q && a->k && a->v && a->out && a->probs, AIAYN_NULL_POINTER);                    \
+    AIAYN_REQUIRE(a->q && a->k && a->v && a->out, AIAYN_NULL_POINTER);                                \
     const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
                                        | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->os_b | a->os_t, a->threshold); \
     if (status != AIAYN_OK) return status;                                                            \
@@ -474,8 +499,11 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
     float *qf = scratch, *gf = qf + nt4 * dhp, *dqf = gf + nt4 * dhp, *kf = dqf + nt4 * dhp;           \
     float *vf = kf + padded * dhp, *vt = vf + padded * dhp, *dkf = vt + padded * dhp;                 \
     float *dvf = dkf + padded * dhp, *pp = dvf + padded * dhp, *ds = pp + nt4 * padded;               \
-    int32_t *ends = (int32_t *)(ds + nt4 * padded);                                                   \
-    for (int64_t i = lo; i < hi; i++) {                                                               \
+    float *qsf = ds + nt4 * padded, *kt = qsf + nt4 * dhp;  /* (where P is computed again) */          \
+    int32_t *nonzero = (int32_t *)(kt + padded * dhp), *ends = nonzero + nt4;                         \
+    const uint8_t *mask = a->mask;                                                                    \
+    const int64_t ms_b = a->ms_b, ms_t = a->ms_t;                                                     \
+    for (int64_t i = lo, ends_of = -1; i < hi; i++) {                                                 \
         const int64_t b = i / H, h = i % H, nb = (i + 1) / H, nh = (i + 1) % H;                       \
         if (i + 1 < hi) {                                                                             \
             prefetch_rows(q + nb * qs_b + nh * dh, nt, qs_t * (int64_t)sizeof(T), dh * (int64_t)sizeof(T)); \
@@ -488,7 +516,16 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
         load_rows_##T(vf, v + b * vs_b + h * dh, ns, padded, vs_s, dh, dhp, 1.f);                     \
         load_rows_##T(gf, dout + b * gs_b + h * dh, nt, nt4, gs_t, dh, dhp, 1.f);                     \
         transpose(vt, vf, padded, dhp);                                                               \
-        const float *p = probs + i * nt * ns;                                                         \
+        const uint8_t *m = mask ? mask + b * ms_b : NULL;                                             \
+        if (!probs) {  /* P computed again: q scaled and kᵀ as in the forward pass, and its key ends */ \
+            load_rows_##T(qsf, q + b * qs_b + h * dh, nt, nt4, qs_t, dh, dhp, scale);                 \
+            transpose(kt, kf, padded, dhp);                                                           \
+            if (ends_of != b) {                                                                       \
+                key_ends(ends, m, ms_t, nt, ns);                                                      \
+                ends_of = b;                                                                          \
+            }                                                                                         \
+        }                                                                                             \
+        const float *p = probs ? probs + i * nt * ns : NULL;                                          \
         const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
         WITH_HEAD_SIZE(dh, BACKWARD_ONE)                                                              \
         store_rows_##T(dq + b * dqs_b + h * dh, dqf, nt, dqs_t, dh, dhp);                             \
@@ -497,14 +534,15 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
     }                                                                                                 \
 }                                                                                                     \
 int attention_backward_##T(const attention_backward_args *a) {                                       \
-    AIAYN_REQUIRE(a->q && a->k && a->v && a->dout && a->probs && a->dq && a->dk && a->dv, AIAYN_NULL_POINTER); \
+    AIAYN_REQUIRE(a->q && a->k && a->v && a->dout && a->dq && a->dk && a->dv, AIAYN_NULL_POINTER);     \
     const int status = attention_check(a->B, a->H, a->nt, a->ns, a->dh, a->qs_b | a->qs_t | a->ks_b     \
-                                       | a->ks_s | a->vs_b | a->vs_s | a->gs_b | a->gs_t | a->dqs_b | a->dqs_t \
+                                       | a->ks_s | a->vs_b | a->vs_s | a->ms_b | a->ms_t | a->gs_b | a->gs_t | a->dqs_b | a->dqs_t \
                                        | a->dks_b | a->dks_s | a->dvs_b | a->dvs_s, a->threshold);     \
     if (status != AIAYN_OK) return status;                                                            \
     return parallel(backward_part_##T, a, a->B * a->H, a->threads, backward_scratch(a->nt, a->ns, a->dh)); \
 }
-#define BACKWARD_ONE(DH, DHP) backward_one(qf, kf, vt, gf, p, pp, dqf, dkf, dvf, ds, ends, nt, ns, DH, DHP, scale, &d)
+#define BACKWARD_ONE(DH, DHP) backward_one(qf, kf, vt, gf, p, qsf, kt, m, ms_t, ends, pp, dqf, dkf, dvf, ds, nonzero, \
+                                          nt, ns, DH, DHP, scale, &d)
 
 DEFINE_FORWARD(f32)
 DEFINE_FORWARD(bf16)

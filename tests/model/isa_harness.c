@@ -147,6 +147,14 @@ static void training(void) {
         show("attention_backward_f32_dq", dq, B * T * D);
         show("attention_backward_f32_dk", dk, B * T * D);
         show("attention_backward_f32_dv", dv, B * T * D);
+        check("attention_backward_f32 (softmax again)", attention_backward_f32(&(attention_backward_args){
+            .q = q, .k = k, .v = v, .dout = dout, .mask = masked ? causal : NULL, .dq = dq, .dk = dk, .dv = dv,
+            .B = B, .H = H, .nt = T, .ns = T, .dh = DH, .qs_b = T * D, .qs_t = D, .ks_b = T * D, .ks_s = D,
+            .vs_b = T * D, .vs_s = D, .ms_b = 0, .ms_t = T, .gs_b = T * D, .gs_t = D, .dqs_b = T * D, .dqs_t = D,
+            .dks_b = T * D, .dks_s = D, .dvs_b = T * D, .dvs_s = D, .threads = 2, .scale = 0.17f, .keep = 1.f}));
+        show("attention_backward_f32_again_dq", dq, B * T * D);
+        show("attention_backward_f32_again_dk", dk, B * T * D);
+        show("attention_backward_f32_again_dv", dv, B * T * D);
     }
 
     float *x = randoms(3 * N, 1.f), *y = randoms(3 * N, 1.f), *w = randoms(N, 1.f), *b = randoms(N, 1.f);

@@ -120,6 +120,54 @@ def test_training_attention_with_dropout_matches_pytorch_given_its_mask(kind, dt
         _close(ours_kv.grad, b.grad, tol)
 
 
+@settings(deadline=None, max_examples=40)
+@given(B=st.integers(1, 3), T=st.integers(1, 40), S=st.integers(1, 40), H=st.integers(1, 3),
+       head_dim=st.sampled_from([3, 16, 32, 64]), kind=st.sampled_from(["self", "causal", "cross"]),
+       masking=st.sampled_from(["none", "padding", "general"]), dtype=st.sampled_from(sorted(DTYPES)),
+       dropout=st.sampled_from([0.0, 0.3]), nan=st.booleans(), seed=st.integers(0, 2**16))
+def test_training_attention_computes_the_softmax_again_to_the_bit(B, T, S, H, head_dim, kind, masking, dtype, dropout,
+                                                                   nan, seed):
+    """Above KEEP_SOFTMAX_BYTES the backward pass computes the softmax again instead of reading the
+    forward pass's copy: outputs and gradients the same to the bit, NaN where they are NaN (a NaN
+    input, rows with nothing to attend to), dropout's mask included."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype][0]
+    D = H * head_dim
+    S = T if kind != "cross" else S
+    x_q = torch.randn(B, T, 3 * D if kind != "cross" else D, generator=g).to(dt)
+    x_kv = x_q if kind != "cross" else torch.randn(B, S, 2 * D, generator=g).to(dt)
+    if nan:
+        x_kv.view(-1)[torch.randint(0, x_kv.numel(), (1,), generator=g)] = float("nan")
+    k_col = D if kind != "cross" else 0
+    mask = causal_mask(T) if kind == "causal" else None
+    if masking == "padding":
+        padding = torch.rand(B, 1, 1, S, generator=g) < 0.7
+        padding[0] = False  # a row with nothing to attend to
+        mask = padding if mask is None else mask & padding
+    elif masking == "general":
+        mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+    grad = torch.randn(B, T, D, generator=g).to(dt)
+
+    results = []
+    for keep in (True, False):
+        a = x_q.clone().requires_grad_()
+        b = a if kind != "cross" else x_kv.clone().requires_grad_()
+        torch.manual_seed(seed)  # dropout's seed
+        with pytest.MonkeyPatch.context() as patch:  # (hypothesis: no function-scoped fixture)
+            patch.setattr(kernels, "KEEP_SOFTMAX_BYTES", 2**40 if keep else 0)
+            out = kernels.training_attention(a, b, mask, H, D, k_col, dropout=dropout)
+            assert out is not None
+            out.backward(grad)
+        results.append((out, a.grad) + ((b.grad,) if kind == "cross" else ()))
+    for kept, again in zip(*results):
+        assert torch.equal(kept.nan_to_num(7.0), again.nan_to_num(7.0)) and torch.equal(kept.isnan(), again.isnan())
+
+
+def test_training_attention_keeps_the_softmax_up_to_its_budget(monkeypatch):
+    monkeypatch.setattr(kernels, "KEEP_SOFTMAX_BYTES", 4 * 2 * 4 * 64 * 64)
+    assert kernels.keeps_softmax(2, 4, 64, 64) and not kernels.keeps_softmax(2, 4, 65, 64)
+
+
 def test_attention_layers_in_training_take_the_kernel_with_attention_dropout(record):
     """attn_dropout > 0 (the small preset's 0.1) no longer sends training to PyTorch's attention."""
     from aiayn.config import preset
