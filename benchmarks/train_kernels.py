@@ -93,7 +93,7 @@ def main() -> None:
                     os.environ["AIAYN_KERNELS"] = switch
                     times[switch] = min(times[switch], cpu_ms(step, reps))
             os.environ["AIAYN_KERNELS"] = "1"
-            decision = kernels._wins(family, dtype, head_dim)
+            decision = kernels._wins(family, dtype, head_dim, causal=name.endswith("causal"))
             used = (f"yes (up to {decision})" if decision >= length else "no") if family == "attention" \
                 else ("yes" if decision else "no")
             print(f"| {name} | {shape} | {str(dtype)[6:]} | {times['all']:.3f} | {times['0']:.3f} | "

@@ -45,14 +45,17 @@ def test_it_says_the_device_auto_and_the_threads(capsys):
 
 def test_each_decision_timed_here_in_words(capsys, library):
     _save(library, attention_bf16_dh32=64, attention_bf16_dh32_speedups=[1.3, 1.1, 0.9],
-          attention_bf16_dh32_busy=0.0, loss_f32=True, loss_f32_speedups=[1.45], loss_f32_busy=0.1,
+          attention_bf16_dh32_busy=0.0, attention_bf16_dh32_causal=512,
+          attention_bf16_dh32_causal_speedups=[1.4, 1.4, 2.5, 2.5, 2.1, 0.7], loss_f32=True, loss_f32_speedups=[1.45], loss_f32_busy=0.1,
           residual_f32=False, residual_f32_speedups=[0.94], linear_i8=0, linear_i8_speedups=[0.8],
           layer_f32=16, layer_f32_speedups=[2.0, 1.5, 1.2, 1.1, 1.05, 0.9], layer_f32_busy=1.5)
     out = _out(capsys)
     assert f"C kernels: {library}" in out
     lines = {line.split()[0]: " ".join(line.split()) for line in out.splitlines() if line.startswith("  ")}
-    assert lines["attention_bf16_dh32"].endswith("training attention on up to 64 tokens 1.30x at 32, 1.10x at 64, "
-                                                 "0.90x at 128")
+    assert lines["attention_bf16_dh32"].endswith("training attention, every key on up to 64 tokens 1.30x at 32, "
+                                                 "1.10x at 64, 0.90x at 128")
+    assert lines["attention_bf16_dh32_causal"].endswith("training attention, causal on up to 512 tokens 1.40x at 32, "
+                                                        "1.40x at 64, 2.50x at 128, 2.50x at 256, 2.10x at 512, 0.70x at 1024")
     assert lines["loss_f32"].endswith("training loss on 1.45x")
     assert lines["residual_f32"].endswith("off 0.94x")
     assert lines["linear_i8"].endswith("a decoding step's linear layers off 0.80x")

@@ -194,16 +194,17 @@ def enabled() -> bool:
     return os.environ.get("AIAYN_KERNELS", "1") != "0"
 
 
-def _wins(family: str, dtype: torch.dtype, head_dim: int = 0) -> bool | int:
+def _wins(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = False) -> bool | int:
     """Whether a kernel family beat PyTorch on this machine (tuning.py; for "attention", the longest
-    length at which it did, for this head size). Cheap after the first call of a process."""
+    length at which it did, for this head size, with a causal mask or over every key). Cheap after the
+    first call of a process."""
     forced = tuning.forced(family)  # (these lookups are cheap enough for every call)
     if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
         forced = True
     if forced is not None:
         return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS,
                 "beam": tuning.BEAM_SENTENCES[-1]}.get(family, True) if forced else False
-    key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" if family == "attention" else "")
+    key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" + "_causal" * causal if family == "attention" else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
 
@@ -894,7 +895,8 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
             and n_heads > 0 and d_model % n_heads == 0 and x_q.size(2) >= d_model
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
             and _on_cpu(x_q, x_kv) and 0 < d_model // n_heads <= _LIMITS["MAX_HEAD_DIM"]
-            and _mask_strides(mask, B, T, S) is not None and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads)):
+            and _mask_strides(mask, B, T, S) is not None
+            and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads, causal=mask is not None and mask.size(2) > 1)):
         return None
     return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col, dropout)
 

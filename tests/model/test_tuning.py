@@ -9,6 +9,7 @@ import torch
 
 from aiayn import capability, kernels
 from aiayn.kernels import tuning
+from aiayn.model.attention import causal_mask
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels are not built here")
 
@@ -142,13 +143,26 @@ def test_a_decision_asked_for_inside_a_loss_or_under_no_grad_is_measured_with_gr
 
 
 def test_attention_is_measured_per_head_size_up_to_the_length_it_wins(measured, monkeypatch):
-    monkeypatch.setattr(tuning, "_attention", lambda dtype, head_dim: (32 if head_dim == 8 else 0, [1.5]))
+    monkeypatch.setattr(tuning, "_attention", lambda dtype, head_dim, causal: (32 if head_dim == 8 else 0, [1.5]))
     x = torch.randn(3, 32, 3 * 16, requires_grad=True)
     assert kernels.training_attention(x, x, None, 2, 16, 16) is not None  # 2 heads of 8: up to 32
     long = torch.randn(3, 64, 3 * 16, requires_grad=True)
     assert kernels.training_attention(long, long, None, 2, 16, 16) is None  # longer: PyTorch's
     assert kernels.training_attention(x, x, None, 1, 16, 16) is None  # 1 head of 16: lost everywhere
     assert measured == ["attention_f32_dh8", "attention_f32_dh16"]
+
+
+def test_causal_attention_and_attention_over_every_key_are_decided_apart(measured, monkeypatch):
+    """A mask with a row per query (causal, or causal and padding) has its own decision; a padding mask
+    (B, 1, 1, S), or none, the other."""
+    monkeypatch.setattr(tuning, "_attention", lambda dtype, head_dim, causal: (64 if causal else 32, [1.5]))
+    x = torch.randn(2, 64, 3 * 16, requires_grad=True)
+    padding = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    assert kernels.training_attention(x, x, causal_mask(64), 2, 16, 16) is not None
+    assert kernels.training_attention(x, x, causal_mask(64) & padding, 2, 16, 16) is not None
+    assert kernels.training_attention(x, x, padding, 2, 16, 16) is None  # every key: won up to 32 only
+    assert kernels.training_attention(x, x, None, 2, 16, 16) is None
+    assert measured == ["attention_f32_dh8_causal", "attention_f32_dh8"]
 
 
 def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured, monkeypatch):
