@@ -204,7 +204,9 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = Fal
     if forced is not None:
         return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS,
                 "beam": tuning.BEAM_SENTENCES[-1]}.get(family, True) if forced else False
-    key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}" + (f"_dh{head_dim}" + "_causal" * causal if family == "attention" else "")
+    key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}"
+    if family == "attention":
+        key += f"_dh{head_dim}" + ("_causal" if causal else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
 
 
@@ -896,7 +898,8 @@ def training_attention(x_q: Tensor, x_kv: Tensor, mask: Tensor | None, n_heads: 
             and x_kv.size(2) >= k_col + 2 * d_model and x_q.stride(2) == 1 and x_kv.stride(2) == 1
             and _on_cpu(x_q, x_kv) and 0 < d_model // n_heads <= _LIMITS["MAX_HEAD_DIM"]
             and _mask_strides(mask, B, T, S) is not None
-            and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads, causal=mask is not None and mask.size(2) > 1)):
+            and max(T, S) <= _wins("attention", x_q.dtype, d_model // n_heads,
+                                   causal=mask is not None and mask.size(2) > 1)):  # (a row per query)
         return None
     return _TrainingAttention.apply(x_q, x_kv, mask, n_heads, d_model, k_col, dropout)
 
@@ -952,7 +955,8 @@ class _TrainingAttention(torch.autograd.Function):
             probs=probs.data_ptr() if probs is not None else 0, mask=mask.data_ptr() if mask is not None else 0,
             dq=d_q.data_ptr(), dk=_column(d_kv, k_col), dv=_column(d_kv, k_col + D),
             B=B, H=H, nt=T, ns=S, dh=D // H, qs_b=qs_b, qs_t=qs_t, ks_b=kv_b, ks_s=kv_s, vs_b=kv_b, vs_s=kv_s,
-            ms_b=ms_b, ms_t=ms_t, gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s, dvs_b=dkv_b, dvs_s=dkv_s,
+            ms_b=ms_b, ms_t=ms_t, gs_b=gs_b, gs_t=gs_t, dqs_b=dqs_b, dqs_t=dqs_t, dks_b=dkv_b, dks_s=dkv_s,
+            dvs_b=dkv_b, dvs_s=dkv_s,
             threads=torch.get_num_threads(), scale=1.0 / math.sqrt(D // H), **ctx.drop))
         return d_q, None if ctx.same else d_kv, None, None, None, None, None
 

@@ -153,7 +153,9 @@ def in_words(key: str, decision: bool | int, speedups: list[float]) -> tuple[str
     """A decision as `aiayn machine` shows it: (what the family is, "on" / "off" / "on up to N
     tokens|rows|sentences", the speed-ups, each at its size where the family is timed at several)."""
     family = key.split("_")[0]
-    what = FAMILIES.get(family, "") + (", causal" if key.endswith("_causal") else ", every key" if family == "attention" else "")
+    what = FAMILIES.get(family, "")
+    if family == "attention":
+        what += ", causal" if key.endswith("_causal") else ", every key"
     unit, sizes = {"attention": ("tokens", ATTENTION_LENGTHS), "linear": ("rows", LINEAR_ROWS),
                    "layer": ("rows", LINEAR_ROWS), "beam": ("sentences", BEAM_SENTENCES)}.get(family, ("", ()))
     if isinstance(decision, bool) or not unit:
