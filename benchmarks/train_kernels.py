@@ -54,10 +54,14 @@ def cases(quick: bool):
     n = 4 if quick else 1  # (quick: a quarter of attention's rows)
     yield ("attention, causal", f"{12 // n} x 64, 4 heads of 32 (the LM preset)", "attention", 32, 64,
            lambda dt: attention(dt, 12 // n, 64, 4, 32, True))
-    for T in (32, 64) if not quick else (32,):
+    for T in (32, 64, 256) if not quick else (32,):  # (256: the shakespeare preset's context, 6 heads of 64 there)
         for causal in (True, False):
-            yield (f"attention, {'causal' if causal else 'every key'}", f"{2048 // T // n} x {T}, 4 heads of 64 (small)",
+            yield (f"attention, {'causal' if causal else 'every key'}",
+                   f"{2048 // T // n} x {T}, 4 heads of 64" + (" (small)" if T <= 64 else ""),
                    "attention", 64, T, lambda dt, T=T, causal=causal: attention(dt, 2048 // T // n, T, 4, 64, causal))
+    if not quick:  # a pixel model's image (image-gpt: 785 tokens, 2 heads of 32)
+        yield ("attention, causal", "2 x 785, 2 heads of 32 (image-gpt)", "attention", 32, 785,
+               lambda dt: attention(dt, 2, 785, 2, 32, True))
     # the other families: the steps their timing takes (aiayn.kernels.tuning)
     yield "loss", "512 x 8,000", "loss", 0, 0, tuning.MEASURES["loss"]
     yield "residual + LayerNorm", "2048 x 256", "residual", 0, 0, tuning.MEASURES["residual"]

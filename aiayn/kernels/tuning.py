@@ -391,8 +391,8 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
             return _layer(dtype)
         if family == "beam":
             return _beam_sentences(dtype)
-        on, off = _on_off(MEASURES[family](dtype), family)
-        return _faster(on, off), [round(off / on, 3)]
+        won, speedup = _won_at(MEASURES[family](dtype), family, _faster)
+        return won, [speedup]
 
 
 def _faster(on: float, off: float) -> bool:
