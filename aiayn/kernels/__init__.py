@@ -934,6 +934,7 @@ class _TrainingAttention(torch.autograd.Function):
             scale=1.0 / math.sqrt(Dh), **ctx.drop))
         ctx.save_for_backward(x_q, x_kv, probs, mask)
         ctx.same, ctx.n_heads, ctx.d_model, ctx.k_col = x_q is x_kv, n_heads, d_model, k_col
+        ctx.mask_strides = ms_b, ms_t
         return out
 
     @staticmethod
@@ -949,7 +950,7 @@ class _TrainingAttention(torch.autograd.Function):
             d_q = x_q.new_empty(x_q.shape) if x_q.size(2) == D else x_q.new_zeros(x_q.shape)
             d_kv = x_kv.new_empty(x_kv.shape) if (k_col, x_kv.size(2)) == (0, 2 * D) else x_kv.new_zeros(x_kv.shape)
         (qs_b, qs_t), (kv_b, kv_s), (gs_b, gs_t) = x_q.stride()[:2], x_kv.stride()[:2], d_out.stride()[:2]
-        (dqs_b, dqs_t), (dkv_b, dkv_s), (ms_b, ms_t) = d_q.stride()[:2], d_kv.stride()[:2], _mask_strides(mask, B, T, S)
+        (dqs_b, dqs_t), (dkv_b, dkv_s), (ms_b, ms_t) = d_q.stride()[:2], d_kv.stride()[:2], ctx.mask_strides
         _call("attention_backward_" + _FUNCTIONS[x_q.dtype], _STRUCTS["attention_backward"](
             q=x_q.data_ptr(), k=_column(x_kv, k_col), v=_column(x_kv, k_col + D), dout=d_out.data_ptr(),
             probs=probs.data_ptr() if probs is not None else 0, mask=mask.data_ptr() if mask is not None else 0,
