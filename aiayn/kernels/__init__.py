@@ -78,7 +78,7 @@ def __getattr__(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------- the boundary
-ABI_VERSION = 8  # abi.h's AIAYN_ABI_VERSION
+ABI_VERSION = 9  # abi.h's AIAYN_ABI_VERSION
 
 
 class Status(IntEnum):
@@ -1024,12 +1024,14 @@ class _ResidualNorm(torch.autograd.Function):
         D = z.size(-1)
         rows = z.numel() // D
         threads = torch.get_num_threads()
-        dx, dy = torch.empty_like(z), torch.empty_like(z, dtype=ctx.y_dtype)
+        dx = torch.empty_like(z)
+        # without a mask, in one dtype, dy is dx (as PyTorch's add passes one gradient to both)
+        dy = dx if mask is None and ctx.y_dtype == z.dtype else torch.empty_like(z, dtype=ctx.y_dtype)
         partial = torch.zeros(threads, 2, D, dtype=torch.float32)  # each part's sums of dw and db
         _call("residual_norm_backward_" + _suffix(dx, dy), _STRUCTS["residual_norm_backward"](
             dout=d_out.data_ptr(), z=z.data_ptr(), mask=mask.data_ptr() if mask is not None else 0, w=w.data_ptr(),
-            stats=stats.data_ptr(), dx=dx.data_ptr(), dy=dy.data_ptr(), partial=partial.data_ptr(), rows=rows, n=D,
-            threads=threads))
+            stats=stats.data_ptr(), dx=dx.data_ptr(), dy=dy.data_ptr() if dy is not dx else 0,
+            partial=partial.data_ptr(), rows=rows, n=D, threads=threads))
         dw, db = partial.sum(0).to(w.dtype).unbind(0)
         return dx, dy, dw, db, None, None
 

@@ -24,7 +24,7 @@
 
 #include <stdint.h>
 
-#define AIAYN_ABI_VERSION 8
+#define AIAYN_ABI_VERSION 9
 
 typedef enum {
     AIAYN_OK = 0,
@@ -228,7 +228,7 @@ enum {
 #define AIAYN_RESIDUAL_NORM_BACKWARD_ARGS(X)                                                          \
     X(const void *, dout) X(const void *, z) X(const void *, mask) X(const void *, w)                 \
     X(const float *, stats)                                                                           \
-    X(void *, dx) X(void *, dy)  /* written: (rows, n) each, dy of the y type */                      \
+    X(void *, dx) X(void *, dy)  /* written: (rows, n) each, dy of the y type; dy NULL: dy = dx */    \
     X(float *, partial)        /* (threads, 2, n) zeros: each part's sums of dw and db */             \
     X(int64_t, rows) X(int64_t, n) X(int64_t, threads)
 

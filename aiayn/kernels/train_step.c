@@ -590,7 +590,7 @@ DEFINE_DROPOUT(bf16, to_bf16)
  * Forward: z = x + y * mask (mask: dropout's scaled mask, or none), out = LayerNorm(z) w + b, z kept
  * (rounded to the tensors' type, as PyTorch's addcmul would leave it) with each row's mean and
  * 1 / std; backward from dout: with xhat = (z - mean) / std and g = dout w,
- *     dz = (g - mean(g) - xhat mean(g xhat)) / std,   dx = dz,   dy = dz mask,
+ *     dz = (g - mean(g) - xhat mean(g xhat)) / std,   dx = dz,   dy = dz mask (dy NULL: dx is it),
  *     dw = sum over rows of dout xhat,   db = sum of dout,
  * the sums as one row of partial sums per part (`partial`: parts x 2n fp32, summed by the caller).
  * PyTorch: addcmul, layer_norm, its backward and a product, each a pass over the (rows, n) tensors.
@@ -647,12 +647,12 @@ static void residual_norm_back_part_##NAME(const void *args, int64_t lo, int64_t
             const float xhat = (LOAD(zr[j]) - mean) * rstd;                                           \
             const float dz = (row[j] - c1 - xhat * c2) * rstd;                                        \
             STORE(dx + r * n + j, dz);                                                                \
-            STOREY(dy + r * n + j, mr ? dz * LOADY(mr[j]) : dz);                                      \
+            if (dy) STOREY(dy + r * n + j, mr ? dz * LOADY(mr[j]) : dz);                              \
         }                                                                                             \
     }                                                                                                 \
 }                                                                                                     \
 int residual_norm_backward_##NAME(const residual_norm_backward_args *a) {                               \
-    AIAYN_REQUIRE(a->dout && a->z && a->w && a->stats && a->dx && a->dy && a->partial, AIAYN_NULL_POINTER); \
+    AIAYN_REQUIRE(a->dout && a->z && a->w && a->stats && a->dx && a->partial, AIAYN_NULL_POINTER);        \
     AIAYN_REQUIRE(a->rows >= 0 && a->n >= 1, AIAYN_BAD_SIZE);                                            \
     return parallel(residual_norm_back_part_##NAME, a, a->rows, a->threads, a->n);                       \
 }

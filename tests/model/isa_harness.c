@@ -167,6 +167,11 @@ static void training(void) {
         .threads = 2}));
     show("residual_norm_backward_f32_dx", dx, 3 * N);
     show("residual_norm_backward_f32_partial", partial, 2 * 2 * N);
+    float dx_alone[3 * N], partial_alone[2 * 2 * N] = {0};  /* no dy: it is dx */
+    check("residual_norm_backward_f32 (dy = dx)", residual_norm_backward_f32(&(residual_norm_backward_args){
+        .dout = g, .z = z, .w = w, .stats = stats, .dx = dx_alone, .partial = partial_alone, .rows = 3, .n = N,
+        .threads = 2}));
+    check("residual_norm_backward_f32: dx the same without dy", memcmp(dx, dx_alone, sizeof dx_alone) ? -1 : AIAYN_OK);
 
     float *h = randoms(3 * N, 3.f), gelu[3 * N], slope[3 * N], dh[3 * N], bias_grad[2 * N] = {0};
     check("bias_gelu_forward_f32", bias_gelu_forward_f32(&(bias_gelu_forward_args){
