@@ -201,9 +201,9 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder layer
 
 class FastTransformer(Transformer):
     """A decoding step of one new token a row through an inference copy whose decoder layers take the
-    one-call decoder layer (FastTransformerLayer.step_plan): the embedding, every layer and, where
-    the few-rows kernel takes its rows, the generator in one kernel call (kernels.decoder_step; more
-    rows: the generator's own module after it), the same results as the modules' path, without its
+    one-call decoder layer (FastTransformerLayer.step_plan): the embedding, every layer and, up to
+    kernels.generator_rows rows, the generator in one kernel call (kernels.decoder_step; more rows:
+    the generator's own module after it), the same results as the modules' path, without its
     Python between them, and beam search's reorders of the caches done in place."""
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -281,16 +281,16 @@ class FastTransformer(Transformer):
                               bos_id, eos_id, max_len, min_len)
 
     def _step_plan(self, cache: KVCache) -> tuple | None:
-        """The whole step's plan for this cache's buffers: with the generator where the few-rows
-        kernel takes this many rows, else without it (the generator's module then runs after)."""
+        """The whole step's plan for this cache's buffers: with the generator up to
+        `kernels.generator_rows` rows, else without it (the generator's module then runs after)."""
         generator, embed, n = self.generator, self.tgt_embed, len(self.decoder.layers)
         tiles = getattr(generator, "tiles", None)
         plans = [layer.step_plan() for layer in self.decoder.layers]
         if tiles is None or not isinstance(self.decoder.norm, nn.Identity) or any(p is None for p in plans):
             return None
         caches = [(cache.self_k[i], cache.self_v[i]) for i in range(n)]
-        if cache.batch_size > kernels.linear_rows(tiles.dtype):
-            tiles = None  # (oneDNN's GEMM is faster there)
+        if cache.batch_size > kernels.generator_rows(tiles.dtype):
+            tiles = None  # (oneDNN's or fbgemm's GEMM is faster there)
         return kernels.decoder_step_plan(embed.tokens.weight, embed.scale, plans, caches, cache.length,
                                          list(zip(cache.cross_k, cache.cross_v)), cache.memory_mask, tiles,
                                          generator.bias, generator.out_features)

@@ -198,9 +198,7 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = Fal
     """Whether a kernel family beat PyTorch on this machine (tuning.py; for "attention", the longest
     length at which it did, for this head size, with a causal mask or over every key). Cheap after the
     first call of a process."""
-    forced = tuning.forced(family)  # (these lookups are cheap enough for every call)
-    if forced is None and os.environ.get("AIAYN_KERNELS") == "all":
-        forced = True
+    forced = _forced(family)  # (these lookups are cheap enough for every call)
     if forced is not None:
         return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS,
                 "beam": tuning.BEAM_SENTENCES[-1]}.get(family, True) if forced else False
@@ -208,6 +206,13 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = Fal
     if family == "attention":
         key += f"_dh{head_dim}" + ("_causal" if causal else "")
     return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
+
+
+def _forced(family: str) -> bool | None:
+    """True / False: every kernel of `family` on / off whatever this machine's timing says (while a
+    family is timed, or AIAYN_KERNELS=all); None: the timing decides."""
+    forced = tuning.forced(family)
+    return True if forced is None and os.environ.get("AIAYN_KERNELS") == "all" else forced
 
 
 def cache_dir() -> Path:
@@ -489,6 +494,21 @@ def linear_rows(dtype: torch.dtype) -> int:
     return _rows("linear", dtype)
 
 
+def generator_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows the whole decoding step in one call (`decoder_step_plan`) takes the
+    generator on `linear`: up to `linear_rows`, and past them while the kernel alone was still faster
+    than oneDNN's or fbgemm's GEMM by more than timing noise (tuning.faster_rows). The step layer by
+    layer keeps LINEAR_MARGIN's 10% (a step's other work shares the caches), but in one call the
+    step also saves the Python between its layers and the generator, and one sentence's beam search
+    runs in one call (`search`) only with the generator in its step. (A Zen 4 capped to AVX2, int8,
+    one thread: the kernel alone 1.07x fbgemm at 4 rows, so `linear_rows` 2; with the generator in
+    the step up to 4 rows, beam 4 of one sentence was 1.3x faster.)"""
+    rows = linear_rows(dtype)
+    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available() or _forced("linear") is not None:
+        return rows
+    return max(rows, tuning.faster_rows(f"linear_{_FUNCTIONS.get(dtype, 'i8')}", _library()._name))
+
+
 def layer_rows(dtype: torch.dtype) -> int:
     """Up to how many rows `decoder_layer` (with linear layers of `dtype`, int8 included) beats the
     layer's modules on this machine (tuning.py; 0: never, or the kernels are not here)."""
@@ -678,7 +698,8 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
     `linear_tiles`' form, its bias or None, V outputs), or out_tiles None: a step without it, whose
     result is the decoder's output (B, 1, D) (`step_makes_logits` says which). Good for as long as
     these buffers are the cache's: the caller keeps them, and with them the plan. None where the
-    kernel does not take them: where `embed`, `decoder_layer` or `linear` would not."""
+    kernel does not take them: where `embed` or `decoder_layer` would not, or the generator past
+    `generator_rows`."""
     dtype, tiles_dtype, function = plans[0][2], plans[0][3], plans[0][1].replace("layer", "step")
     B, D = caches[0][0].size(0), table.size(1)
     if out_tiles is None:
@@ -686,7 +707,7 @@ def decoder_step_plan(table: Tensor, scale: float, plans: list[tuple], caches: l
     if not (table.dtype == dtype and table.is_contiguous() and usable(table)
             and all(p[1] == plans[0][1] for p in plans) and len(plans) == len(caches) == len(sources)
             and (out_tiles is None or (_tiles_fit(out_tiles, V, D, dtype) and out_tiles.is_cpu
-                                       and out_tiles.dtype == tiles_dtype and B <= _wins("linear", tiles_dtype)))
+                                       and out_tiles.dtype == tiles_dtype and B <= generator_rows(tiles_dtype)))
             and (out_bias is None or (out_bias.shape == (V,) and out_bias.is_contiguous() and out_bias.dtype == dtype))):
         return None
     layers = (_STRUCTS["decoder_layer"] * len(plans))()

@@ -63,9 +63,10 @@ BEAM_SENTENCES = (1, 16)  # one sentence: the step's ~15 PyTorch operators cost 
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The linear layers timed alone win more than in a decoding step (where the rest of the step shares
 # the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
-# as won from 10% faster.
+# as won from 10% faster (the whole step in one call takes its generator from NOISE: faster_rows).
 LINEAR_MARGIN = 1.10
-VERSION = 10  # a new version measures again (what is measured, how, or the library's boundary, changed)
+NOISE = 1.02  # a kernel counts as faster from 2% faster: timing noise (at a tie PyTorch's path runs)
+VERSION = 11  # a new version measures again (what is measured, how, or the library's boundary, changed)
 BUSY = 0.5  # cores' worth of other work, beyond the cores this process's threads leave free, that disturbs a timing
 TIMINGS = 3  # a disturbed measurement is taken again, at most this many times in all
 _lock = threading.RLock()
@@ -285,17 +286,21 @@ def _won_at(step: Callable[[], object], family: str, won: Callable[[float, float
     return won(on, off), round(off / on, 3)
 
 
-def _most(sizes: tuple[int, ...], won_at: Callable[[int], tuple[bool, float]]) -> tuple[int, list[float]]:
+def _most(sizes: tuple[int, ...], won_at: Callable[[int], tuple[bool, float]],
+          beyond: Callable[[float], bool] = lambda speedup: False) -> tuple[int, list[float]]:
     """The largest of `sizes` (rows, lengths, sentences) up to which the kernels won, timing each
-    size in turn (`won_at(size)` -> (won, speed-up)) until the first loss; 0 if they lost at the
-    first. And the speed-ups measured."""
-    most, speedups = 0, []
+    size in turn (`won_at(size)` -> (won, speed-up)) until the first loss, and past it while
+    `beyond(speed-up)` holds (speed-ups for another use: faster_rows); 0 if they lost at the first.
+    And the speed-ups measured."""
+    most, speedups, lost = 0, [], False
     for size in sizes:
         won, speedup = won_at(size)
         speedups.append(speedup)
-        if not won:
+        lost = lost or not won
+        if not lost:
+            most = size
+        elif not beyond(speedup):
             break
-        most = size
     return most, speedups
 
 
@@ -396,9 +401,9 @@ def _measure(key: str) -> tuple[bool | int, list[float]]:
 
 
 def _faster(on: float, off: float) -> bool:
-    """Whether the kernels' time `on` beats PyTorch's `off` by more than timing noise (2%): at a tie,
-    PyTorch's operators (the reference) run."""
-    return on * 1.02 < off
+    """Whether the kernels' time `on` beats PyTorch's `off` by more than timing noise (NOISE): at a
+    tie, PyTorch's operators (the reference) run."""
+    return on * NOISE < off
 
 
 def _attention(dtype: torch.dtype, head_dim: int, causal: bool) -> tuple[int, list[float]]:
@@ -461,7 +466,21 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
 
         return _won_at(step, "linear", lambda on, off: on * LINEAR_MARGIN < off)
 
-    return _most(LINEAR_ROWS, won_at)
+    return _most(LINEAR_ROWS, won_at, beyond=lambda speedup: speedup > NOISE)
+
+
+def faster_rows(key: str, library_path: str | Path) -> int:
+    """The most rows (of LINEAR_ROWS) up to which the linear kernel (`key`: "linear_<dtype>") was
+    faster than oneDNN's or fbgemm's GEMM by more than timing noise, without LINEAR_MARGIN: what the
+    whole decoding step in one call takes its generator on (kernels.generator_rows). Measured first
+    if need be."""
+    decide(key, library_path)
+    most = 0
+    for rows, speedup in zip(LINEAR_ROWS, _table(Path(library_path)).get(f"{key}_speedups", [])):
+        if speedup <= NOISE:
+            break
+        most = rows
+    return most
 
 
 def _layer(dtype: torch.dtype) -> tuple[int, list[float]]:

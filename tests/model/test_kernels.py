@@ -579,6 +579,25 @@ def test_one_call_step_without_the_generator(kernel, monkeypatch, precision):
     assert results["step"][1:] == results["layer"][1:]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_one_call_step_takes_the_generator_up_to_generator_rows(kernel, monkeypatch, precision):
+    """Past the linear kernel's own rows (linear_rows: won by 10%) the whole step still takes the
+    generator, up to generator_rows; one sentence's beam search (4 rows) then runs in one call
+    (kernels.search), and past them through the reference loop."""
+    from aiayn.decode import beam_search
+
+    copy, src = _tiled_copy(monkeypatch, precision)
+    wins, search, found = kernels._wins, kernels.search, []
+    monkeypatch.setattr(kernels, "_wins", lambda family, *a: 2 if family == "linear" else wins(family, *a))
+    monkeypatch.setattr(kernels, "search", lambda *a: found.append(search(*a)) or found[-1])
+    for generator_rows, in_one_call in ((2, False), (4, True)):
+        monkeypatch.setattr(kernels, "generator_rows", lambda dtype, rows=generator_rows: rows)
+        found.clear()
+        with torch.inference_mode():
+            hypotheses = beam_search(copy, src[:1], 1, 2, beam_size=4, max_extra=8)
+        assert hypotheses and found and (found[-1] is not None) == in_one_call, generator_rows
+
+
 def _small_copy(monkeypatch):
     """A small encoder-decoder's fp32 inference copy, every kernel on (the one-call step's tests)."""
     from aiayn.config import ModelConfig

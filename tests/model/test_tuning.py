@@ -177,6 +177,33 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
     assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS, 24), tiles, None, 40) is not None
 
 
+def test_the_whole_step_takes_its_generator_while_the_linear_kernel_is_faster(measured, monkeypatch):
+    """Layer by layer the linear kernel counts from 10% faster (LINEAR_MARGIN); the whole step in one
+    call takes its generator up to the rows where the kernel was faster by more than noise."""
+    monkeypatch.setattr(tuning, "_linear", lambda dtype: (2, [1.7, 1.5, 1.07, 1.01]))
+    assert kernels.linear_rows(torch.float32) == 2
+    assert kernels.generator_rows(torch.float32) == 4
+    assert kernels.generator_rows(torch.float16) == 0  # no kernel for it
+    assert measured == ["linear_f32"]
+    monkeypatch.setenv("AIAYN_KERNELS", "all")
+    assert kernels.generator_rows(torch.float32) == kernels.MAX_LINEAR_ROWS
+
+
+def test_the_linear_timing_goes_on_past_its_decision_while_the_kernel_is_faster():
+    speedups = {1: 2.0, 2: 1.5, 4: 1.07, 8: 1.03, 16: 0.9, 32: 1.5}
+    timed = []
+
+    def won_at(rows):
+        timed.append(rows)
+        return speedups[rows] > tuning.LINEAR_MARGIN, speedups[rows]
+
+    sizes = tuple(speedups)
+    assert tuning._most(sizes, won_at) == (2, [2.0, 1.5, 1.07]) and timed == [1, 2, 4]
+    timed.clear()
+    assert tuning._most(sizes, won_at, beyond=lambda s: s > tuning.NOISE) == (2, [2.0, 1.5, 1.07, 1.03, 0.9])
+    assert timed == [1, 2, 4, 8, 16]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("first", ["layer", "decode", None])
 def test_a_fresh_cache_decides_whatever_is_asked_for_first(measured, monkeypatch, capsys, first, precision):
