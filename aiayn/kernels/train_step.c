@@ -223,8 +223,11 @@ INLINE void transpose(float *xt, const float *x, int64_t padded, int64_t dhp) {
 
 /* The end of each query's keys: 1 + its last unmasked key (ns without a mask, and where every key
  * is masked: those rows are computed whole, so that a NaN score still gives NaN), 0 for the rows
- * that pad nt to a multiple of 4. */
-INLINE void key_ends(int32_t *hi, const uint8_t *mask, int64_t ms_t, int64_t nt, int64_t ns) {
+ * that pad nt to a multiple of 4; of row b, unless `hi` holds row b's already (*of: whose it holds;
+ * the heads of a row share its mask). */
+INLINE void key_ends(int32_t *hi, int64_t *of, int64_t b, const uint8_t *mask, int64_t ms_t, int64_t nt, int64_t ns) {
+    if (*of == b) return;
+    *of = b;
     for (int64_t t = 0; t < round4(nt); t++) {
         int32_t end = t < nt ? (int32_t)ns : 0;
         if (mask && t < nt) {
@@ -464,10 +467,7 @@ static void forward_part_##T(const void *args, int64_t lo, int64_t hi, float *sc
         load_rows_##T(vf, v + b * vs_b + h * dh, ns, padded, vs_s, dh, dhp, 1.f);                     \
         transpose(kt, kf, padded, dhp);                                                               \
         const uint8_t *m = mask ? mask + b * ms_b : NULL;                                             \
-        if (ends_of != b) {  /* (the heads of a row share its mask) */                                \
-            key_ends(ends, m, ms_t, nt, ns);                                                          \
-            ends_of = b;                                                                              \
-        }                                                                                             \
+        key_ends(ends, &ends_of, b, m, ms_t, nt, ns);                                                 \
         float *p = probs ? probs + i * nt * ns : NULL;                                                \
         const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
         WITH_HEAD_SIZE(dh, FORWARD_ONE)                                                               \
@@ -520,10 +520,7 @@ static void backward_part_##T(const void *args, int64_t lo, int64_t hi, float *s
         if (!probs) {  /* P computed again: q scaled and kᵀ as in the forward pass, and its key ends */ \
             load_rows_##T(qsf, q + b * qs_b + h * dh, nt, nt4, qs_t, dh, dhp, scale);                 \
             transpose(kt, kf, padded, dhp);                                                           \
-            if (ends_of != b) {                                                                       \
-                key_ends(ends, m, ms_t, nt, ns);                                                      \
-                ends_of = b;                                                                          \
-            }                                                                                         \
+            key_ends(ends, &ends_of, b, m, ms_t, nt, ns);                                             \
         }                                                                                             \
         const float *p = probs ? probs + i * nt * ns : NULL;                                          \
         const drop d = {(uint64_t)a->seed, (uint64_t)a->threshold, a->keep, i * nt * ns};              \
