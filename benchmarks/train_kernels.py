@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -49,24 +50,33 @@ def attention(dtype, B, T, heads, head_dim, causal):
     return step
 
 
+class Case(NamedTuple):
+    kernel: str
+    shape: str
+    family: str  # (aiayn.kernels.tuning's)
+    make: Callable[[torch.dtype], Callable[[], object]]  # dtype -> a step
+    head_dim: int = 0  # attention: the decision's head size, length, and mask
+    length: int = 0
+    causal: bool = False
+
+
 def cases(quick: bool):
-    """(kernel, shape, family, head size, length, make(dtype) -> step)"""
     n = 4 if quick else 1  # (quick: a quarter of attention's rows)
-    yield ("attention, causal", f"{12 // n} x 64, 4 heads of 32 (the LM preset)", "attention", 32, 64,
-           lambda dt: attention(dt, 12 // n, 64, 4, 32, True))
+    yield Case("attention, causal", f"{12 // n} x 64, 4 heads of 32 (the LM preset)", "attention",
+               lambda dt: attention(dt, 12 // n, 64, 4, 32, True), 32, 64, True)
     for T in (32, 64, 256) if not quick else (32,):  # (256: the shakespeare preset's context, 6 heads of 64 there)
         for causal in (True, False):
-            yield (f"attention, {'causal' if causal else 'every key'}",
-                   f"{2048 // T // n} x {T}, 4 heads of 64" + (" (small)" if T <= 64 else ""),
-                   "attention", 64, T, lambda dt, T=T, causal=causal: attention(dt, 2048 // T // n, T, 4, 64, causal))
+            yield Case(f"attention, {'causal' if causal else 'every key'}",
+                       f"{2048 // T // n} x {T}, 4 heads of 64" + (" (small)" if T <= 64 else ""), "attention",
+                       lambda dt, T=T, causal=causal: attention(dt, 2048 // T // n, T, 4, 64, causal), 64, T, causal)
     if not quick:  # a pixel model's image (image-gpt: 785 tokens, 2 heads of 32)
-        yield ("attention, causal", "2 x 785, 2 heads of 32 (image-gpt)", "attention", 32, 785,
-               lambda dt: attention(dt, 2, 785, 2, 32, True))
+        yield Case("attention, causal", "2 x 785, 2 heads of 32 (image-gpt)", "attention",
+                   lambda dt: attention(dt, 2, 785, 2, 32, True), 32, 785, True)
     # the other families: the steps their timing takes (aiayn.kernels.tuning)
-    yield "loss", "512 x 8,000", "loss", 0, 0, tuning.MEASURES["loss"]
-    yield "residual + LayerNorm", "2048 x 256", "residual", 0, 0, tuning.MEASURES["residual"]
-    yield "dropout mask", "2048 x 1,024", "dropout", 0, 0, tuning.MEASURES["dropout"]
-    yield "bias + GELU", "2048 x 16 -> 1,024", "gelu", 0, 0, tuning.MEASURES["gelu"]
+    yield Case("loss", "512 x 8,000", "loss", tuning.MEASURES["loss"])
+    yield Case("residual + LayerNorm", "2048 x 256", "residual", tuning.MEASURES["residual"])
+    yield Case("dropout mask", "2048 x 1,024", "dropout", tuning.MEASURES["dropout"])
+    yield Case("bias + GELU", "2048 x 16 -> 1,024", "gelu", tuning.MEASURES["gelu"])
 
 
 def main() -> None:
@@ -88,19 +98,19 @@ def main() -> None:
     print("| kernel | shape | dtype | kernel ms | PyTorch ms | speed-up | used here |")
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
-    for name, shape, family, head_dim, length, make in cases(args.quick):
+    for case in cases(args.quick):
         for dtype in dtypes:
-            step = make(dtype)
+            step = case.make(dtype)
             times = {"all": float("inf"), "0": float("inf")}
             for _ in range(2):  # in turn, against drift
                 for switch in times:
                     os.environ["AIAYN_KERNELS"] = switch
                     times[switch] = min(times[switch], cpu_ms(step, reps))
             os.environ["AIAYN_KERNELS"] = "1"
-            decision = kernels._wins(family, dtype, head_dim, causal=name.endswith("causal"))
-            used = (f"yes (up to {decision})" if decision >= length else "no") if family == "attention" \
+            decision = kernels._wins(case.family, dtype, case.head_dim, case.causal)
+            used = (f"yes (up to {decision})" if decision >= case.length else "no") if case.family == "attention" \
                 else ("yes" if decision else "no")
-            print(f"| {name} | {shape} | {str(dtype)[6:]} | {times['all']:.3f} | {times['0']:.3f} | "
+            print(f"| {case.kernel} | {case.shape} | {str(dtype)[6:]} | {times['all']:.3f} | {times['0']:.3f} | "
                   f"{times['0'] / times['all']:.2f}x | {used} |", flush=True)
 
 
