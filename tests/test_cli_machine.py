@@ -48,6 +48,7 @@ def test_each_decision_timed_here_in_words(capsys, library):
           attention_bf16_dh32_busy=0.0, attention_bf16_dh32_causal=512,
           attention_bf16_dh32_causal_speedups=[1.4, 1.4, 2.5, 2.5, 2.1, 0.7], loss_f32=True, loss_f32_speedups=[1.45], loss_f32_busy=0.1,
           residual_f32=False, residual_f32_speedups=[0.94], linear_i8=0, linear_i8_speedups=[0.8],
+          linear_f32=2, linear_f32_speedups=[1.7, 1.5, 1.07, 0.9],
           layer_f32=16, layer_f32_speedups=[2.0, 1.5, 1.2, 1.1, 1.05, 0.9], layer_f32_busy=1.5)
     out = _out(capsys)
     assert f"C kernels: {library}" in out
@@ -59,6 +60,8 @@ def test_each_decision_timed_here_in_words(capsys, library):
     assert lines["loss_f32"].endswith("training loss on 1.45x")
     assert lines["residual_f32"].endswith("off 0.94x")
     assert lines["linear_i8"].endswith("a decoding step's linear layers off 0.80x")
+    assert lines["linear_f32"].endswith("a decoding step's linear layers on up to 2 rows (in the one-call step's "
+                                        "generator: 4) 1.70x at 1, 1.50x at 2, 1.07x at 4, 0.90x at 8")
     assert "on up to 16 rows" in lines["layer_f32"]
     assert "timed while other work ran (1.5 cores): timed again on a quiet CPU" in lines["layer_f32"]
     assert not any("other work" in lines[k] for k in ("attention_bf16_dh32", "loss_f32"))

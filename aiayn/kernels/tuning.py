@@ -163,6 +163,8 @@ def in_words(key: str, decision: bool | int, speedups: list[float]) -> tuple[str
         said = "on" if decision else "off"
     else:
         said = f"on up to {decision} {unit}" if decision else "off"
+    if family == "linear" and _faster_rows(speedups) > decision:
+        said += f" (in the one-call step's generator: {_faster_rows(speedups)})"
     if 1 < len(speedups) <= len(sizes):
         measured = ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
     else:
@@ -475,8 +477,12 @@ def faster_rows(key: str, library_path: str | Path) -> int:
     whole decoding step in one call takes its generator on (kernels.generator_rows). Measured first
     if need be."""
     decide(key, library_path)
+    return _faster_rows(_table(Path(library_path)).get(f"{key}_speedups", []))
+
+
+def _faster_rows(speedups: list[float]) -> int:
     most = 0
-    for rows, speedup in zip(LINEAR_ROWS, _table(Path(library_path)).get(f"{key}_speedups", [])):
+    for rows, speedup in zip(LINEAR_ROWS, speedups):
         if speedup <= NOISE:
             break
         most = rows
