@@ -74,7 +74,8 @@ def cases(quick: bool):
                    lambda dt: attention(dt, 2, 785, 2, 32, True), 32, 785, True)
     # the other families: the steps their timing takes (aiayn.kernels.tuning)
     yield Case("loss", "512 x 8,000", "loss", tuning.MEASURES["loss"])
-    yield Case("residual + LayerNorm", "2048 x 256", "residual", tuning.MEASURES["residual"])
+    yield Case("residual + LayerNorm", "2048 x 256, dropout 0.1", "residual", tuning.MEASURES["residual"])
+    yield Case("residual + LayerNorm", "2048 x 256, no dropout", "residual-nodrop", tuning.MEASURES["residual-nodrop"])
     yield Case("dropout mask", "2048 x 1,024", "dropout", tuning.MEASURES["dropout"])
     yield Case("bias + GELU", "2048 x 16 -> 1,024", "gelu", tuning.MEASURES["gelu"])
 

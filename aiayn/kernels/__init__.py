@@ -1011,13 +1011,14 @@ def residual_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, p: float) -> T
     (§3.1, §5.4) in one pass forward and one backward (train_step.c), where PyTorch makes four
     (addcmul, layer_norm, its backward, the dropout mask's product). The mask is `dropout_mask`'s.
     None if the kernel does not take these inputs: contiguous x and y of the norm's dtype, or under
-    autocast an fp32 x (the residual stream) and norm with a bf16 y (the sublayer's output)."""
+    autocast an fp32 x (the residual stream) and norm with a bf16 y (the sublayer's output); or is
+    not faster here, with dropout or without it (timed apart: tuning's residual, residual-nodrop)."""
     D = x.size(-1)
     w, b = norm.weight, norm.bias
     if not (x.shape == y.shape and x.numel() > 0 and norm.normalized_shape == (D,) and w is not None
             and b is not None and 0.0 <= p < 1.0 and x.is_contiguous() and y.is_contiguous() and _on_cpu(x, w, b)
             and (y.dtype == x.dtype or (x.dtype, y.dtype) == (torch.float32, torch.bfloat16)) and _on_cpu(y)
-            and _wins("residual", y.dtype)):
+            and _wins("residual" if p > 0 else "residual-nodrop", y.dtype)):
         return None
     mask = _dropout_mask(y, p) if p > 0 else None
     return _ResidualNorm.apply(x, y, w, b, mask, norm.eps)

@@ -177,6 +177,18 @@ def test_the_linear_kernel_is_measured_and_used_up_to_the_rows_it_wins(measured,
     assert kernels.linear(torch.randn(kernels.MAX_LINEAR_ROWS, 24), tiles, None, 40) is not None
 
 
+def test_the_residual_kernel_is_decided_with_dropout_and_without_apart(measured, monkeypatch):
+    """It applies dropout's mask in its own pass: it can win with dropout and lose without it."""
+    real = tuning._measure
+    monkeypatch.setattr(tuning, "_measure", lambda key: (key.startswith("residual_"), [1.2])
+                        if key.startswith("residual") else real(key))
+    norm = torch.nn.LayerNorm(16)
+    x, y = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
+    assert kernels.residual_layer_norm(x, y, norm, 0.1) is not None
+    assert kernels.residual_layer_norm(x, y, norm, 0.0) is None  # PyTorch's add and LayerNorm
+    assert kernels._wins("residual", torch.float32) is True and kernels._wins("residual-nodrop", torch.float32) is False
+
+
 def test_the_whole_step_takes_its_generator_while_the_linear_kernel_is_faster(measured, monkeypatch):
     """Layer by layer the linear kernel counts from 10% faster (LINEAR_MARGIN); the whole step in one
     call takes its generator up to the rows where the kernel was faster by more than noise."""
