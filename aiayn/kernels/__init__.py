@@ -496,17 +496,18 @@ def linear_rows(dtype: torch.dtype) -> int:
 
 def generator_rows(dtype: torch.dtype) -> int:
     """Up to how many rows the whole decoding step in one call (`decoder_step_plan`) takes the
-    generator on `linear`: up to `linear_rows`, and past them while the kernel alone was still faster
-    than oneDNN's or fbgemm's GEMM by more than timing noise (tuning.faster_rows). The step layer by
+    generator on `linear`: up to `linear_rows`, and past them while the kernel alone was not slower
+    than oneDNN's or fbgemm's GEMM beyond timing noise (tuning.rows_not_slower). The step layer by
     layer keeps LINEAR_MARGIN's 10% (a step's other work shares the caches), but in one call the
     step also saves the Python between its layers and the generator, and one sentence's beam search
-    runs in one call (`search`) only with the generator in its step. (A Zen 4 capped to AVX2, int8,
-    one thread: the kernel alone 1.07x fbgemm at 4 rows, so `linear_rows` 2; with the generator in
-    the step up to 4 rows, beam 4 of one sentence was 1.3x faster.)"""
+    runs in one call (`search`) only with the generator in its step. (A Zen 4, one sentence, beam 4:
+    capped to AVX2, int8, one thread, the kernel alone 1.07x fbgemm at 4 rows, so `linear_rows` 2;
+    with the generator in the step up to 4 rows the search was 1.3x faster. Uncapped, bf16, two
+    threads, the kernel alone 1.02x oneDNN at 4 rows, a tie: 1.17x.)"""
     rows = linear_rows(dtype)
     if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available() or _forced("linear") is not None:
         return rows
-    return max(rows, tuning.faster_rows(f"linear_{_FUNCTIONS.get(dtype, 'i8')}", _library()._name))
+    return max(rows, tuning.rows_not_slower(f"linear_{_FUNCTIONS.get(dtype, 'i8')}", _library()._name))
 
 
 def layer_rows(dtype: torch.dtype) -> int:

@@ -63,10 +63,10 @@ BEAM_SENTENCES = (1, 16)  # one sentence: the step's ~15 PyTorch operators cost 
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The linear layers timed alone win more than in a decoding step (where the rest of the step shares
 # the caches): 16 rows in fp32, 1.06x here, were 10% slower in greedy decoding. A row count counts
-# as won from 10% faster (the whole step in one call takes its generator from NOISE: faster_rows).
+# as won from 10% faster (the whole step in one call takes its generator at a tie: rows_not_slower).
 LINEAR_MARGIN = 1.10
 NOISE = 1.02  # a kernel counts as faster from 2% faster: timing noise (at a tie PyTorch's path runs)
-VERSION = 11  # a new version measures again (what is measured, how, or the library's boundary, changed)
+VERSION = 12  # a new version measures again (what is measured, how, or the library's boundary, changed)
 BUSY = 0.5  # cores' worth of other work, beyond the cores this process's threads leave free, that disturbs a timing
 TIMINGS = 3  # a disturbed measurement is taken again, at most this many times in all
 _lock = threading.RLock()
@@ -164,8 +164,8 @@ def in_words(key: str, decision: bool | int, speedups: list[float]) -> tuple[str
         said = "on" if decision else "off"
     else:
         said = f"on up to {decision} {unit}" if decision else "off"
-    if family == "linear" and _faster_rows(speedups) > decision:
-        said += f" (in the one-call step's generator: {_faster_rows(speedups)})"
+    if family == "linear" and _rows_not_slower(speedups) > decision:
+        said += f" (in the one-call step's generator: {_rows_not_slower(speedups)})"
     if 1 < len(speedups) <= len(sizes):
         measured = ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
     else:
@@ -293,7 +293,7 @@ def _most(sizes: tuple[int, ...], won_at: Callable[[int], tuple[bool, float]],
           beyond: Callable[[float], bool] = lambda speedup: False) -> tuple[int, list[float]]:
     """The largest of `sizes` (rows, lengths, sentences) up to which the kernels won, timing each
     size in turn (`won_at(size)` -> (won, speed-up)) until the first loss, and past it while
-    `beyond(speed-up)` holds (speed-ups for another use: faster_rows); 0 if they lost at the first.
+    `beyond(speed-up)` holds (speed-ups for another use: rows_not_slower); 0 if they lost at the first.
     And the speed-ups measured."""
     most, speedups, lost = 0, [], False
     for size in sizes:
@@ -469,22 +469,26 @@ def _linear(dtype: torch.dtype) -> tuple[int, list[float]]:
 
         return _won_at(step, "linear", lambda on, off: on * LINEAR_MARGIN < off)
 
-    return _most(LINEAR_ROWS, won_at, beyond=lambda speedup: speedup > NOISE)
+    return _most(LINEAR_ROWS, won_at, beyond=_not_slower)
 
 
-def faster_rows(key: str, library_path: str | Path) -> int:
+def rows_not_slower(key: str, library_path: str | Path) -> int:
     """The most rows (of LINEAR_ROWS) up to which the linear kernel (`key`: "linear_<dtype>") was
-    faster than oneDNN's or fbgemm's GEMM by more than timing noise, without LINEAR_MARGIN: what the
-    whole decoding step in one call takes its generator on (kernels.generator_rows). Measured first
-    if need be."""
+    not slower than oneDNN's or fbgemm's GEMM beyond timing noise (a tie counts; LINEAR_MARGIN does
+    not apply): what the whole decoding step in one call takes its generator on
+    (kernels.generator_rows). Measured first if need be."""
     decide(key, library_path)
-    return _faster_rows(_table(Path(library_path)).get(f"{key}_speedups", []))
+    return _rows_not_slower(_table(Path(library_path)).get(f"{key}_speedups", []))
 
 
-def _faster_rows(speedups: list[float]) -> int:
+def _not_slower(speedup: float) -> bool:
+    return speedup * NOISE >= 1.0
+
+
+def _rows_not_slower(speedups: list[float]) -> int:
     most = 0
     for rows, speedup in zip(LINEAR_ROWS, speedups):
-        if speedup <= NOISE:
+        if not _not_slower(speedup):
             break
         most = rows
     return most
