@@ -202,10 +202,17 @@ def _wins(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = Fal
     if forced is not None:
         return {"attention": MAX_TRAIN_LENGTH, "linear": MAX_LINEAR_ROWS, "layer": MAX_LINEAR_ROWS,
                 "beam": tuning.BEAM_SENTENCES[-1]}.get(family, True) if forced else False
+    # (called once the library is known to be there)
+    return tuning.decide(_key(family, dtype, head_dim, causal), _library()._name)
+
+
+def _key(family: str, dtype: torch.dtype, head_dim: int = 0, causal: bool = False) -> str:
+    """A decision's key in tuning's tables: "<family>_<f32|bf16|i8>", "_dh<head size>[_causal]" for
+    attention."""
     key = f"{family}_{_FUNCTIONS.get(dtype, 'i8')}"
     if family == "attention":
         key += f"_dh{head_dim}" + ("_causal" if causal else "")
-    return tuning.decide(key, _library()._name)  # (called once the library is known to be there)
+    return key
 
 
 def _forced(family: str) -> bool | None:
@@ -505,9 +512,9 @@ def generator_rows(dtype: torch.dtype) -> int:
     with the generator in the step up to 4 rows the search was 1.3x faster. Uncapped, bf16, two
     threads, the kernel alone 1.02x oneDNN at 4 rows, a tie: 1.17x.)"""
     rows = linear_rows(dtype)
-    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available() or _forced("linear") is not None:
+    if not _takes_rows(dtype) or _forced("linear") is not None:
         return rows
-    return max(rows, tuning.rows_not_slower(f"linear_{_FUNCTIONS.get(dtype, 'i8')}", _library()._name))
+    return max(rows, tuning.rows_not_slower(_key("linear", dtype), _library()._name))
 
 
 def layer_rows(dtype: torch.dtype) -> int:
@@ -517,9 +524,12 @@ def layer_rows(dtype: torch.dtype) -> int:
 
 
 def _rows(family: str, dtype: torch.dtype) -> int:
-    if (dtype not in _FUNCTIONS and dtype != torch.int8) or not available():
-        return 0
-    return int(_wins(family, dtype))
+    return int(_wins(family, dtype)) if _takes_rows(dtype) else 0
+
+
+def _takes_rows(dtype: torch.dtype) -> bool:
+    """Whether the few-rows kernels are built and enabled here and have weights of `dtype`."""
+    return (dtype in _FUNCTIONS or dtype == torch.int8) and available()
 
 
 def step_tiles(dtype: torch.dtype) -> bool:

@@ -164,8 +164,9 @@ def in_words(key: str, decision: bool | int, speedups: list[float]) -> tuple[str
         said = "on" if decision else "off"
     else:
         said = f"on up to {decision} {unit}" if decision else "off"
-    if family == "linear" and _rows_not_slower(speedups) > decision:
-        said += f" (in the one-call step's generator: {_rows_not_slower(speedups)})"
+    generator = _rows_not_slower(speedups) if family == "linear" else 0
+    if generator > decision:
+        said += f" (in the one-call step's generator: {generator})"
     if 1 < len(speedups) <= len(sizes):
         measured = ", ".join(f"{x:.2f}x at {n}" for x, n in zip(speedups, sizes))
     else:
@@ -666,5 +667,5 @@ def _gemm(dtype):
     return step
 
 
-MEASURES = {"residual": _residual, "residual-nodrop": lambda dtype: _residual(dtype, 0.0), "dropout": _dropout, "gelu": _gelu, "loss": _loss, "decode": _decode, "beam": _beam,
-            "gemm": _gemm}
+MEASURES = {"residual": _residual, "residual-nodrop": lambda dtype: _residual(dtype, 0.0), "dropout": _dropout,
+            "gelu": _gelu, "loss": _loss, "decode": _decode, "beam": _beam, "gemm": _gemm}
