@@ -51,8 +51,8 @@ class _LinearFn(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:  # dy (N, out) @ W (out, in)
-            dx = _gemm(dy2, weight.t().contiguous(), None, "none", [], "").view(*dy.shape[:-1], x2.shape[1])
+        if ctx.needs_input_grad[0]:  # dy (N, out) @ W (out, in): Wᵀ read as it lies, no copy
+            dx = _gemm(dy2, weight.t(), None, "none", [], "").view(*dy.shape[:-1], x2.shape[1])
         bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:  # dW = dyᵀ (out, N) @ x (N, in), with db = sum of dy if needed
             dw, db = _weight_grads(dy2, x2, bias_grad)
