@@ -7,7 +7,8 @@ without bf16 instructions runs PyTorch's generic loops (~300x slower than fp32 t
 refuses it; fp16 on a CPU; int8 where PyTorch has no quantized engine.
 
     auto   bf16 where the device computes it natively (CUDA with bf16; x86 CPUs with AVX512_BF16 or
-           AMX; ARM CPUs with BF16), otherwise fp32. int8 is never chosen for you (decoding only).
+           AMX; ARM CPUs with BF16 where this torch's bf16 GEMM is measured faster than its fp32
+           one), otherwise fp32. int8 is never chosen for you (decoding only).
 
 The CPU's instruction sets come from /proc/cpuinfo (Linux) or sysctl (macOS), capped as oneDNN's and
 PyTorch's own dispatch are by ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY: with
@@ -22,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,8 @@ _ONEDNN_CAPS = {"SSE41": "sse", "AVX": "sse", "AVX2": "avx2", "AVX2_VNNI": "avx2
                 "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512", "AVX512_CORE_BF16": "avx512_bf16",
                 "AVX10_1_512": "avx512_bf16", "AVX512_CORE_FP16": "avx512_bf16"}
 _ATEN_CAPS = {"default": "sse", "avx2": "avx2"}
+# ARM: bf16 only where a bf16 GEMM here runs at least this many times as fast as an fp32 one
+ARM_BF16_MIN_SPEEDUP = 1.3
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "bf16-model", "fp16")
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
@@ -52,11 +56,14 @@ class Machine:
     fp16: bool       # fp16 matrix products in hardware (CUDA)
     int8: bool       # a quantized engine for int8 linears (CPU)
     capped: str = ""  # the environment variable that lowered `isa`, if any
+    bf16_speedup: float | None = None  # ARM with BF16: a bf16 GEMM's speed over fp32's, measured here
 
     def describe(self) -> str:
         """One line: what this device is and has, for logs and benchmark headers."""
         has = [p for p, ok in (("bf16", self.bf16), ("fp16", self.fp16), ("int8", self.int8)) if ok]
         cap = f", capped by {self.capped}" if self.capped else ""
+        if self.bf16_speedup is not None:
+            cap += f"; a bf16 GEMM {self.bf16_speedup:.2g}x fp32's here"
         return f"{self.device}: {self.name} ({_isa_label(self.isa)}{cap}); native: fp32, {', '.join(has) or 'nothing else'}"
 
 
@@ -90,10 +97,40 @@ def _probe_cpu() -> Machine:
         bf16 = isa in ("avx512_bf16", "amx") and torch.backends.mkldnn.is_available()  # (oneDNN runs bf16)
         return Machine("cpu", isa, name, bf16=bf16, fp16=False, int8=int8, capped=capped)
     if machine in ("arm64", "aarch64"):
+        # BF16 instructions are not enough: a torch build without Arm Compute Library computes bf16
+        # products in generic loops, far below its fp32 GEMM (OpenBLAS, Accelerate). So measure.
         isa = "arm_bf16" if "bf16" in flags else "arm"
-        bf16 = isa == "arm_bf16" and torch.backends.mkldnn.is_available()
-        return Machine("cpu", isa, name, bf16=bf16, fp16=False, int8=int8)
+        speedup = bf16_gemm_speedup() if isa == "arm_bf16" and torch.backends.mkldnn.is_available() else None
+        bf16 = speedup is not None and speedup >= ARM_BF16_MIN_SPEEDUP
+        return Machine("cpu", isa, name, bf16=bf16, fp16=False, int8=int8, bf16_speedup=speedup)
     return Machine("cpu", "other", name, bf16=False, fp16=False, int8=int8)
+
+
+def bf16_gemm_speedup(n: int = 256, tries: int = 5) -> float:
+    """fp32's time over bf16's for an (n, n) @ (n, n) product on this CPU (best of `tries` each, after
+    one call each to warm up; this process's threads): > 1 where this torch's bf16 GEMM is the faster.
+    A few milliseconds; where bf16 is far slower (generic loops: ~0.1 s a call at n = 256) it stops
+    after one timed call. 0.0 if the bf16 product fails."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+
+    def best(x: torch.Tensor, y: torch.Tensor, tries: int) -> float:
+        times = []
+        for _ in range(tries):
+            start = time.perf_counter()
+            torch.mm(x, y)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        best(a, b, 1)  # (oneDNN builds its primitives on a first call)
+        best(a16, b16, 1)
+        fp32, bf16 = best(a, b, tries), best(a16, b16, 1)
+        if bf16 < 10 * fp32:
+            bf16 = min(bf16, best(a16, b16, tries - 1))
+    except RuntimeError:  # (oneDNN refusing bf16 on this CPU)
+        return 0.0
+    return fp32 / bf16
 
 
 def x86_level(flags: frozenset[str]) -> tuple[str, str]:
@@ -184,7 +221,8 @@ def check_precision(precision: str, device: str = "cpu") -> None:
     m = probe(device)
     gpu = m.device == "cuda"
     if precision in ("bf16", "bf16-model") and not m.bf16:
-        raise PrecisionError(f"precision {precision} needs bf16 in hardware, and {_where(m)} {_lacks_bf16(m)}: "
+        needs = "bf16 products faster than fp32's" if m.bf16_speedup is not None else "bf16 in hardware"
+        raise PrecisionError(f"precision {precision} needs {needs}, and {_where(m)} {_lacks_bf16(m)}: "
                              "use --precision fp32 (or auto)" + ("" if gpu else ", or int8 to decode"))
     if precision == "fp16" and not (gpu and m.fp16):
         raise PrecisionError("precision fp16 needs a GPU (--device cuda): on a CPU use auto, fp32 or int8" if not gpu else
@@ -206,4 +244,7 @@ def _lacks_bf16(m: Machine) -> str:
         return f"({m.name}, {m.isa}) has no bf16 (it needs sm_80 or newer)"
     if m.capped:
         return f"is capped below bf16 by {m.capped}"
+    if m.bf16_speedup is not None:
+        return (f"has BF16 instructions, but this torch build's bf16 GEMM runs at {m.bf16_speedup:.2g}x its fp32 "
+                f"speed here (measured; {ARM_BF16_MIN_SPEEDUP:g}x needed)")
     return f"has no bf16 instructions ({_isa_label(m.isa)})"

@@ -19,7 +19,7 @@ EXIT_USAGE, EXIT_ERROR = 2, 1
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEVICE_HELP = "cpu (default), cuda or cuda:N: where the model runs (a GPU needs a CUDA build of torch)"
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
-                         "AVX512_BF16, AMX or ARM BF16), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
+                         "AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
                          "dynamically quantized linears)")
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")  # aiayn.lora.DEFAULT_TARGETS (not imported: cli imports lazily)
 
@@ -1043,7 +1043,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model", "fp16"],
                    help="auto (default): bf16 autocast where the device computes bf16 natively (CUDA; "
-                        "CPUs with AVX512_BF16, AMX or ARM BF16), else fp32; bf16: autocast; bf16-model: "
+                        "CPUs with AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; bf16: autocast; bf16-model: "
                         "the model itself in bf16, fp32 master weights in the optimizer (a few percent faster "
                         "for text models on a CPU with bf16); fp16: CUDA, with a loss scaler. On --resume: the run's own")
     g.add_argument("--max-steps", type=int, help="stop after this many updates")

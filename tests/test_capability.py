@@ -81,6 +81,66 @@ def test_the_probe_honours_the_isa_caps_of_onednn_and_pytorch():
     assert capped.startswith(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"))
 
 
+# ------------------------------------------------------------------------ ARM: bf16 measured
+@pytest.fixture
+def arm(monkeypatch):
+    """Probe as an aarch64 CPU with BF16 instructions whose torch build's bf16 GEMM runs at `speedup`
+    times its fp32 speed: `arm(0.05)` (a build without Arm Compute Library), `arm(2.5)`."""
+    def use(speedup: float) -> Machine:
+        monkeypatch.setattr(capability.platform, "machine", lambda: "aarch64")
+        monkeypatch.setattr(capability, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16", "i8mm"}))
+        monkeypatch.setattr(capability, "cpu_name", lambda: "Neoverse-V1")
+        monkeypatch.setattr(capability.torch.backends.mkldnn, "is_available", lambda: True)
+        monkeypatch.setattr(capability, "bf16_gemm_speedup", lambda: speedup)
+        m = capability._probe_cpu()
+        monkeypatch.setattr(capability, "probe", lambda device="cpu": m)
+        return m
+    return use
+
+
+def test_arm_bf16_instructions_with_a_slow_bf16_gemm_train_in_fp32(arm):
+    m = arm(0.05)
+    assert (m.isa, m.bf16, m.bf16_speedup) == ("arm_bf16", False, 0.05)
+    assert "a bf16 GEMM 0.05x fp32's here" in m.describe() and "native: fp32, int8" in m.describe()
+    precision, why = choose_precision("auto", "cpu", "train")
+    assert precision == "fp32" and "has BF16 instructions" in why and "0.05x" in why
+    with pytest.raises(PrecisionError) as e:
+        choose_precision("bf16", "cpu", "decode")
+    message = str(e.value)
+    assert "\n" not in message and "faster than fp32's" in message and "use --precision fp32" in message
+
+
+def test_arm_bf16_instructions_with_a_fast_bf16_gemm_train_in_bf16(arm):
+    m = arm(2.5)
+    assert m.bf16 and "native: fp32, bf16" in m.describe()
+    assert choose_precision("auto", "cpu", "train") == ("bf16", "precision bf16: this CPU computes bf16 natively "
+                                                                "(ARM BF16)")
+    assert choose_precision("bf16-model", "cpu", "train") == ("bf16-model", "")
+
+
+def test_arm_without_bf16_instructions_is_not_measured(arm, monkeypatch):
+    arm(2.5)
+    monkeypatch.setattr(capability, "cpu_flags", lambda: frozenset({"fp", "asimd"}))
+    m = capability._probe_cpu()
+    assert (m.isa, m.bf16, m.bf16_speedup) == ("arm", False, None)
+
+
+def test_the_bf16_gemm_is_measured_against_fp32_on_this_cpu():
+    """The measurement itself, on whatever CPU runs the tests (no speed asserted: on an AVX2 CPU it is
+    PyTorch's generic loop, ~0.02x, and stops after one timed call)."""
+    speedup = capability.bf16_gemm_speedup(n=64, tries=2)
+    assert speedup >= 0.0 and speedup == speedup  # a number, not NaN
+
+
+def test_a_bf16_gemm_that_fails_measures_zero(monkeypatch):
+    def refuse(a, b):
+        if a.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor")
+        return a @ b
+    monkeypatch.setattr(capability.torch, "mm", refuse)
+    assert capability.bf16_gemm_speedup(n=8, tries=1) == 0.0
+
+
 # --------------------------------------------------------------------------------- choosing
 def test_auto_is_fp32_without_bf16_and_says_why(machine):
     machine(AVX2)
