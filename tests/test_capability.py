@@ -126,10 +126,10 @@ def test_arm_without_bf16_instructions_is_not_measured(arm, monkeypatch):
 
 
 def test_the_bf16_gemm_is_measured_against_fp32_on_this_cpu():
-    """The measurement itself, on whatever CPU runs the tests (no speed asserted: on an AVX2 CPU it is
-    PyTorch's generic loop, ~0.02x, and stops after one timed call)."""
+    """The measurement itself, on whatever CPU runs the tests (no speed asserted: ~1.8x on a Zen 4,
+    ~0.02x on an AVX2 CPU, where bf16 is PyTorch's generic loop and it stops after one timed call)."""
     speedup = capability.bf16_gemm_speedup(n=64, tries=2)
-    assert speedup >= 0.0 and speedup == speedup  # a number, not NaN
+    assert 0.0 < speedup < float("inf")
 
 
 def test_a_bf16_gemm_that_fails_measures_zero(monkeypatch):
