@@ -27,7 +27,6 @@ from aiayn.errors import InputError
 MNIST10K = ASSETS / "mnist10k"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 IDX_UBYTE = 0x08
-DIGITS = [str(d) for d in range(10)]
 
 
 @dataclass

@@ -153,10 +153,6 @@ class MarianTokenizer:
     def vocab_size(self) -> int:
         return len(self.target_vocab if self.target_vocab is not None else self.vocab)
 
-    @property
-    def source_vocab_size(self) -> int:
-        return len(self.vocab)
-
     def encode(self, text: str) -> list[int]:
         code = []
         if text.startswith(">>") and (end := text.find("<<")) != -1:  # a target-language code
