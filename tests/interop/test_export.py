@@ -142,3 +142,14 @@ def test_cli_import_gpt2_generate(tmp_path, capsys):
     assert "ROMEO:" in out
     model, tok, task, _ = load_model_dir(tmp_path / "m")
     assert task == "lm" and type(tok).__name__ == "ByteBPETokenizer"
+
+
+def test_cli_exports_the_shipped_lm_with_its_tokenizer_folder(tmp_path, capsys):
+    """The character LM's export holds a folder (aiayn-tokenizer/): the atomic write syncs it too."""
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "lm-hf"
+    assert main(["export", "hf", str(CHAR_LM), "--out", str(out)]) == 0
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    assert (out / "aiayn-tokenizer" / "tokenizer.json").is_file() and not (tmp_path / "lm-hf.tmp").exists()
+    GPT2LMHeadModel.from_pretrained(out)
