@@ -574,8 +574,13 @@ def cmd_evaluate(args) -> int:
 def cmd_average(args) -> int:
     from aiayn.average import average_checkpoints
 
-    out = average_checkpoints(Path(args.run_dir), args.last, Path(args.out), alpha=args.alpha)
-    print(f"averaged {args.last} checkpoints into {out}")
+    from aiayn.checkpoint import checkpoints
+
+    run = Path(args.run_dir)
+    out = average_checkpoints(run, args.last, Path(args.out), alpha=args.alpha)
+    n = len(checkpoints(run)[-args.last:])
+    fewer = f" (all it has: --last asked for {args.last})" if n < args.last else ""
+    print(f"averaged the last {n} checkpoint{'s' if n != 1 else ''} of {run} into {out}{fewer}")
     return 0
 
 

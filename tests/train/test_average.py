@@ -63,3 +63,11 @@ def test_bad_arguments_are_one_line_errors(run_dir, tmp_path, capsys, args, mess
 def test_a_run_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints"):
         average_checkpoints(tmp_path, 2, tmp_path / "avg")
+
+
+def test_the_command_says_how_many_it_averaged(run_dir, tmp_path, capsys):
+    assert main(["average", str(run_dir), "--last", "2", "--out", str(tmp_path / "two")]) == 0
+    assert capsys.readouterr().out.startswith("averaged the last 2 checkpoints of ")
+    assert main(["average", str(run_dir), "--last", "5", "--out", str(tmp_path / "all")]) == 0  # the run has 3
+    out = capsys.readouterr().out
+    assert out.startswith("averaged the last 3 checkpoints of ") and "--last asked for 5" in out
