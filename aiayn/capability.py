@@ -225,8 +225,11 @@ def check_precision(precision: str, device: str = "cpu") -> None:
         raise PrecisionError(f"precision {precision} needs {needs}, and {_where(m)} {_lacks_bf16(m)}: "
                              "use --precision fp32 (or auto)" + ("" if gpu else ", or int8 to decode"))
     if precision == "fp16" and not (gpu and m.fp16):
-        raise PrecisionError("precision fp16 needs a GPU (--device cuda): on a CPU use auto, fp32 or int8" if not gpu else
-                             f"precision fp16 needs fp16 in hardware, and {m.name} ({m.isa}) lacks it: use fp32")
+        if gpu:
+            raise PrecisionError(f"precision fp16 needs fp16 in hardware, and {m.name} ({m.isa}) lacks it: use fp32")
+        bf16 = ", bf16" if m.bf16 else ""
+        raise PrecisionError(f"precision fp16 needs a GPU (--device cuda): on a CPU use auto, fp32{bf16} or int8 "
+                             "(decoding)")
     if precision == "int8":
         if gpu:
             raise PrecisionError("precision int8 runs on a CPU only; on a GPU use bf16 or fp16")

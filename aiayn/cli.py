@@ -1036,7 +1036,7 @@ def cmd_merge(args) -> int:
     from aiayn.finetune import merge_to_directory
 
     out = merge_to_directory(model_dir(args.model), args.adapter, args.out)
-    print(f"merged {args.adapter} into {args.model}: {out}")
+    print(f"wrote {out}: {args.model} with {args.adapter} merged into its weights (the model itself is unchanged)")
     return 0
 
 
@@ -1093,7 +1093,7 @@ def _add_prepare_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_prepare_translation)
     q = psub.add_parser("lm", help="a text file (default: Tiny Shakespeare)",
-                        description="Tokenize a text into train.npy and val.npy (the first 90%% of its tokens "
+                        description="Tokenize a text into train.npy and val.npy (the first 90% of its tokens "
                         "train), which `aiayn train lm --prepared DIR` memory-maps.")
     q.add_argument("--data", help="a UTF-8 text file, plain or .gz")
     q.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="default char")
@@ -1109,8 +1109,12 @@ def _add_finetune_options(p: argparse.ArgumentParser, task: str) -> None:
               "the model's", "vit": "; a new head where the data's classes differ from the model's"}.get(task, "")
     g.add_argument("--init-from", metavar="MODEL", help=f"fine-tune: start from a trained {task} model or run "
                    "directory (its shape and tokenizer), with a fresh optimizer and schedule" + recipe)
-    g.add_argument("--freeze", metavar="PARTS", help="with --init-from: parts that do not train, comma-separated: "
-                   "embeddings (with a tied output projection; a ViT's patches and positions), encoder, decoder")
+    parts = {"translation": "embeddings (with the tied output projection), encoder, decoder",
+             "lm": "embeddings (with a tied output projection), decoder",
+             "vit": "embeddings (patches, class token, positions), encoder (both: a linear probe)",
+             "image-gpt": "embeddings, decoder"}[task]
+    g.add_argument("--freeze", metavar="PARTS", help=f"with --init-from: parts that do not train, comma-separated: "
+                   f"{parts}")
     if task in ("vit", "image-gpt"):
         return
     g.add_argument("--lora-rank", type=int, metavar="R", help="with --init-from: train LoRA adapters of rank R "
@@ -1119,6 +1123,16 @@ def _add_finetune_options(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                    help="layers to adapt: q,k,v (rows of every attention's in_proj), o (out_proj), ff "
                    "(feed-forward) (default q,k,v,o)")
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """An option's default after its help, where it has one and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _add_vision_train_parsers(tsub) -> None:
@@ -1151,7 +1165,7 @@ def _add_vision_train_parsers(tsub) -> None:
     g = tsub.add_parser("image-gpt", help="pixel-by-pixel image generator (default: mnist10k digits)",
                         description="Train a decoder-only model on images written as pixel tokens (Image GPT): "
                         "intensities quantized to --levels gray levels, raster order, a class token first "
-                        "(for 10%% of the images the 'any class' token, so that completion works without a "
+                        "(for 10% of the images the 'any class' token, so that completion works without a "
                         "label). Validation: bits per pixel on 128 of the 1/16 of images held out. Default recipe: "
                         "1500 steps of 8 images (at most 60 minutes), AdamW lr 2e-3, cosine; any --max-* option "
                         "replaces both stops (--max-cpu-minutes alone: a cosine that ends with the budget).")
@@ -1211,11 +1225,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(show_help=parser.print_help)  # what `aiayn` alone prints
 
-    train = sub.add_parser("train", help="train a model (translation or language model)")
+    train = sub.add_parser("train", help="train a model (translation, language model, ViT, image GPT)")
     train.set_defaults(show_help=train.print_help)  # what `aiayn train` alone prints
     tsub = train.add_subparsers(dest="task", metavar="TASK")
     tr = tsub.add_parser("translation", help="encoder-decoder translation (default: Multi30k en->de)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_DefaultsHelp)
     tr.add_argument("--src", default="en", help="source language (Multi30k: en, de, fr)")
     tr.add_argument("--tgt", default="de", help="target language (Multi30k: en, de, fr)")
     tr.add_argument("--train-src", help="your own training source file (plain or .gz, one sentence a line)")
@@ -1315,7 +1329,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test_2016_flickr", help="Multi30k split (default test_2016_flickr)")
     e.add_argument("--src-file", help="your own test source file")
     e.add_argument("--ref-file", help="your own test reference file")
-    e.add_argument("--beam", type=int, default=4)
+    e.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
     e.add_argument("--alpha", type=float, help="length penalty alpha (default: the model's own, else 0.6)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
@@ -1364,7 +1378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the page (default: $AIAYN_API_KEY; none = open)")
     s.add_argument("--beam", type=int, default=4, help="default beam size of translations (default 4)")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                   help="default decoding precision of requests: " + DECODE_PRECISION_HELP)
+                   help="default decoding precision of requests: auto (default): bf16 where the device computes "
+                   "it natively, else fp32; fp32; bf16; int8 (CPU: dynamically quantized linears)")
     s.add_argument("--max-queue", type=int, default=512, help="sentences waiting at most; more get 503 "
                    "(default 512)")
     s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch gathers requests at "

@@ -168,7 +168,10 @@ def test_bf16_without_bf16_instructions_is_refused_with_what_to_use(machine, pre
 
 def test_fp16_on_a_cpu_and_int8_on_a_gpu_are_refused(machine):
     machine(AVX512_BF16)
-    with pytest.raises(PrecisionError, match="fp16 needs a GPU"):
+    with pytest.raises(PrecisionError, match="fp16 needs a GPU.*auto, fp32, bf16 or int8"):
+        choose_precision("fp16", "cpu", "decode")
+    machine(AVX2)
+    with pytest.raises(PrecisionError, match="fp16 needs a GPU.*auto, fp32 or int8"):
         choose_precision("fp16", "cpu", "decode")
     machine(TURING)
     with pytest.raises(PrecisionError, match="int8 runs on a CPU only"):
