@@ -123,6 +123,15 @@ class Models:
         return next((m.device for m in (self.translation, self.lm) if m is not None), "cpu")
 
 
+def model_id(directory: str | Path) -> str:
+    """A model's name in the API: its directory's, and for a run's checkpoint its run's too
+    (`tiny/step-00000003`, not a bare `step-00000003`)."""
+    from aiayn.checkpoint import CKPT_PREFIX
+
+    directory = Path(directory)
+    return f"{directory.parent.name}/{directory.name}" if directory.name.startswith(CKPT_PREFIX) else directory.name
+
+
 def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str = "cpu",
                 adapters: list[str | Path] = ()) -> Models:
     """Load the models of a server (either may be None), each with the LoRA adapters of its task
@@ -144,11 +153,11 @@ def load_models(translation_dir: Path | None, lm_dir: Path | None, device: str =
         for path in by_task.get("translation", []):
             extra = apply_adapter(model, extra, path, "translation")
         src, tgt = extra.get("src", "en"), extra.get("tgt", "de")
-        translation = TranslationModel(Path(translation_dir).name, Path(translation_dir), model, tokenizer,
+        translation = TranslationModel(model_id(translation_dir), Path(translation_dir), model, tokenizer,
                                        src, tgt, float(extra.get("alpha", 0.6)), device)
     if lm_dir is not None:
         model, tokenizer, extra, _ = load_model(lm_dir, "lm", device)
         for path in by_task.get("lm", []):
             apply_adapter(model, extra, path, "lm")
-        lm = LanguageModel(Path(lm_dir).name, Path(lm_dir), model, tokenizer, device)
+        lm = LanguageModel(model_id(lm_dir), Path(lm_dir), model, tokenizer, device)
     return Models(translation, lm)

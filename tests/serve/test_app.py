@@ -232,3 +232,11 @@ def test_cli_refuses_bad_options(capsys):
     with pytest.raises(SystemExit) as e:  # argparse's choices, as for translate
         main(["serve", "--precision", "fp64"])
     assert e.value.code == 2 and "argument --precision: invalid choice: 'fp64'" in capsys.readouterr().err
+
+
+def test_a_run_checkpoint_is_named_with_its_run(tmp_path):
+    """`aiayn serve --model runs/tiny` serves the run's best checkpoint: its id names the run too."""
+    from aiayn.serve.models import model_id
+
+    assert model_id(tmp_path / "tiny" / "step-00000003") == "tiny/step-00000003"
+    assert model_id(tmp_path / "en-de") == "en-de"
