@@ -92,5 +92,7 @@ if __name__ == "__main__":
         rss(sys.argv[2], sys.argv[sys.argv.index("--") + 1:])
     elif what == "datapath":
         datapath(sys.argv[2], sys.argv[3])
+    elif what in ("-h", "--help"):
+        print(__doc__)
     else:
         sys.exit(__doc__)

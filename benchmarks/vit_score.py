@@ -5,13 +5,14 @@ images and on t10k, with the run's steps and CPU seconds. One JSON line per run,
     python benchmarks/vit_score.py runs/vit-s1 [runs/vit-s2 ...]
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from aiayn.checkpoint import TRAINER_JSON, checkpoints, load_model, load_model_dir
+from aiayn.checkpoint import TRAINER_JSON, CheckpointError, checkpoints, load_model, load_model_dir
 from aiayn.data.images import load_images
 from aiayn.tasks.vision import accuracy, split_train_val
 
@@ -28,11 +29,17 @@ def score(run: Path, val, test) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run directory of `aiayn train vit`")
+    args = p.parse_args()
     torch.set_num_threads(1)
     _, val = split_train_val(load_images())
     test = load_images(split="t10k")
-    for run in sys.argv[1:]:
-        print(json.dumps(score(Path(run), val, test)), flush=True)
+    for run in args.runs:
+        try:
+            print(json.dumps(score(run, val, test)), flush=True)
+        except CheckpointError as e:
+            sys.exit(f"vit_score.py: error: {e}")
 
 
 if __name__ == "__main__":
