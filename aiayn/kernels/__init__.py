@@ -276,7 +276,7 @@ def _build(sources: tuple[Path, ...]) -> Path | None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if not failed:
-            print("aiayn: building the C kernels for this CPU (once: 5-10 s)", file=sys.stderr, flush=True)
+            print("aiayn: building the C kernels for this CPU (once: 5-20 s)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             cmd = [*cc.split(), *flags, "-shared", "-fPIC", *map(str, sources), "-o", str(built), "-lm", "-pthread"]
