@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_heads < 1 or self.d_model < 1 or self.d_ff < 1:
             raise InputError("d_model, n_heads and d_ff must be positive")
+        if self.vocab_size < 1 or self.max_len < 1:
+            raise InputError(f"vocab_size and max_len must be positive, got {self.vocab_size} and {self.max_len}")
+        if self.n_encoder_layers < 0 or self.n_decoder_layers < 0 or self.n_encoder_layers + self.n_decoder_layers < 1:
+            raise InputError(f"a model needs at least one layer (got {self.n_encoder_layers} encoder and "
+                             f"{self.n_decoder_layers} decoder layers)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{name} is a probability from 0 to below 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise InputError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.tie_embeddings and self.n_encoder_layers and not self.shared_vocab:
@@ -139,10 +148,27 @@ class TrainConfig:
             raise InputError(f"the learning rate must be > 0, got {self.lr:g}")
         if not self.min_lr >= 0:
             raise InputError(f"the learning rate's floor (min_lr) must be >= 0, got {self.min_lr:g}")
-        if self.rdrop < 0:
+        if not self.rdrop >= 0:
             raise InputError("rdrop must be >= 0")
         if self.update_freq < 1:
             raise InputError("update_freq must be >= 1")
+        for name in ("max_steps", "max_epochs", "eval_every", "log_every", "max_tokens", "batch_size", "context",
+                     "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be >= 1, got {value}")
+        for name in ("max_minutes", "max_cpu_minutes", "clip_norm", "eps"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise InputError(f"{name} must be a number > 0, got {value}")
+        if self.warmup < 0 or self.keep_last < 0:
+            raise InputError(f"warmup and keep_last must be >= 0, got {self.warmup} and {self.keep_last}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"label_smoothing must be from 0 to below 1, got {self.label_smoothing}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be from 0 to 2^63 - 1, got {self.seed}")
         if self.max_steps is None and self.max_epochs is None and self.max_minutes is None and self.max_cpu_minutes is None:
             raise InputError("give at least one of max_steps, max_epochs, max_minutes, max_cpu_minutes")
 
