@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from aiayn.checkpoint import (MODEL_FILE, CheckpointError, checkpoints, load_model_dir, read_model_meta,
-                              replace_directory, write_model)
+from aiayn.checkpoint import (MODEL_FILE, TRAINER_JSON, CheckpointError, checkpoints, load_model_dir,
+                              read_model_meta, replace_directory, write_model)
 
 
 def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:
@@ -23,6 +23,7 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
         raise CheckpointError("--last must be >= 1")
     if alpha is not None and not alpha >= 0:
         raise CheckpointError("--alpha must be >= 0")
+    _check_out(Path(out), Path(run_dir))
     chosen = found[-last:]
     model, tokenizer, task, extra = load_model_dir(chosen[-1])
     total: dict[str, torch.Tensor] = {}
@@ -39,3 +40,18 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
     extra = {**extra, "averaged": [p.name for p in chosen], **({"alpha": alpha} if alpha is not None else {})}
     replace_directory(out, lambda tmp: write_model(tmp, model, tokenizer, task, extra))
     return Path(out)
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """`out` may be new, an empty directory, or a model directory to replace (an earlier average);
+    never the run itself or anything inside it, a checkpoint, a file, or a directory of other things."""
+    run = run_dir.resolve()
+    if out.resolve() == run or run in out.resolve().parents:
+        raise CheckpointError(f"--out {out} is inside the run directory {run_dir}: write the average elsewhere")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"--out {out}: exists and is not a directory")
+    if any(out.iterdir()) and (not (out / MODEL_FILE).is_file() or (out / TRAINER_JSON).exists()):
+        raise CheckpointError(f"--out {out}: exists and is not an empty directory or an averaged model: "
+                              "nothing was written")

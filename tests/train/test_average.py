@@ -71,3 +71,23 @@ def test_the_command_says_how_many_it_averaged(run_dir, tmp_path, capsys):
     assert main(["average", str(run_dir), "--last", "5", "--out", str(tmp_path / "all")]) == 0  # the run has 3
     out = capsys.readouterr().out
     assert out.startswith("averaged the last 3 checkpoints of ") and "--last asked for 5" in out
+
+
+def test_the_output_never_replaces_the_run_or_other_files(run_dir, tmp_path, capsys):
+    """(--out was replaced whatever it held: a folder of the user's files, a file, the run itself)"""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("precious")
+    text = tmp_path / "good.txt"
+    text.write_text("GOOD")
+    before = sorted(p.name for p in run_dir.iterdir())
+    for out, message in ((notes, "not an empty directory or an averaged model"), (text, "not a directory"),
+                         (run_dir, "inside the run directory"), (checkpoints(run_dir)[0], "inside the run directory")):
+        assert main(["average", str(run_dir), "--last", "2", "--out", str(out)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert (notes / "notes.txt").read_text() == "precious" and text.read_text() == "GOOD"
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    avg = tmp_path / "avg"  # an earlier average is replaced
+    for _ in range(2):
+        assert main(["average", str(run_dir), "--last", "2", "--out", str(avg)]) == 0
