@@ -19,8 +19,10 @@ class DataError(InputError):
 
 
 def read_lines(path: Path | str) -> list[str]:
-    """Lines of a UTF-8 text file, plain or gzipped, without their newlines."""
+    """Lines of a UTF-8 text file, plain or gzipped, without their newlines (or a byte-order mark)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a text file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -30,7 +32,7 @@ def read_lines(path: Path | str) -> list[str]:
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: corrupt gzip file ({e})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # (a byte-order mark, as some Windows editors write, is not text)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: invalid UTF-8") from None
