@@ -448,7 +448,7 @@ def _read_inputs(args) -> list[str]:
             raise UserError("give sentences as arguments, --input FILE, or text on standard input")
         data = sys.stdin.buffer.read()
         try:
-            lines = data.decode("utf-8").splitlines()
+            lines = data.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
             line = data[: e.start].count(b"\n") + 1
             raise UserError(f"standard input, line {line}: invalid UTF-8") from None
@@ -494,11 +494,64 @@ def _choose_precision(args, purpose: str = "decode") -> None:
         print(f"aiayn: {why}", file=sys.stderr)
 
 
+def _seed(text: str) -> int:
+    """argparse type: a random seed PyTorch takes (0 to 2^63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is from 0 to 2^63 - 1, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+MAX_BEAM = 64       # a CLI beam: memory grows with beam x sentences x vocabulary (the server's limit: 8)
+MAX_ALPHA = 5.0     # GNMT's length penalty ((5 + |Y|) / 6)^alpha overflows a float past ~300
+MAX_EXPLAIN_TOP_K = 50
+
+
+def _check_listen(host: str, port: int) -> None:
+    """One line now, rather than uvicorn's log after the models load, where the address is taken or
+    the host unknown."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]  # (create_server names the address again)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (the second existing)."""
+    try:
+        return Path(a).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_beam(beam: int) -> None:
+    if not 1 <= beam <= MAX_BEAM:
+        raise UserError(f"--beam must be from 1 to {MAX_BEAM}, got {beam}")
+
+
 def _alpha(args, extra: dict) -> float:
     """--alpha if given, else the length penalty recorded in the model (aiayn average --alpha), else 0.6."""
     if args.alpha is not None:
-        if not args.alpha >= 0:
-            raise UserError("--alpha must be >= 0")
+        if not 0 <= args.alpha <= MAX_ALPHA:
+            raise UserError(f"--alpha must be from 0 to {MAX_ALPHA:g}, got {args.alpha:g}")
         return args.alpha
     return float(extra.get("alpha", 0.6))
 
@@ -506,8 +559,9 @@ def _alpha(args, extra: dict) -> float:
 def cmd_translate(args) -> int:
     from aiayn.translate import translate, translate_text
 
-    if args.beam < 1:
-        raise UserError("--beam must be >= 1")
+    _check_beam(args.beam)
+    if not 1 <= args.n_best <= args.beam:
+        raise UserError(f"--n-best must be from 1 to --beam ({args.beam}), got {args.n_best}")
     _check_device(args.device)
     _check_workers(args)
     lines = _read_inputs(args)
@@ -537,14 +591,17 @@ def cmd_evaluate(args) -> int:
     from aiayn.evaluate import bleu, bleu_signature, chrf, lc_tok_bleu
     from aiayn.translate import translate
 
+    _check_beam(args.beam)
     _check_device(args.device)
     _check_workers(args)
+    if bool(args.src_file) != bool(args.ref_file):
+        raise UserError("--src-file and --ref-file go together")
+    if args.hyp_out and any(_same_file(args.hyp_out, f) for f in (args.src_file, args.ref_file) if f):
+        raise UserError(f"--hyp-out {args.hyp_out} would overwrite an input file: write the translations elsewhere")
     model, tokenizer, extra, model_dirs = _load_translation(args)
     _choose_precision(args)
     src_lang, tgt_lang = extra.get("src", "en"), extra.get("tgt", "de")
     if args.src_file:
-        if not args.ref_file:
-            raise UserError("--src-file needs --ref-file")
         pairs = read_parallel(args.src_file, args.ref_file)
         tok_ref = None
     else:
@@ -853,8 +910,8 @@ def cmd_explain(args) -> int:
         return _explain_image(args, args.sentence[0])
     if not text.strip():
         raise UserError("nothing to explain: give a sentence (or, for a language model, a prompt)")
-    if args.top_k < 1:
-        raise UserError("--top-k must be >= 1")
+    if not 1 <= args.top_k <= MAX_EXPLAIN_TOP_K:
+        raise UserError(f"--top-k must be from 1 to {MAX_EXPLAIN_TOP_K}, got {args.top_k}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     directory = model_dir(args.model, "translation")
@@ -1011,6 +1068,7 @@ def cmd_serve(args) -> int:
             pass
     if translation_dir is None and lm_dir is None:
         raise UserError("nothing to serve: give a translation model (--model) or a language model (--lm)")
+    _check_listen(args.host, args.port)
     _choose_precision(args)
     models = load_models(translation_dir, lm_dir, args.device, adapters=args.adapter or [])
     api_key = args.api_key or os.environ.get("AIAYN_API_KEY") or None
@@ -1063,7 +1121,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help="validate and save every N updates")
     g.add_argument("--keep-last", type=int, help="checkpoints to keep besides the best (default 5)")
     g.add_argument("--log-every", type=int, help="log metrics every N updates")
-    g.add_argument("--seed", type=int, help="random seed (default 1)")
+    g.add_argument("--seed", type=_seed, help="random seed (default 1)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -1200,10 +1258,10 @@ def _add_vision_parsers(sub) -> None:
                        description="Sample images from a pixel-token model and write them as one grid PNG.")
     g.add_argument("--label", help="the class to draw (MNIST: 0-9); default: any class")
     g.add_argument("--n", type=int, default=16, help="images to draw (default 16)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature (default 1.0)")
     g.add_argument("--top-k", type=int, help="sample from the k most likely gray levels only")
     g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of levels with mass >= p")
-    g.add_argument("--seed", type=int, help="random seed: the same seed draws the same images")
+    g.add_argument("--seed", type=_seed, help="random seed: the same seed draws the same images")
     g.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance with --label: > 1 draws images more like the label, less "
                    "varied, at twice the cost (e.g. 2); default 1: the model's own distribution")
@@ -1310,11 +1368,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (default: empty); one that starts with '-' is written --prompt=-TEXT")
     g.add_argument("--model", "-m", help="model or run directory (default: the shipped Shakespeare model)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=500, help="tokens to generate (default 500)")
-    g.add_argument("--temperature", "-t", type=float, default=0.8,
+    g.add_argument("--temperature", "-t", type=_finite, default=0.8,
                    help="below 1 sharpens, above 1 flattens; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens up to mass p")
-    g.add_argument("--seed", type=int, help="same seed, same text (default: random)")
+    g.add_argument("--seed", type=_seed, help="same seed, same text (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
     g.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default 1)")
@@ -1385,7 +1443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch gathers requests at "
                    "most; it stops sooner when none came for 2 ms (default 20)")
     s.add_argument("--max-new-tokens", type=int, default=1000, help="generation limit per request (default 1000)")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds per request at most (default 60)")
+    s.add_argument("--timeout", type=_finite, default=60.0, help="seconds per request at most (default 60)")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--adapter", action="append", help="a LoRA adapter, merged into the served model of its "

@@ -297,9 +297,46 @@ def test_translate_with_two_workers(capsys, model_dir):
 
 
 @pytest.mark.parametrize("command", ["translate", "evaluate"])
-def test_a_negative_length_penalty_is_refused(capsys, command):
+@pytest.mark.parametrize("alpha", ["-1", "300", "nan"])
+def test_a_length_penalty_out_of_range_is_refused(capsys, command, alpha):
+    """(300 overflowed GNMT's penalty, a traceback)"""
     args = ["A dog."] if command == "translate" else []
-    assert_one_line_error(run(capsys, command, *args, "--alpha", "-1"), "--alpha must be >= 0")
+    assert_one_line_error(run(capsys, command, *args, "--alpha", alpha), "--alpha must be from 0 to 5")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["translate", "--beam", "100000", "A dog."], "--beam must be from 1 to 64"),
+    (["evaluate", "--beam", "0"], "--beam must be from 1 to 64"),
+    (["translate", "--n-best", "0", "A dog."], "--n-best must be from 1 to --beam (4)"),
+    (["translate", "--n-best", "10", "--beam", "2", "A dog."], "--n-best must be from 1 to --beam (2)"),
+    (["explain", "--top-k", "100000", "A dog."], "--top-k must be from 1 to 50"),
+    (["evaluate", "--ref-file", "ref.txt"], "--src-file and --ref-file go together"),
+])
+def test_values_out_of_range_are_one_line_before_any_work(capsys, args, message):
+    assert_one_line_error(run(capsys, *args), message)
+
+
+def test_evaluate_will_not_write_its_translations_over_an_input(tmp_path, capsys):
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("A dog runs.\n")
+    ref.write_text("Ein Hund rennt.\n")
+    for target in (src, ref):
+        assert_one_line_error(run(capsys, "evaluate", "--src-file", str(src), "--ref-file", str(ref),
+                                  "--hyp-out", str(target)), "would overwrite an input file")
+    assert src.read_text() == "A dog runs.\n" and ref.read_text() == "Ein Hund rennt.\n"
+
+
+@pytest.mark.parametrize("args", [["generate", "--seed", "99999999999999999999999"],
+                                  ["generate-image", "--seed", "-1", "--out", "x.png"],
+                                  ["generate", "--temperature", "nan"],
+                                  ["generate-image", "--temperature", "inf", "--out", "x.png"]])
+def test_seeds_and_temperatures_out_of_range_are_argument_errors(capsys, args):
+    """(a seed past 2^63 was a traceback from torch.manual_seed; nan sampled text)"""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"aiayn {args[0]}: error: argument --")
 
 
 def test_an_ensemble_translates_and_needs_one_tokenizer(tmp_path, capsys, model_dir):
@@ -333,3 +370,42 @@ def test_a_reader_that_goes_away_stops_the_command_quietly():
     os.close(read)  # the reader is gone before aiayn writes its first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err.decode() == ""
+
+
+@pytest.mark.parametrize("task, option, value, message", [
+    ("lm", "--context", "0", "context must be >= 1"),
+    ("lm", "--batch-size", "0", "batch_size must be >= 1"),
+    ("lm", "--dropout", "2", "dropout is a probability"),
+    ("lm", "--dropout", "nan", "dropout is a probability"),
+    ("lm", "--eval-every", "0", "eval_every must be >= 1"),
+    ("lm", "--log-every", "0", "log_every must be >= 1"),
+    ("lm", "--max-steps", "-1", "max_steps must be >= 1"),
+    ("lm", "--max-minutes", "nan", "max_minutes must be a number > 0"),
+    ("lm", "--n-layers", "0", "at least one layer"),
+    ("lm", "--warmup", "-5", "warmup and keep_last must be >= 0"),
+    ("lm", "--weight-decay", "-1", "weight_decay must be >= 0"),
+    ("lm", "--clip-norm", "nan", "clip_norm must be a number > 0"),
+    ("translation", "--label-smoothing", "2", "label_smoothing must be from 0 to below 1"),
+    ("translation", "--max-tokens", "0", "max_tokens must be >= 1"),
+    ("vit", "--batch-size", "0", "batch_size must be >= 1"),
+])
+def test_training_values_out_of_range_are_one_line_before_a_run_starts(tmp_path, capsys, task, option, value,
+                                                                        message):
+    """(each was a traceback at the first step, or a run that trained nothing, or trained on NaN)"""
+    out = tmp_path / "run"
+    assert_one_line_error(run(capsys, "train", task, "--out", str(out), option, value), message)
+    assert not out.exists()
+
+
+def test_a_byte_order_mark_is_not_translated_and_a_directory_is_named_as_one(tmp_path, capsys):
+    """(a UTF-8 BOM reached the model: "A man rides." came out as "Verschiedener Mann fährt Reisen.")"""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("A man rides.\n", encoding="utf-8")
+    marked.write_text("A man rides.\n", encoding="utf-8-sig")
+    outputs = []
+    for path in (plain, marked):
+        rc, out, _ = run(capsys, "translate", "--beam", "1", "--input", str(path))
+        assert rc == 0
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
+    assert_one_line_error(run(capsys, "translate", "--input", str(tmp_path)), "a directory, not a text file")

@@ -229,6 +229,13 @@ def test_cli_refuses_bad_options(capsys):
         assert main(["serve", *args]) != 0
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # (uvicorn's log said it, 8 lines in)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--no-lm", "--port", str(port)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"aiayn: error: cannot listen on 127.0.0.1:{port}: Address already in use"], err
     with pytest.raises(SystemExit) as e:  # argparse's choices, as for translate
         main(["serve", "--precision", "fp64"])
     assert e.value.code == 2 and "argument --precision: invalid choice: 'fp64'" in capsys.readouterr().err
