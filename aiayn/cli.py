@@ -229,9 +229,11 @@ def cmd_prepare_lm(args) -> int:
     from aiayn.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
     data = args.data or SHAKESPEARE
+    if args.tokenizer_from and args.tokenizer:
+        raise UserError("--tokenizer-from reuses a tokenizer: give it or --tokenizer, not both")
     if args.tokenizer_from:
         tokenizer = load_tokenizer(Path(args.tokenizer_from))
-    elif args.tokenizer == "char":  # every character of the text (one pass), as aiayn train lm
+    elif args.tokenizer in (None, "char"):  # every character of the text (one pass), as aiayn train lm
         chars = {"\n"}
         for line in iter_lines(data):
             chars.update(line)
@@ -408,7 +410,8 @@ def cmd_generate(args) -> int:
                          (args.temperature < 0, "--temperature must be >= 0 (0 = greedy)"),
                          (args.top_k is not None and args.top_k < 1, "--top-k must be >= 1"),
                          (args.top_p is not None and not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-                         (args.num_samples < 1, "--num-samples must be >= 1")):
+                         (args.num_samples < 1, "--num-samples must be >= 1"),
+                         ("" in args.stop, "--stop needs a text to stop at (it was empty)")):
         if bad:
             raise UserError(message)
     _check_device(args.device)
@@ -842,6 +845,8 @@ def cmd_generate_image(args) -> int:
                          (args.top_p is not None and not 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
                          (args.scale < 1 or args.scale > 16, "--scale must be in 1..16"),
                          (not args.guidance >= 0, "--guidance must be >= 0 (1 = the model's own samples)"),
+                         (args.guidance != 1.0 and args.label is None, "--guidance needs --label (it draws "
+                          "images more like that label)"),
                          (args.keep_rows is not None and args.prompt_image is None, "--keep-rows needs --prompt-image")):
         if bad:
             raise UserError(message)
@@ -1154,7 +1159,7 @@ def _add_prepare_parsers(sub) -> None:
                         description="Tokenize a text into train.npy and val.npy (the first 90% of its tokens "
                         "train), which `aiayn train lm --prepared DIR` memory-maps.")
     q.add_argument("--data", help="a UTF-8 text file, plain or .gz")
-    q.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="default char")
+    q.add_argument("--tokenizer", choices=("char", "bpe"), help="char (default) or bpe")
     q.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size (default 2000)")
     q.add_argument("--tokenizer-from", metavar="DIR", help="reuse the tokenizer of a model or prepared directory")
     q.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")

@@ -311,6 +311,9 @@ def test_a_length_penalty_out_of_range_is_refused(capsys, command, alpha):
     (["translate", "--n-best", "10", "--beam", "2", "A dog."], "--n-best must be from 1 to --beam (2)"),
     (["explain", "--top-k", "100000", "A dog."], "--top-k must be from 1 to 50"),
     (["evaluate", "--ref-file", "ref.txt"], "--src-file and --ref-file go together"),
+    (["generate-image", "--guidance", "2", "--out", "x.png"], "--guidance needs --label"),
+    (["generate", "--stop", ""], "--stop needs a text"),
+    (["prepare", "lm", "--tokenizer", "bpe", "--tokenizer-from", "x", "--out", "never"], "not both"),
 ])
 def test_values_out_of_range_are_one_line_before_any_work(capsys, args, message):
     assert_one_line_error(run(capsys, *args), message)

@@ -108,16 +108,19 @@ def _check_text(text: str, what: str, limits: Limits, allow_empty: bool = False)
         raise APIError(422, f"{what} is not valid Unicode (a lone surrogate)") from None
 
 
-def _texts(text: str | None, texts: list[str] | None, limits: Limits, name: str = "text") -> list[str]:
+def _texts(text: str | None, texts: list[str] | None, limits: Limits, name: str = "text",
+           list_name: str | None = None) -> list[str]:
+    """The request's text or texts, checked; list_name: the field of the list (default: name + "s")."""
+    list_name = list_name or name + "s"
     if (text is None) == (texts is None):
-        raise APIError(422, f"give either {name!r} (a string) or {name + 's'!r} (a list of strings)")
+        raise APIError(422, f"give either {name!r} (a string) or {list_name!r} (a list of strings)")
     if texts is not None:
         if not texts:
-            raise APIError(422, f"{name + 's'!r} is an empty list")
+            raise APIError(422, f"{list_name!r} is an empty list")
         if len(texts) > limits.max_texts:
             raise APIError(413, f"{len(texts)} texts; the limit is {limits.max_texts} per request")
         for i, t in enumerate(texts):
-            _check_text(t, f"{name}s[{i}]", limits)
+            _check_text(t, f"{list_name}[{i}]", limits)
         return texts
     _check_text(text, name, limits)
     return [text]
@@ -516,12 +519,17 @@ def create_app(models: Models, limits: Limits = Limits(), api_key: str | None = 
         t = server.translation()
         if body.source not in ("auto", t.src):
             raise APIError(400, f"{body.source} is not supported as a source language (this model: {t.src})")
-        if body.target is None or body.target != t.tgt:
+        if body.target is None:
+            raise APIError(400, f"target is required (this model: {t.tgt})")
+        if body.target != t.tgt:
             raise APIError(400, f"{body.target} is not supported as a target language (this model: {t.tgt})")
         if body.format != "text":
             raise APIError(400, f"format {body.format!r} is not supported: use text")
         try:
-            texts = _texts(None, [body.q] if isinstance(body.q, str) else body.q, limits, name="q")
+            if isinstance(body.q, str):
+                texts = _texts(body.q, None, limits, name="q")
+            else:
+                texts = _texts(None, body.q, limits, name="q", list_name="q")
         except APIError as e:  # LibreTranslate's status for bad input
             raise APIError(400 if e.status == 422 else e.status, e.message) from None
         out = await _guarded(request, server.translate(texts, None, None, None), limits.timeout_s)

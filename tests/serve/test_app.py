@@ -95,6 +95,8 @@ def test_libretranslate(client, shipped_models):
                        ({"q": "a", "source": "fr", "target": "de"}, "source"),
                        ({"q": "a", "source": "en", "target": "de", "format": "html"}, "format"),
                        ({"q": "", "source": "en", "target": "de"}, "empty"),
+                       ({"q": ["a", ""], "source": "en", "target": "de"}, "q[1] is empty"),
+                       ({"q": "a", "source": "en"}, "target is required"),
                        ({"source": "en", "target": "de"}, "q")):
         r = client.post("/translate", json=body)
         assert r.status_code == 400 and says in r.json()["error"], r.text
