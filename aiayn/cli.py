@@ -59,11 +59,17 @@ def _check_device(device: str) -> None:
                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
-def _resume_settings(args) -> dict | None:
-    """On --resume, the settings of the run in --out (aiayn.train.runs); else None."""
+def _resume_settings(args, task: str) -> dict | None:
+    """On --resume, the settings of the run in --out (aiayn.train.runs), a run of `task`; else None."""
     from aiayn.train.runs import read_settings
 
-    return read_settings(args.out) if args.resume else None
+    if not args.resume:
+        return None
+    settings = read_settings(args.out)
+    if settings and settings.get("task") != task:
+        raise UserError(f"{args.out} holds a {settings.get('task')} run, not a {task} run: resume it with "
+                        f"aiayn train {settings.get('task')}")
+    return settings
 
 
 def _resumed_run(args, previous: dict):
@@ -119,7 +125,7 @@ def cmd_train_translation(args) -> int:
     _check_device(args.device)
     parallel = _distributed(args)
     _finetune_request(args)
-    previous = _resume_settings(args)
+    previous = _resume_settings(args, "translation")
     files = ("train_src", "train_tgt", "val_src", "val_tgt")
     if previous:  # the run's own data and languages, unless given again (e.g. files that moved)
         for name in files:
@@ -313,7 +319,7 @@ def cmd_train_lm(args) -> int:
     parallel = _distributed(args)
     out = Path(args.out)
     _finetune_request(args)
-    previous = _resume_settings(args)
+    previous = _resume_settings(args, "lm")
     prepared = None
     if args.prepared or (previous or {}).get("prepared"):  # tokens from `aiayn prepare`, memory-mapped
         from aiayn.data.prepared import Prepared
@@ -651,11 +657,9 @@ def _vision_run(args, task_name: str):
 
     if launched() and int(os.environ["WORLD_SIZE"]) > 1:  # N copies would write one run directory
         raise UserError(f"train {args.task} runs in one process; torchrun trains translation and lm")
-    previous = _resume_settings(args)
+    previous = _resume_settings(args, task_name)
     if not previous:
         return None
-    if previous.get("task") != task_name:
-        raise UserError(f"{args.out} holds a {previous.get('task')} run, not a {task_name} run")
     cfg, tcfg = _resumed_run(args, previous)
     return cfg, tcfg, args.data or previous.get("data"), previous
 

@@ -128,3 +128,9 @@ def _bad(capsys, argv, message):
     assert message in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_resuming_an_lm_run_as_translation_names_the_run_kind(run_dir, capsys):
+    """(it said "characters outside the model's vocabulary")"""
+    _bad(capsys, ["train", "translation", "--resume", "--out", str(run_dir), "--max-steps", "9"],
+         "holds a lm run, not a translation run: resume it with aiayn train lm")
