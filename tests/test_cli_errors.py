@@ -135,6 +135,8 @@ def test_corrupt_tokenizer_file(tmp_path, capsys, model_dir):
     shutil.copytree(model_dir, broken)
     (broken / "tokenizer.model").write_bytes(os.urandom(500))
     assert_one_line_error(run(capsys, "translate", "--model", broken, "hello"), f"{broken}: unreadable tokenizer")
+    (broken / "tokenizer.model").write_bytes(b"")  # (sentencepiece logged several lines of its own first)
+    assert_one_line_error(run(capsys, "translate", "--model", broken, "hello"), "tokenizer.model: empty file")
 
 
 def test_weights_with_another_runs_tokenizer(tmp_path, capsys, model_dir):

@@ -69,7 +69,10 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "BPETokenizer":
-        return cls((Path(directory) / cls.filename).read_bytes())
+        proto = (Path(directory) / cls.filename).read_bytes()
+        if not proto:  # (sentencepiece would log its complaint in several lines of its own, then load nothing)
+            raise InputError(f"{Path(directory) / cls.filename}: empty file")
+        return cls(proto)
 
 
 class CharTokenizer:
