@@ -947,6 +947,8 @@ def cmd_bench(args) -> int:
     from aiayn.bench import run_suite
 
     _check_device(args.device)
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     extra = [*(["--configs", args.configs] if args.configs else []),
              *(["--rounds", str(args.rounds)] if args.rounds else []),
              *(["--device", args.device] if args.device != "cpu" else [])]

@@ -315,6 +315,7 @@ def test_a_length_penalty_out_of_range_is_refused(capsys, command, alpha):
     (["evaluate", "--ref-file", "ref.txt"], "--src-file and --ref-file go together"),
     (["generate-image", "--guidance", "2", "--out", "x.png"], "--guidance needs --label"),
     (["generate", "--stop", ""], "--stop needs a text"),
+    (["bench", "decode", "--rounds", "0"], "--rounds must be >= 1"),
     (["prepare", "lm", "--tokenizer", "bpe", "--tokenizer-from", "x", "--out", "never"], "not both"),
 ])
 def test_values_out_of_range_are_one_line_before_any_work(capsys, args, message):
