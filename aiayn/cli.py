@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -19,8 +20,8 @@ EXIT_USAGE, EXIT_ERROR = 2, 1
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEVICE_HELP = "cpu (default), cuda or cuda:N: where the model runs (a GPU needs a CUDA build of torch)"
 DECODE_PRECISION_HELP = ("auto (default): bf16 where the device computes it natively (CUDA; CPUs with "
-                         "AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; fp32; bf16; fp16 (GPU); int8 (CPU: "
-                         "dynamically quantized linears)")
+                         "AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; fp32; bf16; fp16 (GPU); "
+                         "int8 (CPU: dynamically quantized linears)")
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")  # aiayn.lora.DEFAULT_TARGETS (not imported: cli imports lazily)
 
 
@@ -520,7 +521,7 @@ def _finite(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
@@ -639,7 +640,6 @@ def cmd_evaluate(args) -> int:
 # ------------------------------------------------------------------------------------ average
 def cmd_average(args) -> int:
     from aiayn.average import average_checkpoints
-
     from aiayn.checkpoint import checkpoints
 
     run = Path(args.run_dir)
@@ -1117,8 +1117,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-model", "fp16"],
                    help="auto (default): bf16 autocast where the device computes bf16 natively (CUDA; "
-                        "CPUs with AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; bf16: autocast; bf16-model: "
-                        "the model itself in bf16, fp32 master weights in the optimizer (a few percent faster "
+                        "CPUs with AVX512_BF16, AMX or ARM BF16 measured faster), else fp32; bf16: autocast; "
+                        "bf16-model: the model itself in bf16, fp32 master weights in the optimizer (a few percent faster "
                         "for text models on a CPU with bf16); fp16: CUDA, with a loss scaler. On --resume: the run's own")
     g.add_argument("--max-steps", type=int, help="stop after this many updates")
     g.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
