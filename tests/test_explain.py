@@ -221,7 +221,7 @@ def test_cli_language_model(saved, tmp_path, capsys):
     (["explain"], 2, "nothing to explain"),
     (["explain", "A dog.", "--model", "/no/such/model"], 1, "no such model or run directory"),
     (["explain", "Zebra!", "--model", "{saved}/lm"], 1, "outside the model's vocabulary"),
-    (["explain", "A dog.", "--model", "{saved}/mt", "--top-k", "0"], 2, "--top-k must be >= 1"),
+    (["explain", "A dog.", "--model", "{saved}/mt", "--top-k", "0"], 2, "--top-k must be from 1 to 50"),
 ])
 def test_cli_bad_input_is_one_line(saved, tmp_path, capsys, argv, rc, message):
     argv = [a.format(saved=saved) for a in argv] + ["--out", str(tmp_path / "x")]
