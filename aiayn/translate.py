@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,6 +48,10 @@ def _length_sorted_batches(ids: list[list[int]], beam: int, max_tokens: int) -> 
     return batches
 
 
+# control characters (but tab and line ends) are not text: as spaces (a NUL byte changed the translation)
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: float = 0.6,
               max_tokens: int = 8192, device: str = "cpu", precision: str = "fp32",
               n_best: int = 1, workers: int | None = None) -> list[str] | list[list[tuple[str, float]]]:
@@ -59,7 +64,7 @@ def translate(model, tokenizer, sentences: list[str], beam: int = 1, alpha: floa
     `default_workers`: one per torch thread). On 2 cores, 2 workers decode 15-25% more tokens/s than
     one batch at a time on 2 threads (docs/perf-log/2026-11.md)."""
     max_src = model.cfg.max_len - 1
-    ids = [tokenizer.encode(s) for s in sentences]
+    ids = [tokenizer.encode(CONTROL.sub(" ", s)) for s in sentences]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_src]
     if too_long:
         warnings.warn(f"{len(too_long)} input(s) longer than the model's maximum of {max_src} tokens were "

@@ -28,3 +28,10 @@ def test_cli_keeps_one_line_per_line(capsys, shipped):
     a, b = translate(*shipped, [ONE, TWO], beam=1)
     assert main(["translate", "--beam", "1", f"{ONE} {TWO}", TWO]) == 0
     assert capsys.readouterr().out == f"{a} {b}\n{b}\n"
+
+
+def test_control_characters_are_not_translated(shipped):
+    """(a NUL byte in the input turned "rides" into "enthält")"""
+    model, tok = shipped
+    clean, nul, bell = translate(model, tok, ["A man rides a bike.", "A man\0 rides a bike.", "A man\x07rides a bike."])
+    assert nul == clean and bell == clean
