@@ -394,6 +394,7 @@ def test_a_reader_that_goes_away_stops_the_command_quietly():
     ("translation", "--label-smoothing", "2", "label_smoothing must be from 0 to below 1"),
     ("translation", "--max-tokens", "0", "max_tokens must be >= 1"),
     ("vit", "--batch-size", "0", "batch_size must be >= 1"),
+    ("image-gpt", "--shift", "100", "would move 28-pixel images out of sight"),
 ])
 def test_training_values_out_of_range_are_one_line_before_a_run_starts(tmp_path, capsys, task, option, value,
                                                                         message):
