@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiayn.config import ModelConfig
 from aiayn.interop.hf import (ACTIVATION_TO_HF, InteropError, Weights, activation_from_hf, read_config,
-                              read_weights)
+                              read_weights, whole)
 
 
 def _gpt2_config(hf: dict, where: Path) -> ModelConfig:
@@ -23,12 +23,12 @@ def _gpt2_config(hf: dict, where: Path) -> ModelConfig:
         if hf.get(key, not bad) == bad:
             raise InteropError(f"{where}: unsupported GPT-2 variant {key}={json.dumps(bad)}")
     try:
-        d = int(hf.get("n_embd", 768))
+        d = whole(hf.get("n_embd", 768))
         cfg = ModelConfig(
-            vocab_size=int(hf.get("vocab_size", 50257)), d_model=d, n_heads=int(hf.get("n_head", 12)),
-            d_ff=int(hf.get("n_inner") or 4 * d), n_encoder_layers=0, n_decoder_layers=int(hf.get("n_layer", 12)),
+            vocab_size=whole(hf.get("vocab_size", 50257)), d_model=d, n_heads=whole(hf.get("n_head", 12)),
+            d_ff=whole(hf.get("n_inner") or 4 * d), n_encoder_layers=0, n_decoder_layers=whole(hf.get("n_layer", 12)),
             dropout=float(hf.get("resid_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
-            max_len=int(hf.get("n_positions", 1024)), norm_first=True, positional="learned",
+            max_len=whole(hf.get("n_positions", 1024)), norm_first=True, positional="learned",
             activation=activation_from_hf(hf.get("activation_function", "gelu_new"), where),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)), scale_embedding=False,
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))

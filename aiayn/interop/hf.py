@@ -97,6 +97,13 @@ class Weights:
         raise InteropError(f"{self.source}: weight {names[0]} missing")
 
 
+def whole(value) -> int:
+    """A config.json count: a whole number (256 or 256.0), else ValueError (256.5 is not truncated)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(value)
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ import torch
 
 from aiayn.config import ModelConfig
 from aiayn.interop.hf import (ACTIVATION_TO_HF, InteropError, Weights, activation_from_hf, read_config,
-                              read_json, read_weights)
+                              read_json, read_weights, whole)
 
 TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json")
 
@@ -29,18 +29,18 @@ def _marian_config(hf: dict, where: Path) -> tuple[ModelConfig, bool, bool]:
             raise InteropError(f"{where}: unsupported Marian variant {key}={json.dumps(bad)} "
                                "(transformers' MarianMTModel has no such layers either)")
     try:
-        d = int(hf.get("d_model", 1024))
-        heads, dec_heads = int(hf.get("encoder_attention_heads", 16)), int(hf.get("decoder_attention_heads", 16))
-        d_ff, dec_ff = int(hf.get("encoder_ffn_dim", 4096)), int(hf.get("decoder_ffn_dim", 4096))
-        vocab = int(hf.get("vocab_size", 58101))
-        tgt_vocab = int(hf.get("decoder_vocab_size") or vocab)
-        pad = int(hf["pad_token_id"])
+        d = whole(hf.get("d_model", 1024))
+        heads, dec_heads = whole(hf.get("encoder_attention_heads", 16)), whole(hf.get("decoder_attention_heads", 16))
+        d_ff, dec_ff = whole(hf.get("encoder_ffn_dim", 4096)), whole(hf.get("decoder_ffn_dim", 4096))
+        vocab = whole(hf.get("vocab_size", 58101))
+        tgt_vocab = whole(hf.get("decoder_vocab_size") or vocab)
+        pad = whole(hf["pad_token_id"])
         share = bool(hf.get("share_encoder_decoder_embeddings", True))
         tie = bool(hf.get("tie_word_embeddings", True))
-        fields = dict(d_model=d, n_heads=heads, d_ff=d_ff, n_encoder_layers=int(hf.get("encoder_layers", 12)),
-                      n_decoder_layers=int(hf.get("decoder_layers", 12)), dropout=float(hf.get("dropout", 0.1)),
+        fields = dict(d_model=d, n_heads=heads, d_ff=d_ff, n_encoder_layers=whole(hf.get("encoder_layers", 12)),
+                      n_decoder_layers=whole(hf.get("decoder_layers", 12)), dropout=float(hf.get("dropout", 0.1)),
                       attn_dropout=float(hf.get("attention_dropout", 0.0)),
-                      max_len=int(hf.get("max_position_embeddings", 1024)))
+                      max_len=whole(hf.get("max_position_embeddings", 1024)))
     except (KeyError, TypeError, ValueError) as e:
         raise InteropError(f"{where}: config.json lacks or garbles {_name(e)}") from None
     if (heads, d_ff) != (dec_heads, dec_ff):

@@ -141,6 +141,8 @@ def test_unsupported_variants_and_broken_files(tmp_path_factory, tokenizer_dir, 
     assert "normalize_before" in broken(config(normalize_before=True))
     assert "activation 'tanh'" in broken(config(activation_function="tanh"))
     assert "d_ff" in broken(config(decoder_ffn_dim=128))
+    assert "not a whole number: 16.5" in broken(config(d_model=16.5))  # (it was truncated to 16)
+    assert "max_len must be positive" in broken(config(max_position_embeddings=0))  # (it imported, then failed)
     assert "vocab.json has" in broken(config(vocab_size=500, decoder_vocab_size=500))
     assert "missing tokenizer file source.spm" in broken(lambda b: (b / "source.spm").unlink())
     assert "no weights" in broken(lambda b: (b / "model.safetensors").unlink())
