@@ -777,7 +777,7 @@ def cmd_train_pixels(args) -> int:
     data = _image_data(data_path)
     if data.images.shape[1] != data.images.shape[2]:
         raise UserError(f"images of {data.images.shape[2]}x{data.images.shape[1]} pixels: use square images")
-    if not resumed and args.shift >= data.images.shape[1] // 2:
+    if not resumed and args.shift and args.shift >= data.images.shape[1] // 2:
         raise UserError(f"--shift {args.shift} would move {data.images.shape[1]}-pixel images out of sight: "
                         f"use less than {data.images.shape[1] // 2}")
     if resumed:
