@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from aiayn.checkpoint import (MODEL_FILE, TRAINER_JSON, CheckpointError, checkpoints, load_model_dir,
                               read_model_meta, replace_directory, write_model)
+from aiayn.decode.beam import MAX_ALPHA
 
 
 def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:
@@ -21,8 +22,8 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
         raise CheckpointError(f"{run_dir}: no checkpoints to average")
     if last < 1:
         raise CheckpointError("--last must be >= 1")
-    if alpha is not None and not alpha >= 0:
-        raise CheckpointError("--alpha must be >= 0")
+    if alpha is not None and not 0 <= alpha <= MAX_ALPHA:  # (translate would overflow with the recorded one)
+        raise CheckpointError(f"--alpha must be >= 0 and <= {MAX_ALPHA:g}, got {alpha:g}")
     _check_out(Path(out), Path(run_dir))
     chosen = found[-last:]
     model, tokenizer, task, extra = load_model_dir(chosen[-1])

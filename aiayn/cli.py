@@ -527,7 +527,6 @@ def _finite(text: str) -> float:
 
 
 MAX_BEAM = 64       # a CLI beam: memory grows with beam x sentences x vocabulary (the server's limit: 8)
-MAX_ALPHA = 5.0     # GNMT's length penalty ((5 + |Y|) / 6)^alpha overflows a float past ~300
 MAX_EXPLAIN_TOP_K = 50
 
 
@@ -559,6 +558,8 @@ def _check_beam(beam: int) -> None:
 
 def _alpha(args, extra: dict) -> float:
     """--alpha if given, else the length penalty recorded in the model (aiayn average --alpha), else 0.6."""
+    from aiayn.decode.beam import MAX_ALPHA
+
     if args.alpha is not None:
         if not 0 <= args.alpha <= MAX_ALPHA:
             raise UserError(f"--alpha must be from 0 to {MAX_ALPHA:g}, got {args.alpha:g}")

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the router raises this one (404, 405)
 
+from aiayn.decode.beam import MAX_ALPHA
 from aiayn.serve.batching import DynamicBatcher, QueueFull
 from aiayn.serve.models import Limits, Models, decode_precision
 
@@ -54,7 +55,7 @@ class TranslateRequest(_Strict):
     text: str | None = Field(None, description="one text (one or more sentences, newlines kept)")
     texts: list[str] | None = Field(None, description="several texts, translated together")
     beam: int | None = Field(None, ge=1, description="beam size; 1 = greedy (default: the server's)")
-    alpha: float | None = Field(None, ge=0, le=5, description="length penalty (default: the model's)")
+    alpha: float | None = Field(None, ge=0, le=MAX_ALPHA, description="length penalty (default: the model's)")
     precision: str | None = Field(None, description="fp32, int8 or bf16 (default: the server's)")
 
 

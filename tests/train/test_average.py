@@ -52,6 +52,7 @@ def test_a_recorded_length_penalty_is_the_default_of_evaluate(run_dir, tmp_path,
 @pytest.mark.parametrize("args, message", [
     (["--last", "0"], "--last must be >= 1"),
     (["--alpha", "-1"], "--alpha must be >= 0"),
+    (["--alpha", "300"], "--alpha must be >= 0 and <= 5"),  # (recorded, it overflowed every translation)
 ])
 def test_bad_arguments_are_one_line_errors(run_dir, tmp_path, capsys, args, message):
     assert main(["average", str(run_dir), "--out", str(tmp_path / "x"), *args]) != 0
