@@ -12,8 +12,9 @@ from aiayn.checkpoint import (MODEL_FILE, TRAINER_JSON, CheckpointError, checkpo
 from aiayn.decode.beam import MAX_ALPHA
 
 
-def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> Path:
-    """Average the weights of the `last` newest checkpoints of `run_dir` into a model directory `out`.
+def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None = None) -> list[Path]:
+    """Average the weights of the `last` newest checkpoints of `run_dir` into a model directory `out`
+    -> the checkpoints averaged (fewer than `last` where the run has fewer).
 
     alpha: a length penalty to record as the model's own default for `aiayn translate` and
     `aiayn evaluate` (the one chosen on validation data; without it, theirs: 0.6)."""
@@ -40,7 +41,7 @@ def average_checkpoints(run_dir: Path, last: int, out: Path, alpha: float | None
         state[name].copy_(t / len(chosen))
     extra = {**extra, "averaged": [p.name for p in chosen], **({"alpha": alpha} if alpha is not None else {})}
     replace_directory(out, lambda tmp: write_model(tmp, model, tokenizer, task, extra))
-    return Path(out)
+    return chosen
 
 
 def _check_out(out: Path, run_dir: Path) -> None:

@@ -641,11 +641,9 @@ def cmd_evaluate(args) -> int:
 # ------------------------------------------------------------------------------------ average
 def cmd_average(args) -> int:
     from aiayn.average import average_checkpoints
-    from aiayn.checkpoint import checkpoints
 
-    run = Path(args.run_dir)
-    out = average_checkpoints(run, args.last, Path(args.out), alpha=args.alpha)
-    n = len(checkpoints(run)[-args.last:])
+    run, out = Path(args.run_dir), Path(args.out)
+    n = len(average_checkpoints(run, args.last, out, alpha=args.alpha))
     fewer = f" (all it has: --last asked for {args.last})" if n < args.last else ""
     print(f"averaged the last {n} checkpoint{'s' if n != 1 else ''} of {run} into {out}{fewer}")
     return 0

@@ -23,7 +23,8 @@ def run_dir(tmp_path_factory):
 def test_the_average_is_the_mean_of_the_last_checkpoints(run_dir, tmp_path):
     found = checkpoints(run_dir)
     assert len(found) == 3
-    out = average_checkpoints(run_dir, 2, tmp_path / "avg")
+    out = tmp_path / "avg"
+    assert average_checkpoints(run_dir, 2, out) == found[-2:]
     model, _, task, extra = load_model_dir(out)
     got = model.state_dict()
     last_two = [tiny.weights(p) for p in found[-2:]]
