@@ -114,9 +114,9 @@ def bf16_gemm_speedup(n: int = 256, tries: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a16, b16 = a.bfloat16(), b.bfloat16()
 
-    def best(x: torch.Tensor, y: torch.Tensor, tries: int) -> float:
+    def best(x: torch.Tensor, y: torch.Tensor, calls: int) -> float:
         times = []
-        for _ in range(tries):
+        for _ in range(calls):
             start = time.perf_counter()
             torch.mm(x, y)
             times.append(time.perf_counter() - start)

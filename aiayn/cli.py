@@ -506,11 +506,13 @@ def _choose_precision(args, purpose: str = "decode") -> None:
 
 def _seed(text: str) -> int:
     """argparse type: a random seed PyTorch takes (0 to 2^63 - 1)."""
+    from aiayn.config import SEEDS
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
+    if value not in SEEDS:
         raise argparse.ArgumentTypeError(f"a seed is from 0 to 2^63 - 1, got {text}")
     return value
 

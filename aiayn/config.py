@@ -108,6 +108,9 @@ def preset(name: str, **changes) -> ModelConfig:
     return PRESETS[name].replace(**changes)
 
 
+SEEDS = range(2**63)  # the seeds torch.manual_seed takes (from 0): training's and the CLI's --seed
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train: the recipe of §5 by default (Adam 0.9/0.98/1e-9, warm-up + inverse sqrt)."""
@@ -167,7 +170,7 @@ class TrainConfig:
             raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must be from 0 to below 1, got {self.label_smoothing}")
-        if not 0 <= self.seed < 2**63:
+        if self.seed not in SEEDS:
             raise InputError(f"seed must be from 0 to 2^63 - 1, got {self.seed}")
         if self.max_steps is None and self.max_epochs is None and self.max_minutes is None and self.max_cpu_minutes is None:
             raise InputError("give at least one of max_steps, max_epochs, max_minutes, max_cpu_minutes")
